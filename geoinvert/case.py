@@ -1,0 +1,891 @@
+"""Case files: one schema table, validation at load time, and the resolved :class:`Case`."""
+
+import csv
+import difflib
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import yaml
+
+from geoinvert.errors import CaseError
+
+__all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "schema_markdown", "update_doc"]
+
+REQUIRED = object()
+"""Marks a key without a default."""
+
+SECTIONS = ("domain", "levels", "prior", "forward", "observations", "data", "noise", "sampler",
+            "output")
+REQUIRED_SECTIONS = ("forward", "observations", "data", "noise")
+BOUNDARIES = ("left", "right", "bottom", "top", "all")
+
+
+class Key(NamedTuple):
+    """One entry of the case schema.
+
+    Attributes:
+        path: Dotted key path, e.g. ``"prior.correlation_length"``.
+        kind: Type name, one of :data:`KINDS`.
+        default: Default value, or :data:`REQUIRED`.
+        doc: One-sentence meaning.
+        example: A valid value, as YAML text.
+        check: Optional ``check(value) -> str | None`` returning what is wrong.
+    """
+
+    path: str
+    kind: str
+    default: Any
+    doc: str
+    example: str
+    check: Callable | None = None
+
+
+# --- checks: return a message (str) when the value is wrong, None when it is fine -------------
+
+def _positive(v):
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def _non_negative(v):
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def _between(lo, hi):
+    def check(v):
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+    return check
+
+
+def _one_of(*choices):
+    def check(v):
+        if v in choices:
+            return None
+        return f"must be one of {', '.join(map(str, choices))}, got {v!r}" + _suggest(v, choices)
+    return check
+
+
+def _bounds(v):
+    if len(v) != 4:
+        return f"must be [x0, x1, y0, y1], got {len(v)} numbers"
+    return None if v[1] > v[0] and v[3] > v[2] else f"needs x1 > x0 and y1 > y0, got {v}"
+
+
+def _each_positive(v):
+    v = v if isinstance(v, list) else [v]
+    bad = [s for s in v if not s > 0]
+    return f"must be > 0, got {bad[0]}" if bad else None
+
+
+def _quantiles(v):
+    bad = [q for q in v if not 0 < q < 1]
+    return f"quantiles must lie in (0, 1), got {bad[0]}" if bad else None
+
+
+SCHEMA = (
+    Key("name", "str", None, "Case name used in titles and default output names "
+        "(default: the file name without extension).", "aquifer"),
+    Key("description", "str", "", "Free text, copied into the result's attributes.",
+        "Confined aquifer, 9 wells"),
+    Key("domain.bounds", "floats", [0.0, 1.0, 0.0, 1.0], "Bounding box `[x0, x1, y0, y1]` covered "
+        "by the parameter lattice.", "[0, 2000, 0, 1000]", _bounds),
+    Key("domain.units", "str", "m", "Units of the coordinates (written to the result).", "m"),
+    Key("domain.mesh", "path", None, "Optional gmsh `.msh` or XDMF mesh for the elliptic solver "
+        "(default: a structured mesh of the bounds).", "meshes/aquifer.msh"),
+    Key("domain.cell", "str", "quadrilateral", "Cell type of the structured FE mesh.",
+        "triangle", _one_of("quadrilateral", "triangle")),
+    Key("levels.finest", "int", 4, "Finest level L: the parameter is a 2^L x 2^L lattice; "
+        "training runs through levels 1..L.", "6", _between(2, 8)),
+    Key("levels.refine", "int", 0, "FE mesh of level l has 2^l * 2^refine cells per side.",
+        "1", _between(0, 4)),
+    Key("levels.min_cells", "int", 8, "Minimum FE cells per side on any level.", "16",
+        _between(1, 1024)),
+    Key("prior.kind", "str", "matern", "Gaussian prior family: `matern` (precision "
+        "(tau^2 I - Laplacian)^alpha) or `iid` (independent cells).", "iid",
+        _one_of("matern", "iid")),
+    Key("prior.mean", "spec", 0.0, "Prior mean of the log-coefficient: number, expression or "
+        "shape.", "-0.5 + 0.2 * x"),
+    Key("prior.std", "float", 1.0, "Marginal standard deviation (approximately, for matern).",
+        "0.8", _positive),
+    Key("prior.correlation_length", "float", 0.2, "Correlation length in coordinate units "
+        "(matern only).", "150.0", _positive),
+    Key("prior.alpha", "int", 2, "Integer exponent alpha of the matern precision.", "2",
+        _between(1, 4)),
+    Key("prior.boundary", "str", "neumann", "Boundary treatment of the matern Laplacian.",
+        "dirichlet", _one_of("neumann", "dirichlet", "periodic")),
+    Key("forward.kind", "str", REQUIRED, "Forward model: `elliptic` (-div(exp(x) grad u) = f), "
+        "`linear` (y_k = int phi_k x) or `quadratic` (y = (int phi x)^2).", "elliptic",
+        _one_of("elliptic", "linear", "quadratic")),
+    Key("forward.source", "spec", 1.0, "Source term f (elliptic).",
+        "{shape: gaussian, center: [0.5, 0.5], width: 0.1}"),
+    Key("forward.dirichlet", "boundaries", {"left": 0.0}, "Dirichlet values `{boundary: spec}`; "
+        "boundary is left, right, bottom, top, all or a facet tag of a read mesh (elliptic).",
+        "{left: 10.0, right: 0.0}"),
+    Key("forward.neumann", "boundaries", None, "Prescribed flux `{boundary: spec}`; sides without "
+        "a condition have zero flux (elliptic).", "{top: 0.1}"),
+    Key("forward.degree", "int", 1, "Polynomial degree of the FE space (elliptic).", "2",
+        _between(1, 3)),
+    Key("forward.solver", "str", "lu", "Linear solver (elliptic).", "cg", _one_of("lu", "cg")),
+    Key("observations.points", "points", [], "Point values of u at `[x, y]` locations "
+        "(elliptic); may come from a CSV or netCDF data file instead.",
+        "[[0.25, 0.5], [0.75, 0.5]]"),
+    Key("observations.functions", "specs", [], "Measurement functions phi_k: int phi_k u "
+        "(elliptic) or int phi_k x (linear, quadratic).",
+        "[\"sin(pi*x)*sin(2*pi*y)\"]"),
+    Key("observations.names", "strs", None, "Optional names, one per observation (points "
+        "first, then functions).", "[W1, W2]"),
+    Key("data.values", "floats", None, "Observed values inline, one per observation.",
+        "[0.31, 0.27]"),
+    Key("data.file", "path", None, "Observed values from a netCDF file (variable "
+        "`data.variable`, optional coordinates `x`, `y`) or a CSV file with a header "
+        "`x,y,value` (coordinates optional).", "heads.csv"),
+    Key("data.variable", "str", "value", "Variable name in a netCDF data file.", "head"),
+    Key("data.synthetic.truth", "truth", None, "Synthetic data: the true field as a spec "
+        "evaluated at cell centres, or the word `prior` for a prior draw.",
+        "{shape: gaussian, center: [0.3, 0.7], width: 0.15}"),
+    Key("data.synthetic.file", "path", None, "Synthetic data: the true field from a netCDF "
+        "file, shaped like the finest lattice.", "truth.nc"),
+    Key("data.synthetic.variable", "str", "truth", "Variable name of the true field in "
+        "`data.synthetic.file`.", "logk"),
+    Key("data.synthetic.seed", "int", 0, "Seed of the prior draw and of the added noise.", "7",
+        _non_negative),
+    Key("noise.std", "float_or_floats", REQUIRED, "Standard deviation of the Gaussian "
+        "observation noise: one number or one per observation.", "0.01", _each_positive),
+    Key("sampler.kind", "str", "msign", "Sampler.", "msign", _one_of("msign")),
+    Key("sampler.blocks", "int", 4, "Glow blocks per level.", "6", _between(1, 64)),
+    Key("sampler.hidden", "int", 32, "Hidden channels of the coupling networks.", "64",
+        _between(2, 1024)),
+    Key("sampler.steps", "int", 200, "Training steps per stage.", "500", _between(1, 10**7)),
+    Key("sampler.batch", "int", 64, "Samples per training step.", "128", _between(2, 10**5)),
+    Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),
+    Key("sampler.objective", "str", "jeffreys", "Training objective.", "reverse_kl",
+        _one_of("jeffreys", "reverse_kl")),
+    Key("sampler.budget", "int", 0, "Total forward-solve budget nFS over all stages (0: no "
+        "limit); training stops when it is used up.", "100000", _non_negative),
+    Key("sampler.seed", "int", 0, "Random seed of training and sampling (CLI `--seed` "
+        "overrides it).", "42", _non_negative),
+    Key("output.path", "path_out", None, "Result netCDF file (default: "
+        "`results/<name>.nc` under the current directory).", "out/aquifer.nc"),
+    Key("output.samples", "int", 500, "Posterior samples stored in the result.", "1000",
+        _between(2, 10**6)),
+    Key("output.quantiles", "floats", [0.05, 0.5, 0.95], "Quantiles stored in the result.",
+        "[0.1, 0.9]", _quantiles),
+    Key("output.direction", "spec", None, "Direction field for the marginal plot (default: "
+        "the leading principal component of the samples).", "sin(pi*x)*sin(2*pi*y)"),
+    Key("output.figures", "bool", False, "Also write the PNG figures after a run.", "true"),
+)
+
+KEYS = {k.path: k for k in SCHEMA}
+
+
+# --- type checks -------------------------------------------------------------------------------
+
+def _type_error(key, expected, value):
+    return CaseError(key, f"must be {expected}, got {value!r}")
+
+
+def _as_float(key, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _type_error(key, "a number", v)
+    if not math.isfinite(v):
+        raise CaseError(key, f"must be finite, got {v}")
+    return float(v)
+
+
+def _as_int(key, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _type_error(key, "an integer", v)
+    return v
+
+
+def _as_list(key, v, what):
+    if not isinstance(v, list):
+        raise _type_error(key, f"a list of {what}", v)
+    return v
+
+
+def _as_floats(key, v):
+    return [_as_float(f"{key}[{i}]", s) for i, s in enumerate(_as_list(key, v, "numbers"))]
+
+
+def _as_str(key, v):
+    if not isinstance(v, str):
+        raise _type_error(key, "a string", v)
+    return v
+
+
+def _as_bool(key, v):
+    if not isinstance(v, bool):
+        raise _type_error(key, "true or false", v)
+    return v
+
+
+def _as_points(key, v):
+    points = []
+    for i, p in enumerate(_as_list(key, v, "[x, y] pairs")):
+        if not isinstance(p, list) or len(p) != 2:
+            raise _type_error(f"{key}[{i}]", "a pair [x, y]", p)
+        points.append([_as_float(f"{key}[{i}]", c) for c in p])
+    return points
+
+
+def _as_spec(key, v):
+    from geoinvert.expressions import compile_spec
+    try:
+        f = compile_spec(v)
+        np.asarray(f(np.array([0.5]), np.array([0.5])), dtype=float)
+    except CaseError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of a user spec is a user error
+        raise CaseError(key, str(err)) from None
+    return v
+
+
+def _as_truth(key, v):
+    return "prior" if isinstance(v, str) and v.strip() == "prior" else _as_spec(key, v)
+
+
+def _as_specs(key, v):
+    return [_as_spec(f"{key}[{i}]", s) for i, s in enumerate(_as_list(key, v, "specs"))]
+
+
+def _as_strs(key, v):
+    return [_as_str(f"{key}[{i}]", s) for i, s in enumerate(_as_list(key, v, "strings"))]
+
+
+def _as_float_or_floats(key, v):
+    return _as_floats(key, v) if isinstance(v, list) else _as_float(key, v)
+
+
+def _as_boundaries(key, v):
+    if not isinstance(v, dict):
+        raise _type_error(key, "a mapping {boundary: spec}", v)
+    out = {}
+    for name, spec in v.items():
+        if not (isinstance(name, int) and not isinstance(name, bool)) and name not in BOUNDARIES:
+            raise CaseError(f"{key}.{name}", "unknown boundary; valid: "
+                            f"{', '.join(BOUNDARIES)} or an integer facet tag"
+                            + _suggest(str(name), BOUNDARIES))
+        out[name] = _as_spec(f"{key}.{name}", spec)
+    return out
+
+
+KINDS = {
+    "float": (_as_float, "number"),
+    "int": (_as_int, "integer"),
+    "bool": (_as_bool, "boolean"),
+    "str": (_as_str, "string"),
+    "path": (_as_str, "path (relative to the case file)"),
+    "path_out": (_as_str, "path (relative to the case file)"),
+    "floats": (_as_floats, "list of numbers"),
+    "strs": (_as_strs, "list of strings"),
+    "float_or_floats": (_as_float_or_floats, "number or list of numbers"),
+    "points": (_as_points, "list of [x, y]"),
+    "spec": (_as_spec, "spec"),
+    "specs": (_as_specs, "list of specs"),
+    "truth": (_as_truth, "spec or `prior`"),
+    "boundaries": (_as_boundaries, "mapping boundary -> spec"),
+}
+
+
+# --- reading and structural checks ---------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that also reads ``1e-3`` as a float (YAML 1.2 style)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$"),
+    list("-+0123456789"))
+
+
+def _suggest(word, choices):
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _children(prefix):
+    """Names allowed directly below ``prefix`` ('' for the top level), in schema order."""
+    depth = prefix.count(".") + 1 if prefix else 0
+    names = [k.path.split(".")[depth] for k in SCHEMA
+             if k.path.startswith(prefix + "." if prefix else "") and k.path.count(".") >= depth]
+    return list(dict.fromkeys(names))
+
+
+def _check_structure(raw, prefix=""):
+    """Reject unknown keys and non-mapping sections, recursively."""
+    valid = _children(prefix)
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in valid:
+            raise CaseError(key, f"unknown key; valid keys here: {', '.join(valid)}"
+                            + _suggest(name, valid))
+        if key not in KEYS and value is not None:
+            if not isinstance(value, dict):
+                raise _type_error(key, "a section (mapping)", value)
+            _check_structure(value, key)
+
+
+def _lookup(raw, path):
+    node = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None, False
+        node = node[part]
+    return node, True
+
+
+def _validate_key(raw, key):
+    value, present = _lookup(raw, key.path)
+    if not present:
+        if key.default is REQUIRED:
+            raise CaseError(key.path, "required key missing")
+        return _copy(key.default)
+    if value is None and key.default is not REQUIRED:
+        return _copy(key.default)
+    value = KINDS[key.kind][0](key.path, value)
+    message = key.check(value) if key.check else None
+    if message:
+        raise CaseError(key.path, message)
+    return value
+
+
+def _copy(value):
+    return yaml.safe_load(yaml.safe_dump(value)) if isinstance(value, (list, dict)) else value
+
+
+def _nest(flat):
+    out = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def _read_text(path):
+    path = Path(path)
+    if not path.is_file():
+        raise CaseError(str(path), "no such case file")
+    return path.read_text()
+
+
+def _parse(text, where):
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise CaseError(where, f"invalid YAML{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise CaseError(where, "a case file must be a mapping of sections")
+    return raw
+
+
+def _validate(raw):
+    """Structure, sections, every key, then cross-key rules; returns the nested config."""
+    _check_structure(raw)
+    for section in REQUIRED_SECTIONS:
+        if section not in raw:
+            raise CaseError(section, "required section missing")
+    config = _nest({k.path: _validate_key(raw, k) for k in SCHEMA})
+    for rule in _RULES:
+        rule(config)
+    return config
+
+
+# --- cross-key rules ---------------------------------------------------------------------------
+
+def _rule_points_inside(config):
+    x0, x1, y0, y1 = config["domain"]["bounds"]
+    for i, (px, py) in enumerate(config["observations"]["points"]):
+        if not (x0 <= px <= x1 and y0 <= py <= y1):
+            raise CaseError(f"observations.points[{i}]",
+                            f"point ({px}, {py}) lies outside the domain {[x0, x1, y0, y1]}")
+
+
+def _rule_forward_observations(config):
+    kind, obs = config["forward"]["kind"], config["observations"]
+    if kind != "elliptic" and obs["points"]:
+        raise CaseError("observations.points", f"forward.kind {kind} observes only "
+                        "observations.functions (integrals of the field)")
+    if kind == "quadratic" and len(obs["functions"]) != 1:
+        raise CaseError("observations.functions", "forward.kind quadratic needs exactly one "
+                        f"measurement function, got {len(obs['functions'])}")
+    if kind != "elliptic" and config["domain"]["mesh"]:
+        raise CaseError("domain.mesh", f"a mesh is used only by forward.kind elliptic, not {kind}")
+
+
+def _rule_one_data_source(config):
+    data = config["data"]
+    given = [k for k in ("values", "file") if data[k] is not None]
+    synth = data["synthetic"]
+    truths = [k for k in ("truth", "file") if synth[k] is not None]
+    if truths:
+        given.append("synthetic")
+    if len(given) != 1:
+        raise CaseError("data", "give exactly one of values, file, synthetic; got "
+                        + (", ".join(given) or "none"))
+    if len(truths) > 1:
+        raise CaseError("data.synthetic", "give either truth or file, not both")
+
+
+_RULES = (_rule_points_inside, _rule_forward_observations, _rule_one_data_source)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+def _resolve(folder, key, value, *, must_exist=True):
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if must_exist and not path.is_file():
+        raise CaseError(key, f"no such file: {path}")
+    return path
+
+
+def _read_csv(path, key):
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise CaseError(key, f"cannot read CSV {path}: {err}") from None
+    if not rows or "value" not in rows[0]:
+        raise CaseError(key, f"CSV {path} needs a header with a 'value' column (and optional x, y)")
+    coords = {c: [r[c] for r in rows] for c in ("x", "y") if c in rows[0]}
+    return _numbers(key, [r["value"] for r in rows]), {c: _numbers(key, v) for c, v in coords.items()}
+
+
+def _numbers(key, values):
+    try:
+        return np.array([float(v) for v in values], dtype=float)
+    except (TypeError, ValueError) as err:
+        raise CaseError(key, f"non-numeric entry: {err}") from None
+
+
+def _read_netcdf(path, key, variable, var_key):
+    import xarray as xr
+    try:
+        with xr.open_dataset(path) as ds:
+            if variable not in ds:
+                raise CaseError(var_key, f"no variable {variable!r} in {path}; it has "
+                                f"{', '.join(map(str, ds.data_vars))}" + _suggest(variable, ds.data_vars))
+            da = ds[variable].load()
+    except CaseError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable user file
+        raise CaseError(key, f"cannot read netCDF {path}: {err}") from None
+    return da
+
+
+def _read_data_file(path, config):
+    key = "data.file"
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path, key)
+    da = _read_netcdf(path, key, config["data"]["variable"], "data.variable")
+    coords = {c: np.asarray(da[c].values, float) for c in ("x", "y")
+              if c in da.coords and da[c].shape == da.shape}
+    return np.asarray(da.values, float).ravel(), coords
+
+
+def _check_values(key, values, n_obs):
+    if values.size != n_obs:
+        raise CaseError(key, f"has {values.size} values but there are {n_obs} observations")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise CaseError(f"{key}[{bad[0]}]", f"must be finite, got {values[bad[0]]}")
+    return values
+
+
+def _merge_points(config, coords):
+    """Take observation points from a data file's coordinates, or check they agree."""
+    obs = config["observations"]
+    if len(coords) != 2:
+        return
+    points = np.column_stack([coords["x"], coords["y"]])
+    if not obs["points"]:
+        if obs["functions"]:
+            raise CaseError("data.file", "coordinates in the data file and "
+                            "observations.functions: list the points in observations.points")
+        obs["points"] = points.tolist()
+        _rule_points_inside(config)
+    elif np.shape(obs["points"]) != points.shape or not np.allclose(obs["points"], points):
+        raise CaseError("data.file", "coordinates differ from observations.points")
+
+
+# --- the case ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """A validated case: configuration, resolved inputs and builders of the model objects.
+
+    Attributes:
+        config: Nested dict of every key of :data:`SCHEMA` with defaults filled in.
+        text: The original YAML text (or a YAML dump of the dict it came from).
+        folder: Folder against which relative paths were resolved.
+        name: Case name.
+    """
+
+    config: dict
+    text: str
+    folder: Path
+    name: str
+    observed: np.ndarray | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, section):
+        """The validated section ``case["prior"]`` (a dict)."""
+        return self.config[section]
+
+    @property
+    def finest(self):
+        """Finest level L."""
+        return self.config["levels"]["finest"]
+
+    @property
+    def levels(self):
+        """Levels ``1..L`` trained in turn."""
+        return range(1, self.finest + 1)
+
+    @property
+    def bounds(self):
+        """``(x0, x1, y0, y1)`` of the lattice."""
+        return tuple(self.config["domain"]["bounds"])
+
+    @property
+    def n_obs(self):
+        """Number of observations (points first, then functions)."""
+        obs = self.config["observations"]
+        return len(obs["points"]) + len(obs["functions"])
+
+    @property
+    def synthetic(self):
+        """Whether the data are synthetic (a truth is known)."""
+        return self.observed is None
+
+    @property
+    def noise(self):
+        """Observation noise std, ndarray ``(n_obs,)``."""
+        return np.broadcast_to(np.asarray(self.config["noise"]["std"], float), (self.n_obs,)).copy()
+
+    @property
+    def seed(self):
+        """Sampler seed."""
+        return self.config["sampler"]["seed"]
+
+    def _level(self, level):
+        level = self.finest if level is None else int(level)
+        if not 1 <= level <= self.finest:
+            raise ValueError(f"level must be in 1..{self.finest}, got {level}")
+        return level
+
+    def lattice_shape(self, level=None):
+        """``(ny, nx)`` of level ``level`` (default: finest)."""
+        n = 2 ** self._level(level)
+        return (n, n)
+
+    def centres(self, level=None):
+        """Cell-centre coordinates ``(xc (nx,), yc (ny,))`` of a level."""
+        ny, nx = self.lattice_shape(level)
+        x0, x1, y0, y1 = self.bounds
+        return (x0 + (np.arange(nx) + 0.5) * (x1 - x0) / nx,
+                y0 + (np.arange(ny) + 0.5) * (y1 - y0) / ny)
+
+    def evaluate(self, spec, level=None):
+        """A spec evaluated at the cell centres of a level, ndarray ``(ny, nx)``."""
+        from geoinvert.expressions import compile_spec
+        xc, yc = self.centres(level)
+        xx, yy = np.meshgrid(xc, yc)
+        return np.asarray(compile_spec(spec)(xx, yy), dtype=float)
+
+    def hierarchy(self):
+        """The :class:`geoinvert.hierarchy.Hierarchy` of lattices and FE meshes."""
+        if "hierarchy" not in self._cache:
+            from geoinvert.hierarchy import Hierarchy
+            lv = self.config["levels"]
+            self._cache["hierarchy"] = Hierarchy(
+                self.finest, self.bounds, refine=lv["refine"], min_cells=lv["min_cells"])
+        return self._cache["hierarchy"]
+
+    def prior(self, level=None):
+        """The Gaussian prior (defined on the finest level, exact on every coarser one).
+
+        Args:
+            level: Accepted for symmetry with :meth:`forward`; the returned prior serves all levels.
+        """
+        self._level(level)
+        if "prior" not in self._cache:
+            self._cache["prior"] = _build_prior(self)
+        return self._cache["prior"]
+
+    def forward(self, level=None, comm=None):
+        """Forward model on a level: Tensor ``(num, ny, nx) -> (num, n_obs)``."""
+        level = self._level(level)
+        key = ("forward", level)
+        if key not in self._cache:
+            self._cache[key] = _build_forward(self, level, comm)
+        return self._cache[key]
+
+    def posterior(self, level=None, comm=None):
+        """The unnormalised posterior :class:`geoinvert.posterior.Posterior` on a level."""
+        from geoinvert.posterior import Posterior
+        level = self._level(level)
+        return Posterior(self.prior(level), self.forward(level, comm), self.data, self.noise,
+                         level)
+
+    @functools.cached_property
+    def truth(self):
+        """The true field ``(ny, nx)`` on the finest level for synthetic data, else None."""
+        return _synthetic_truth(self) if self.synthetic else None
+
+    @functools.cached_property
+    def data(self):
+        """Observed values ``(n_obs,)``: as given, or synthetic ``F_L(truth) + noise``."""
+        if not self.synthetic:
+            return self.observed
+        return _synthetic_data(self)
+
+    def observation_names(self):
+        """One name per observation."""
+        names = self.config["observations"]["names"]
+        if names:
+            return list(names)
+        obs = self.config["observations"]
+        return ([f"point{i}" for i in range(len(obs["points"]))]
+                + [f"function{i}" for i in range(len(obs["functions"]))])
+
+    def summary(self):
+        """Lines describing the case for ``geoinvert check``."""
+        return _summary_lines(self)
+
+
+def _build_prior(case):
+    from geoinvert import prior as priors
+    p = case.config["prior"]
+    mean = case.evaluate(p["mean"])
+    if p["kind"] == "iid":
+        return priors.IIDPrior(case.finest, mean=mean, std=p["std"])
+    return priors.MaternPrior(case.finest, bounds=case.bounds, mean=mean, std=p["std"],
+                              correlation_length=p["correlation_length"], alpha=p["alpha"],
+                              boundary=p["boundary"])
+
+
+def _build_forward(case, level, comm):
+    from geoinvert.expressions import compile_spec
+    fw, obs = case.config["forward"], case.config["observations"]
+    shape = case.lattice_shape(level)
+    functions = [compile_spec(s) for s in obs["functions"]]
+    if fw["kind"] == "linear":
+        from geoinvert.forward.testbeds import LinearForward
+        return LinearForward(functions, shape, bounds=case.bounds)
+    if fw["kind"] == "quadratic":
+        from geoinvert.forward.testbeds import QuadraticForward
+        return QuadraticForward(shape, phi=functions[0], bounds=case.bounds)
+    return _build_elliptic(case, level, comm, shape)
+
+
+def _build_elliptic(case, level, comm, shape):
+    from geoinvert.forward.elliptic import EllipticForward
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_SELF
+    fw, dom, obs = case.config["forward"], case.config["domain"], case.config["observations"]
+    cells = case.hierarchy().mesh_cells(level)
+    mesh = str(_resolve(case.folder, "domain.mesh", dom["mesh"])) if dom["mesh"] else None
+    return EllipticForward(
+        comm, shape, bounds=case.bounds, mesh_cells=None if mesh else (cells, cells), mesh=mesh,
+        cell=dom["cell"], degree=fw["degree"], source=fw["source"], dirichlet=fw["dirichlet"],
+        neumann=fw["neumann"], points=np.asarray(obs["points"], float).reshape(-1, 2) if
+        obs["points"] else None, functions=obs["functions"] or None, solver=fw["solver"])
+
+
+def _synthetic_truth(case):
+    synth = case.config["data"]["synthetic"]
+    if synth["file"] is not None:
+        return _truth_from_file(case)
+    if synth["truth"] == "prior":
+        import torch
+        gen = torch.Generator().manual_seed(synth["seed"])
+        draw = case.prior().sample(1, case.finest, generator=gen, dtype=torch.float64)
+        return draw[0].numpy()
+    return case.evaluate(synth["truth"])
+
+
+def _truth_from_file(case):
+    synth = case.config["data"]["synthetic"]
+    path = _resolve(case.folder, "data.synthetic.file", synth["file"])
+    da = _read_netcdf(path, "data.synthetic.file", synth["variable"], "data.synthetic.variable")
+    values = np.asarray(da.values, float)
+    if values.shape != case.lattice_shape():
+        raise CaseError("data.synthetic.file", f"field has shape {values.shape}, the finest "
+                        f"lattice is {case.lattice_shape()}")
+    if not np.isfinite(values).all():
+        raise CaseError("data.synthetic.file", "field contains NaN or infinite values")
+    return values
+
+
+def _synthetic_data(case):
+    import torch
+    clean = case.forward(case.finest)(torch.as_tensor(case.truth)[None]).detach().numpy()[0]
+    rng = np.random.default_rng(case.config["data"]["synthetic"]["seed"])
+    return clean + case.noise * rng.standard_normal(case.n_obs)
+
+
+def _resolve_inputs(config, folder):
+    """Check files exist and load observed data; returns the observed array or None."""
+    if config["domain"]["mesh"]:
+        _resolve(folder, "domain.mesh", config["domain"]["mesh"])
+    data = config["data"]
+    if data["synthetic"]["file"] is not None:
+        _resolve(folder, "data.synthetic.file", data["synthetic"]["file"])
+    if data["values"] is not None:
+        values = np.asarray(data["values"], float)
+        key = "data.values"
+    elif data["file"] is not None:
+        values, coords = _read_data_file(_resolve(folder, "data.file", data["file"]), config)
+        _merge_points(config, coords)
+        key = "data.file"
+    else:
+        values = None
+    obs = config["observations"]
+    n_obs = len(obs["points"]) + len(obs["functions"])
+    _check_counts(config, n_obs)
+    return None if values is None else _check_values(key, values, n_obs)
+
+
+def _check_counts(config, n_obs):
+    if n_obs == 0:
+        raise CaseError("observations", "no observations: give points or functions")
+    std, names = config["noise"]["std"], config["observations"]["names"]
+    if isinstance(std, list) and len(std) != n_obs:
+        raise CaseError("noise.std", f"has {len(std)} values but there are {n_obs} observations")
+    if names is not None and len(names) != n_obs:
+        raise CaseError("observations.names", f"has {len(names)} names but there are {n_obs} "
+                        "observations")
+
+
+def load_case(source, *, folder=None):
+    """Read and validate a case file or dict.
+
+    Every key is checked once here (type, range, unknown keys, files, data length); the returned
+    :class:`Case` is trusted by the rest of the package.
+
+    Args:
+        source: Path to a YAML case file, or a dict with the same structure.
+        folder: Folder for relative paths when ``source`` is a dict (default: current directory).
+
+    Returns:
+        Case
+
+    Raises:
+        CaseError: naming the offending key (``"noise.std: must be > 0, got -1"``).
+    """
+    if isinstance(source, dict):
+        text, where = yaml.safe_dump(source, sort_keys=False), "<dict>"
+        raw, folder, stem = _copy(source), Path(folder or Path.cwd()), "case"
+    else:
+        path = Path(source)
+        text, where = _read_text(path), str(path)
+        raw, folder, stem = _parse(text, where), path.resolve().parent, path.stem
+    config = _validate(raw)
+    observed = _resolve_inputs(config, folder)
+    return Case(config=config, text=text, folder=folder, name=config["name"] or stem,
+                observed=observed)
+
+
+# --- summary and documentation -----------------------------------------------------------------
+
+def estimate_cost(case):
+    """Rough training cost: ``(forward solves, finest-solve equivalents, seconds)``.
+
+    Each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys objective
+    (samples of the flow and importance samples); a level-l solve costs ``4**(l - L)`` finest
+    solves; a 64x64 elliptic solve takes about 6 ms, the test beds are nearly free.
+    """
+    s = case.config["sampler"]
+    per_stage = s["steps"] * s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
+    solves = per_stage * case.finest
+    if s["budget"]:
+        solves = min(solves, s["budget"])
+    equivalents = sum(min(per_stage, solves) * 4.0 ** (l - case.finest) for l in case.levels)
+    fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() else 4 ** case.finest
+    per_solve = 6e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
+    flow = 0.13 * s["steps"] * case.finest * (s["batch"] / 64) * 4 ** case.finest / 4096
+    return solves, equivalents, equivalents * per_solve + flow
+
+
+def _has_hierarchy():
+    try:
+        import geoinvert.hierarchy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _summary_lines(case):
+    obs = case.config["observations"]
+    solves, equiv, seconds = estimate_cost(case)
+    lines = [f"case {case.name}: forward {case.config['forward']['kind']}, "
+             f"prior {case.config['prior']['kind']}, data "
+             f"{'synthetic' if case.synthetic else 'observed'}",
+             f"observations: {case.n_obs} ({len(obs['points'])} points, "
+             f"{len(obs['functions'])} functions)"]
+    for level in case.levels:
+        ny, nx = case.lattice_shape(level)
+        lines.append(f"  level {level}: {ny} x {nx} = {ny * nx} unknowns")
+    lines.append(f"estimated cost: {solves} forward solves (~{equiv:.0f} finest-level "
+                 f"equivalents), roughly {_duration(seconds)} on one core")
+    return lines
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _markdown_default(key):
+    if key.default is REQUIRED:
+        return "**required**"
+    if key.default is None:
+        return "—"
+    return f"`{yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def schema_markdown():
+    """The reference tables of ``docs/case-files.md``, generated from :data:`SCHEMA`."""
+    out = []
+    for section in ("", *SECTIONS):
+        keys = [k for k in SCHEMA if (k.path.split(".")[0] == section if section
+                                      else "." not in k.path)]
+        title = f"### `{section}`" if section else "### top level"
+        if section in REQUIRED_SECTIONS:
+            title += " (required section)"
+        out += ["", title, "", "| key | type | default | meaning | example |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| `{k.path}` | {KINDS[k.kind][1]} | {_markdown_default(k)} | "
+                f"{k.doc.replace('|', '/')} | `{k.example}` |" for k in keys]
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+DOC_START, DOC_END = "<!-- schema:start -->", "<!-- schema:end -->"
+
+
+def update_doc(path):
+    """Rewrite the generated block between the schema markers of a Markdown file.
+
+    Returns:
+        True if the file changed.
+    """
+    path = Path(path)
+    text = path.read_text()
+    head, rest = text.split(DOC_START, 1)
+    _, tail = rest.split(DOC_END, 1)
+    new = f"{head}{DOC_START}\n{schema_markdown()}{DOC_END}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
