@@ -1,0 +1,302 @@
+"""MsIGN: a multiscale invertible generative network from prior conditioning layers and Glow flows."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from geoinvert.flows.glow import FieldFlow
+
+__all__ = ["MsIGN", "standard_normal_log_prob"]
+
+
+def standard_normal_log_prob(zs: list[Tensor]) -> Tensor:
+    """Sum over a list of noise tensors ``(num, ...)`` of the N(0, I) log density, ``(num,)``."""
+    total = 0.0
+    for z in zs:
+        flat = z.flatten(1)
+        total = total - 0.5 * flat.square().sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+    return total
+
+
+def noise_shape(level: int) -> tuple[int, ...]:
+    """Shape of z_l per sample: (2, 2) at level 1, (3, m, m) with m = 2**(level-1) above."""
+    return (2, 2) if level == 1 else (3, 2 ** (level - 1), 2 ** (level - 1))
+
+
+def level_of(x: Tensor) -> int:
+    """The level l of a field batch ``(num, n, n)`` with n = 2**l."""
+    level = int(x.shape[-1]).bit_length() - 1
+    assert x.shape[-1] == x.shape[-2] == 2**level >= 2, f"not a level field: {tuple(x.shape)}"
+    return level
+
+
+class MsIGN(nn.Module):
+    r"""Multiscale invertible generative network (MsIGN) over the levels of a Gaussian prior.
+
+    Generation runs coarse to fine from independent standard normal noises z_l:
+
+    .. math::
+        \tilde x_1 = \mu_1 + C_1 z_1, \quad x_1 = F_1(\tilde x_1), \qquad
+        \tilde x_l = \mathrm{PC}_l(x_{l-1}, z_l), \quad x_l = F_l(\tilde x_l), \; l = 2..L,
+
+    with PC_l the exact prior conditioning layers of ``prior`` (MsIGN Lemma 2.1) and F_l
+    :class:`~geoinvert.flows.glow.FieldFlow` s, each the identity at initialisation. With every
+    F_l the identity the model *is* the prior. The density of x_l is
+
+    .. math:: \log p(x_l) = \sum_{k \le l} \log N(z_k; 0, I) - \log|\det \partial x_l / \partial z_{1:l}| .
+
+    Training is stage by stage: only F_1..F_s, s = :attr:`stage`, are applied; levels above the
+    stage are reached through PC_l with F_l = identity. :meth:`grow` activates the next level.
+    The surrogate of level l is the model of stage l-1 pushed through PC_l with F_l = identity
+    (:meth:`sample_surrogate`, :meth:`surrogate_log_prob`), the importance proposal of the
+    forward KL term of the Jeffreys divergence.
+
+    Parameters live in :attr:`dtype` (``model.to(torch.float32)`` for speed); the prior layers
+    compute in :attr:`prior_dtype` (float64) and their outputs are cast back.
+
+    Args:
+        prior: A :class:`~geoinvert.prior.GaussianPrior` (``coarsest``, ``coarsest_inverse``,
+            ``conditioning(level)``).
+        levels: Finest level L (fields of 2**L x 2**L cells); the prior's finest by default.
+        blocks_per_level: Glow blocks in each F_l.
+        hidden: Hidden channels of the coupling nets.
+        bound: Bound on the coupling log-scales.
+        stage: Initially active stage s, 1 <= s <= L.
+
+    References:
+        | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
+        | (Zhang, Zhang & Hou, 2021), https://arxiv.org/abs/2105.05489
+        | Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
+        | https://arxiv.org/abs/1807.03039
+    """
+
+    prior_dtype = torch.float64
+
+    def __init__(self, prior, levels: int | None = None, *, blocks_per_level: int = 4,
+                 hidden: int = 32, bound: float = 2.0, stage: int = 1):
+        super().__init__()
+        levels = prior.levels if levels is None else levels
+        self.prior = prior
+        self.config = dict(levels=levels, blocks_per_level=blocks_per_level, hidden=hidden,
+                           bound=bound)
+        self.flows = nn.ModuleList(
+            FieldFlow(2**level, blocks_per_level, hidden, bound=bound)
+            for level in range(1, levels + 1)
+        )
+        self.register_buffer("_stage", torch.tensor(0))
+        self._conditionings = {}
+        self.set_stage(stage)
+
+    # -- stages -----------------------------------------------------------------------------
+
+    @property
+    def levels(self) -> int:
+        """Finest level L."""
+        return self.config["levels"]
+
+    @property
+    def stage(self) -> int:
+        """Active stage s: flows F_1..F_s are applied."""
+        return int(self._stage)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating point type of the parameters and of the samples."""
+        return next(self.flows.parameters()).dtype
+
+    def set_stage(self, stage: int) -> None:
+        """Activate flows F_1..F_stage (inactive flows stay as initialised: the identity)."""
+        if not 1 <= stage <= self.levels:
+            raise ValueError(f"stage must be in 1..{self.levels}, got {stage}")
+        self._stage.fill_(stage)
+
+    def grow(self) -> None:
+        """Activate the next level, whose flow is the identity unless it was trained before."""
+        self.set_stage(self.stage + 1)
+
+    def active_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the active flows F_1..F_s, the ones stage-s training updates."""
+        return [p for flow in self.flows[: self.stage] for p in flow.parameters()]
+
+    # -- the bijection z <-> x ----------------------------------------------------------------
+
+    def conditioning(self, level: int):
+        """The prior conditioning layer PC_level (cached)."""
+        if level not in self._conditionings:
+            self._conditionings[level] = self.prior.conditioning(level)
+        return self._conditionings[level]
+
+    def _to_prior(self, t: Tensor) -> Tensor:
+        return t.to(self.prior_dtype)
+
+    def _flow(self, level: int, x: Tensor, upto: int) -> tuple[Tensor, Tensor]:
+        if level > upto:
+            return x, x.new_zeros(x.shape[0])
+        return self.flows[level - 1](x)
+
+    def _flow_inverse(self, level: int, x: Tensor, upto: int) -> tuple[Tensor, Tensor]:
+        if level > upto:
+            return x, x.new_zeros(x.shape[0])
+        return self.flows[level - 1].inverse(x)
+
+    def _decode_levels(self, zs: list[Tensor], upto: int):
+        """Yield (x_l, log|det dx_l/dz_{1:l}|) for l = 1..len(zs)."""
+        x1, logdet = self.prior.coarsest(self._to_prior(zs[0]))
+        x, ld = self._flow(1, x1.to(self.dtype), upto)
+        logdet = logdet + ld
+        yield x, logdet
+        for level, z in enumerate(zs[1:], start=2):
+            pc = self.conditioning(level)
+            x, ld_pc = pc.forward(self._to_prior(x), self._to_prior(z))
+            x, ld = self._flow(level, x.to(self.dtype), upto)
+            logdet = logdet + ld_pc + ld
+            yield x, logdet
+
+    def decode(self, zs: list[Tensor], *, upto: int | None = None) -> tuple[Tensor, Tensor]:
+        r"""Map noises to a field, x_l = G(z_1, ..., z_l).
+
+        Args:
+            zs: Noises z_1 ``(num, 2, 2)``, z_k ``(num, 3, 2**(k-1), 2**(k-1))``, k = 2..l.
+            upto: Apply F_k only for k <= upto (default: the stage); others are the identity.
+
+        Returns:
+            The field ``(num, 2**l, 2**l)`` and log|det dx/dz| ``(num,)``.
+        """
+        upto = self.stage if upto is None else upto
+        *_, (x, logdet) = self._decode_levels(zs, upto)
+        return x, logdet
+
+    def encode(self, x: Tensor, *, upto: int | None = None) -> tuple[list[Tensor], Tensor]:
+        r"""Map a field back to its noises, (z_1, ..., z_l) = G^{-1}(x_l), the inverse of :meth:`decode`.
+
+        Args:
+            x: Fields ``(num, 2**l, 2**l)``.
+            upto: Invert F_k only for k <= upto (default: the stage).
+
+        Returns:
+            The noises (as in :meth:`decode`) and log|det dz/dx| ``(num,)``.
+        """
+        upto = self.stage if upto is None else upto
+        x = x.to(self.dtype)
+        zs, logdet = [], x.new_zeros(x.shape[0])
+        for level in range(level_of(x), 1, -1):
+            x, ld = self._flow_inverse(level, x, upto)
+            coarse, z, ld_pc = self.conditioning(level).inverse(self._to_prior(x))
+            x, logdet = coarse.to(self.dtype), logdet + ld + ld_pc
+            zs.append(z.to(self.dtype))
+        x, ld = self._flow_inverse(1, x, upto)
+        z1, ld_c = self.prior.coarsest_inverse(self._to_prior(x))
+        zs.append(z1.to(self.dtype))
+        return zs[::-1], logdet + ld + ld_c
+
+    # -- densities and sampling ---------------------------------------------------------------
+
+    def sample_noise(self, num: int, level: int, *, generator: torch.Generator | None = None):
+        """Independent standard normal noises z_1..z_level in :attr:`dtype`."""
+        return [
+            torch.randn((num, *noise_shape(k)), generator=generator, dtype=self.dtype)
+            for k in range(1, level + 1)
+        ]
+
+    def sample(self, num: int, *, generator: torch.Generator | None = None,
+               level: int | None = None) -> tuple[Tensor, Tensor]:
+        r"""Reparameterised samples x ~ p and their log densities log p(x).
+
+        Both outputs are differentiable in the parameters (reverse KL training).
+
+        Args:
+            num: Number of samples.
+            generator: Source of the noise.
+            level: Level of the samples (default: the stage; above it F_l = identity).
+
+        Returns:
+            x ``(num, 2**level, 2**level)`` and log p(x) ``(num,)``.
+        """
+        zs = self.sample_noise(num, level or self.stage, generator=generator)
+        x, logdet = self.decode(zs)
+        return x, standard_normal_log_prob(zs) - logdet
+
+    def log_prob(self, x: Tensor, level: int | None = None) -> Tensor:
+        r"""log p(x) by inversion down the levels, differentiable in the parameters and in x.
+
+        Args:
+            x: Fields ``(num, n, n)``, n = 2**level.
+            level: Level of x; checked against its shape when given.
+
+        Returns:
+            log p(x) ``(num,)`` in :attr:`dtype`.
+        """
+        assert level is None or level == level_of(x), "level does not match the field shape"
+        zs, logdet = self.encode(x)
+        return standard_normal_log_prob(zs) + logdet
+
+    def sample_levels(self, num: int, *, generator: torch.Generator | None = None,
+                      level: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Every level's intermediate sample x_1..x_level of one draw, with its log density.
+
+        Returns:
+            Lists ``[x_1, ..., x_level]`` (``(num, 2**l, 2**l)``) and ``[log p(x_1), ...]``.
+        """
+        zs = self.sample_noise(num, level or self.stage, generator=generator)
+        xs, log_ps = [], []
+        for k, (x, logdet) in enumerate(self._decode_levels(zs, self.stage), start=1):
+            xs.append(x)
+            log_ps.append(standard_normal_log_prob(zs[:k]) - logdet)
+        return xs, log_ps
+
+    @torch.no_grad()
+    def sample_surrogate(self, num: int, level: int | None = None, *,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        r"""Samples of the surrogate PC_l(p_{l-1}) and their surrogate log densities, without grad.
+
+        The surrogate of level l applies F_1..F_{l-1} (capped by the stage) and F_l = identity.
+
+        Args:
+            num: Number of samples.
+            level: Level l >= 2 (default: the stage).
+            generator: Source of the noise.
+
+        Returns:
+            x ``(num, 2**l, 2**l)`` and log s(x) ``(num,)``.
+        """
+        level = level or self.stage
+        zs = self.sample_noise(num, level, generator=generator)
+        x, logdet = self.decode(zs, upto=min(level - 1, self.stage))
+        return x, standard_normal_log_prob(zs) - logdet
+
+    def surrogate_log_prob(self, x: Tensor, level: int | None = None) -> Tensor:
+        """log s(x) of the surrogate PC_l(p_{l-1}) at fields x ``(num, 2**l, 2**l)``, ``(num,)``."""
+        level = level or level_of(x)
+        assert level == level_of(x), "level does not match the field shape"
+        zs, logdet = self.encode(x, upto=min(level - 1, self.stage))
+        return standard_normal_log_prob(zs) + logdet
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path, *, metadata: dict | None = None) -> None:
+        """Write the state dict to ``path`` (.pt) and the config to ``path`` with suffix .json.
+
+        Args:
+            path: Destination of the weights.
+            metadata: JSON-serialisable extras stored with the config (e.g. the case text).
+        """
+        path = Path(path)
+        torch.save(self.state_dict(), path)
+        config = dict(self.config, stage=self.stage, dtype=str(self.dtype).removeprefix("torch."),
+                      metadata=metadata or {})
+        path.with_suffix(".json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, prior) -> "MsIGN":
+        """Rebuild a model written by :meth:`save` on ``prior`` (weights loaded with weights_only)."""
+        path = Path(path)
+        config = json.loads(path.with_suffix(".json").read_text())
+        dtype = getattr(torch, config.pop("dtype"))
+        stage = config.pop("stage")
+        config.pop("metadata", None)
+        model = cls(prior, **config, stage=stage).to(dtype)
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        return model
