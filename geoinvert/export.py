@@ -1,0 +1,266 @@
+"""Results as an xarray Dataset, atomic netCDF files and PNG figures."""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["build_dataset", "write_netcdf", "read_result", "figures", "marginal_direction"]
+
+logger = logging.getLogger(__name__)
+
+
+def _centres(lo, hi, n):
+    return lo + (np.arange(n) + 0.5) * (hi - lo) / n
+
+
+def _coords(bounds, shape, units, suffix=""):
+    """Cell-centre coordinates ``x{suffix}``, ``y{suffix}`` with CF attributes."""
+    (ny, nx), (x0, x1, y0, y1) = shape, bounds
+    return {
+        f"x{suffix}": (f"x{suffix}", _centres(x0, x1, nx),
+                       {"units": units, "long_name": "cell-centre x coordinate", "axis": "X"}),
+        f"y{suffix}": (f"y{suffix}", _centres(y0, y1, ny),
+                       {"units": units, "long_name": "cell-centre y coordinate", "axis": "Y"}),
+    }
+
+
+def _field_vars(samples, quantiles):
+    """Samples, mean, std and quantiles of ``samples (n, ny, nx)`` as data variables."""
+    lab = {"long_name": "log-coefficient"}
+    return {
+        "samples": (("sample", "y", "x"), samples, {**lab, "long_name": "posterior samples"}),
+        "mean": (("y", "x"), samples.mean(axis=0), {"long_name": "posterior mean"}),
+        "std": (("y", "x"), samples.std(axis=0, ddof=1), {"long_name": "posterior std"}),
+        "quantiles": (("quantile", "y", "x"), np.quantile(samples, quantiles, axis=0),
+                      {"long_name": "posterior quantiles"}),
+    }
+
+
+def _level_vars(level_means, bounds, units):
+    """Per-level posterior means ``mean_level{l}(y_l{l}, x_l{l})`` and their coordinates."""
+    data, coords = {}, {}
+    for level, mean in sorted((level_means or {}).items()):
+        s = f"_l{level}"
+        coords.update(_coords(bounds, np.shape(mean), units, s))
+        data[f"mean_level{level}"] = ((f"y{s}", f"x{s}"), np.asarray(mean, float),
+                                      {"long_name": f"posterior mean on level {level}"})
+    return data, coords
+
+
+def _observation_vars(obs):
+    """Observation table on dim ``obs``: data, noise, coordinates, predictive mean."""
+    if not obs:
+        return {}, {}
+    n = len(obs["value"])
+    coords = {"obs": ("obs", np.asarray(obs.get("name") or [f"obs{i}" for i in range(n)],
+                                        dtype=str), {"long_name": "observation name"})}
+    names = {"value": ("observed", "observed value"), "noise": ("noise_std", "noise standard "
+             "deviation"), "x": ("obs_x", "observation x (NaN for integrals)"),
+             "y": ("obs_y", "observation y (NaN for integrals)"),
+             "predicted": ("predictive_mean", "posterior predictive mean of F(x)"),
+             "truth": ("data_clean", "F(truth) without noise")}
+    data = {var: ("obs", np.asarray(obs[k], float), {"long_name": doc})
+            for k, (var, doc) in names.items() if obs.get(k) is not None}
+    return data, coords
+
+
+def _history_vars(history):
+    """Training curves on dim ``step``: stage, nFS used, loss, ESS."""
+    if not history:
+        return {}
+    docs = {"stage": "training stage (level)", "nfs": "forward solves used so far",
+            "loss": "training loss", "ess": "importance-sampling ESS fraction"}
+    return {f"train_{k}": ("step", np.asarray(history[k]), {"long_name": doc})
+            for k, doc in docs.items() if k in history}
+
+
+def _clean_attrs(attrs):
+    """netCDF-safe attributes: drop None, bools to ints, flatten one level of dicts."""
+    out = {}
+    for key, value in (attrs or {}).items():
+        if isinstance(value, dict):
+            out.update(_clean_attrs({f"{key}_{k}": v for k, v in value.items()}))
+        elif value is None:
+            continue
+        elif isinstance(value, (bool, np.bool_)):
+            out[key] = int(value)
+        elif isinstance(value, (list, tuple)):
+            out[key] = np.asarray(value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
+                  quantiles=(0.05, 0.5, 0.95), level_means=None, observations=None, truth=None,
+                  direction=None, history=None, attrs=None):
+    """Assemble the result Dataset of the public contract.
+
+    Args:
+        samples: Posterior samples ``(n, ny, nx)`` of the finest level.
+        log_prob: Flow log density of each sample ``(n,)``.
+        log_target: Unnormalised posterior log density of each sample ``(n,)``.
+        bounds: ``(x0, x1, y0, y1)`` of the lattice.
+        units: Coordinate units.
+        quantiles: Probabilities of the stored quantile maps.
+        level_means: Optional ``{level: mean (2**l, 2**l)}``.
+        observations: Optional dict with ``value``, ``noise`` and optional ``name``, ``x``, ``y``
+            (NaN for integral observations), ``predicted``, ``truth`` (arrays ``(n_obs,)``).
+        truth: Optional true field ``(ny, nx)`` (synthetic data).
+        direction: Optional direction field ``(ny, nx)`` for the marginal plot.
+        history: Optional training curves ``{stage, nfs, loss, ess: (n_steps,)}``.
+        attrs: Global attributes (version, case text, seed, nfs, wall time, diagnostics...).
+
+    Returns:
+        xarray.Dataset with ``samples(sample, y, x)``, ``mean``, ``std``, ``quantiles``,
+        ``log_prob(sample)``, ``log_target(sample)`` and the optional parts.
+    """
+    samples = np.asarray(samples, dtype=float)
+    data = _field_vars(samples, np.asarray(quantiles, float))
+    data["log_prob"] = ("sample", np.asarray(log_prob, float), {"long_name": "flow log density"})
+    data["log_target"] = ("sample", np.asarray(log_target, float),
+                          {"long_name": "unnormalised posterior log density"})
+    coords = {**_coords(bounds, samples.shape[1:], units),
+              "sample": ("sample", np.arange(samples.shape[0])),
+              "quantile": ("quantile", np.asarray(quantiles, float))}
+    for name, field in (("truth", truth), ("direction", direction)):
+        if field is not None:
+            data[name] = (("y", "x"), np.asarray(field, float), {"long_name": f"{name} field"})
+    level_data, level_coords = _level_vars(level_means, bounds, units)
+    obs_data, obs_coords = _observation_vars(observations)
+    data.update({**level_data, **obs_data, **_history_vars(history)})
+    coords.update({**level_coords, **obs_coords})
+    return xr.Dataset(data, coords=coords, attrs={"Conventions": "CF-1.8", **_clean_attrs(attrs)})
+
+
+def write_netcdf(ds, path):
+    """Write ``ds`` to ``path`` atomically: a temporary file in the same folder, then rename.
+
+    On any failure the temporary file is removed and ``path`` is left untouched.
+
+    Returns:
+        Path of the written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s", path)
+    return path
+
+
+def read_result(path):
+    """Open a result file fully into memory (the file is closed on return)."""
+    with xr.open_dataset(path) as ds:
+        return ds.load()
+
+
+def marginal_direction(ds):
+    """Unit direction ``(ny, nx)`` for the marginal plot: ``ds.direction`` or the leading PC."""
+    if "direction" in ds:
+        d = np.asarray(ds["direction"].values, float)
+    else:
+        centred = ds["samples"].values.reshape(ds.sizes["sample"], -1)
+        centred = centred - centred.mean(axis=0)
+        d = np.linalg.svd(centred, full_matrices=False)[2][0].reshape(ds["mean"].shape)
+    return d / (np.linalg.norm(d) or 1.0)
+
+
+def _image(ax, da, title, ds, cmap="viridis"):
+    x, y = ds["x"].values, ds["y"].values
+    dx, dy = (x[1] - x[0]) / 2 if x.size > 1 else 0.5, (y[1] - y[0]) / 2 if y.size > 1 else 0.5
+    im = ax.imshow(np.asarray(da), origin="lower", cmap=cmap, aspect="equal",
+                   extent=(x[0] - dx, x[-1] + dx, y[0] - dy, y[-1] + dy))
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(im, ax=ax, shrink=0.8)
+    if "obs_x" in ds:
+        ax.plot(ds["obs_x"].values, ds["obs_y"].values, "w^", ms=4, mec="k", mew=0.5)
+    return im
+
+
+def _subplots(nrows, ncols, *, figsize, squeeze=True):
+    """A figure and its axes without pyplot (no GUI backend, nothing global)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _maps_figure(ds, outdir):
+    panels = [("truth", "truth")] if "truth" in ds else []
+    panels += [("mean", "posterior mean"), ("std", "posterior std")]
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (var, title) in zip(axes[0], panels):
+        _image(ax, ds[var].values, title, ds, "magma" if var == "std" else "viridis")
+    return _save(fig, outdir / "mean_std.png")
+
+
+def _samples_figure(ds, outdir, count=4):
+    n = min(count, ds.sizes["sample"])
+    fig, axes = _subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+    for ax, i in zip(axes[0], np.linspace(0, ds.sizes["sample"] - 1, n).astype(int)):
+        _image(ax, ds["samples"].values[i], f"sample {i}", ds)
+    return _save(fig, outdir / "samples.png")
+
+
+def _training_figure(ds, outdir):
+    fig, (ax1, ax2) = _subplots(1, 2, figsize=(9, 3.4))
+    nfs = ds["train_nfs"].values
+    for stage in np.unique(ds["train_stage"].values):
+        sel = ds["train_stage"].values == stage
+        ax1.plot(nfs[sel], ds["train_loss"].values[sel], label=f"stage {stage}")
+        if "train_ess" in ds:
+            ax2.plot(nfs[sel], ds["train_ess"].values[sel], label=f"stage {stage}")
+    ax1.set(xlabel="forward solves (nFS)", ylabel="loss", title="training loss")
+    ax2.set(xlabel="forward solves (nFS)", ylabel="ESS / n", title="importance-sampling ESS",
+            ylim=(0, 1.05))
+    ax1.legend(fontsize=7)
+    return _save(fig, outdir / "training.png")
+
+
+def _marginal_figure(ds, outdir):
+    d = marginal_direction(ds)
+    proj = np.tensordot(ds["samples"].values, d, axes=([1, 2], [0, 1]))
+    fig, ax = _subplots(1, 1, figsize=(5, 3.4))
+    ax.hist(proj, bins=min(60, max(10, proj.size // 10)), density=True, alpha=0.75,
+            label="posterior samples")
+    if "truth" in ds:
+        ax.axvline(float(np.sum(ds["truth"].values * d)), color="k", ls="--", label="truth")
+    which = "given direction" if "direction" in ds else "leading principal component"
+    ax.set(xlabel=f"<d, x>  ({which})", ylabel="density", title="marginal along a direction")
+    ax.legend(fontsize=8)
+    return _save(fig, outdir / "marginal.png")
+
+
+def figures(ds, outdir):
+    """Write PNG figures of a result: maps, samples, training curves, a marginal.
+
+    Args:
+        ds: Result Dataset (see :func:`build_dataset`).
+        outdir: Folder for the PNGs (created).
+
+    Returns:
+        List of written paths: ``mean_std.png`` (with the truth when known), ``samples.png``,
+        ``marginal.png`` and, when training curves are present, ``training.png``.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = [_maps_figure(ds, outdir), _samples_figure(ds, outdir), _marginal_figure(ds, outdir)]
+    if "train_loss" in ds:
+        paths.append(_training_figure(ds, outdir))
+    logger.info("wrote %d figures to %s", len(paths), outdir)
+    return paths
