@@ -27,7 +27,7 @@ def cell_integrals(phi, shape, bounds=UNIT_SQUARE, *, order=6):
     in each variable on each cell.
 
     Args:
-        phi: ``phi(x, y)`` evaluated elementwise on numpy arrays (broadcasting allowed).
+        phi: ``phi(x, y)`` evaluated elementwise on numpy arrays of equal shape.
         shape: ``(ny, nx)`` cells of the lattice.
         bounds: ``(x0, x1, y0, y1)`` of the lattice.
         order: Gauss-Legendre points per cell and direction.
@@ -39,8 +39,8 @@ def cell_integrals(phi, shape, bounds=UNIT_SQUARE, *, order=6):
     x0, x1, y0, y1 = bounds
     xs, wx = _cell_nodes(x0, x1, nx, order)
     ys, wy = _cell_nodes(y0, y1, ny, order)
-    values = np.broadcast_to(np.asarray(phi(xs[None, :], ys[:, None]), dtype=np.float64),
-                             (ys.size, xs.size))
+    X, Y = np.meshgrid(xs, ys)
+    values = np.broadcast_to(np.asarray(phi(X, Y), dtype=np.float64), X.shape)
     weighted = values * wy[:, None] * wx[None, :]
     return weighted.reshape(ny, order, nx, order).sum(axis=(1, 3))
 
