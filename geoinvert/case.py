@@ -14,7 +14,8 @@ import yaml
 
 from geoinvert.errors import CaseError
 
-__all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "schema_markdown", "update_doc"]
+__all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
+           "schema_markdown", "update_doc"]
 
 REQUIRED = object()
 """Marks a key without a default."""
@@ -94,8 +95,8 @@ SCHEMA = (
     Key("domain.bounds", "floats", [0.0, 1.0, 0.0, 1.0], "Bounding box `[x0, x1, y0, y1]` covered "
         "by the parameter lattice.", "[0, 2000, 0, 1000]", _bounds),
     Key("domain.units", "str", "m", "Units of the coordinates (written to the result).", "m"),
-    Key("domain.mesh", "path", None, "Optional gmsh `.msh` or XDMF mesh for the elliptic solver "
-        "(default: a structured mesh of the bounds).", "meshes/aquifer.msh"),
+    Key("domain.mesh", "path", None, "Optional XDMF mesh for the elliptic solver "
+        "(default: a structured mesh of the bounds).", "meshes/aquifer.xdmf"),
     Key("domain.cell", "str", "quadrilateral", "Cell type of the structured FE mesh.",
         "triangle", _one_of("quadrilateral", "triangle")),
     Key("levels.finest", "int", 4, "Finest level L: the parameter is a 2^L x 2^L lattice; "
@@ -127,9 +128,11 @@ SCHEMA = (
         "{left: 10.0, right: 0.0}"),
     Key("forward.neumann", "boundaries", None, "Prescribed flux `{boundary: spec}`; sides without "
         "a condition have zero flux (elliptic).", "{top: 0.1}"),
-    Key("forward.degree", "int", 1, "Polynomial degree of the FE space (elliptic).", "2",
-        _between(1, 3)),
-    Key("forward.solver", "str", "lu", "Linear solver (elliptic).", "cg", _one_of("lu", "cg")),
+    Key("forward.degree", "int", 1, "Lagrange degree of the FE space (elliptic).", "2",
+        _between(1, 2)),
+    Key("forward.solver", "str", "auto", "Elliptic solver: `auto` (fast serial solver on one "
+        "process, assembly otherwise), `fast`, `lu` or `cg` (assembly with LU or CG + GAMG).",
+        "cg", _one_of("auto", "fast", "lu", "cg")),
     Key("observations.points", "points", [], "Point values of u at `[x, y]` locations "
         "(elliptic); may come from a CSV or netCDF data file instead.",
         "[[0.25, 0.5], [0.75, 0.5]]"),
@@ -670,7 +673,7 @@ def _build_prior(case):
     p = case.config["prior"]
     mean = case.evaluate(p["mean"])
     if p["kind"] == "iid":
-        return priors.IIDPrior(case.finest, mean=mean, std=p["std"])
+        return priors.IIDPrior(case.finest, case.bounds, mean=mean, std=p["std"])
     return priors.MaternPrior(case.finest, bounds=case.bounds, mean=mean, std=p["std"],
                               correlation_length=p["correlation_length"], alpha=p["alpha"],
                               boundary=p["boundary"])
@@ -799,6 +802,16 @@ def load_case(source, *, folder=None):
                 observed=observed)
 
 
+def prior_from_text(text):
+    """The prior of a case given its YAML text (input files are not read).
+
+    Used to rebuild a saved model, whose file stores the case text.
+    """
+    config = _validate(_parse(text, "<case text>"))
+    case = Case(config=config, text=text, folder=Path.cwd(), name=config["name"] or "case")
+    return case.prior()
+
+
 # --- summary and documentation -----------------------------------------------------------------
 
 def estimate_cost(case):
@@ -816,7 +829,8 @@ def estimate_cost(case):
     equivalents = sum(min(per_stage, solves) * 4.0 ** (l - case.finest) for l in case.levels)
     fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() else 4 ** case.finest
     per_solve = 6e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
-    flow = 0.13 * s["steps"] * case.finest * (s["batch"] / 64) * 4 ** case.finest / 4096
+    step = 0.13 * (s["batch"] / 64) * max(4 ** case.finest / 4096, 0.15)  # measured 64x64
+    flow = step * s["steps"] * case.finest
     return solves, equivalents, equivalents * per_solve + flow
 
 

@@ -1,14 +1,18 @@
-"""Results as an xarray Dataset, atomic netCDF files and PNG figures."""
+"""Results: running a case, the xarray Dataset, atomic netCDF files, figures and saved models."""
 
 import logging
 import os
+import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["build_dataset", "write_netcdf", "read_result", "figures", "marginal_direction"]
+__all__ = ["Result", "run", "load_model", "result_path", "build_dataset", "write_netcdf",
+           "read_result", "figures", "marginal_direction"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,3 +268,236 @@ def figures(ds, outdir):
         paths.append(_training_figure(ds, outdir))
     logger.info("wrote %d figures to %s", len(paths), outdir)
     return paths
+
+
+# --- running a case ------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """Outcome of :func:`run`.
+
+    Attributes:
+        dataset: The result Dataset (see :func:`build_dataset`).
+        model: The trained :class:`~geoinvert.flows.msign.MsIGN`.
+        path: The netCDF file written.
+        model_path: The saved model (``.pt`` with its ``.json`` config) beside it.
+    """
+
+    dataset: xr.Dataset
+    model: object
+    path: Path
+    model_path: Path
+
+
+def result_path(case, out=None):
+    """Where a run writes: ``out``, else ``output.path`` (relative to the case), else
+    ``results/<name>.nc`` under the current directory."""
+    if out is not None:
+        return Path(out)
+    if case.config["output"]["path"]:
+        path = Path(case.config["output"]["path"]).expanduser()
+        return path if path.is_absolute() else case.folder / path
+    return Path.cwd() / "results" / f"{case.name}.nc"
+
+
+def model_path(path):
+    """The saved model beside a result file: ``result.nc -> result.pt`` (+ ``result.json``)."""
+    return Path(path).with_suffix(".pt")
+
+
+def _new_model(case):
+    from geoinvert.flows.msign import MsIGN
+    s = case.config["sampler"]
+    return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"])
+
+
+def _resume_model(case, path):
+    """The checkpoint beside ``path`` and the first stage still to train (1 if none)."""
+    import json
+    from geoinvert.flows.msign import MsIGN
+    ckpt = model_path(path)
+    if not ckpt.is_file():
+        logger.info("no checkpoint at %s; training from scratch", ckpt)
+        return _new_model(case), 1
+    meta = json.loads(ckpt.with_suffix(".json").read_text()).get("metadata", {})
+    done = int(meta.get("completed_stage", 0))
+    logger.info("resuming from %s after stage %d", ckpt, done)
+    return MsIGN.load(ckpt, case.prior()), done + 1
+
+
+def _save_model(model, path, metadata):
+    """Save ``model`` to ``path`` (.pt + .json) atomically through a temporary folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+    try:
+        model.save(tmpdir / path.name, metadata=metadata)
+        os.replace(tmpdir / path.with_suffix(".json").name, path.with_suffix(".json"))
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+class _Progress:
+    """tqdm bar over forward solves showing stage, loss and importance-sampling ESS."""
+
+    def __init__(self, total, enabled):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total or None, unit="nFS", disable=not enabled, dynamic_ncols=True,
+                        desc="stage 1")
+        self.nfs = 0
+
+    def __call__(self, info):
+        self.bar.set_description(f"stage {info['stage']}", refresh=False)
+        self.bar.set_postfix(loss=f"{info['loss']:.4g}", ess=f"{info.get('ess', float('nan')):.2f}",
+                             refresh=False)
+        self.bar.update(int(info["nfs"]) - self.nfs)
+        self.nfs = int(info["nfs"])
+
+    def close(self):
+        self.bar.close()
+
+
+def _train(case, model, posteriors, *, start, generator, progress, checkpoint):
+    """Train stages ``start..L`` with :func:`geoinvert.train.train_msign`; returns the history."""
+    from geoinvert.case import estimate_cost
+    from geoinvert.train import train_msign
+    s = case.config["sampler"]
+    bar = _Progress(s["budget"] or estimate_cost(case)[0], progress)
+    try:
+        return train_msign(model, posteriors, start=start, steps=s["steps"], batch=s["batch"],
+                           lr=s["lr"], objective=s["objective"], budget=s["budget"] or None,
+                           generator=generator, callback=bar, checkpoint=checkpoint)
+    finally:
+        bar.close()
+
+
+def _importance_diagnostics(log_target, log_prob):
+    """ESS fraction and PSIS k-hat of the weights ``w = target / flow`` of the flow samples."""
+    from geoinvert import diagnostics
+    log_w = np.asarray(log_target, float) - np.asarray(log_prob, float)
+    return {"is_ess": float(diagnostics.ess(log_w)) / log_w.size,
+            "psis_khat": float(diagnostics.psis_khat(log_w))}
+
+
+def _draw(case, model, posterior, generator):
+    """Final samples with flow and target log densities and the predictive mean."""
+    import torch
+    n = case.config["output"]["samples"]
+    with torch.no_grad():
+        x, log_prob = model.sample(n, generator=generator, level=case.finest)
+        x = x.to(torch.float64)
+        pred = posterior.forward(x).numpy()
+        log_target = posterior.log_prob(x).numpy()
+        levels, _ = model.sample_levels(n, generator=generator, level=case.finest)
+    means = {l: xl.to(torch.float64).mean(0).numpy() for l, xl in enumerate(levels, start=1)}
+    return x.numpy(), log_prob.to(torch.float64).numpy(), log_target, np.nanmean(pred, 0), means
+
+
+def _observations(case, predicted):
+    obs = case.config["observations"]
+    pts = np.asarray(obs["points"], float).reshape(-1, 2)
+    pad = np.full(len(obs["functions"]), np.nan)
+    out = {"name": case.observation_names(), "value": case.data, "noise": case.noise,
+           "x": np.concatenate([pts[:, 0], pad]), "y": np.concatenate([pts[:, 1], pad]),
+           "predicted": predicted}
+    if case.truth is not None:
+        import torch
+        with torch.no_grad():
+            out["truth"] = case.forward(case.finest)(torch.as_tensor(case.truth)[None]).numpy()[0]
+    return out
+
+
+def _attrs(case, seed, nfs, wall, diagnostics):
+    from geoinvert import __version__
+    return {"title": f"geoinvert posterior: {case.name}", "geoinvert_version": __version__,
+            "case_name": case.name, "description": case.config["description"],
+            "case": case.text, "seed": seed, "nfs": int(nfs), "wall_time": float(wall),
+            "forward_kind": case.config["forward"]["kind"], "finest_level": case.finest,
+            "synthetic": int(case.synthetic), "diagnostics": diagnostics}
+
+
+def _history(history):
+    """Training history as arrays: accepts a dict of lists or a list of per-step dicts."""
+    if not history:
+        return None
+    if isinstance(history, dict):
+        return {k: np.asarray(v) for k, v in history.items()}
+    keys = ("stage", "nfs", "loss", "ess")
+    return {k: np.asarray([h.get(k, np.nan) for h in history]) for k in keys}
+
+
+def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False):
+    """Train MsIGN on a case stage by stage, sample it and write the result.
+
+    Writes ``out`` (netCDF, atomically) and the trained model beside it (``.pt`` + ``.json``);
+    with ``resume`` training continues after the last completed stage of that model. Nothing is
+    written if training fails.
+
+    Args:
+        case: A :class:`~geoinvert.case.Case`, a path to a case file or a dict.
+        out: Result path (default: see :func:`result_path`).
+        seed: Overrides ``sampler.seed``.
+        comm: MPI communicator of the forward models (default: one process).
+        progress: Show a progress bar.
+        resume: Continue from the model saved beside ``out``.
+
+    Returns:
+        :class:`Result`.
+    """
+    import torch
+    from geoinvert.case import Case, load_case
+    case = case if isinstance(case, Case) else load_case(case)
+    seed = case.seed if seed is None else int(seed)
+    path, start_time = result_path(case, out), time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    posteriors = {l: case.posterior(l, comm) for l in case.levels}
+    model, start = _resume_model(case, path) if resume else (_new_model(case), 1)
+    meta = {"case": case.text, "folder": str(case.folder), "seed": seed}
+
+    def checkpoint(stage):
+        _save_model(model, model_path(path), {**meta, "completed_stage": stage})
+
+    history = _train(case, model, posteriors, start=start, generator=generator,
+                     progress=progress, checkpoint=checkpoint)
+    x, log_prob, log_target, predicted, means = _draw(case, model, posteriors[case.finest],
+                                                      generator)
+    nfs = sum(p.forward.n_solves for p in posteriors.values())
+    ds = build_dataset(
+        x, log_prob=log_prob, log_target=log_target, bounds=case.bounds,
+        units=case.config["domain"]["units"], quantiles=case.config["output"]["quantiles"],
+        level_means=means, observations=_observations(case, predicted), truth=case.truth,
+        direction=_direction(case), history=_history(history),
+        attrs=_attrs(case, seed, nfs, time.perf_counter() - start_time,
+                     _importance_diagnostics(log_target, log_prob)))
+    mpath = _save_model(model, model_path(path), {**meta, "completed_stage": case.finest})
+    write_netcdf(ds, path)
+    if case.config["output"]["figures"]:
+        figures(ds, path.with_suffix("").with_name(path.stem + "_figures"))
+    return Result(ds, model, path, mpath)
+
+
+def _direction(case):
+    spec = case.config["output"]["direction"]
+    return None if spec is None else case.evaluate(spec)
+
+
+def load_model(path):
+    """Reload a model saved by :func:`run` (``result.pt`` beside ``result.nc``).
+
+    The prior is rebuilt from the case text stored with the model.
+
+    Args:
+        path: The ``.pt`` file, or the result ``.nc`` beside it.
+
+    Returns:
+        :class:`~geoinvert.flows.msign.MsIGN` with ``.sample(n)`` and ``.log_prob(x)``.
+    """
+    import json
+    from geoinvert.case import prior_from_text
+    from geoinvert.flows.msign import MsIGN
+    path = model_path(path)
+    meta = json.loads(path.with_suffix(".json").read_text()).get("metadata", {})
+    prior = prior_from_text(meta["case"])
+    return MsIGN.load(path, prior)
