@@ -394,6 +394,12 @@ class FastSolver:
         failed = np.flatnonzero(~np.all(np.isfinite(y), axis=1))
         return y, {"k": k, "u": u_free, "generation": self._generation, "failed": failed}
 
+    def full_solution(self, state, s):
+        """Dof vector of u (Dirichlet values included) for sample ``s`` of a solved batch."""
+        u = self.g.copy()
+        u[self.free] = state["u"][s]
+        return u
+
     def vjp_batch(self, state, w):
         """w^T dF/dm per sample: one adjoint solve with the kept (or redone) factorisation."""
         k, u_free = state["k"], state["u"]
@@ -474,10 +480,16 @@ class AssemblySolver:
         ok = _log_coefficient_ok(m)
         k = np.exp(np.clip(m.reshape(num, -1), -MAX_LOG_COEFFICIENT, MAX_LOG_COEFFICIENT))
         y = np.full((num, self.disc.n_obs), np.nan)
+        u = np.full((num, self.u.x.array.size), np.nan)
         for s in np.flatnonzero(ok):
             y[s] = self._try_forward(k[s])
+            u[s] = self.u.x.array
         failed = np.flatnonzero(~np.all(np.isfinite(y), axis=1))
-        return y, {"k": k, "failed": failed}
+        return y, {"k": k, "u": u, "failed": failed}
+
+    def full_solution(self, state, s):
+        """Local dof vector of u for sample ``s`` of a solved batch."""
+        return state["u"][s]
 
     def _try_forward(self, k):
         try:
@@ -576,11 +588,10 @@ class EllipticForward:
         return apply_adjoint_model(self, x)
 
     def solution(self, m):
-        """The FE solution u (a dolfinx Function) for one field ``m (ny, nx)``."""
-        solver = AssemblySolver(self.disc)
-        k = np.exp(np.asarray(m, dtype=float).ravel())
-        A, ksp = solver._forward_one(k)
-        ksp.destroy(), A.destroy()
+        """The FE solution u (a dolfinx Function on this process) for one field ``m (ny, nx)``."""
+        _, state = self.solver.solve_batch(np.asarray(m, dtype=float)[None])
+        if state["failed"].size:
+            raise RuntimeError("the forward solve failed for this field")
         u = fem.Function(self.disc.V)
-        u.x.array[:] = solver.u.x.array
+        u.x.array[:] = self.solver.full_solution(state, 0)
         return u

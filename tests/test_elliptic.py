@@ -1,0 +1,159 @@
+"""Verification of the dolfinx elliptic forward model and its adjoint gradients."""
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem
+from mpi4py import MPI
+
+from geoinvert.forward.elliptic import EllipticForward
+from geoinvert.verify import taylor_test
+
+SELF = MPI.COMM_SELF
+OPTIONS = dict(
+    source="exp(-((x-0.3)^2 + (y-0.6)^2) / 0.02)",
+    dirichlet={"left": 0.0, "right": "y"},
+    neumann={"top": 0.5},
+    points=[[0.25, 0.25], [0.7, 0.4], [0.5, 0.9]],
+    functions=[{"shape": "gaussian", "center": [0.6, 0.6], "width": 0.1}],
+)
+
+
+def _field(seed, shape=(8, 8), num=3, scale=0.5):
+    return torch.tensor(np.random.default_rng(seed).normal(size=(num, *shape)) * scale)
+
+
+def _l2_error(u, exact):
+    msh = u.function_space.mesh
+    x = ufl.SpatialCoordinate(msh)
+    err = fem.form((u - exact(x)) ** 2 * ufl.dx)
+    return np.sqrt(msh.comm.allreduce(fem.assemble_scalar(err), op=MPI.SUM))
+
+
+@pytest.mark.parametrize("degree, cell, rate", [
+    (1, "quadrilateral", 2.0), (1, "triangle", 2.0), (2, "quadrilateral", 3.0), (2, "triangle", 3.0),
+])
+def test_manufactured_solution_converges(degree, cell, rate):
+    """u = sin(pi x) cos(pi y / 2) + x y with k = 2.5: f = -k lap u, Dirichlet + Neumann data."""
+    k = 2.5
+    exact_ufl = lambda x: ufl.sin(np.pi * x[0]) * ufl.cos(np.pi * x[1] / 2) + x[0] * x[1]
+    source = f"{k} * (pi^2 + pi^2/4) * sin(pi*x) * cos(pi*y/2)"
+    flux_top = f"{k} * (-pi/2 * sin(pi*x) * sin(pi/2) + x)"   # k du/dy at y = 1
+    dirichlet = {side: "sin(pi*x) * cos(pi*y/2) + x*y" for side in ("left", "right", "bottom")}
+    errors, sizes = [], [4, 8, 16]
+    for n in sizes:
+        model = EllipticForward(SELF, (2, 2), mesh_cells=(n, n), cell=cell, degree=degree,
+                                source=source, dirichlet=dirichlet, neumann={"top": flux_top},
+                                points=[[0.5, 0.5]])
+        u = model.solution(np.full((2, 2), np.log(k)))
+        errors.append(_l2_error(u, exact_ufl))
+    rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert rates[-1] == pytest.approx(rate, abs=0.15), (errors, rates)
+
+
+def test_one_dimensional_layered_problem_is_exact():
+    """k varies with y only, u = 0 at the bottom, 1 at the top, insulated sides, f = 0:
+    u(y) = int_0^y dt/k / int_0^1 dt/k, piecewise linear, reproduced exactly by Q1 on the rows."""
+    ny = 8
+    m_rows = np.random.default_rng(3).normal(size=ny)
+    m = np.repeat(m_rows[:, None], 4, axis=1)
+    ys = np.array([0.03, 0.31, 0.5, 0.77, 0.99])
+    model = EllipticForward(SELF, (ny, 4), mesh_cells=(8, 2 * ny), source=0.0,
+                            dirichlet={"bottom": 0.0, "top": 1.0},
+                            points=np.column_stack([np.full(ys.size, 0.4), ys]))
+    edges = np.linspace(0, 1, ny + 1)
+    resist = np.concatenate([[0.0], np.cumsum(np.diff(edges) / np.exp(m_rows))])
+    expected = np.interp(ys, edges, resist) / resist[-1]
+    y = model(torch.tensor(m)[None]).numpy()[0]
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+@pytest.mark.parametrize("cell", ["quadrilateral", "triangle"])
+def test_fast_solver_matches_assembly(cell, degree):
+    """Two discretely identical solvers (precomputed values vs per-sample assembly) agree."""
+    kwargs = dict(mesh_cells=(16, 16), cell=cell, degree=degree, **OPTIONS)
+    fast = EllipticForward(SELF, (8, 8), solver="fast", **kwargs)
+    slow = EllipticForward(SELF, (8, 8), solver="lu", **kwargs)
+    m = _field(0).requires_grad_(True)
+    w = torch.tensor(np.random.default_rng(1).normal(size=(3, fast.n_obs)))
+    grads = []
+    for model in (fast, slow):
+        (model(m) * w).sum().backward()
+        grads.append(m.grad.clone())
+        m.grad = None
+    with torch.no_grad():
+        np.testing.assert_allclose(fast(m), slow(m), rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12 * float(grads[1].abs().max()))
+
+
+@pytest.mark.parametrize("solver", ["fast", "lu"])
+def test_taylor_test_of_adjoint_gradient(solver):
+    model = EllipticForward(SELF, (8, 8), mesh_cells=(16, 16), solver=solver, **OPTIONS)
+    w = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64)
+    result = taylor_test(lambda x: (model(x) * w).sum(), _field(2, num=1)[0],
+                         generator=torch.Generator().manual_seed(0))
+    assert np.all(np.abs(result.first_rates - 1.0) < 0.1), result.first_rates
+    assert np.all(np.abs(result.second_rates - 2.0) < 0.1), result.second_rates
+
+
+def test_gradient_matches_finite_differences_per_cell():
+    model = EllipticForward(SELF, (4, 4), mesh_cells=(8, 8), **OPTIONS)
+    m = _field(4, shape=(4, 4), num=1)[0].requires_grad_(True)
+    model(m)[1].backward()
+    fd = np.zeros((4, 4))
+    h = 1e-6
+    with torch.no_grad():
+        for i, j in np.ndindex(4, 4):
+            e = torch.zeros(4, 4, dtype=torch.float64)
+            e[i, j] = h
+            fd[i, j] = float(model(m + e)[1] - model(m - e)[1]) / (2 * h)
+    np.testing.assert_allclose(m.grad.numpy(), fd, rtol=1e-6, atol=1e-9)
+
+
+def test_failed_samples_are_flagged_and_do_not_spoil_the_batch():
+    model = EllipticForward(SELF, (4, 4), **OPTIONS)
+    m = _field(5, shape=(4, 4), num=4)
+    m[1, 0, 0] = 800.0       # exp overflows
+    m[2, 3, 3] = float("nan")
+    m.requires_grad_(True)
+    y = model(m)
+    assert list(model.last_failures) == [1, 2]
+    assert torch.isnan(y[[1, 2]]).all() and torch.isfinite(y[[0, 3]]).all()
+    torch.where(torch.isfinite(y), y, 0.0).sum().backward()
+    assert torch.isfinite(m.grad).all() and (m.grad[[1, 2]] == 0).all()
+    reference = model(m.detach()[[0, 3]])
+    np.testing.assert_allclose(y.detach()[[0, 3]], reference, rtol=1e-12)
+
+
+def test_solve_counter_and_shapes():
+    model = EllipticForward(SELF, (4, 4), **OPTIONS)
+    assert model(_field(6, shape=(4, 4), num=5)).shape == (5, 4)
+    assert model(_field(6, shape=(4, 4), num=1)[0]).shape == (4,)
+    assert model.n_solves == 6
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(2, 3, 3, dtype=torch.float64))
+
+
+def test_observation_outside_mesh_and_bad_boundary_are_errors():
+    with pytest.raises(ValueError, match="outside the mesh"):
+        EllipticForward(SELF, (4, 4), points=[[1.5, 0.5]])
+    with pytest.raises(ValueError, match="unknown boundary"):
+        EllipticForward(SELF, (4, 4), points=[[0.5, 0.5]], dirichlet={"west": 0.0})
+    with pytest.raises(ValueError, match="no observations"):
+        EllipticForward(SELF, (4, 4))
+
+
+def test_mesh_finer_than_lattice_and_not_aligned():
+    """Each FE cell takes the lattice value at its centre, also for a non-nested mesh."""
+    model = EllipticForward(SELF, (4, 4), mesh_cells=(10, 6), **OPTIONS)
+    lattice = model.disc.cell_lattice
+    centres_x = (np.arange(10) + 0.5) / 10
+    centres_y = (np.arange(6) + 0.5) / 6
+    got = set(map(tuple, np.column_stack([lattice // 4, lattice % 4])))
+    expected = {(int(y * 4), int(x * 4)) for x in centres_x for y in centres_y}
+    assert got == expected
+    m = _field(7, shape=(4, 4), num=1)[0]
+    result = taylor_test(lambda x: model(x).sum(), m, generator=torch.Generator().manual_seed(1))
+    assert result.rate == pytest.approx(2.0, abs=0.1)
