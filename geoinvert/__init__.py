@@ -10,6 +10,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
+    "CaseError": "geoinvert.errors",
+    "Case": "geoinvert.case",
+    "load_case": "geoinvert.case",
+    "run": "geoinvert.export",
+    "Result": "geoinvert.export",
+    "load_model": "geoinvert.export",
+    "build_dataset": "geoinvert.export",
+    "write_netcdf": "geoinvert.export",
+    "figures": "geoinvert.export",
     "taylor_test": "geoinvert.verify",
 }
 
