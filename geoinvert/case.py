@@ -49,16 +49,19 @@ class Key(NamedTuple):
 # --- checks: return a message (str) when the value is wrong, None when it is fine -------------
 
 def _positive(v):
+    """> 0"""
     return None if v > 0 else f"must be > 0, got {v}"
 
 
 def _non_negative(v):
+    """>= 0"""
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
 def _between(lo, hi):
     def check(v):
         return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+    check.__doc__ = f"{lo}..{hi}"
     return check
 
 
@@ -67,6 +70,7 @@ def _one_of(*choices):
         if v in choices:
             return None
         return f"must be one of {', '.join(map(str, choices))}, got {v!r}" + _suggest(v, choices)
+    check.__doc__ = " / ".join(f"`{c}`" for c in choices)
     return check
 
 
@@ -77,12 +81,14 @@ def _bounds(v):
 
 
 def _each_positive(v):
+    """> 0"""
     v = v if isinstance(v, list) else [v]
     bad = [s for s in v if not s > 0]
     return f"must be > 0, got {bad[0]}" if bad else None
 
 
 def _quantiles(v):
+    """in (0, 1)"""
     bad = [q for q in v if not 0 < q < 1]
     return f"quantiles must lie in (0, 1), got {bad[0]}" if bad else None
 
@@ -870,6 +876,11 @@ def _markdown_default(key):
     return f"`{yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
 
+def _markdown_type(key):
+    rule = key.check.__doc__ if key.check and key.check.__doc__ else ""
+    return KINDS[key.kind][1] + (f", {rule}" if rule else "")
+
+
 def schema_markdown():
     """The reference tables of ``docs/case-files.md``, generated from :data:`SCHEMA`."""
     out = []
@@ -881,7 +892,7 @@ def schema_markdown():
             title += " (required section)"
         out += ["", title, "", "| key | type | default | meaning | example |",
                 "| --- | --- | --- | --- | --- |"]
-        out += [f"| `{k.path}` | {KINDS[k.kind][1]} | {_markdown_default(k)} | "
+        out += [f"| `{k.path}` | {_markdown_type(k)} | {_markdown_default(k)} | "
                 f"{k.doc.replace('|', '/')} | `{k.example}` |" for k in keys]
     return "\n".join(out).lstrip("\n") + "\n"
 
