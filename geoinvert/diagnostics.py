@@ -1,0 +1,306 @@
+"""Sample-quality diagnostics: importance-sampling ESS, PSIS k-hat, Jeffreys, modes, MCMC R-hat/ESS."""
+
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy import special, stats
+
+__all__ = [
+    "Estimate",
+    "importance_ess",
+    "importance_ess_fraction",
+    "gpd_fit",
+    "psis_khat",
+    "kl_divergence",
+    "jeffreys_divergence",
+    "mode_fraction",
+    "relative_error",
+    "moment_errors",
+    "split_rhat",
+    "mcmc_ess",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Estimate(NamedTuple):
+    """A Monte-Carlo estimate and its standard error (python floats)."""
+
+    value: float
+    stderr: float
+
+
+# ---------------------------------------------------------------- importance sampling
+
+def _log_weights(log_weights):
+    lw = np.asarray(log_weights, dtype=np.float64).ravel()
+    if np.isnan(lw).any() or (lw == np.inf).any():
+        raise ValueError("log-weights must not be NaN or +inf")
+    return lw
+
+
+def importance_ess(log_weights):
+    """Kish effective sample size ``(sum w)^2 / sum w^2`` of importance weights ``w = exp(lw)``.
+
+    Args:
+        log_weights: ``(n,)`` unnormalised log-weights; ``-inf`` is a zero weight.
+
+    Returns:
+        ESS in ``[1, n]`` (0.0 if every weight is zero).
+    """
+    lw = _log_weights(log_weights)
+    if not np.isfinite(lw).any():
+        return 0.0
+    return float(np.exp(2.0 * special.logsumexp(lw) - special.logsumexp(2.0 * lw)))
+
+
+def importance_ess_fraction(log_weights):
+    """Normalised ESS ``importance_ess(lw) / n`` in ``[1/n, 1]``."""
+    lw = _log_weights(log_weights)
+    return importance_ess(lw) / lw.size
+
+
+def gpd_fit(exceedances, *, prior_weight=10.0):
+    """Generalized Pareto fit ``(k, sigma)`` of positive exceedances by Zhang & Stephens (2009).
+
+    GPD density ``p(x) = sigma^-1 (1 + k x / sigma)^(-1/k - 1)``. The empirical-Bayes estimate
+    averages the profile likelihood over ``m = 30 + floor(sqrt(n))`` values of
+    ``theta = -k / sigma``; as in PSIS, ``k`` is then shrunk towards 0.5 by a weakly informative
+    prior worth ``prior_weight`` observations: ``k <- (n k + prior_weight / 2) / (n + prior_weight)``.
+
+    References:
+        Zhang, Stephens. A new and efficient estimation method for the generalized Pareto
+        distribution. Technometrics 2009.
+        Vehtari, Simpson, Gelman, Yao, Gabry. Pareto smoothed importance sampling. JMLR 2024.
+
+    Args:
+        exceedances: ``(n,)`` values ``> 0`` (at least 5).
+
+    Returns:
+        ``(k, sigma)`` floats.
+    """
+    x = np.sort(np.asarray(exceedances, dtype=np.float64).ravel())
+    n = x.size
+    m = 30 + int(math.sqrt(n))
+    quartile = x[int(n / 4 + 0.5) - 1]
+    theta = 1.0 / x[-1] + (1.0 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))) / (3.0 * quartile)
+    k = np.log1p(-theta[:, None] * x).mean(axis=1)
+    profile = n * (np.log(-theta / k) - k - 1.0)
+    weights = np.exp(profile - special.logsumexp(profile))
+    theta_hat = float(np.sum(weights * theta))
+    k_hat = float(np.log1p(-theta_hat * x).mean())
+    sigma = -k_hat / theta_hat
+    return (n * k_hat + 0.5 * prior_weight) / (n + prior_weight), float(sigma)
+
+
+def psis_khat(log_weights):
+    """Pareto-smoothed importance sampling diagnostic ``k-hat`` (Vehtari et al. 2024).
+
+    Fits a generalized Pareto distribution (:func:`gpd_fit`) to the ``M = ceil(min(n / 5,
+    3 sqrt(n)))`` largest weights in excess of the next largest one. ``k < 0.5``: the IS
+    estimate has finite variance; ``k < 0.7``: reliable in practice; ``k > 0.7``: unreliable.
+
+    Args:
+        log_weights: ``(n,)`` unnormalised log-weights, ``n >= 25``.
+
+    Returns:
+        ``k-hat``; ``-inf`` if the tail weights are all equal (e.g. equal weights).
+    """
+    lw = np.sort(_log_weights(log_weights))
+    n = lw.size
+    if n < 25:
+        raise ValueError(f"psis_khat needs at least 25 log-weights, got {n}")
+    tail = int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n))))
+    top, cutoff = lw[-tail:], lw[-tail - 1]
+    if not np.isfinite(top[-1]) or top[-1] <= cutoff:
+        return -math.inf
+    scale = top[-1]
+    exceed = np.exp(top - scale) - np.exp(cutoff - scale)
+    return gpd_fit(exceed[exceed > 0])[0]
+
+
+# ---------------------------------------------------------------- divergences
+
+def kl_divergence(log_a_at_a, log_b_at_a):
+    """Monte-Carlo ``D_KL(a || b) = E_a[log a - log b]`` from samples of ``a``.
+
+    Args:
+        log_a_at_a: ``(n,)`` normalised ``log a`` at samples of ``a``.
+        log_b_at_a: ``(n,)`` normalised ``log b`` at the same samples.
+
+    Returns:
+        :class:`Estimate` with standard error ``std(log a - log b) / sqrt(n)``.
+    """
+    diff = np.asarray(log_a_at_a, np.float64).ravel() - np.asarray(log_b_at_a, np.float64).ravel()
+    return Estimate(float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(diff.size)))
+
+
+def jeffreys_divergence(log_q_at_q, log_p_at_q, log_p_at_p, log_q_at_p):
+    """Monte-Carlo Jeffreys divergence ``D_J = E_q[log q - log p] + E_p[log p - log q]``.
+
+    Both densities must be normalised. The two expectations use independent samples of the model
+    ``q`` and of the target ``p``.
+
+    Args:
+        log_q_at_q, log_p_at_q: ``(n_q,)`` log densities at samples of ``q``.
+        log_p_at_p, log_q_at_p: ``(n_p,)`` log densities at samples of ``p``.
+
+    Returns:
+        :class:`Estimate`; the standard error adds the two terms' variances.
+    """
+    kl_qp = kl_divergence(log_q_at_q, log_p_at_q)
+    kl_pq = kl_divergence(log_p_at_p, log_q_at_p)
+    return Estimate(kl_qp.value + kl_pq.value, math.hypot(kl_qp.stderr, kl_pq.stderr))
+
+
+# ---------------------------------------------------------------- modes and moments
+
+def _flat_samples(samples):
+    x = np.asarray(samples, dtype=np.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+def mode_fraction(samples, direction, *, offset=0.0):
+    """Fraction of samples on the positive side ``x . direction > offset`` of a hyperplane.
+
+    Args:
+        samples: ``(n, ...)``; trailing dimensions are flattened row-major.
+        direction: ``(...)`` with as many entries as one sample.
+        offset: threshold on the projection.
+    """
+    proj = _flat_samples(samples) @ np.asarray(direction, dtype=np.float64).ravel()
+    return float(np.mean(proj > offset))
+
+
+def relative_error(estimate, reference):
+    """``||estimate - reference|| / ||reference||`` (Euclidean norms over all entries)."""
+    est, ref = np.asarray(estimate, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(est - ref) / np.linalg.norm(ref))
+
+
+def moment_errors(samples, reference_mean, reference_std):
+    """Errors of the sample mean and std against a reference, in units of the reference std.
+
+    ``mean_error = ||mean - mean_ref|| / ||std_ref||`` (well defined when the reference mean is
+    zero) and ``std_error = ||std - std_ref|| / ||std_ref||``.
+
+    Args:
+        samples: ``(n, ...)``.
+        reference_mean, reference_std: shaped like one sample.
+
+    Returns:
+        ``(mean_error, std_error)`` floats.
+    """
+    x = _flat_samples(samples)
+    mean_ref = np.asarray(reference_mean, np.float64).ravel()
+    std_ref = np.asarray(reference_std, np.float64).ravel()
+    scale = np.linalg.norm(std_ref)
+    return (float(np.linalg.norm(x.mean(0) - mean_ref) / scale),
+            float(np.linalg.norm(x.std(0, ddof=1) - std_ref) / scale))
+
+
+# ---------------------------------------------------------------- MCMC
+
+def _chains(chains):
+    c = np.asarray(chains, dtype=np.float64)
+    c = c[None] if c.ndim == 1 else c
+    if c.ndim != 2 or c.shape[1] < 4:
+        raise ValueError(f"chains must be (n_chains, n_draws) with n_draws >= 4, got {c.shape}")
+    if not np.isfinite(c).all():
+        raise ValueError("chains must be finite")
+    return c
+
+
+def _split(c):
+    """Each chain cut in two halves (the middle draw dropped for odd lengths): ``(2m, n // 2)``."""
+    half = c.shape[1] // 2
+    return np.concatenate([c[:, :half], c[:, -half:]])
+
+
+def _rank_normalize(c):
+    """Normal scores ``Phi^-1((r - 3/8) / (S + 1/4))`` of the pooled ranks (Vehtari et al. 2021)."""
+    ranks = stats.rankdata(c, method="average").reshape(c.shape)
+    return stats.norm.ppf((ranks - 0.375) / (c.size + 0.25))
+
+
+def _rhat(c):
+    """Potential scale reduction ``sqrt(((n-1)/n W + B/n) / W)`` of chains ``(m, n)``."""
+    n = c.shape[1]
+    within = c.var(axis=1, ddof=1).mean()
+    between_over_n = c.mean(axis=1).var(ddof=1)
+    return float(math.sqrt(((n - 1) / n * within + between_over_n) / within))
+
+
+def split_rhat(chains, *, rank_normalize=True):
+    """Split R-hat of MCMC chains (Vehtari, Gelman, Simpson, Carpenter, Burkner 2021).
+
+    With ``rank_normalize`` it is the maximum of the bulk (rank-normalised) and the tail
+    (rank-normalised folded ``|x - median|``) split R-hat; otherwise the classic split R-hat.
+    Values above 1.01 indicate chains that have not mixed.
+
+    References:
+        Vehtari et al. Rank-normalization, folding, and localization: an improved R-hat for
+        assessing convergence of MCMC. Bayesian Analysis 2021.
+
+    Args:
+        chains: ``(n_chains, n_draws)`` draws of one scalar quantity.
+    """
+    c = _split(_chains(chains))
+    if not rank_normalize:
+        return _rhat(c)
+    folded = np.abs(c - np.median(c))
+    return max(_rhat(_rank_normalize(c)), _rhat(_rank_normalize(folded)))
+
+
+def _autocovariance(c):
+    """Biased autocovariance (divide by n) of each chain ``(m, n)`` by FFT."""
+    n = c.shape[1]
+    centred = c - c.mean(axis=1, keepdims=True)
+    size = 2 ** int(math.ceil(math.log2(2 * n)))
+    spectrum = np.fft.rfft(centred, n=size, axis=1)
+    return np.fft.irfft(spectrum * np.conj(spectrum), n=size, axis=1)[:, :n] / n
+
+
+def _autocorrelation(c):
+    """Multi-chain autocorrelation ``rho_t = 1 - (W - mean_chains acov_t) / var_plus``."""
+    m, n = c.shape
+    acov = _autocovariance(c)
+    within = acov[:, 0].mean() * n / (n - 1)
+    var_plus = within * (n - 1) / n + (c.mean(axis=1).var(ddof=1) if m > 1 else 0.0)
+    rho = 1.0 - (within - acov.mean(axis=0)) / var_plus
+    rho[0] = 1.0
+    return rho
+
+
+def _geyer_tau(rho):
+    """Integrated autocorrelation time ``-1 + 2 sum_k P_k`` with Geyer's initial monotone sequence.
+
+    ``P_k = rho_{2k} + rho_{2k+1}`` is summed while positive and made non-increasing.
+    """
+    pairs = rho[: 2 * (rho.size // 2)].reshape(-1, 2).sum(axis=1)
+    negative = np.flatnonzero(pairs <= 0.0)
+    pairs = pairs[: negative[0]] if negative.size else pairs
+    return -1.0 + 2.0 * np.minimum.accumulate(pairs).sum()
+
+
+def mcmc_ess(chains, *, rank_normalize=True):
+    """Effective sample size of MCMC chains from split-chain autocorrelations (Geyer 1992).
+
+    ``ESS = m n / tau`` with ``tau = 1 + 2 sum_t rho_t`` truncated and made monotone by Geyer's
+    initial monotone sequence estimator, as in Stan. With ``rank_normalize`` this is the bulk-ESS
+    of Vehtari et al. (2021). Capped at ``m n log10(m n)`` for antithetic chains.
+
+    Args:
+        chains: ``(n_chains, n_draws)`` draws of one scalar quantity.
+
+    Returns:
+        ESS (float).
+    """
+    c = _split(_chains(chains))
+    if rank_normalize:
+        c = _rank_normalize(c)
+    total = c.size
+    tau = _geyer_tau(_autocorrelation(c))
+    return float(min(total / tau, total * math.log10(total)))
