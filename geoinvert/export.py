@@ -377,7 +377,7 @@ def _importance_diagnostics(log_target, log_prob):
     """ESS fraction and PSIS k-hat of the weights ``w = target / flow`` of the flow samples."""
     from geoinvert import diagnostics
     log_w = np.asarray(log_target, float) - np.asarray(log_prob, float)
-    return {"is_ess": float(diagnostics.ess(log_w)) / log_w.size,
+    return {"is_ess": float(diagnostics.importance_ess_fraction(log_w)),
             "psis_khat": float(diagnostics.psis_khat(log_w))}
 
 
