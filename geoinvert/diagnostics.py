@@ -246,8 +246,13 @@ def split_rhat(chains, *, rank_normalize=True):
 
     Args:
         chains: ``(n_chains, n_draws)`` draws of one scalar quantity.
+
+    Returns:
+        R-hat (float); NaN for constant chains.
     """
     c = _split(_chains(chains))
+    if np.ptp(c) == 0.0:
+        return math.nan
     if not rank_normalize:
         return _rhat(c)
     folded = np.abs(c - np.median(c))
@@ -296,9 +301,11 @@ def mcmc_ess(chains, *, rank_normalize=True):
         chains: ``(n_chains, n_draws)`` draws of one scalar quantity.
 
     Returns:
-        ESS (float).
+        ESS (float); NaN for constant chains.
     """
     c = _split(_chains(chains))
+    if np.ptp(c) == 0.0:
+        return math.nan
     if rank_normalize:
         c = _rank_normalize(c)
     total = c.size

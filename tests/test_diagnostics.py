@@ -170,3 +170,4 @@ def test_mcmc_inputs_are_validated():
         dg.mcmc_ess(np.zeros((2, 2)))
     with pytest.raises(ValueError, match="finite"):
         dg.split_rhat(np.array([[0.0, 1.0, np.nan, 2.0, 3.0]]))
+    assert math.isnan(dg.mcmc_ess(np.ones((2, 10)))) and math.isnan(dg.split_rhat(np.ones((2, 10))))

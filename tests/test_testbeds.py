@@ -197,7 +197,9 @@ def test_quadratic_evidence_matches_adaptive_quadrature(y, shift):
 
 
 def test_quadratic_density_integrates_to_one_by_importance_sampling():
-    # proposal = prior: E_rho[p(x | y) / rho(x)] = 1 exactly when log_prob is normalised
+    # proposal = prior: p(x | y) / rho(x) = L(y | x) / Z, so the mean ratio is Z_IS / Z, the
+    # importance-sampling estimate of the evidence over the quadrature one; it is 1 within MC
+    # error exactly when log_prob (prior density, likelihood and log Z) is normalised
     post, _, mean, cov = _quadratic_posterior(y=0.05, noise=0.05, shift=0.3)
     x = torch.as_tensor(stats.multivariate_normal(mean, cov).rvs(20000, random_state=8))
     log_rho = stats.multivariate_normal(mean, cov).logpdf(x.numpy())
