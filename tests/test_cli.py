@@ -1,0 +1,169 @@
+"""The geoinvert command and geoinvert.run: in-process, with a stand-in trainer, plus subprocesses."""
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+import geoinvert
+from geoinvert import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "name": "small",
+    "levels": {"finest": 3},
+    "prior": {"correlation_length": 0.3},
+    "forward": {"kind": "linear"},
+    "observations": {"functions": [{"shape": "gaussian", "center": [0.3, 0.3], "width": 0.15},
+                                   {"shape": "gaussian", "center": [0.7, 0.6], "width": 0.15}]},
+    "data": {"synthetic": {"truth": "prior", "seed": 2}},
+    "noise": {"std": 0.01},
+    "sampler": {"blocks": 1, "hidden": 4, "steps": 2, "batch": 8},
+    "output": {"samples": 40, "direction": "x - 0.5"},
+}
+
+
+def stand_in_train(calls):
+    """A ``train_msign`` with the expected signature that only walks the stages (no training)."""
+    def train_msign(model, posteriors, *, start, steps, batch, lr, objective, budget, generator,
+                    callback, checkpoint):
+        calls.append({"start": start, "levels": sorted(posteriors), "steps": steps})
+        history, nfs = [], 0
+        for stage in range(start, max(posteriors) + 1):
+            model.set_stage(stage)
+            for _ in range(steps):
+                with torch.no_grad():
+                    x, log_p = model.sample(batch, generator=generator)
+                    loss = float((log_p - posteriors[stage].log_prob(x)).mean())
+                nfs += batch
+                info = {"stage": stage, "nfs": nfs, "loss": loss, "ess": 0.5}
+                callback(info)
+                history.append(info)
+            checkpoint(stage)
+        return history
+    return train_msign
+
+
+@pytest.fixture
+def trainer(monkeypatch):
+    """Install the stand-in as geoinvert.train; returns the list of its calls."""
+    calls = []
+    module = types.ModuleType("geoinvert.train")
+    module.train_msign = stand_in_train(calls)
+    monkeypatch.setitem(sys.modules, "geoinvert.train", module)
+    return calls
+
+
+@pytest.fixture
+def case_file(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL, sort_keys=False))
+    return path
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"geoinvert {geoinvert.__version__}"
+
+
+def test_usage_error_is_status_2(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main([]) == 2
+
+
+def test_check_summary(case_file, capsys):
+    assert cli.main(["check", str(case_file)]) == 0
+    out = capsys.readouterr().out
+    assert "observations: 2" in out and "level 3: 8 x 8 = 64 unknowns" in out
+
+
+def test_run_writes_result_and_model(case_file, tmp_path, trainer, capsys):
+    out = tmp_path / "res" / "small.nc"
+    assert cli.main(["run", str(case_file), "--out", str(out), "--seed", "5", "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert sorted(p.name for p in out.parent.iterdir()) == ["small.json", "small.nc", "small.pt"]
+    assert trainer == [{"start": 1, "levels": [1, 2, 3], "steps": 2}]
+    with xr.open_dataset(out) as ds:
+        assert ds["samples"].dims == ("sample", "y", "x") and ds.sizes["sample"] == 40
+        assert {"mean", "std", "quantiles", "log_prob", "log_target", "truth", "direction",
+                "observed", "predictive_mean", "mean_level1", "train_loss"} <= set(ds.variables)
+        assert ds.attrs["seed"] == 5 and ds.attrs["case"].startswith("name: small")
+        assert ds.attrs["nfs"] > 0 and ds.attrs["wall_time"] > 0
+        assert 0 < ds.attrs["diagnostics_is_ess"] <= 1 and np.isfinite(ds.attrs["diagnostics_psis_khat"])
+        assert np.all(np.isfinite(ds["log_target"])) and np.all(np.isfinite(ds["log_prob"]))
+    model = geoinvert.load_model(out)
+    x, log_p = model.sample(3)
+    assert x.shape == (3, 8, 8)
+    torch.testing.assert_close(model.log_prob(x), log_p)
+
+
+def test_resume_continues_after_last_stage(case_file, tmp_path, trainer):
+    out = tmp_path / "small.nc"
+    assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 0
+    assert cli.main(["run", str(case_file), "--out", str(out), "-q", "--resume"]) == 0
+    assert [c["start"] for c in trainer] == [1, 4]
+
+
+def test_failed_run_leaves_nothing(case_file, tmp_path, monkeypatch, capsys):
+    module = types.ModuleType("geoinvert.train")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("training diverged")
+    module.train_msign = broken
+    monkeypatch.setitem(sys.modules, "geoinvert.train", module)
+    out = tmp_path / "res" / "small.nc"
+    assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 1
+    assert "training diverged" in capsys.readouterr().err
+    assert not out.exists() and not any(out.parent.glob("*"))
+
+
+def test_python_api_run(trainer, tmp_path):
+    case = geoinvert.load_case(SMALL, folder=tmp_path)
+    result = geoinvert.run(case, out=tmp_path / "api.nc", progress=False)
+    assert isinstance(result, geoinvert.Result) and result.path.is_file()
+    assert result.dataset["mean"].shape == (8, 8)
+    assert result.model_path == tmp_path / "api.pt"
+
+
+def test_plot(case_file, tmp_path, trainer, capsys):
+    out = tmp_path / "small.nc"
+    assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 0
+    assert cli.main(["plot", str(out)]) == 0
+    names = sorted(p.name for p in (tmp_path / "small_figures").iterdir())
+    assert names == ["marginal.png", "mean_std.png", "samples.png", "training.png"]
+
+
+def test_plot_errors(tmp_path, capsys):
+    assert cli.main(["plot", str(tmp_path / "none.nc")]) == 2
+    (tmp_path / "junk.nc").write_text("not netcdf")
+    assert cli.main(["plot", str(tmp_path / "junk.nc")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"geoinvert: error: {tmp_path / 'none.nc'}: no such result file"
+    assert err[1].startswith(f"geoinvert: error: {tmp_path / 'junk.nc'}: ")
+
+
+def _subprocess(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "geoinvert.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_subprocess_check_ok():
+    proc = _subprocess("check", str(ROOT / "cases" / "default.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "estimated cost" in proc.stdout
+
+
+def test_subprocess_user_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, "noise": {"std": -1}}))
+    proc = _subprocess("check", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr == "geoinvert: error: noise.std: must be > 0, got -1.0\n"
