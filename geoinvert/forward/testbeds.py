@@ -81,7 +81,7 @@ class _LatticeFunctionals:
     def _apply(self, x):
         """``x (num, ny, nx) -> (num, n_obs)`` float64, differentiable; counts one solve per sample."""
         x = torch.as_tensor(x)
-        if tuple(x.shape[-2:]) != self.shape:
+        if x.dim() != 3 or tuple(x.shape[-2:]) != self.shape:
             raise ValueError(f"expected fields of shape (num, {self.shape[0]}, {self.shape[1]}), "
                              f"got {tuple(x.shape)}")
         self.n_solves += x.shape[0]
