@@ -167,3 +167,12 @@ def test_subprocess_user_error(tmp_path):
     proc = _subprocess("check", str(path))
     assert proc.returncode == 2
     assert proc.stderr == "geoinvert: error: noise.std: must be > 0, got -1.0\n"
+
+
+def test_example_script(tmp_path, trainer, monkeypatch, capsys):
+    import runpy
+    monkeypatch.setenv("GEOINVERT_EXAMPLE_SMALL", "1")
+    monkeypatch.setattr(sys, "argv", ["build_and_run.py", str(tmp_path)])
+    runpy.run_path(str(ROOT / "examples" / "build_and_run.py"), run_name="__main__")
+    assert (tmp_path / "example.nc").is_file() and (tmp_path / "example.png").is_file()
+    assert "is-ESS" in capsys.readouterr().out
