@@ -103,15 +103,17 @@ def psis_khat(log_weights):
     estimate has finite variance; ``k < 0.7``: reliable in practice; ``k > 0.7``: unreliable.
 
     Args:
-        log_weights: ``(n,)`` unnormalised log-weights, ``n >= 25``.
+        log_weights: ``(n,)`` unnormalised log-weights.
 
     Returns:
-        ``k-hat``; ``-inf`` if the tail weights are all equal (e.g. equal weights).
+        ``k-hat``; ``-inf`` if the tail weights are all equal (e.g. equal weights); NaN (with a
+        logged warning) for fewer than 25 weights, too few for a tail fit.
     """
     lw = np.sort(_log_weights(log_weights))
     n = lw.size
     if n < 25:
-        raise ValueError(f"psis_khat needs at least 25 log-weights, got {n}")
+        logger.warning("psis_khat needs at least 25 log-weights, got %d; returning NaN", n)
+        return math.nan
     tail = int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n))))
     top, cutoff = lw[-tail:], lw[-tail - 1]
     if not np.isfinite(top[-1]) or top[-1] <= cutoff:

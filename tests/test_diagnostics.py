@@ -70,6 +70,7 @@ def test_psis_khat_is_small_for_good_proposals_and_large_for_bad_ones():
     # 0.80 +- 0.10 (min 0.64) for s = 0.3, n = 4000, so only k > 0.5 is asserted (3 sd)
     assert dg.psis_khat(good) < 0.5 < dg.psis_khat(bad)
     assert dg.psis_khat(np.zeros(100)) == -math.inf
+    assert math.isnan(dg.psis_khat(np.zeros(10)))  # too few weights: NaN, not an exception
 
 
 # ---------------------------------------------------------------- divergences
