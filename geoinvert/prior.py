@@ -5,7 +5,6 @@ import math
 import time
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import splu
@@ -92,11 +91,12 @@ class _DenseConditional:
     """
 
     def __init__(self, s_aa, s_ad, s_dd):
-        k_t = sla.cho_solve(sla.cho_factor(s_aa, lower=True), s_ad)  # (n_a, n_d) = K^T
-        s_dd -= s_ad.T @ k_t
-        chol = sla.cholesky(s_dd, lower=True, overwrite_a=True)
-        self.logdet = float(np.log(np.diag(chol)).sum())
-        self._k_t, self._chol = torch.from_numpy(k_t), torch.from_numpy(chol)
+        s_ad, s_dd = torch.from_numpy(s_ad), torch.from_numpy(s_dd)
+        k_t = torch.cholesky_solve(s_ad, torch.linalg.cholesky(torch.from_numpy(s_aa)))
+        s_dd -= s_ad.T @ k_t  # in place: the conditional covariance
+        del s_ad
+        self._k_t, self._chol = k_t, torch.linalg.cholesky(s_dd)
+        self.logdet = float(torch.log(torch.diagonal(self._chol)).sum())
 
     def details(self, a_c, z):
         """Centred details ``(num, n_d)`` from centred averages and noise."""
@@ -329,7 +329,11 @@ class GaussianPrior:
             h_a, h_d = _haar_operators(2 ** level)
             q_d = h_d @ q
             return _SparseConditional((q_d @ h_d.T).tocsc(), (q_d @ h_a.T).tocsr())
-        return _DenseConditional(*_haar_blocks(self.covariance(level)))
+        return _DenseConditional(*self._haar_covariance(level))
+
+    def _haar_covariance(self, level):
+        """Blocks ``(S_aa, S_ad, S_dd)`` of H Sigma_level H^T (orthonormal 2x2 Haar, details channel-major)."""
+        return _haar_blocks(self.covariance(level))
 
     # -- sampling and densities
 
@@ -428,17 +432,32 @@ class MaternPrior(GaussianPrior):
 
     def covariance(self, level):
         """Exact dense Sigma_level ``(4**level, 4**level)`` from the eigen-decomposition of Delta_h."""
-        level = self._check(level)
+        py, px, weights = self._pooled_spectrum(self._check(level))
+        return _spectral_block((py, px), (py, px), weights)
+
+    def _haar_covariance(self, level):
+        """Haar blocks of Sigma_level computed block by block from the spectrum (no full d x d copy)."""
+        py, px, weights = self._pooled_spectrum(level)
+        (ya, yd), (xa, xd) = _haar_rows(py), _haar_rows(px)
+        channels = [(ya, xa), (ya, xd), (yd, xa), (yd, xd)]  # a, d_0, d_1, d_2
+        k = ya.shape[0] ** 2
+        s_aa, s_ad, s_dd = np.empty((k, k)), np.empty((k, 3 * k)), np.empty((3 * k, 3 * k))
+        s_aa[:] = _spectral_block(channels[0], channels[0], weights)
+        for c in range(1, 4):
+            s_ad[:, (c - 1) * k:c * k] = _spectral_block(channels[0], channels[c], weights)
+            for e in range(c, 4):
+                block = _spectral_block(channels[c], channels[e], weights)
+                s_dd[(c - 1) * k:c * k, (e - 1) * k:e * k] = block
+                s_dd[(e - 1) * k:e * k, (c - 1) * k:c * k] = block.T
+        return s_aa, s_ad, s_dd
+
+    def _pooled_spectrum(self, level):
+        """Eigenvectors pooled to ``level`` in each direction, ``(n_l, N)``, and kappa lambda^-alpha ``(N, N)``."""
         (wy, vy), (wx, vx) = self._spectrum
         weights = self.kappa * (self.tau ** 2 + wy[:, None] + wx[None, :]) ** -self.alpha
-        p = np.identity(2 ** self.levels)
-        for k in range(self.levels, level, -1):
-            p = 0.5 * (p[0::2] + p[1::2])
-        py, px, n = p @ vy, p @ vx, 2 ** level
-        gy = (py[:, None, :] * py[None, :, :]).reshape(n * n, -1)
-        gx = (px[:, None, :] * px[None, :, :]).reshape(n * n, -1)
-        cov = (gy @ weights @ gx.T).reshape(n, n, n, n)
-        return np.ascontiguousarray(cov.transpose(0, 2, 1, 3)).reshape(n * n, n * n)
+        for _ in range(self.levels - level):
+            vy, vx = 0.5 * (vy[0::2] + vy[1::2]), 0.5 * (vx[0::2] + vx[1::2])
+        return vy, vx, weights
 
     def _logdet_precision(self, level):
         if level != self.levels:
@@ -507,6 +526,21 @@ def stationary_variance(tau, cell_size, alpha):
     total = sum(float(((tau ** 2 + sy[i:i + 512, None] + sx[None, :]) ** -float(alpha)).sum())
                 for i in range(0, size, 512))
     return total / size ** 2
+
+
+def _spectral_block(first, second, weights):
+    r"""B[(i, j), (i', j')] = sum_pq Y1[i, p] X1[j, q] W[p, q] Y2[i', p] X2[j', q] for separable rows."""
+    (y1, x1), (y2, x2) = first, second
+    n1, n2 = y1.shape[0], y2.shape[0]
+    gy = (y1[:, None, :] * y2[None, :, :]).reshape(n1 * n2, -1)
+    gx = (x1[:, None, :] * x2[None, :, :]).reshape(n1 * n2, -1)
+    block = (gy @ weights @ gx.T).reshape(n1, n2, n1, n2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(block).reshape(n1 * n1, n2 * n2)
+
+
+def _haar_rows(rows):
+    """One-dimensional orthonormal Haar of pairs of rows: ``(n, N) -> (avg (n/2, N), diff (n/2, N))``."""
+    return (rows[0::2] + rows[1::2]) / math.sqrt(2), (rows[0::2] - rows[1::2]) / math.sqrt(2)
 
 
 def _spectrum(lattice, boundary):

@@ -8,7 +8,8 @@ import torch
 from scipy.stats import multivariate_normal
 
 from geoinvert.hierarchy import pool, pool_matrix
-from geoinvert.prior import GaussianPrior, IIDPrior, MaternPrior, stationary_variance
+from geoinvert.prior import (GaussianPrior, IIDPrior, MaternPrior, _haar_blocks,
+                             stationary_variance)
 
 EPS = np.finfo(np.float64).eps
 L = 3
@@ -66,6 +67,16 @@ def test_matern_spectral_covariance_matches_generic_sparse_route():
     for level in (1, 2):
         np.testing.assert_allclose(prior.covariance(level),
                                    GaussianPrior.covariance(prior, level), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", ["matern-neumann", "matern-periodic"])
+def test_matern_haar_blocks_match_the_dense_transform(name):
+    """The block-by-block spectral Haar covariance equals H Sigma H^T of the dense covariance."""
+    prior = PRIORS[name]()
+    for level in (2, L):
+        blocks = zip(prior._haar_covariance(level), _haar_blocks(prior.covariance(level)))
+        for fast, dense in blocks:
+            np.testing.assert_allclose(fast, dense, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("level", [1, 2, L])
