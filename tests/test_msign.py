@@ -6,92 +6,17 @@ import pytest
 import torch
 
 from geoinvert.flows.msign import MsIGN, noise_shape
+from geoinvert.prior import MaternPrior
 
 F64 = torch.float64
 
 
-class DensePrior:
-    """Stand-in Gaussian prior with dense matrices, following the prior.py interface contract.
-
-    Sigma_L(i, j) = exp(-|c_i - c_j| / 0.3) on the cell centres of the unit square; exact coarse
-    covariances A Sigma A^T; PC_l splits each 2x2 block into its mean and 3 orthonormal Haar
-    details w = D x and draws w | x_coarse.
-    """
-
-    def __init__(self, levels: int):
-        self.levels = levels
-        n = 2**levels
-        c = (torch.arange(n, dtype=F64) + 0.5) / n
-        yy, xx = torch.meshgrid(c, c, indexing="ij")
-        pts = torch.stack([yy.flatten(), xx.flatten()], 1)
-        self.cov = {levels: torch.exp(-torch.cdist(pts, pts) / 0.3)}
-        self.mu = {levels: 0.1 * pts[:, 0] - 0.2}
-        for level in range(levels, 1, -1):
-            a = block_matrix(2 ** (level - 1), [[0.25] * 4])
-            self.cov[level - 1] = a @ self.cov[level] @ a.T
-            self.mu[level - 1] = a @ self.mu[level]
-
-    def coarsest(self, z):
-        chol = torch.linalg.cholesky(self.cov[1])
-        x = self.mu[1] + z.flatten(1) @ chol.T
-        return x.reshape(-1, 2, 2), chol.diagonal().log().sum().item()
-
-    def coarsest_inverse(self, x):
-        chol = torch.linalg.cholesky(self.cov[1])
-        z = torch.linalg.solve_triangular(chol, (x.flatten(1) - self.mu[1]).T, upper=False).T
-        return z.reshape(-1, 2, 2), -chol.diagonal().log().sum().item()
-
-    def conditioning(self, level):
-        return DenseConditioning(self.cov[level], self.mu[level], 2 ** (level - 1))
-
-    def log_prob(self, x, level):
-        mvn = torch.distributions.MultivariateNormal(self.mu[level], self.cov[level])
-        return mvn.log_prob(x.flatten(1))
-
-
-HAAR = [[0.25] * 4, [0.5, -0.5, 0.5, -0.5], [0.5, 0.5, -0.5, -0.5], [0.5, -0.5, -0.5, 0.5]]
-
-
-def block_matrix(m, rows):
-    """Rows k * m*m + i*m + j applying rows[k] to the 2x2 block (i, j) of a (2m, 2m) field."""
-    out = torch.zeros(len(rows) * m * m, 4 * m * m, dtype=F64)
-    for k, row in enumerate(rows):
-        for i in range(m):
-            for j in range(m):
-                cells = [(2 * i) * 2 * m + 2 * j, (2 * i) * 2 * m + 2 * j + 1,
-                         (2 * i + 1) * 2 * m + 2 * j, (2 * i + 1) * 2 * m + 2 * j + 1]
-                out[k * m * m + i * m + j, cells] = torch.tensor(row, dtype=F64)
-    return out
-
-
-class DenseConditioning:
-    """x_fine = T^-1 [x_c; mean(w | x_c) + chol(S) z] with T = [A; D]."""
-
-    def __init__(self, cov, mu, m):
-        self.m, self.a, self.d = m, block_matrix(m, HAAR[:1]), block_matrix(m, HAAR[1:])
-        t = torch.cat([self.a, self.d])
-        self.t_inv = torch.linalg.inv(t)
-        s_cc, s_wc = self.a @ cov @ self.a.T, self.d @ cov @ self.a.T
-        self.gain = torch.linalg.solve(s_cc, s_wc.T).T
-        self.mu_c, self.mu_w = self.a @ mu, self.d @ mu
-        self.chol = torch.linalg.cholesky(self.d @ cov @ self.d.T - self.gain @ s_wc.T)
-        self.logdet = (self.chol.diagonal().log().sum() - torch.linalg.slogdet(t)[1]).item()
-
-    def forward(self, x_coarse, z):
-        xc = x_coarse.flatten(1)
-        w = self.mu_w + (xc - self.mu_c) @ self.gain.T + z.flatten(1) @ self.chol.T
-        x = torch.cat([xc, w], 1) @ self.t_inv.T
-        return x.reshape(-1, 2 * self.m, 2 * self.m), self.logdet
-
-    def inverse(self, x_fine):
-        xc, w = x_fine.flatten(1) @ self.a.T, x_fine.flatten(1) @ self.d.T
-        r = w - self.mu_w - (xc - self.mu_c) @ self.gain.T
-        z = torch.linalg.solve_triangular(self.chol, r.T, upper=False).T
-        return xc.reshape(-1, self.m, self.m), z.reshape(-1, 3, self.m, self.m), -self.logdet
-
-
 def make_prior(levels):
-    return DensePrior(levels)
+    """Matern prior with a sloped mean: dense conditioning layers below the finest, sparse at it."""
+    n = 2**levels
+    mean = torch.linspace(-0.5, 0.5, n, dtype=F64).numpy()[:, None] + 0.1 * torch.ones(n, n).numpy()
+    return MaternPrior(levels, alpha=2, correlation_length=0.3, std=1.0, mean=mean,
+                       boundary="neumann")
 
 
 def make_model(levels=3, *, stage=None, perturbed=True, seed=0):
