@@ -158,3 +158,12 @@ def test_base_density_constant():
     x, logdet = model.decode([z])
     log_q = model.log_prob(x)
     torch.testing.assert_close(log_q, -2 * math.log(2 * math.pi) - logdet, rtol=0, atol=1e-12)
+
+
+def test_level_mismatch_raises():
+    model = make_model(2, perturbed=False)
+    x = torch.zeros(1, 4, 4, dtype=F64)
+    with pytest.raises(ValueError, match="level 1"):
+        model.log_prob(x, level=1)
+    with pytest.raises(ValueError, match="shape"):
+        model.surrogate_log_prob(torch.zeros(1, 4, 3, dtype=F64))

@@ -29,8 +29,17 @@ def noise_shape(level: int) -> tuple[int, ...]:
 def level_of(x: Tensor) -> int:
     """The level l of a field batch ``(num, n, n)`` with n = 2**l."""
     level = int(x.shape[-1]).bit_length() - 1
-    assert x.shape[-1] == x.shape[-2] == 2**level >= 2, f"not a level field: {tuple(x.shape)}"
+    if x.dim() != 3 or not x.shape[-1] == x.shape[-2] == 2**level >= 2:
+        raise ValueError(f"expected fields (num, 2**l, 2**l), got shape {tuple(x.shape)}")
     return level
+
+
+def check_level(x: Tensor, level: int | None) -> int:
+    """The level of x, checked against ``level`` when given."""
+    found = level_of(x)
+    if level is not None and level != found:
+        raise ValueError(f"level {level} does not match fields of shape {tuple(x.shape)}")
+    return found
 
 
 class MsIGN(nn.Module):
@@ -229,7 +238,7 @@ class MsIGN(nn.Module):
         Returns:
             log p(x) ``(num,)`` in :attr:`dtype`.
         """
-        assert level is None or level == level_of(x), "level does not match the field shape"
+        check_level(x, level)
         zs, logdet = self.encode(x)
         return standard_normal_log_prob(zs) + logdet
 
@@ -269,8 +278,7 @@ class MsIGN(nn.Module):
 
     def surrogate_log_prob(self, x: Tensor, level: int | None = None) -> Tensor:
         """log s(x) of the surrogate PC_l(p_{l-1}) at fields x ``(num, 2**l, 2**l)``, ``(num,)``."""
-        level = level or level_of(x)
-        assert level == level_of(x), "level does not match the field shape"
+        level = check_level(x, level)
         zs, logdet = self.encode(x, upto=min(level - 1, self.stage))
         return standard_normal_log_prob(zs) + logdet
 
