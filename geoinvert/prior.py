@@ -49,6 +49,11 @@ class _Op:
         return _NumpyLinear.apply(x, self)
 
 
+def _sparse_nbytes(mat):
+    """Bytes held by a scipy CSR/CSC matrix."""
+    return mat.data.nbytes + mat.indices.nbytes + mat.indptr.nbytes
+
+
 def _normal_log_prob(z):
     """Standard normal log density summed over all but the first axis, ``(num,)``."""
     z = z.reshape(z.shape[0], -1)
@@ -97,6 +102,7 @@ class _DenseConditional:
         del s_ad
         self._k_t, self._chol = k_t, torch.linalg.cholesky(s_dd)
         self.logdet = float(torch.log(torch.diagonal(self._chol)).sum())
+        self.nbytes = (k_t.numel() + self._chol.numel()) * 8
 
     def details(self, a_c, z):
         """Centred details ``(num, n_d)`` from centred averages and noise."""
@@ -134,6 +140,8 @@ class _SparseConditional:
         self._details = _Op(self._details_mv, self._details_rmv)
         self._whiten = _Op(self._whiten_mv, self._whiten_rmv)
         self._split = n_a
+        factors = (self._g, self._g_t, lu.L, lu.U, self._q_da, self._q_ad)
+        self.nbytes = sum(_sparse_nbytes(a) for a in factors)
 
     def details(self, a_c, z):
         """Centred details ``(num, n_d)`` from centred averages and noise."""
@@ -190,6 +198,11 @@ class PriorConditioning:
         self._mean_a = torch.from_numpy(mean_a.ravel())
         self._mean_d = torch.from_numpy(mean_d.ravel())
         self.logdet = float(self.m ** 2 * math.log(2.0) + conditional.logdet)
+
+    @property
+    def nbytes(self):
+        """Bytes held by the layer's factors."""
+        return self._cond.nbytes
 
     @property
     def noise_shape(self):
