@@ -700,9 +700,6 @@ def _build_forward(case, level, comm):
 
 
 def _build_elliptic(case, level, comm, shape):
-    # netCDF4 must load its HDF5 before dolfinx/PETSc load the system one, or writing the
-    # result segfaults (netCDF4 wheel vs Debian libhdf5).
-    import netCDF4  # noqa: F401
     from geoinvert.forward.elliptic import EllipticForward
     if comm is None:
         from mpi4py import MPI

@@ -10,6 +10,9 @@ log() { printf '[setup] %s\n' "$*"; }
 missing=()
 /usr/bin/python3 -c "import dolfinx, petsc4py, mpi4py" 2>/dev/null ||
   missing+=(python3-dolfinx-real python3-petsc4py-real python3-mpi4py)
+# netCDF4 from Debian, linked to Debian's HDF5: PyPI's wheel bundles another HDF5 that
+# crashes (SIGSEGV) when dolfinx's HDF5 is loaded in the same process.
+/usr/bin/python3 -c "import netCDF4" 2>/dev/null || missing+=(python3-netcdf4)
 /usr/bin/python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
 [ -f /usr/include/python3.11/Python.h ] || missing+=(python3-dev)   # dolfinx JIT-compiles forms
 command -v mpirun >/dev/null || missing+=(openmpi-bin)
@@ -36,6 +39,10 @@ pip_args=(-q --disable-pip-version-check)
 log "installing torch 2.13.0 (CPU), numpy<2 and geoinvert into $VENV"
 "$VENV/bin/pip" install "${pip_args[@]}" "numpy<2" "torch==2.13.0"
 "$VENV/bin/pip" install "${pip_args[@]}" -e ".[test]"
+# a netCDF4 wheel in the venv would shadow Debian's (see above): remove it
+if ! "$VENV/bin/python" -c "import netCDF4, sys; sys.exit(not netCDF4.__file__.startswith('/usr/lib/'))"; then
+  "$VENV/bin/pip" uninstall -y -q netCDF4
+fi
 "$VENV/bin/python" -c "import dolfinx, petsc4py, torch, xarray, netCDF4; import geoinvert"
 echo "$want" > "$stamp"
 log "ready: $VENV"
