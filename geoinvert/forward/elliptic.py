@@ -501,28 +501,51 @@ class AssemblySolver:
         ok = self.disc.comm.allreduce(bool(np.all(np.isfinite(self.u.x.array))), op=_MPI_MIN())
         return self._observe() if ok else np.nan
 
-    def vjp_batch(self, state, w):
-        """w^T dF/dm per sample: re-solve the forward problem, then one adjoint solve."""
+    def _adjoint_gradient(self, A, ksp, w):
+        """dF/dm^T w for the forward solution held in ``self.u``: one adjoint solve with A."""
         from dolfinx.fem.petsc import assemble_vector
 
+        n_owned = self.disc.V.dofmap.index_map.size_local
+        rhs = A.createVecLeft()
+        rhs.getArray()[:] = self.obs_owned.T @ w
+        for bc in self.disc.bcs:
+            dofs, n = bc.dof_indices()
+            rhs.getArray()[dofs[:n][dofs[:n] < n_owned]] = 0.0
+        ksp.solve(rhs, self.lam.vector)
+        self.lam.x.scatter_forward()
+        rhs.destroy()
+        return self._cells_to_lattice(assemble_vector(self.grad_form).array)
+
+    def vjp_batch(self, state, w):
+        """w^T dF/dm per sample: re-solve the forward problem, then one adjoint solve."""
         k = state["k"]
         grad = np.zeros_like(k)
-        n_owned = self.disc.V.dofmap.index_map.size_local
         for s in range(k.shape[0]):
             if s in state["failed"] or not np.any(w[s]):
                 continue
             A, ksp = self._forward_one(k[s])
-            rhs = A.createVecLeft()
-            rhs.getArray()[:] = self.obs_owned.T @ w[s]
-            for bc in self.disc.bcs:
-                dofs, n = bc.dof_indices()
-                rhs.getArray()[dofs[:n][dofs[:n] < n_owned]] = 0.0
-            ksp.solve(rhs, self.lam.vector)
-            self.lam.x.scatter_forward()
-            cell_grad = assemble_vector(self.grad_form)
-            grad[s] = self._cells_to_lattice(cell_grad.array)
-            ksp.destroy(), A.destroy(), rhs.destroy()
+            grad[s] = self._adjoint_gradient(A, ksp, w[s])
+            ksp.destroy(), A.destroy()
         return grad.reshape(k.shape[0], *self.disc.shape)
+
+    def value_and_vjp(self, m, w):
+        """The naive loop: per sample assemble, factorise, solve, adjoint-solve, assemble dF^T w.
+
+        Args:
+            m: ``(num, ny, nx)`` fields; w: ``(num, n_obs)`` cotangents.
+
+        Returns:
+            ``(y (num, n_obs), grad (num, ny, nx))``.
+        """
+        num = m.shape[0]
+        k = np.exp(m.reshape(num, -1))
+        y, grad = np.empty((num, self.disc.n_obs)), np.empty_like(k)
+        for s in range(num):
+            A, ksp = self._forward_one(k[s])
+            y[s] = self._observe()
+            grad[s] = self._adjoint_gradient(A, ksp, w[s])
+            ksp.destroy(), A.destroy()
+        return y, grad.reshape(m.shape)
 
     def _cells_to_lattice(self, cell_values):
         d = self.disc
