@@ -453,7 +453,8 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
 
     Args:
         model: :class:`~geoinvert.flows.msign.MsIGN` (its flows F_1..F_{start-1} trained).
-        posteriors: ``{level: Posterior}`` for levels 1..L (only L is used single-stage).
+        posteriors: ``{level: Posterior}`` for levels 1..L (only L is used single-stage);
+            training ends at the highest level given (normally the model's finest).
         start: First stage to train (later stages follow up to L).
         steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
         batch: Samples per step (flow samples; Jeffreys draws as many importance samples).
@@ -490,7 +491,9 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
     options = TrainOptions(objective=objective, batch=batch, lr=lr, schedule=schedule,
                            lr_min=lr_min, grad_clip=grad_clip, max_failures=max_failures,
                            proposal=proposal, single_stage=single_stage)
-    finest = model.levels
+    finest = max(posteriors)
+    if finest > model.levels:
+        raise ValueError(f"posteriors go up to level {finest}, the model to {model.levels}")
     stages = [finest] if single_stage else list(range(max(start, 1), finest + 1))
     if single_stage and start > finest:
         stages = []
