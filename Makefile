@@ -3,7 +3,7 @@
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-MPIRUN  := mpirun $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root) --oversubscribe
+MPIRUN  := timeout 900 mpirun $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root) --oversubscribe
 PYTEST  := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider
 CASE    ?= cases/default.yaml
 OUT     ?= results/default

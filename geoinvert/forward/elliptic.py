@@ -176,7 +176,9 @@ class Discretisation:
     def _observation_matrix(self, functions):
         """Rows of O (n_obs, n_local_dofs) with y = O u: point evaluations, then integrals."""
         n_dofs = self.V.dofmap.index_map.size_local + self.V.dofmap.index_map.num_ghosts
-        rows = [self._point_row(p, n_dofs) for p in self.obs_points]
+        tree = geometry.BoundingBoxTree(self.msh, self.msh.topology.dim)
+        probe = fem.Function(self.V)   # created collectively, before any rank-dependent branch
+        rows = [self._point_row(p, tree, probe) for p in self.obs_points]
         W = fem.FunctionSpace(self.msh, ("Lagrange", self.degree + 2))
         v = ufl.TestFunction(self.V)
         for spec in functions:
@@ -187,10 +189,8 @@ class Discretisation:
             rows.append(row)
         return np.array(rows).reshape(-1, n_dofs)
 
-    def _point_row(self, point, n_dofs):
+    def _point_row(self, point, tree, probe):
         """Weights w with u(point) = w . u, on the lowest rank whose cell holds the point."""
-        tdim = self.msh.topology.dim
-        tree = geometry.BoundingBoxTree(self.msh, tdim)
         p3 = np.array([[point[0], point[1], 0.0]])
         candidates = geometry.compute_collisions(tree, p3)
         cells = geometry.compute_colliding_cells(self.msh, candidates, p3).links(0)
@@ -198,11 +198,10 @@ class Discretisation:
         owner = self.comm.allreduce(owner, op=_MPI_MIN())
         if owner == self.comm.size:
             raise ValueError(f"observation point {tuple(point)} lies outside the mesh")
-        row = np.zeros(n_dofs)
+        row = np.zeros(probe.x.array.size)
         if owner != self.comm.rank:
             return row
         cell = cells[0]
-        probe = fem.Function(self.V)
         for dof in self.V.dofmap.cell_dofs(cell):
             probe.x.array[:] = 0.0
             probe.x.array[dof] = 1.0
@@ -434,8 +433,6 @@ class AssemblySolver:
         v = ufl.TestFunction(disc.Q)
         grad_form = -disc.k * ufl.inner(ufl.grad(self.u), ufl.grad(self.lam)) * v * ufl.dx
         self.grad_form = fem.form(grad_form)
-        n_owned = disc.V.dofmap.index_map.size_local
-        self.obs_owned = disc.observation[:, :n_owned]
 
     def _ksp(self, A):
         ksp = PETSc.KSP().create(self.disc.comm)
@@ -470,9 +467,8 @@ class AssemblySolver:
         return A, ksp
 
     def _observe(self):
-        n_owned = self.disc.V.dofmap.index_map.size_local
-        local = self.obs_owned @ self.u.x.array[:n_owned]
-        return self.disc.comm.allreduce(local)
+        """O u summed over ranks (point rows may use ghost dofs; integral rows owned dofs only)."""
+        return self.disc.comm.allreduce(self.disc.observation @ self.u.x.array)
 
     def solve_batch(self, m):
         """Solve for a batch ``m (num, ny, nx)``; returns ``(y (num, n_obs), state)``."""
@@ -506,8 +502,10 @@ class AssemblySolver:
         from dolfinx.fem.petsc import assemble_vector
 
         n_owned = self.disc.V.dofmap.index_map.size_local
+        self.lam.x.array[:] = self.disc.observation.T @ w
+        self.lam.x.scatter_reverse(_insert_add())   # ghost contributions to their owners
         rhs = A.createVecLeft()
-        rhs.getArray()[:] = self.obs_owned.T @ w
+        rhs.getArray()[:] = self.lam.x.array[:n_owned]
         for bc in self.disc.bcs:
             dofs, n = bc.dof_indices()
             rhs.getArray()[dofs[:n][dofs[:n] < n_owned]] = 0.0
