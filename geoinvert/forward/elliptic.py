@@ -262,7 +262,8 @@ class FastSolver:
         dofmap = d.V.dofmap.list.array.reshape(-1, d.V.dofmap.dof_layout.num_dofs)
         cells_lat = d.cell_lattice[: dofmap.shape[0]]
         pairs = sp.coo_matrix((np.ones(dofmap.size), (np.repeat(cells_lat, dofmap.shape[1]),
-                                                        dofmap.ravel())))
+                                                        dofmap.ravel())),
+                              shape=(n_lat, int(dofmap.max()) + 1))
         touch = (pairs.tocsr() > 0).astype(np.int8)
         adjacency = (touch @ touch.T).tolil()
         colour = -np.ones(n_lat, dtype=np.int64)
