@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 MPIRUN  := timeout 900 mpirun $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root) --oversubscribe
 PYTEST  := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider
 CASE    ?= cases/default.yaml
-OUT     ?= results/default
+OUT     ?= results/default.nc
 
 .PHONY: setup demo test test-serial test-mpi bench clean
 
@@ -15,7 +15,6 @@ setup:
 
 demo: setup
 	$(VENV)/bin/geoinvert run $(CASE) --out $(OUT)
-	$(VENV)/bin/geoinvert plot $(OUT)/result.nc
 
 test: setup
 	$(MAKE) --no-print-directory test-serial test-mpi

@@ -155,12 +155,19 @@ def write_netcdf(ds, path):
     os.close(fd)
     try:
         ds.to_netcdf(tmp, engine="netcdf4")
+        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     logger.info("wrote %s", path)
     return path
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_result(path):
@@ -293,7 +300,10 @@ def result_path(case, out=None):
     """Where a run writes: ``out``, else ``output.path`` (relative to the case), else
     ``results/<name>.nc`` under the current directory."""
     if out is not None:
-        return Path(out)
+        out = Path(out)
+        if out.is_dir():
+            return out / f"{case.name}.nc"
+        return out if out.suffix == ".nc" else out.with_name(out.name + ".nc")
     if case.config["output"]["path"]:
         path = Path(case.config["output"]["path"]).expanduser()
         return path if path.is_absolute() else case.folder / path

@@ -17,6 +17,7 @@ Two solvers share one discretisation (:class:`Discretisation`):
   the gradient is the assembled form -k * grad(u) . grad(lambda) tested with cell indicators.
 """
 
+import contextlib
 import logging
 
 import numpy as np
@@ -229,6 +230,17 @@ def _insert_add():
     from dolfinx import la
 
     return la.ScatterMode.add
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """Hide the compiler command lines that ffcx's JIT logs at INFO on the root logger."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _log_coefficient_ok(m):
@@ -580,12 +592,14 @@ class EllipticForward:
     """
 
     def __init__(self, comm, shape, *, solver="auto", **options):
-        self.disc = Discretisation(comm, shape, **options)
-        if self.disc.n_obs == 0:
-            raise ValueError("no observations: give points and/or measurement functions")
-        if solver == "auto":
-            solver = "fast" if comm.size == 1 else "lu"
-        self.solver = FastSolver(self.disc) if solver == "fast" else AssemblySolver(self.disc, method=solver)
+        with _quiet_jit():
+            self.disc = Discretisation(comm, shape, **options)
+            if self.disc.n_obs == 0:
+                raise ValueError("no observations: give points and/or measurement functions")
+            if solver == "auto":
+                solver = "fast" if comm.size == 1 else "lu"
+            self.solver = (FastSolver(self.disc) if solver == "fast"
+                           else AssemblySolver(self.disc, method=solver))
         self.shape, self.n_obs, self.n_solves = self.disc.shape, self.disc.n_obs, 0
         self.last_failures = np.zeros(0, dtype=int)
 
