@@ -17,6 +17,9 @@ __all__ = [
     "Ensemble",
     "reverse_kl_loss",
     "jeffreys_loss",
+    "ImportancePool",
+    "importance_pool",
+    "pool_jeffreys_loss",
     "training_step",
     "train_stage",
     "train_msign",
@@ -29,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("jeffreys", "reverse_kl")
 SCHEDULES = ("cosine", "step", "constant")
-PROPOSALS = ("auto", "surrogate", "mixture")
+PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
 _F64 = torch.float64
 
 
@@ -50,6 +53,8 @@ class TrainOptions:
     max_failures: int = 20
     proposal: str = "auto"
     single_stage: bool = False
+    pool: int = 4096
+    pool_warmup: float = 0.5
 
     def __post_init__(self):
         for name, value, valid in (("objective", self.objective, OBJECTIVES),
@@ -214,9 +219,11 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
 def _propose(model, level, num, generator, kind):
     """Importance proposal ``(x, log s(x))`` without grad: the surrogate or a defensive mixture.
 
-    ``surrogate``: PC_l(p_{l-1}) (MsIGN). ``mixture``: half of the samples from the prior
-    (every F = identity) and half from the model, s = (prior + p) / 2, for stages without a
-    trained coarser model (stage 1 and single-stage training).
+    ``surrogate``: PC_l(p_{l-1}) (MsIGN). ``defensive``: half from the surrogate, half from the
+    prior (every F = identity), s = (surrogate + prior) / 2, which keeps modes the surrogate
+    lost in the forward KL (defensive importance sampling, Hesterberg 1995). ``mixture``: half
+    from the prior and half from the model, for stages without a trained coarser model
+    (stage 1 without a pool, single-stage training).
     """
     if kind == "surrogate":
         return model.sample_surrogate(num, level, generator=generator)
@@ -224,10 +231,16 @@ def _propose(model, level, num, generator, kind):
         half = num // 2
         zs = model.sample_noise(num - half, level, generator=generator)
         x_prior = model.decode(zs, upto=0)[0]
-        x = torch.cat((x_prior, model.sample(half, generator=generator, level=level)[0]))
+        if kind == "defensive":
+            other = model.sample_surrogate(half, level, generator=generator)[0]
+        else:
+            other = model.sample(half, generator=generator, level=level)[0]
+        x = torch.cat((x_prior, other))
         zs, logdet = model.encode(x, upto=0)
         log_prior = standard_normal_log_prob(zs) + logdet
-        return x, torch.logaddexp(log_prior, model.log_prob(x)) - math.log(2.0)
+        log_other = model.surrogate_log_prob(x, level) if kind == "defensive" else \
+            model.log_prob(x, level)
+        return x, torch.logaddexp(log_prior, log_other) - math.log(2.0)
 
 
 def _forward_terms(model, posterior, num, generator, proposal):
@@ -292,6 +305,67 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
     return rev + forward, stats
 
 
+@dataclass
+class ImportancePool:
+    """Weighted samples of a target from the prior, drawn once: ``x (m, n, n)``, normalised
+    importance weights ``w (m,)`` and target log densities ``log_q (m,)`` (float64)."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    log_q: torch.Tensor
+
+    @property
+    def ess(self) -> float:
+        """Kish ESS fraction of the weights."""
+        return float(1.0 / self.w.square().sum() / self.w.numel())
+
+
+def importance_pool(model, posterior, size, generator=None):
+    r"""Samples of q_l by importance sampling from the prior of level l (every F = identity).
+
+    The "standard method" for the coarsest stage (4 dimensions): ``size`` prior draws, weights
+    w_i propto q~(x_i) / rho(x_i), self-normalised; failed solves get weight 0. Costs ``size``
+    target evaluations once.
+    """
+    with torch.no_grad():
+        zs = model.sample_noise(size, posterior.level, generator=generator)
+        x, logdet = model.decode(zs, upto=0)
+        log_prior = standard_normal_log_prob(zs).to(_F64) - logdet.to(_F64)
+        log_q = posterior.log_prob(x.to(_F64)).to(_F64)
+    log_w = torch.where(torch.isfinite(log_q), log_q - log_prior, -math.inf)
+    if not torch.isfinite(log_w).any():
+        raise TrainingError(f"every target evaluation of the level-{posterior.level} "
+                            "importance pool failed")
+    return ImportancePool(x, torch.softmax(log_w, 0), log_q)
+
+
+def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensemble=None,
+                       reverse=True):
+    r"""Jeffreys divergence with the forward KL from an :class:`ImportancePool` (no new solves).
+
+    .. math:: L = \frac{1}{n}\sum_i [\log p(x_i) - \log \tilde q(x_i)]
+        + \frac{1}{n}\sum_j [\log \tilde q(x'_j) - \log p(x'_j)],
+
+    x_i ~ p (reparameterised) and x'_j resampled from the pool with probabilities w_j, so the
+    second term is an unbiased estimate of the weighted forward KL; ``batch`` solves per step.
+
+    With ``reverse=False`` only the second term (maximum likelihood on the pool, no solves).
+
+    Returns:
+        ``(loss, stats)`` as in :func:`jeffreys_loss`; ``ess`` is the pool's ESS fraction.
+    """
+    ens = ensemble or Ensemble()
+    if reverse:
+        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
+    else:
+        rev, rev_stats = 0.0, {"loss": 0.0, "nfs": 0, "failed": 0}
+    idx = torch.multinomial(pool.w, ens.share(batch), replacement=True, generator=generator)
+    log_p = model.log_prob(pool.x[idx], posterior.level)
+    (value,) = ens.sum(float((pool.log_q[idx] - log_p.detach().to(_F64)).sum()))
+    stats = {**rev_stats, "loss": rev_stats["loss"] + value / batch, "ess": pool.ess}
+    return rev - log_p.sum() / batch, stats
+
+
 # -- one step, one stage, all stages --------------------------------------------------------------
 
 
@@ -306,7 +380,10 @@ def lr_factor(step: int, steps: int, schedule: str, floor: float) -> float:
     return max(floor, 0.3 ** ((t >= 0.5) + (t >= 0.75)))
 
 
-def _loss(model, posterior, batch, generator, options, ensemble):
+def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reverse=True):
+    if pool is not None:
+        return pool_jeffreys_loss(model, posterior, batch, generator, pool=pool,
+                                  ensemble=ensemble, reverse=reverse)
     if options.objective == "reverse_kl":
         return reverse_kl_loss(model, posterior, batch, generator, ensemble=ensemble)
     proposal = options.proposal
@@ -316,12 +393,16 @@ def _loss(model, posterior, batch, generator, options, ensemble):
     return jeffreys_loss(model, posterior, batch, generator, ensemble=ensemble, proposal=proposal)
 
 
-def training_step(model, posterior, optimizer, *, batch, generator, options, ensemble=None):
+def training_step(model, posterior, optimizer, *, batch, generator, options, ensemble=None,
+                  pool=None, reverse=True):
     """One optimisation step on this rank's share of ``batch``; skipped if not finite.
 
     Computes the local loss and gradients of the active parameters, sums the gradients over the
     ensemble, clips their global norm to ``options.grad_clip`` and steps the optimiser, unless
     the loss or the gradient norm is not finite (then the parameters are left untouched).
+
+    With a ``pool`` (:class:`ImportancePool`) the loss is :func:`pool_jeffreys_loss` (its
+    reverse term only if ``reverse``).
 
     Returns:
         The stats of the loss plus ``grad_norm`` and ``skipped`` (bool).
@@ -329,7 +410,7 @@ def training_step(model, posterior, optimizer, *, batch, generator, options, ens
     ens = ensemble or Ensemble()
     params = model.active_parameters()
     optimizer.zero_grad(set_to_none=False)
-    loss, stats = _loss(model, posterior, batch, generator, options, ens)
+    loss, stats = _loss(model, posterior, batch, generator, options, ens, pool, reverse)
     if torch.isfinite(loss):
         loss.backward()
     ens.allreduce_grads(params)
@@ -399,22 +480,45 @@ def train_stage(model, posterior, *, stage, steps, options, run, generator=None,
     """
     model.set_stage(stage)
     allowance = run.budget.allowance(stages_left)
-    planned = _planned_steps(steps, options.batch, options.evaluations, allowance)
+    started = time.perf_counter()
+    pool, evaluations = _stage_pool(model, posterior, stage, options, run, allowance, generator)
+    if pool is not None:
+        allowance -= pool.w.numel()
+    planned = _planned_steps(steps, options.batch, evaluations, allowance)
     optimizer = torch.optim.Adam(model.active_parameters(), lr=options.lr)
-    started, spent = time.perf_counter(), 0
+    spent = 0
     for step in range(planned):
         batch = options.batch if math.isinf(allowance) else \
-            min(options.batch, int(allowance - spent) // options.evaluations)
+            min(options.batch, int(allowance - spent) // evaluations)
         lr = options.lr * lr_factor(step, planned, options.schedule, options.lr_min)
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = training_step(model, posterior, optimizer, batch=batch, generator=generator,
-                              options=options, ensemble=ensemble)
+                              options=options, ensemble=ensemble, pool=pool,
+                              reverse=pool is None or step >= options.pool_warmup * planned)
         spent += stats["nfs"]
         info = _record(run, stage, step, stats, lr, started)
         _check_failures(run, stage, options, info)
     _log_stage(stage, planned, run)
     return planned
+
+
+def _stage_pool(model, posterior, stage, options, run, allowance, generator):
+    """The importance pool of stage 1 (Jeffreys, multi-stage) and the solves per sample of a step.
+
+    The pool takes at most half of the stage's allowance; its solves are spent at once.
+    """
+    use = (stage == 1 and options.objective == "jeffreys" and not options.single_stage
+           and options.pool > 0)
+    size = (options.pool if math.isinf(allowance) else min(options.pool, int(allowance) // 2)) \
+        if use else 0
+    if size < 2:
+        return None, options.evaluations
+    pool = importance_pool(model, posterior, size, generator)
+    run.budget.spend(size, run.costs[stage])
+    logger.info("stage %d: importance pool of %d prior samples, ESS fraction %.3f", stage,
+                size, pool.ess)
+    return pool, 1
 
 
 def _log_stage(stage, steps, run):
@@ -444,7 +548,7 @@ def _rank_generator(generator, ensemble):
 def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, objective="jeffreys",
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
                 schedule="cosine", lr_min=0.05, grad_clip=10.0, max_failures=20, proposal="auto",
-                comm=None):
+                pool=4096, pool_warmup=0.5, comm=None):
     r"""Train an MsIGN stage by stage on the posteriors of its levels.
 
     Stage l trains F_1..F_l on q_l, starting from stage l-1 with F_l = identity (MsIGN
@@ -473,8 +577,15 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         max_failures: Consecutive skipped steps (non-finite loss or gradient) that stop training
             with :class:`TrainingError`.
         proposal: Forward-KL proposal, ``"auto"`` (surrogate PC_l(p_{l-1}) for l >= 2, a
-            defensive prior/model mixture at stage 1 and single-stage), ``"surrogate"``,
-            ``"mixture"``.
+            defensive prior/model mixture at stage 1 without a pool and single-stage),
+            ``"surrogate"``, ``"mixture"``.
+        pool: Prior draws of the stage-1 importance pool (Jeffreys, multi-stage): the
+            forward KL of stage 1 (4 dimensions) then resamples these weighted samples of q_1
+            (a standard method, drawn once, at most half of the stage's budget share), and each
+            step costs ``batch`` solves. 0 uses the mixture proposal instead.
+        pool_warmup: Fraction of the stage-1 steps that fit the pool alone (maximum
+            likelihood on samples of q_1, no solves) before the Jeffreys steps; the reverse
+            KL alone would pull a fresh flow into one mode of a multimodal q_1.
         comm: Ensemble communicator: ranks split the batch, each with its own forward models,
             and sum gradients (None: one process).
 
@@ -490,7 +601,8 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
     """
     options = TrainOptions(objective=objective, batch=batch, lr=lr, schedule=schedule,
                            lr_min=lr_min, grad_clip=grad_clip, max_failures=max_failures,
-                           proposal=proposal, single_stage=single_stage)
+                           proposal=proposal, single_stage=single_stage, pool=pool,
+                           pool_warmup=pool_warmup)
     finest = max(posteriors)
     if finest > model.levels:
         raise ValueError(f"posteriors go up to level {finest}, the model to {model.levels}")

@@ -118,7 +118,11 @@ def test_multistage_jeffreys_matches_exact_linear_posterior(problem):
     assert mean_err < 0.12 and std_err < 0.09
     assert mean_err < 0.5 * untrained[0] and std_err < 0.7 * untrained[1]
     assert stages == [1, 2, 3] and model.stage == 3
-    assert [h["nfs"] for h in history] == [64 * (i + 1) for i in range(140)]
+    solves = sum(p.forward.n_solves for p in posteriors.values())
+    nfs = [h["nfs"] for h in history]
+    # stage 1: a 4096-sample importance pool, 20 pool-only steps, 20 steps of 32 solves
+    assert nfs[0] == 4096 and nfs[-1] == solves == 4096 + 20 * 32 + 100 * 64
+    assert all(b >= a for a, b in zip(nfs, nfs[1:]))
     assert all(np.isfinite(h["ess"]) and 0 < h["ess"] <= 1 for h in history)
 
 
@@ -159,8 +163,9 @@ def test_failed_solves_are_excluded(problem):
     model = new_model(prior)
     history = train_msign(model, flaky, steps=15, batch=16, lr=3e-3, generator=gen(),
                           callback=None, checkpoint=None)
-    failed = sum(h["failed"] for h in history) / sum(h["nfs"] for h in history[-1:])
-    assert 0.1 < failed < 0.3
+    failed = sum(h["failed"] for h in history) / sum(
+        (2 if h["stage"] > 1 else 1) * 16 for h in history if h["stage"] > 1 or h["step"] >= 8)
+    assert 0.1 < failed < 0.3  # about one in five
     assert all(math.isfinite(h["loss"]) for h in history) and history[-1]["skipped"] == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     x, log_p = model.sample(8, generator=gen(1))
@@ -183,7 +188,10 @@ def test_non_finite_steps_are_skipped_then_stop(problem):
     seen = []
     with pytest.raises(TrainingError, match="5 consecutive steps"):
         train_msign(model, broken, steps=50, batch=8, lr=1e-2, generator=gen(),
-                    callback=seen.append, checkpoint=None, max_failures=5)
+                    callback=seen.append, checkpoint=None, max_failures=5, pool=0)
+    with pytest.raises(TrainingError, match="importance pool failed"):
+        train_msign(model, broken, steps=50, batch=8, lr=1e-2, generator=gen(),
+                    callback=None, checkpoint=None)
     assert [h["skipped"] for h in seen] == [1, 2, 3, 4, 5]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
