@@ -227,20 +227,21 @@ def _propose(model, level, num, generator, kind):
     """
     if kind == "surrogate":
         return model.sample_surrogate(num, level, generator=generator)
+    defensive = kind == "defensive"
     with torch.no_grad():
         half = num // 2
-        zs = model.sample_noise(num - half, level, generator=generator)
-        x_prior = model.decode(zs, upto=0)[0]
-        if kind == "defensive":
-            other = model.sample_surrogate(half, level, generator=generator)[0]
-        else:
-            other = model.sample(half, generator=generator, level=level)[0]
-        x = torch.cat((x_prior, other))
-        zs, logdet = model.encode(x, upto=0)
-        log_prior = standard_normal_log_prob(zs) + logdet
-        log_other = model.surrogate_log_prob(x, level) if kind == "defensive" else \
-            model.log_prob(x, level)
-        return x, torch.logaddexp(log_prior, log_other) - math.log(2.0)
+        x_prior = model.decode(model.sample_noise(num - half, level, generator=generator),
+                               upto=0)[0]
+        sampler = model.sample_surrogate if defensive else model.sample
+        x = torch.cat((x_prior, sampler(half, level=level, generator=generator)[0]))
+        log_other = (model.surrogate_log_prob if defensive else model.log_prob)(x, level)
+        return x, torch.logaddexp(_prior_log_prob(model, x), log_other) - math.log(2.0)
+
+
+def _prior_log_prob(model, x):
+    """log rho_l(x) through the model with every F = identity, ``(num,)``."""
+    zs, logdet = model.encode(x, upto=0)
+    return standard_normal_log_prob(zs) + logdet
 
 
 def _forward_terms(model, posterior, num, generator, proposal):
