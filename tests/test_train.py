@@ -10,8 +10,8 @@ from geoinvert.flows.msign import MsIGN
 from geoinvert.forward.testbeds import ExactLinearPosterior, LinearForward
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
-from geoinvert.train import (TrainingError, jeffreys_loss, level_costs, lr_factor,
-                             reverse_kl_loss, train_msign)
+from geoinvert.train import (TrainingError, importance_pool, jeffreys_loss, level_costs,
+                             lr_factor, pool_jeffreys_loss, reverse_kl_loss, train_msign)
 
 LEVELS = 3
 NOISE = 0.01
@@ -79,14 +79,20 @@ def test_losses_are_finite_and_give_gradients(problem, loss_fn):
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_jeffreys_loss_of_exact_model_is_small():
+@pytest.mark.parametrize("proposal", ["surrogate", "defensive", "mixture"])
+def test_jeffreys_loss_of_exact_model_is_small(problem, proposal):
     # Prior as target (no data): the untrained model is exact, so D_J = 0 and all weights equal.
-    prior, posteriors, _ = make_problem()
+    prior, posteriors, _ = problem
     flat = Posterior(prior, posteriors[2].forward, np.zeros(3), 1e6, 2)
     model = new_model(prior)
     model.set_stage(2)
-    _, stats = jeffreys_loss(model, flat, 64, gen())
+    _, stats = jeffreys_loss(model, flat, 64, gen(), proposal=proposal)
     assert abs(stats["loss"]) < 1e-3 and stats["ess"] > 0.99
+    pool = importance_pool(model, flat, 64, gen())
+    assert pool.x.shape == (64, 4, 4) and pool.ess > 0.99
+    torch.testing.assert_close(pool.w.sum(), torch.tensor(1.0, dtype=torch.float64))
+    _, stats = pool_jeffreys_loss(model, flat, 16, gen(), pool=pool)
+    assert abs(stats["loss"]) < 1e-3 and stats["nfs"] == 16
 
 
 # -- training --------------------------------------------------------------------------------------
