@@ -275,12 +275,13 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
         \quad x_i \sim p,\; x'_j \sim s,\; w_j \propto \tilde q(x'_j) / s(x'_j),
 
     with self-normalised importance weights and the proposal s = PC_l(p_{l-1}) (the surrogate,
-    MsIGN) or a defensive prior/model mixture. log Z cancels between the two terms, so L
+    MsIGN) or a mixture with the prior (see :func:`_propose`). log Z cancels between the two terms, so L
     estimates D_J itself. Failed target evaluations are excluded from both terms.
 
     Args:
         model, posterior, batch, generator, ensemble: as in :func:`reverse_kl_loss`.
-        proposal: ``"surrogate"`` or ``"mixture"``.
+        proposal: ``"surrogate"``, ``"defensive"`` (surrogate + prior) or ``"mixture"``
+            (model + prior).
 
     Returns:
         ``(loss, stats)`` as in :func:`reverse_kl_loss`; ``stats["ess"]`` is the importance
