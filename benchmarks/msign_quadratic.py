@@ -170,7 +170,7 @@ def add_arguments(p, *, steps="200,200,300,400,600"):
     p.add_argument("--noise", type=float, default=0.3, help="noise std / y")
     p.add_argument("--proposal", default="defensive",
                    choices=["auto", "surrogate", "defensive", "mixture"],
-                   help="forward-KL proposal of stages >= 2 (auto: the surrogate)")
+                   help="forward-KL proposal of stages >= 2 (auto: defensive)")
     p.add_argument("--samples", type=int, default=4000, help="evaluation samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the output names")
