@@ -5,7 +5,7 @@ import torch
 from geoinvert.samplers.chains import (BatchedTarget, DualAveraging, WhitenedState,
                                        initial_states, metropolis, run_chains)
 
-__all__ = ["hmc"]
+__all__ = ["run_hmc"]
 
 
 class HMCKernel(WhitenedState):
@@ -39,7 +39,7 @@ class HMCKernel(WhitenedState):
         return prob
 
 
-def hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_leapfrog=10,
+def run_hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_leapfrog=10,
         jitter=0.2, target_accept=0.8, thin=1, init=None, generator=None):
     r"""Run ``chains`` prior-preconditioned HMC chains as one batch.
 
@@ -56,7 +56,7 @@ def hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_leapfro
 
     Args:
         posterior: a :class:`~geoinvert.posterior.Posterior` with a differentiable ``log_prob``.
-        chains, draws, warmup, thin: as for :func:`~geoinvert.samplers.pcn.pcn`.
+        chains, draws, warmup, thin: as for :func:`~geoinvert.samplers.pcn.run_pcn`.
         step_size: initial (or, with ``warmup=0``, fixed) leapfrog step eps.
         n_leapfrog: leapfrog steps per transition.
         jitter: relative step jitter in [0, 1).

@@ -5,7 +5,7 @@ import torch
 from geoinvert.samplers.chains import (BatchedTarget, DualAveraging, WhitenedState,
                                        initial_states, metropolis, run_chains)
 
-__all__ = ["mala"]
+__all__ = ["run_mala"]
 
 
 class MALAKernel(WhitenedState):
@@ -27,7 +27,7 @@ class MALAKernel(WhitenedState):
         return prob
 
 
-def mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, target_accept=0.574,
+def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, target_accept=0.574,
          thin=1, init=None, generator=None):
     r"""Run ``chains`` prior-preconditioned MALA chains as one batch.
 
@@ -44,7 +44,7 @@ def mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, target_a
 
     Args:
         posterior: a :class:`~geoinvert.posterior.Posterior` with a differentiable ``log_prob``.
-        chains, draws, warmup, thin: as for :func:`~geoinvert.samplers.pcn.pcn`.
+        chains, draws, warmup, thin: as for :func:`~geoinvert.samplers.pcn.run_pcn`.
         step_size: initial (or, with ``warmup=0``, fixed) h.
         target_accept: target mean acceptance probability.
         init: starting fields ``(chains, ny, nx)``; default prior draws.

@@ -7,7 +7,7 @@ import torch
 from geoinvert.samplers.chains import (BatchedTarget, RobbinsMonro, check_finite_start,
                                        initial_states, metropolis, run_chains)
 
-__all__ = ["pcn"]
+__all__ = ["run_pcn"]
 
 _F64 = torch.float64
 
@@ -43,7 +43,7 @@ class PCNKernel:
         return prob
 
 
-def pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_accept=0.25, thin=1,
+def run_pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_accept=0.25, thin=1,
         init=None, generator=None):
     r"""Run ``chains`` pCN chains as one batch (one forward evaluation of the batch per step).
 
