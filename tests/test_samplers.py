@@ -65,14 +65,16 @@ def _z_scores(chains, reference):
 
 @pytest.mark.parametrize("prior", [MaternPrior(2, correlation_length=0.3, mean=0.2),
                                    MaternPrior(3, correlation_length=0.3, std=2.0),
-                                   IIDPrior(2, std=0.5, mean=-1.0)], ids=["matern2", "matern3", "iid2"])
+                                   IIDPrior(2, std=0.5, mean=-1.0)],
+                         ids=["matern2", "matern3", "iid2"])
 def test_whitening_round_trip_and_jacobian(prior):
     level = prior.levels
     white = prior_whitening(prior, level)
     z = torch.randn(5, 4 ** level, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(white.to_z(white.to_x(z)), z, rtol=0, atol=1e-12)
     zero = torch.zeros(4 ** level, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda v: white.to_x(v[None]).reshape(-1), zero).numpy()
+    jac = torch.autograd.functional.jacobian(lambda v: white.to_x(v[None]).reshape(-1), zero)
+    jac = jac.numpy()
     np.testing.assert_allclose(jac @ jac.T, prior.covariance(level), atol=1e-12)
     np.testing.assert_allclose(white.to_x(zero[None])[0].numpy(), prior.mean(level), atol=1e-12)
     assert white.logdet == pytest.approx(np.linalg.slogdet(jac)[1], abs=1e-10)
@@ -104,13 +106,16 @@ def test_sampler_recovers_exact_linear_posterior(problem, method):
     assert np.isfinite(result.log_prob).all()
 
 
-def test_log_prob_of_draws_is_the_posterior_log_prob(problem):
+def test_log_prob_of_draws_is_the_posterior_log_prob_and_solves_are_counted(problem):
     posterior, _ = problem
     for sampler in (run_pcn, run_mala):
-        result = sampler(posterior, chains=2, draws=5, warmup=0,
+        result = sampler(posterior, chains=2, draws=5, warmup=3, thin=2,
                          generator=torch.Generator().manual_seed(2))
+        assert result.samples.shape == (2, 5, 4, 4)
+        assert result.nfs == 2 * (1 + 3 + 5 * 2)  # initial states, then one batch per iteration
         x = torch.from_numpy(result.flat())
-        np.testing.assert_allclose(result.log_prob.ravel(), posterior.log_prob(x).numpy(), atol=1e-10)
+        np.testing.assert_allclose(result.log_prob.ravel(), posterior.log_prob(x).numpy(),
+                                   atol=1e-10)
 
 
 def test_adaptation_reaches_target_acceptance(problem):
@@ -121,7 +126,7 @@ def test_adaptation_reaches_target_acceptance(problem):
         assert abs(result.acceptance.mean() - target) < 0.1
 
 
-# -- invariance: chains started in the posterior stay there -----------------------------------------
+# -- invariance: chains started in the posterior stay there ----------------------------------
 
 
 @pytest.mark.parametrize("method", FIXED)
@@ -144,7 +149,7 @@ def test_chains_started_at_the_posterior_stay_there(problem, method):
     assert abs(np.mean(np.sum(white ** 2, 1)) - d) < 4 * math.sqrt(2 * d / num)
 
 
-# -- failures, reproducibility, adapters, packaging ---------------------------------------------------
+# -- failures, reproducibility, adapters, packaging ------------------------------------------
 
 
 class _FailingForward:
@@ -179,11 +184,20 @@ def test_start_where_the_target_fails_raises(problem):
         run_pcn(failing, chains=2, draws=1, init=torch.tensor([[[1.0] * 4] * 4, [[0.0] * 4] * 4]))
 
 
+def test_invalid_options_raise(problem):
+    posterior, _ = problem
+    for sampler, options in ((run_pcn, dict(beta=1.5)), (run_mala, dict(draws=0)),
+                             (run_hmc, dict(n_leapfrog=0)), (run_hmc, dict(jitter=1.0))):
+        with pytest.raises(ValueError):
+            sampler(posterior, chains=2, **options)
+
+
 def test_same_seed_same_chains(problem):
     posterior, _ = problem
     runs = [run_hmc(posterior, chains=2, draws=5, warmup=5, n_leapfrog=2,
-                generator=torch.Generator().manual_seed(6)).samples for _ in range(2)]
-    np.testing.assert_array_equal(*runs)
+                    generator=torch.Generator().manual_seed(6)) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].samples, runs[1].samples)
+    assert runs[0].nfs == 2 * (1 + 10 * 2)  # one solve per chain per leapfrog step
 
 
 @pytest.mark.parametrize("adapter", [DualAveraging, RobbinsMonro])

@@ -11,8 +11,8 @@ import torch
 from geoinvert.diagnostics import mcmc_ess, split_rhat
 from geoinvert.samplers.whitening import prior_whitening, standard_normal_log_prob
 
-__all__ = ["BatchedTarget", "ChainResult", "DualAveraging", "RobbinsMonro", "WhitenedState", "initial_states",
-           "metropolis", "run_chains"]
+__all__ = ["BatchedTarget", "ChainResult", "DualAveraging", "RobbinsMonro", "WhitenedState",
+           "initial_states", "metropolis", "require", "run_chains"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,13 @@ class ChainResult:
         if cells.shape[2] > max_cells:
             pooled = cells.reshape(chains * draws, -1)
             centred = pooled - pooled.mean(0)
-            _, _, vt = np.linalg.svd(centred[:: max(1, centred.shape[0] // 4096)], full_matrices=False)
+            rows = centred[:: max(1, centred.shape[0] // 4096)]
+            _, _, vt = np.linalg.svd(rows, full_matrices=False)
             cells = (centred @ vt[:components].T).reshape(chains, draws, -1)
         return np.concatenate([cells, self.log_prob[:, burn:, None]], axis=2)
 
     def rhat(self, *, burn=0, **kwargs):
-        """Largest rank-normalised split R-hat over :meth:`summaries` (should be below ~1.01-1.05)."""
+        """Largest rank-normalised split R-hat over :meth:`summaries` (want below 1.01-1.05)."""
         s = self.summaries(burn=burn, **kwargs)
         return float(np.nanmax([split_rhat(s[:, :, k]) for k in range(s.shape[2])]))
 
@@ -86,7 +87,8 @@ class ChainResult:
         """ESS of every cell, ndarray ``(ny, nx)``."""
         x = self.samples[:, burn:]
         cells = x.reshape(*x.shape[:2], -1)
-        out = [mcmc_ess(cells[:, :, k], rank_normalize=rank_normalize) for k in range(cells.shape[2])]
+        out = [mcmc_ess(cells[:, :, k], rank_normalize=rank_normalize)
+               for k in range(cells.shape[2])]
         return np.asarray(out).reshape(x.shape[2:])
 
 
@@ -156,7 +158,8 @@ class DualAveraging:
         self.t += 1
         w = 1.0 / (self.t + self.t0)
         self.h_bar = (1 - w) * self.h_bar + w * (self.target - accept)
-        self.log_step = min(self.mu - math.sqrt(self.t) * self.h_bar / self.gamma, math.log(self.upper))
+        log_step = self.mu - math.sqrt(self.t) * self.h_bar / self.gamma
+        self.log_step = min(log_step, math.log(self.upper))
         eta = self.t ** -self.kappa
         self.log_avg = eta * self.log_step + (1 - eta) * self.log_avg
 
@@ -194,7 +197,7 @@ class BatchedTarget:
         return self._whitening
 
     def whitened(self, z):
-        """Whitened target at ``z (num, d)``: ``(x, log pi(z), grad log pi(z), log_prob(x))``, detached.
+        """Whitened target at ``z (num, d)``: ``(x, log pi(z), grad log pi(z), log_prob(x))``.
 
         log pi(z) = log L(y | T(z)) + log N(z; 0, I) and log_prob(x) = log pi(z) - log|det C|.
         Non-finite targets (failed solves) get a zero gradient.
@@ -212,6 +215,12 @@ def metropolis(log_ratio, generator):
     log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)
     u = torch.rand(log_ratio.shape, generator=generator, dtype=_F64)
     return torch.log(u) < log_ratio, torch.exp(torch.clamp(log_ratio, max=0.0))
+
+
+def require(condition, message):
+    """Raise ``ValueError(message)`` unless ``condition``."""
+    if not condition:
+        raise ValueError(message)
 
 
 def initial_states(target, init, chains, generator):
@@ -267,6 +276,9 @@ def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None
     Returns:
         :class:`ChainResult`.
     """
+    for name, value, low in (("draws", draws, 1), ("warmup", warmup, 0), ("thin", thin, 1)):
+        require(int(value) == value and value >= low,
+                f"{name} must be an integer >= {low}, got {value!r}")
     start = time.perf_counter()
     for _ in range(warmup):
         adapter.update(float(kernel.step(adapter.value, generator).mean()))

@@ -3,7 +3,7 @@
 import torch
 
 from geoinvert.samplers.chains import (BatchedTarget, DualAveraging, WhitenedState,
-                                       initial_states, metropolis, run_chains)
+                                       initial_states, metropolis, require, run_chains)
 
 __all__ = ["run_hmc"]
 
@@ -67,6 +67,10 @@ def run_hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_lea
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult`.
     """
+    require(step_size > 0, f"step_size must be positive, got {step_size!r}")
+    require(int(n_leapfrog) == n_leapfrog >= 1,
+            f"n_leapfrog must be an integer >= 1, got {n_leapfrog!r}")
+    require(0 <= jitter < 1, f"jitter must be in [0, 1), got {jitter!r}")
     target = BatchedTarget(posterior)
     x = initial_states(target, init, chains, generator)
     kernel = HMCKernel(target, x, n_leapfrog=n_leapfrog, jitter=jitter)

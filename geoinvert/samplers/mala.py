@@ -3,7 +3,7 @@
 import torch
 
 from geoinvert.samplers.chains import (BatchedTarget, DualAveraging, WhitenedState,
-                                       initial_states, metropolis, run_chains)
+                                       initial_states, metropolis, require, run_chains)
 
 __all__ = ["run_mala"]
 
@@ -53,6 +53,7 @@ def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, targ
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult`.
     """
+    require(step_size > 0, f"step_size must be positive, got {step_size!r}")
     target = BatchedTarget(posterior)
     kernel = MALAKernel(target, initial_states(target, init, chains, generator))
     adapter = DualAveraging(step_size, target_accept)

@@ -5,7 +5,7 @@ import math
 import torch
 
 from geoinvert.samplers.chains import (BatchedTarget, RobbinsMonro, check_finite_start,
-                                       initial_states, metropolis, run_chains)
+                                       initial_states, metropolis, require, run_chains)
 
 __all__ = ["run_pcn"]
 
@@ -70,6 +70,7 @@ def run_pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_acc
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult` with ``step_size`` = beta.
     """
+    require(0 < beta <= 1, f"beta must be in (0, 1], got {beta!r}")
     target = BatchedTarget(posterior)
     kernel = PCNKernel(target, initial_states(target, init, chains, generator))
     adapter = RobbinsMonro(beta, target_accept, upper=1.0)
