@@ -182,8 +182,8 @@ class PriorConditioning:
     log|det d x_l / d(x_{l-1}, z_l)| = m^2 log 2 + log|det G^{-T}| is a constant.
 
     References:
-        Sun, Zhou, Li. Multiscale invertible generative networks for high-dimensional Bayesian
-        inference. ICML 2021.
+        Zhang, Zhang, Hou. Multiscale invertible generative networks for high-dimensional Bayesian
+        inference. ICML 2021, https://arxiv.org/abs/2105.05489
 
     Args:
         level: Fine level l >= 2 (fields of n = 2**l cells per side, m = n / 2).
