@@ -109,8 +109,9 @@ class Discretisation:
         if path is not None:
             msh, tags = _read_mesh(self.comm, path)
             x = msh.geometry.x
-            lo = self.comm.allreduce(x[:, :2].min(axis=0), op=_MPI_MIN())
-            hi = self.comm.allreduce(x[:, :2].max(axis=0), op=_MPI_MAX())
+            # per-component floats: object allreduce with MIN/MAX does not compare arrays
+            lo = [self.comm.allreduce(float(v), op=_MPI_MIN()) for v in x[:, :2].min(axis=0)]
+            hi = [self.comm.allreduce(float(v), op=_MPI_MAX()) for v in x[:, :2].max(axis=0)]
             return msh, tags, (lo[0], hi[0], lo[1], hi[1])
         x0, x1, y0, y1 = (float(b) for b in bounds)
         mx, my = mesh_cells if mesh_cells is not None else (self.shape[1], self.shape[0])
