@@ -7,9 +7,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from geoinvert.flows.glow import FieldFlow
+from geoinvert.flows.glow import FieldFlow, squeeze, unsqueeze
+from geoinvert.hierarchy import haar, inverse_haar
 
-__all__ = ["MsIGN", "standard_normal_log_prob"]
+__all__ = ["MsIGN", "NearestUpsampling", "SqueezeSplit", "UPSAMPLINGS",
+           "standard_normal_log_prob"]
+
+UPSAMPLINGS = ("prior", "nearest", "squeeze")
+_F64 = torch.float64
 
 
 def standard_normal_log_prob(zs: list[Tensor]) -> Tensor:
@@ -42,6 +47,92 @@ def check_level(x: Tensor, level: int | None) -> int:
     return found
 
 
+# -- upsampling layers between levels (ablations of the prior conditioning layer) ---------------
+#
+# Each maps (x_{l-1} (num, m, m), z_l (num, 3, m, m)) -> x~_l (num, 2m, 2m) bijectively, with the
+# interface of geoinvert.prior.PriorConditioning: forward(x_coarse, z) -> (x_fine, logdet) and
+# inverse(x_fine) -> (x_coarse, z, logdet of the inverse), log-determinants constant floats.
+
+
+class NearestUpsampling:
+    r"""Stochastic nearest-neighbour upsampling: x~_l = upsample(x_{l-1}) + H^T [0; mu_d + sigma z].
+
+    In the orthonormal 2x2 Haar coordinates (a, d) of level l
+    (:func:`~geoinvert.hierarchy.haar`) the averages are a = 2 x_{l-1} (so pool(x~_l) = x_{l-1}
+    and with d = 0 the map is nearest-neighbour upsampling) and the three details of each coarse
+    cell are d = mu_d + sigma z, with mu_d the details of the prior mean of level l and sigma a
+    fixed constant. Unlike the prior conditioning layer, the details do not depend on the coarse
+    field and are uncorrelated: the flows F_l must learn the prior's fine-scale structure.
+
+    .. math:: \log|\det \partial \tilde x_l / \partial (x_{l-1}, z_l)| = m^2 \log 2 + 3 m^2 \log\sigma .
+
+    Args:
+        level: Fine level l >= 2 (m = 2**(level-1)).
+        mean: Prior mean of level l, ``(2m, 2m)`` array.
+        sigma: Detail scale > 0.
+    """
+
+    def __init__(self, level: int, mean, sigma: float):
+        self.level, self.m, self.sigma = level, 2 ** (level - 1), float(sigma)
+        self._mean_d = haar(torch.as_tensor(mean, dtype=_F64))[1]
+        self.logdet = self.m ** 2 * (math.log(2.0) + 3 * math.log(self.sigma))
+
+    @classmethod
+    def from_prior(cls, prior, level: int) -> "NearestUpsampling":
+        """sigma = the geometric mean of the prior's conditional detail stds (from PC_l's log-det),
+        so that the layer has the same volume change as the prior conditioning layer."""
+        m = 2 ** (level - 1)
+        log_sigma = (prior.conditioning(level).logdet - m ** 2 * math.log(2.0)) / (3 * m ** 2)
+        return cls(level, prior.mean(level), math.exp(log_sigma))
+
+    def forward(self, x_coarse: Tensor, z: Tensor) -> tuple[Tensor, float]:
+        """``(x_{l-1} (num, m, m), z (num, 3, m, m)) -> (x~_l (num, 2m, 2m), log|det|)``."""
+        return inverse_haar(2 * x_coarse, self._mean_d.to(z) + self.sigma * z), self.logdet
+
+    def inverse(self, x_fine: Tensor) -> tuple[Tensor, Tensor, float]:
+        """``x~_l -> (x_{l-1}, z, log|det|)`` of the inverse map."""
+        a, d = haar(x_fine)
+        return a / 2, (d - self._mean_d.to(d)) / self.sigma, -self.logdet
+
+
+class SqueezeSplit:
+    r"""Glow's multiscale split, run in the generative direction: x~_l = S^{-1}([x_{l-1}, z_l]).
+
+    The coarse field and the three noise channels are stacked into 4 channels on the m x m
+    lattice and unsqueezed (:func:`~geoinvert.flows.glow.unsqueeze`): x_{l-1}[i, j] goes to
+    cell (2i, 2j) and z_l to the other three cells of the block. With F_l = S^{-1} g_l S this
+    is x_l = S^{-1} g_l([x_{l-1}, z_l]), the latent dimensions z_l being factored out at scale l
+    as in Glow; no prior information, a permutation (log|det| = 0).
+
+    References:
+        | Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
+        | https://arxiv.org/abs/1807.03039
+    """
+
+    logdet = 0.0
+
+    def __init__(self, level: int):
+        self.level, self.m = level, 2 ** (level - 1)
+
+    def forward(self, x_coarse: Tensor, z: Tensor) -> tuple[Tensor, float]:
+        """``(x_{l-1} (num, m, m), z (num, 3, m, m)) -> (x~_l (num, 2m, 2m), 0.0)``."""
+        return unsqueeze(torch.cat((x_coarse[:, None], z), 1))[:, 0], 0.0
+
+    def inverse(self, x_fine: Tensor) -> tuple[Tensor, Tensor, float]:
+        """``x~_l -> (x_{l-1}, z, 0.0)``."""
+        s = squeeze(x_fine[:, None])
+        return s[:, 0], s[:, 1:], 0.0
+
+
+def upsampling_layer(kind: str, prior, level: int):
+    """The layer from level-1 to ``level`` of an upsampling kind (see :data:`UPSAMPLINGS`)."""
+    if kind == "prior":
+        return prior.conditioning(level)
+    if kind == "nearest":
+        return NearestUpsampling.from_prior(prior, level)
+    return SqueezeSplit(level)
+
+
 class MsIGN(nn.Module):
     r"""Multiscale invertible generative network (MsIGN) over the levels of a Gaussian prior.
 
@@ -66,6 +157,14 @@ class MsIGN(nn.Module):
     Parameters live in :attr:`dtype` (``model.to(torch.float32)`` for speed); the prior layers
     compute in :attr:`prior_dtype` (float64) and their outputs are cast back.
 
+    Ablations (MsIGN Section 5) replace PC_l by another exact upsampling layer U_l with a
+    constant log-determinant, x~_l = U_l(x_{l-1}, z_l), everything else unchanged (x~_1 still
+    comes from the prior's coarsest level, so stage 1 is the same for every variant):
+    ``"nearest"`` (:class:`NearestUpsampling`: nearest-neighbour upsampling plus independent
+    Haar details of a fixed scale) and ``"squeeze"`` (:class:`SqueezeSplit`: Glow's multiscale
+    split, latent dimensions factored out at each scale). With these the model with every
+    F_l = identity is no longer the prior.
+
     Args:
         prior: A :class:`~geoinvert.prior.GaussianPrior` (``coarsest``, ``coarsest_inverse``,
             ``conditioning(level)``).
@@ -74,6 +173,8 @@ class MsIGN(nn.Module):
         hidden: Hidden channels of the coupling nets.
         bound: Bound on the coupling log-scales.
         stage: Initially active stage s, 1 <= s <= L.
+        upsampling: Layer between levels, ``"prior"`` (PC_l, the default), ``"nearest"`` or
+            ``"squeeze"`` (see above).
 
     References:
         | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
@@ -85,12 +186,15 @@ class MsIGN(nn.Module):
     prior_dtype = torch.float64
 
     def __init__(self, prior, levels: int | None = None, *, blocks_per_level: int = 4,
-                 hidden: int = 32, bound: float = 2.0, stage: int = 1):
+                 hidden: int = 32, bound: float = 2.0, stage: int = 1,
+                 upsampling: str = "prior"):
         super().__init__()
+        if upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {upsampling!r}")
         levels = prior.levels if levels is None else levels
         self.prior = prior
         self.config = dict(levels=levels, blocks_per_level=blocks_per_level, hidden=hidden,
-                           bound=bound)
+                           bound=bound, upsampling=upsampling)
         self.flows = nn.ModuleList(
             FieldFlow(2**level, blocks_per_level, hidden, bound=bound)
             for level in range(1, levels + 1)
@@ -132,10 +236,15 @@ class MsIGN(nn.Module):
 
     # -- the bijection z <-> x ----------------------------------------------------------------
 
+    @property
+    def upsampling(self) -> str:
+        """Kind of the layers between levels: ``"prior"``, ``"nearest"`` or ``"squeeze"``."""
+        return self.config["upsampling"]
+
     def conditioning(self, level: int):
-        """The prior conditioning layer PC_level (cached)."""
+        """The layer from level-1 to ``level``: PC_level, or its ablation (cached)."""
         if level not in self._conditionings:
-            self._conditionings[level] = self.prior.conditioning(level)
+            self._conditionings[level] = upsampling_layer(self.upsampling, self.prior, level)
         return self._conditionings[level]
 
     def _to_prior(self, t: Tensor) -> Tensor:
