@@ -175,6 +175,9 @@ SCHEMA = (
         _one_of("jeffreys", "reverse_kl")),
     Key("sampler.budget", "int", 0, "Total forward-solve budget nFS over all stages (0: no "
         "limit); training stops when it is used up.", "100000", _non_negative),
+    Key("sampler.checkpoint_every", "int", 50, "Training steps between checkpoints within a "
+        "stage (0: at stage ends only); CLI `--checkpoint-every` overrides.", "20",
+        _between(0, 10**7)),
     Key("sampler.seed", "int", 0, "Random seed of training and sampling (CLI `--seed` "
         "overrides it).", "42", _non_negative),
     Key("output.path", "path_out", None, "Result netCDF file (default: "

@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -36,8 +37,14 @@ def build_parser():
     run.add_argument("--out", type=Path, help="result netCDF file (default: output.path or "
                      "results/<name>.nc)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the model saved beside the result")
+                     help="continue from the checkpoint saved beside the result (.ckpt)")
     run.add_argument("--seed", type=int, help="random seed (overrides sampler.seed)")
+    run.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help="training steps between checkpoints (overrides "
+                     "sampler.checkpoint_every; 0: stage ends only)")
+    run.add_argument("--ranks-per-solve", type=int, default=1, metavar="K",
+                     help="under mpirun: MPI ranks sharing each PDE solve (default 1: each rank "
+                     "solves its own samples)")
     check = sub.add_parser("check", help="validate a case file and print a summary")
     check.add_argument("case", type=Path, help="case file (YAML)")
     plot = sub.add_parser("plot", help="write PNG figures of a result file")
@@ -66,14 +73,48 @@ def _check(args):
     return 0
 
 
+def _world():
+    """COMM_WORLD when started by mpirun with several ranks, else None (no MPI needed)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
 def _run(args):
     from geoinvert.case import load_case
-    from geoinvert.export import run
+    from geoinvert.export import checkpoint_path, run
+    from geoinvert.parallel import StopRequest
+    from geoinvert.train import TrainingInterrupted
+    world = _world()
+    root = world is None or world.Get_rank() == 0
+    if not root:
+        logger.setLevel(logging.ERROR)
+    for flag, value, low in (("--seed", args.seed, 0), ("--checkpoint-every",
+                             args.checkpoint_every, 0), ("--ranks-per-solve",
+                             args.ranks_per_solve, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag}: must be >= {low}, got {value}")
+    size = 1 if world is None else world.Get_size()
+    if size % args.ranks_per_solve:
+        raise UserError(f"--ranks-per-solve: {args.ranks_per_solve} does not divide the "
+                        f"{size} MPI ranks")
     case = load_case(args.case)
-    if args.seed is not None and args.seed < 0:
-        raise UserError(f"--seed: must be >= 0, got {args.seed}")
-    result = run(case, out=args.out, seed=args.seed, progress=not args.quiet, resume=args.resume)
-    if not args.quiet:
+    try:
+        with StopRequest() as stop:
+            result = run(case, out=args.out, seed=args.seed, comm=world, resume=args.resume,
+                         progress=not args.quiet and root, ranks_per_solve=args.ranks_per_solve,
+                         checkpoint_every=args.checkpoint_every, stop=stop)
+    except TrainingInterrupted as err:
+        if root:
+            from geoinvert.export import result_path
+            out = result_path(case, args.out)
+            _error(f"{err}; checkpoint saved to {checkpoint_path(out)}. Resume with: "
+                   f"geoinvert run {args.case} --out {out} --resume"
+                   + (f" --seed {args.seed}" if args.seed is not None else ""))
+        return 128 + (15 if stop.received == "SIGTERM" else 2)
+    if root and not args.quiet:
         print(f"wrote {result.path} and {result.model_path}")
     return 0
 
@@ -102,11 +143,39 @@ def _error(message):
     print(f"geoinvert: error: {message}", file=sys.stderr)
 
 
+def _started_world():
+    """COMM_WORLD of several ranks if this process already uses MPI, else None."""
+    return _world() if "mpi4py.MPI" in sys.modules else None
+
+
+def _is_root():
+    world = _started_world()
+    return world is None or world.Get_rank() == 0
+
+
+def _rank_prefix():
+    """``"rank r: "`` when running under mpirun with several ranks, else ``""``."""
+    world = _started_world()
+    return "" if world is None else f"rank {world.Get_rank()}: "
+
+
+def _abort_others(status):
+    """Under MPI, end every rank now: a rank that failed alone would leave the others waiting
+    forever in a collective call."""
+    world = _started_world()
+    if world is not None:
+        sys.stderr.flush()
+        world.Abort(status)
+
+
 def main(argv=None):
     """Entry point: parse ``argv`` (default ``sys.argv[1:]``) and return the exit status.
 
     Exit status 0 on success, 2 for user errors (one line on stderr naming the key or path;
-    ``--debug`` shows the traceback), 1 for internal errors, 130 on interrupt.
+    ``--debug`` shows the traceback), 1 for internal errors and failed training, 130/143 on
+    SIGINT/SIGTERM. Under mpirun, user errors and failed training happen on every rank alike
+    and rank 0 prints them; any other error on one rank is printed by that rank and ends the
+    whole job (MPI_Abort) rather than leaving the other ranks waiting.
     """
     from geoinvert.errors import CaseError
     parser = build_parser()
@@ -120,15 +189,26 @@ def main(argv=None):
     except (CaseError, UserError) as err:
         if args.debug:
             raise
-        _error(err)
+        if _is_root():
+            _error(err)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        _error("interrupted")
+        _error(f"{_rank_prefix()}interrupted")
+        _abort_others(130)
         return 130
     except Exception as err:  # noqa: BLE001 - last resort: one line unless --debug
-        if args.debug:
+        from geoinvert.train import TrainingError
+        if isinstance(err, TrainingError):     # decided on every rank alike
+            if _is_root():
+                _error(f"training failed: {err}")
+            return 1
+        if args.debug and _started_world() is None:
             raise
-        _error(f"internal error: {type(err).__name__}: {err} (rerun with --debug for details)")
+        if args.debug:
+            traceback.print_exc()
+        _error(f"{_rank_prefix()}internal error: {type(err).__name__}: {err} (rerun with "
+               "--debug for details)")
+        _abort_others(1)
         return 1
 
 

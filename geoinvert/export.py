@@ -5,14 +5,15 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["Result", "run", "load_model", "result_path", "build_dataset", "write_netcdf",
-           "read_result", "figures", "marginal_direction"]
+__all__ = ["Result", "run", "load_model", "result_path", "checkpoint_path", "build_dataset",
+           "write_netcdf", "atomic_path", "read_result", "figures", "marginal_direction"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,27 +142,36 @@ def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
     return xr.Dataset(data, coords=coords, attrs={"Conventions": "CF-1.8", **_clean_attrs(attrs)})
 
 
-def write_netcdf(ds, path):
-    """Write ``ds`` to ``path`` atomically: a temporary file in the same folder, then rename.
+@contextmanager
+def atomic_path(path):
+    """A temporary path in the folder of ``path``, renamed to ``path`` when the block succeeds.
 
-    On any failure the temporary file is removed and ``path`` is left untouched.
-
-    Returns:
-        Path of the written file.
+    Readers never see a half-written file: on any failure the temporary file is removed and
+    ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
     os.close(fd)
     try:
-        ds.to_netcdf(tmp, engine="netcdf4")
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_netcdf(ds, path):
+    """Write ``ds`` to ``path`` atomically (see :func:`atomic_path`).
+
+    Returns:
+        Path of the written file.
+    """
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4")
     logger.info("wrote %s", path)
-    return path
+    return Path(path)
 
 
 def _umask():
@@ -315,24 +325,56 @@ def model_path(path):
     return Path(path).with_suffix(".pt")
 
 
+def checkpoint_path(path):
+    """The training checkpoint beside a result file: ``result.nc -> result.ckpt``."""
+    return Path(path).with_suffix(".ckpt")
+
+
 def _new_model(case):
     from geoinvert.flows.msign import MsIGN
     s = case.config["sampler"]
     return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"])
 
 
-def _resume_model(case, path):
-    """The checkpoint beside ``path`` and the first stage still to train (1 if none)."""
-    import json
-    from geoinvert.flows.msign import MsIGN
-    ckpt = model_path(path)
-    if not ckpt.is_file():
-        logger.info("no checkpoint at %s; training from scratch", ckpt)
-        return _new_model(case), 1
-    meta = json.loads(ckpt.with_suffix(".json").read_text()).get("metadata", {})
-    done = int(meta.get("completed_stage", 0))
-    logger.info("resuming from %s after stage %d", ckpt, done)
-    return MsIGN.load(ckpt, case.prior()), done + 1
+def _checkpoint_meta(case, seed):
+    from geoinvert import __version__
+    return {"case": case.text, "folder": str(case.folder), "seed": seed,
+            "geoinvert_version": __version__}
+
+
+def _write_checkpoint(path, state, meta):
+    """Save a training state with its run metadata to ``path`` atomically."""
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save({"meta": meta, "state": state}, tmp)
+    logger.debug("checkpoint: stage %d, step %d -> %s", state["stage"], state["step"], path)
+
+
+def _read_checkpoint(case, path, seed):
+    """The training state saved at ``path`` for this case and seed, or None if there is none.
+
+    Raises:
+        CaseError: The file cannot be read, or it was written for another case text or seed.
+    """
+    import torch
+    from geoinvert.errors import CaseError
+    if not path.is_file():
+        logger.warning("no checkpoint at %s: training from the start", path)
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)    # never runs pickled code
+        meta, state = saved["meta"], saved["state"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise CaseError(str(path), f"cannot read this checkpoint ({type(err).__name__}: {err}); "
+                        "delete it to train from the start") from None
+    if meta.get("case") != case.text:
+        raise CaseError(str(path), "was written for a different case file; run without "
+                        "--resume to start afresh (it will be overwritten)")
+    if meta.get("seed") != seed:
+        raise CaseError(str(path), f"was written with seed {meta.get('seed')}, not {seed}; "
+                        f"resume with --seed {meta.get('seed')}")
+    logger.info("resuming from %s: stage %d, step %d", path, state["stage"], state["step"])
+    return state
 
 
 def _save_model(model, path, metadata):
@@ -352,11 +394,11 @@ def _save_model(model, path, metadata):
 class _Progress:
     """tqdm bar over forward solves showing stage, loss and importance-sampling ESS."""
 
-    def __init__(self, total, enabled):
+    def __init__(self, total, enabled, initial=0):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total or None, unit="nFS", disable=not enabled, dynamic_ncols=True,
-                        desc="stage 1")
-        self.nfs = 0
+                        desc="stage 1", initial=initial)
+        self.nfs = initial
 
     def __call__(self, info):
         self.bar.set_description(f"stage {info['stage']}", refresh=False)
@@ -369,16 +411,19 @@ class _Progress:
         self.bar.close()
 
 
-def _train(case, model, posteriors, *, start, generator, progress, checkpoint):
-    """Train stages ``start..L`` with :func:`geoinvert.train.train_msign`; returns the history."""
+def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, stop, comm,
+           checkpoint_every):
+    """Train every stage with :func:`geoinvert.train.train_msign`; returns the history."""
     from geoinvert.case import estimate_cost
     from geoinvert.train import train_msign
     s = case.config["sampler"]
-    bar = _Progress(s["budget"] or estimate_cost(case)[0], progress)
+    done = resume["budget"]["used"] if resume else 0
+    bar = _Progress(s["budget"] or estimate_cost(case)[0], progress, initial=done)
     try:
-        return train_msign(model, posteriors, start=start, steps=s["steps"], batch=s["batch"],
+        return train_msign(model, posteriors, start=1, steps=s["steps"], batch=s["batch"],
                            lr=s["lr"], objective=s["objective"], budget=s["budget"] or None,
-                           generator=generator, callback=bar, checkpoint=checkpoint)
+                           generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
+                           checkpoint_every=checkpoint_every, resume=resume, stop=stop)
     finally:
         bar.close()
 
@@ -391,18 +436,26 @@ def _importance_diagnostics(log_target, log_prob):
             "psis_khat": float(diagnostics.psis_khat(log_w))}
 
 
-def _draw(case, model, posterior, generator):
-    """Final samples with flow and target log densities and the predictive mean."""
+def _draw(case, model, posterior, generator, ensemble):
+    """Final samples with flow and target log densities, the predictive mean and level means.
+
+    The noise is drawn whole on every rank; each solve group evaluates its block and the blocks
+    are gathered, so the samples do not depend on the number of ranks.
+    """
     import torch
+    from geoinvert.train import Ensemble, _decode, draw_noise
+    ens = Ensemble(ensemble)
     n = case.config["output"]["samples"]
     with torch.no_grad():
-        x, log_prob = model.sample(n, generator=generator, level=case.finest)
+        x, log_prob = _decode(model, draw_noise(model, case.finest, n, generator, ens))
         x = x.to(torch.float64)
-        pred = posterior.forward(x).numpy()
-        log_target = posterior.log_prob(x).numpy()
+        log_target, pred = posterior.evaluate(x)
+        x, log_prob, log_target, pred = (ens.gather(t) for t in (x, log_prob.to(torch.float64),
+                                                                 log_target, pred))
         levels, _ = model.sample_levels(n, generator=generator, level=case.finest)
     means = {l: xl.to(torch.float64).mean(0).numpy() for l, xl in enumerate(levels, start=1)}
-    return x.numpy(), log_prob.to(torch.float64).numpy(), log_target, np.nanmean(pred, 0), means
+    return (x.numpy(), log_prob.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0), means,
+            n)
 
 
 def _observations(case, predicted):
@@ -419,13 +472,14 @@ def _observations(case, predicted):
     return out
 
 
-def _attrs(case, seed, nfs, wall, diagnostics):
+def _attrs(case, seed, nfs, wall, diagnostics, ranks, resumed):
     from geoinvert import __version__
     return {"title": f"geoinvert posterior: {case.name}", "geoinvert_version": __version__,
             "case_name": case.name, "description": case.config["description"],
             "case": case.text, "seed": seed, "nfs": int(nfs), "wall_time": float(wall),
             "forward_kind": case.config["forward"]["kind"], "finest_level": case.finest,
-            "synthetic": int(case.synthetic), "diagnostics": diagnostics}
+            "synthetic": int(case.synthetic), "mpi_ranks": ranks, "resumed": int(resumed),
+            "diagnostics": diagnostics}
 
 
 def _history(history):
@@ -438,53 +492,92 @@ def _history(history):
     return {k: np.asarray([h.get(k, np.nan) for h in history]) for k in keys}
 
 
-def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False):
+def _check_writable(path, lay):
+    """Fail early, on every rank alike, when the root cannot write beside ``path``."""
+    from geoinvert.errors import CaseError
+    problem = None
+    if lay.root:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                problem = "folder is not writable"
+        except OSError as err:
+            problem = f"cannot create the folder ({err.strerror})"
+    problem = lay.bcast(problem)
+    if problem:
+        raise CaseError(str(path), problem)
+
+
+def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ranks_per_solve=1,
+        checkpoint_every=None, stop=None):
     """Train MsIGN on a case stage by stage, sample it and write the result.
 
-    Writes ``out`` (netCDF, atomically) and the trained model beside it (``.pt`` + ``.json``);
-    with ``resume`` training continues after the last completed stage of that model. Nothing is
+    Writes ``out`` (netCDF, atomically), the trained model beside it (``.pt`` + ``.json``) and
+    training checkpoints (``.ckpt``, every ``checkpoint_every`` steps and at each stage end);
+    with ``resume`` training continues from that checkpoint. Nothing but the checkpoint is
     written if training fails.
+
+    Under MPI (``comm`` with several ranks) every rank calls :func:`run` with the same
+    arguments: batches are shared out over solve groups of ``ranks_per_solve`` ranks, gradients
+    summed, and rank 0 alone writes files. A seed gives the same result on any number of ranks
+    (up to the rounding of the gradient sums), and a resumed run the same as an uninterrupted
+    one on the same ranks.
 
     Args:
         case: A :class:`~geoinvert.case.Case`, a path to a case file or a dict.
         out: Result path (default: see :func:`result_path`).
         seed: Overrides ``sampler.seed``.
-        comm: MPI communicator of the forward models (default: one process).
-        progress: Show a progress bar.
-        resume: Continue from the model saved beside ``out``.
+        comm: MPI communicator of the whole run (default: one process).
+        progress: Show a progress bar (on rank 0).
+        resume: Continue from the checkpoint beside ``out`` (from the start if there is none).
+        ranks_per_solve: Ranks sharing each PDE solve (a divisor of the number of ranks).
+        checkpoint_every: Steps between checkpoints (default ``sampler.checkpoint_every``).
+        stop: ``stop() -> bool`` polled after every step (see :class:`geoinvert.parallel.StopRequest`);
+            when true, a checkpoint is written and :class:`geoinvert.train.TrainingInterrupted`
+            raised.
 
     Returns:
         :class:`Result`.
     """
     import torch
     from geoinvert.case import Case, load_case
+    from geoinvert.parallel import layout
     case = case if isinstance(case, Case) else load_case(case)
     seed = case.seed if seed is None else int(seed)
+    lay = layout(comm, ranks_per_solve)
     path, start_time = result_path(case, out), time.perf_counter()
+    _check_writable(path, lay)
+    ckpt, meta = checkpoint_path(path), _checkpoint_meta(case, seed)
+    every = case.config["sampler"]["checkpoint_every"] if checkpoint_every is None \
+        else checkpoint_every
+    state = _read_checkpoint(case, ckpt, seed) if resume else None
     generator = torch.Generator().manual_seed(seed)
-    posteriors = {l: case.posterior(l, comm) for l in case.levels}
-    model, start = _resume_model(case, path) if resume else (_new_model(case), 1)
-    meta = {"case": case.text, "folder": str(case.folder), "seed": seed}
+    posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
+    model = _new_model(case)
 
-    def checkpoint(stage):
-        _save_model(model, model_path(path), {**meta, "completed_stage": stage})
+    def checkpoint(training_state):
+        if lay.root:
+            _write_checkpoint(ckpt, training_state, meta)
 
-    history = _train(case, model, posteriors, start=start, generator=generator,
-                     progress=progress, checkpoint=checkpoint)
-    x, log_prob, log_target, predicted, means = _draw(case, model, posteriors[case.finest],
-                                                      generator)
-    nfs = sum(p.forward.n_solves for p in posteriors.values())
+    history = _train(case, model, posteriors, generator=generator,
+                     progress=progress and lay.root, checkpoint=checkpoint, resume=state,
+                     stop=stop, comm=lay.ensemble, checkpoint_every=every)
+    x, log_prob, log_target, predicted, means, drawn = _draw(
+        case, model, posteriors[case.finest], generator, lay.ensemble)
+    nfs = (history[-1]["nfs"] if history else 0) + drawn
     ds = build_dataset(
         x, log_prob=log_prob, log_target=log_target, bounds=case.bounds,
         units=case.config["domain"]["units"], quantiles=case.config["output"]["quantiles"],
         level_means=means, observations=_observations(case, predicted), truth=case.truth,
         direction=_direction(case), history=_history(history),
         attrs=_attrs(case, seed, nfs, time.perf_counter() - start_time,
-                     _importance_diagnostics(log_target, log_prob)))
-    mpath = _save_model(model, model_path(path), {**meta, "completed_stage": case.finest})
-    write_netcdf(ds, path)
-    if case.config["output"]["figures"]:
-        figures(ds, path.with_suffix("").with_name(path.stem + "_figures"))
+                     _importance_diagnostics(log_target, log_prob), lay.size, state is not None))
+    mpath = model_path(path)
+    if lay.root:
+        _save_model(model, mpath, {**meta, "completed_stage": case.finest})
+        write_netcdf(ds, path)
+        if case.config["output"]["figures"]:
+            figures(ds, path.with_suffix("").with_name(path.stem + "_figures"))
     return Result(ds, model, path, mpath)
 
 

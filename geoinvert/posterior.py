@@ -48,7 +48,10 @@ class Posterior:
 
     def log_likelihood(self, x):
         """Gaussian log likelihood ``(num,)`` of fields ``x (num, ny, nx)``; ``-inf`` where F fails."""
-        pred = self.forward(x).to(torch.float64)
+        return self._log_likelihood(self.forward(x).to(torch.float64)).to(_float_dtype(x))
+
+    def _log_likelihood(self, pred):
+        """Log likelihood ``(num,)`` (float64) of predictions ``pred (num, n_obs)``."""
         y = torch.as_tensor(self.data)
         bad = ~torch.isfinite(pred).all(dim=1)
         # mask the *inputs* of the misfit so failed rows carry no NaN into the backward pass
@@ -57,7 +60,18 @@ class Posterior:
         value = torch.where(bad, torch.full_like(misfit, -math.inf), self._log_norm - 0.5 * misfit)
         if bad.any():
             logger.debug("%d of %d samples have non-finite predictions", int(bad.sum()), bad.numel())
-        return value.to(_float_dtype(x))
+        return value
+
+    @torch.no_grad()
+    def evaluate(self, x):
+        """``(log_prob(x), F(x))`` from one forward solve per sample, without gradients.
+
+        Returns:
+            Tensors ``(num,)`` and ``(num, n_obs)``, float64 (NaN rows of F where a solve failed).
+        """
+        pred = self.forward(x).to(torch.float64)
+        prior = self.prior.log_prob(x, self.level).to(torch.float64)
+        return prior + self._log_likelihood(pred), pred
 
     def log_prob(self, x):
         """Unnormalised log posterior ``(num,)`` = log prior + log likelihood, differentiable."""

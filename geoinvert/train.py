@@ -21,6 +21,9 @@ __all__ = [
     "importance_pool",
     "pool_jeffreys_loss",
     "training_step",
+    "TrainingInterrupted",
+    "draw_noise",
+    "CHECKPOINT_VERSION",
     "train_stage",
     "train_msign",
     "solve_cost",
@@ -96,6 +99,21 @@ class Ensemble:
         """This rank's part of ``num`` samples (the first ``num % size`` ranks take one more)."""
         return num // self.size + (self.rank < num % self.size)
 
+    def part(self, num: int) -> slice:
+        """This rank's contiguous block of ``num`` samples, ``share(num)`` long, in rank order."""
+        start = self.rank * (num // self.size) + min(self.rank, num % self.size)
+        return slice(start, start + self.share(num))
+
+    def scatter(self, tensors):
+        """This rank's block (:meth:`part`) of each tensor of a list drawn whole on every rank."""
+        return [t[self.part(t.shape[0])] for t in tensors]
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate the ranks' blocks (:meth:`part`) along dim 0, on every rank."""
+        if self.comm is None:
+            return local
+        return torch.cat(self.comm.allgather(local))
+
     def sum(self, *values: float) -> np.ndarray:
         """Elementwise sum over the ranks of a few floats, ndarray float64."""
         local = np.asarray(values, dtype=np.float64)
@@ -170,8 +188,26 @@ class _Budget:
 # -- objectives -----------------------------------------------------------------------------------
 
 
-def _reverse_terms(model, posterior, num, generator):
-    r"""Reparameterised samples x = G(z) and per-sample terms of D_KL(p || q).
+def draw_noise(model, level, num, generator, ensemble=None):
+    """This rank's block of the noise of ``num`` samples of ``level``, drawn whole on every rank.
+
+    Every rank draws the whole batch from the same generator and keeps its own block
+    (:meth:`Ensemble.part`), so the generators stay in step and a seed gives the same samples,
+    hence the same training, on any number of ranks.
+    """
+    ens = ensemble or Ensemble()
+    return ens.scatter(model.sample_noise(num, level, generator=generator))
+
+
+def _decode(model, zs, upto=None):
+    """``(x, log density)`` of noise ``zs`` through F_k, k <= ``upto`` (default: the stage)."""
+    x, logdet = model.decode(zs, upto=upto)
+    return x, standard_normal_log_prob(zs) - logdet
+
+
+def _reverse_terms(model, posterior, batch, generator, ens):
+    r"""Reparameterised samples x = G(z) (this rank's block of ``batch``) and the per-sample
+    terms of D_KL(p || q).
 
     The target is evaluated (float64) outside the flow's graph; its gradient g = d log q / dx is
     pulled back through x = G(z): d/dtheta [log p(x) - log q(x)] = d/dtheta [log p(x) - g . x].
@@ -180,7 +216,7 @@ def _reverse_terms(model, posterior, num, generator):
         ``(term, value, ok)``: differentiable ``log p - g . x`` ``(num,)``, the detached
         ``log p - log q`` (float64) and the mask of finite target values and gradients.
     """
-    x, log_p = model.sample(num, generator=generator, level=posterior.level)
+    x, log_p = _decode(model, draw_noise(model, posterior.level, batch, generator, ens))
     log_q, grad = posterior.grad_log_prob(x.detach().to(_F64))
     ok = torch.isfinite(log_q) & torch.isfinite(grad).flatten(1).all(1)
     grad = torch.where(ok[:, None, None], grad, torch.zeros_like(grad)).to(x.dtype)
@@ -208,7 +244,7 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
         ``{"loss", "ess", "nfs", "failed"}`` (global; ``ess`` is NaN here).
     """
     ens = ensemble or Ensemble()
-    term, value, ok = _reverse_terms(model, posterior, ens.share(batch), generator)
+    term, value, ok = _reverse_terms(model, posterior, batch, generator, ens)
     n_ok, total = ens.sum(float(ok.sum()), float(value[ok].sum()))
     loss = term[ok].sum() / n_ok if n_ok else term.sum() * math.nan
     stats = {"loss": total / n_ok if n_ok else math.nan, "ess": math.nan, "nfs": batch,
@@ -216,8 +252,9 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
     return loss, stats
 
 
-def _propose(model, level, num, generator, kind):
-    """Importance proposal ``(x, log s(x))`` without grad: the surrogate or a defensive mixture.
+def _propose(model, level, batch, generator, kind, ens):
+    """Importance proposal ``(x, log s(x))`` without grad (this rank's block of ``batch``): the
+    surrogate or a defensive mixture.
 
     ``surrogate``: PC_l(p_{l-1}) (MsIGN). ``defensive``: half from the surrogate, half from the
     prior (every F = identity), s = (surrogate + prior) / 2, which keeps modes the surrogate
@@ -225,15 +262,16 @@ def _propose(model, level, num, generator, kind):
     from the prior and half from the model, for stages without a trained coarser model
     (stage 1 without a pool, single-stage training).
     """
-    if kind == "surrogate":
-        return model.sample_surrogate(num, level, generator=generator)
-    defensive = kind == "defensive"
+    surrogate_upto = min(level - 1, model.stage)     # the surrogate: F_level = identity
     with torch.no_grad():
-        half = num // 2
-        x_prior = model.decode(model.sample_noise(num - half, level, generator=generator),
-                               upto=0)[0]
-        sampler = model.sample_surrogate if defensive else model.sample
-        x = torch.cat((x_prior, sampler(half, level=level, generator=generator)[0]))
+        if kind == "surrogate":
+            return _decode(model, draw_noise(model, level, batch, generator, ens), surrogate_upto)
+        defensive = kind == "defensive"
+        half = batch // 2
+        x_prior = model.decode(draw_noise(model, level, batch - half, generator, ens), upto=0)[0]
+        x_other = model.decode(draw_noise(model, level, half, generator, ens),
+                               upto=surrogate_upto if defensive else None)[0]
+        x = torch.cat((x_prior, x_other))
         log_other = (model.surrogate_log_prob if defensive else model.log_prob)(x, level)
         return x, torch.logaddexp(_prior_log_prob(model, x), log_other) - math.log(2.0)
 
@@ -244,9 +282,10 @@ def _prior_log_prob(model, x):
     return standard_normal_log_prob(zs) + logdet
 
 
-def _forward_terms(model, posterior, num, generator, proposal):
-    """Proposal samples, their log weights log q~ - log s (float64), finite mask, and log p."""
-    x, log_s = _propose(model, posterior.level, num, generator, proposal)
+def _forward_terms(model, posterior, batch, generator, proposal, ens):
+    """Proposal samples (this rank's block), their log weights log q~ - log s (float64), finite
+    mask, and log p."""
+    x, log_s = _propose(model, posterior.level, batch, generator, proposal, ens)
     with torch.no_grad():
         log_q = posterior.log_prob(x.to(_F64)).to(_F64)
     log_w = log_q - log_s.to(_F64)
@@ -293,8 +332,7 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
     """
     ens = ensemble or Ensemble()
     rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
-    log_p, log_q, log_w, ok = _forward_terms(model, posterior, ens.share(batch), generator,
-                                             proposal)
+    log_p, log_q, log_w, ok = _forward_terms(model, posterior, batch, generator, proposal, ens)
     w, ess = _snis_weights(log_w, ok, ens)
     w_t = w.to(log_p.dtype)
     forward = -(w_t * torch.where(ok, log_p, torch.zeros_like(log_p))).sum()
@@ -322,18 +360,21 @@ class ImportancePool:
         return float(1.0 / self.w.square().sum() / self.w.numel())
 
 
-def importance_pool(model, posterior, size, generator=None):
+def importance_pool(model, posterior, size, generator=None, ensemble=None):
     r"""Samples of q_l by importance sampling from the prior of level l (every F = identity).
 
     The "standard method" for the coarsest stage (4 dimensions): ``size`` prior draws, weights
     w_i propto q~(x_i) / rho(x_i), self-normalised; failed solves get weight 0. Costs ``size``
-    target evaluations once.
+    target evaluations once, shared out over the ranks of ``ensemble``; every rank gets the
+    whole pool.
     """
+    ens = ensemble or Ensemble()
     with torch.no_grad():
         zs = model.sample_noise(size, posterior.level, generator=generator)
         x, logdet = model.decode(zs, upto=0)
         log_prior = standard_normal_log_prob(zs).to(_F64) - logdet.to(_F64)
-        log_q = posterior.log_prob(x.to(_F64)).to(_F64)
+        mine = ens.part(size)
+        log_q = ens.gather(posterior.log_prob(x[mine].to(_F64)).to(_F64))
     log_w = torch.where(torch.isfinite(log_q), log_q - log_prior, -math.inf)
     if not torch.isfinite(log_w).any():
         raise TrainingError(f"every target evaluation of the level-{posterior.level} "
@@ -361,7 +402,7 @@ def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensembl
         rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
     else:
         rev, rev_stats = 0.0, {"loss": 0.0, "nfs": 0, "failed": 0}
-    idx = torch.multinomial(pool.w, ens.share(batch), replacement=True, generator=generator)
+    idx = torch.multinomial(pool.w, batch, replacement=True, generator=generator)[ens.part(batch)]
     log_p = model.log_prob(pool.x[idx], posterior.level)
     (value,) = ens.sum(float((pool.log_q[idx] - log_p.detach().to(_F64)).sum()))
     stats = {**rev_stats, "loss": rev_stats["loss"] + value / batch, "ess": pool.ess}
@@ -425,9 +466,21 @@ def training_step(model, posterior, optimizer, *, batch, generator, options, ens
     return {**stats, "grad_norm": norm, "skipped": skipped}
 
 
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on request (a signal); a checkpoint was handed to ``checkpoint``.
+
+    Attributes:
+        state: The checkpoint state (see :func:`train_msign`).
+    """
+
+    def __init__(self, message, state):
+        super().__init__(message)
+        self.state = state
+
+
 @dataclass
 class _StageRun:
-    """Mutable state of training: budget, step records, skipped-step counters."""
+    """Mutable state of training: budget, step records, skipped-step counters, checkpointing."""
 
     budget: _Budget
     costs: dict
@@ -435,6 +488,23 @@ class _StageRun:
     callback: object
     skipped: int = 0
     consecutive: int = 0
+    checkpoint: object = None
+    every: int = 0
+    stop: object = None
+
+
+@dataclass
+class _StageState:
+    """Where a stage is: its plan (fixed at its start) and progress; resumable."""
+
+    stage: int
+    planned: int
+    allowance: float
+    step: int = 0
+    spent: int = 0
+    elapsed: float = 0.0
+    pool: ImportancePool | None = None
+    evaluations: int = 1
 
 
 def _planned_steps(steps, batch, evaluations, allowance):
@@ -469,43 +539,101 @@ def _check_failures(run, stage, options, info):
             f"try a smaller lr (now {options.lr}) or check the forward model")
 
 
+CHECKPOINT_VERSION = 1
+
+
+def _state(model, optimizer, generator, run, st):
+    """Everything needed to continue training exactly where it is (see :func:`train_msign`)."""
+    pool = None if st.pool is None else {"x": st.pool.x, "w": st.pool.w, "log_q": st.pool.log_q}
+    return {"version": CHECKPOINT_VERSION, "stage": st.stage, "step": st.step,
+            "planned": st.planned, "allowance": st.allowance, "spent": st.spent,
+            "elapsed": st.elapsed, "evaluations": st.evaluations, "pool": pool,
+            "complete": st.step >= st.planned,
+            "model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "generator": None if generator is None else generator.get_state(),
+            "budget": {"total": run.budget.total, "used": run.budget.used,
+                       "finest": run.budget.finest},
+            "history": list(run.history), "skipped": run.skipped,
+            "consecutive": run.consecutive}
+
+
+def _stop_requested(run, ensemble):
+    """Whether any rank was asked to stop (an agreed answer: one tiny allreduce per step)."""
+    if run.stop is None:
+        return False
+    return ensemble.max(float(bool(run.stop()))) > 0
+
+
 def train_stage(model, posterior, *, stage, steps, options, run, generator=None, ensemble=None,
-                stages_left=1):
+                stages_left=1, resume=None):
     """Train F_1..F_stage on the posterior of level ``stage`` (or the finest, single-stage).
 
     Adam on :meth:`~geoinvert.flows.msign.MsIGN.active_parameters` with the per-stage learning
     rate schedule; the stage takes ``steps`` steps or fewer when its share of the remaining
     nFS budget (equal split over ``stages_left`` stages) runs out, never exceeding it.
 
+    With ``resume`` (a checkpoint state of this stage, see :func:`train_msign`) the stage goes
+    on from the step after it with the saved plan, pool and optimiser state.
+
     Returns:
         Number of steps taken.
     """
+    ens = ensemble or Ensemble()
     model.set_stage(stage)
-    allowance = run.budget.allowance(stages_left)
-    started = time.perf_counter()
-    pool, evaluations = _stage_pool(model, posterior, stage, options, run, allowance, generator)
-    if pool is not None:
-        allowance -= pool.w.numel()
-    planned = _planned_steps(steps, options.batch, evaluations, allowance)
     optimizer = torch.optim.Adam(model.active_parameters(), lr=options.lr)
-    spent = 0
-    for step in range(planned):
-        batch = options.batch if math.isinf(allowance) else \
-            min(options.batch, int(allowance - spent) // evaluations)
-        lr = options.lr * lr_factor(step, planned, options.schedule, options.lr_min)
+    if resume is None:
+        st = _new_stage(model, posterior, stage, steps, options, run, generator, ens, stages_left)
+    else:
+        st = _StageState(stage, resume["planned"], resume["allowance"], resume["step"],
+                         resume["spent"], resume["elapsed"], _pool_of(resume["pool"]),
+                         resume["evaluations"])
+        optimizer.load_state_dict(resume["optimizer"])
+    started = time.perf_counter() - st.elapsed
+    while st.step < st.planned:
+        batch = options.batch if math.isinf(st.allowance) else \
+            min(options.batch, int(st.allowance - st.spent) // st.evaluations)
+        lr = options.lr * lr_factor(st.step, st.planned, options.schedule, options.lr_min)
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = training_step(model, posterior, optimizer, batch=batch, generator=generator,
-                              options=options, ensemble=ensemble, pool=pool,
-                              reverse=pool is None or step >= options.pool_warmup * planned)
-        spent += stats["nfs"]
-        info = _record(run, stage, step, stats, lr, started)
+                              options=options, ensemble=ens, pool=st.pool,
+                              reverse=st.pool is None or st.step >= options.pool_warmup * st.planned)
+        st.spent += stats["nfs"]
+        info = _record(run, stage, st.step, stats, lr, started)
+        st.step += 1
+        st.elapsed = time.perf_counter() - started
         _check_failures(run, stage, options, info)
-    _log_stage(stage, planned, run)
-    return planned
+        stop = _stop_requested(run, ens)
+        if stop or (run.every and st.step % run.every == 0 and st.step < st.planned):
+            state = _state(model, optimizer, generator, run, st)
+            if run.checkpoint is not None:
+                run.checkpoint(state)
+            if stop:
+                raise TrainingInterrupted(f"stopped on request at stage {stage}, step "
+                                          f"{st.step} of {st.planned}", state)
+    if run.checkpoint is not None:
+        run.checkpoint(_state(model, optimizer, generator, run, st))
+    _log_stage(stage, st.planned, run)
+    return st.planned
 
 
-def _stage_pool(model, posterior, stage, options, run, allowance, generator):
+def _new_stage(model, posterior, stage, steps, options, run, generator, ens, stages_left):
+    """The plan of a stage starting now: its nFS allowance, pool and number of steps."""
+    allowance = run.budget.allowance(stages_left)
+    pool, evaluations = _stage_pool(model, posterior, stage, options, run, allowance, generator,
+                                    ens)
+    if pool is not None:
+        allowance -= pool.w.numel()
+    planned = _planned_steps(steps, options.batch, evaluations, allowance)
+    return _StageState(stage, planned, allowance, pool=pool, evaluations=evaluations)
+
+
+def _pool_of(saved):
+    return None if saved is None else ImportancePool(saved["x"], saved["w"], saved["log_q"])
+
+
+def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens):
     """The importance pool of stage 1 (Jeffreys, multi-stage) and the solves per sample of a step.
 
     The pool takes at most half of the stage's allowance; its solves are spent at once.
@@ -516,7 +644,7 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator):
         if use else 0
     if size < 2:
         return None, options.evaluations
-    pool = importance_pool(model, posterior, size, generator)
+    pool = importance_pool(model, posterior, size, generator, ens)
     run.budget.spend(size, run.costs[stage])
     logger.info("stage %d: importance pool of %d prior samples, ESS fraction %.3f", stage,
                 size, pool.ess)
@@ -539,18 +667,11 @@ def _steps_of(steps, level):
     return int(steps)
 
 
-def _rank_generator(generator, ensemble):
-    """Independent noise per rank: a rank-offset seed drawn from ``generator`` (same on all)."""
-    if ensemble.size == 1:
-        return generator
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    return torch.Generator().manual_seed(seed + 7919 * ensemble.rank)
-
-
 def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, objective="jeffreys",
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
                 schedule="cosine", lr_min=0.05, grad_clip=10.0, max_failures=20, proposal="auto",
-                pool=4096, pool_warmup=0.5, comm=None):
+                pool=4096, pool_warmup=0.5, comm=None, checkpoint_every=0, resume=None,
+                stop=None):
     r"""Train an MsIGN stage by stage on the posteriors of its levels.
 
     Stage l trains F_1..F_l on q_l, starting from stage l-1 with F_l = identity (MsIGN
@@ -568,9 +689,16 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         objective: ``"jeffreys"`` or ``"reverse_kl"``.
         budget: Total forward solves (nFS) over all stages, or None. Each stage gets an equal
             share of what is left; the total is never exceeded.
-        generator: ``torch.Generator`` of the noise.
+        generator: ``torch.Generator`` of the noise. Every rank must pass one in the same state:
+            each draws whole batches and keeps its block (:func:`draw_noise`), so one seed
+            gives the same training on any number of ranks, up to the order of the gradient sum.
         callback: ``callback(info)`` after every step, ``info`` the history record.
-        checkpoint: ``checkpoint(stage)`` after every completed stage.
+        checkpoint: ``checkpoint(state)`` at the end of every stage, every ``checkpoint_every``
+            steps and when stopped on request. ``state`` is a dict of tensors, numbers and lists
+            (loadable with ``torch.load(..., weights_only=True)``; the same on every rank):
+            ``stage``, ``step`` (steps done in it), ``complete``, ``model`` (state dict),
+            ``optimizer``, ``generator`` (RNG state), ``budget``, ``history``, the stage plan
+            and pool. Pass it back as ``resume`` to continue.
         single_stage: Train only the finest level from the prior-conditioned model.
         schedule: Learning rate per stage, ``"cosine"`` (to ``lr_min * lr``), ``"step"`` or
             ``"constant"``.
@@ -592,6 +720,14 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
             KL alone would pull a fresh flow into one mode of a multimodal q_1.
         comm: Ensemble communicator: ranks split the batch, each with its own forward models,
             and sum gradients (None: one process).
+        checkpoint_every: Steps between checkpoints within a stage (0: stage ends only).
+        resume: A checkpoint state: the model, optimiser, generator, budget and history are
+            restored and training goes on from the step after it (``start`` is ignored). The
+            other arguments must be those of the interrupted run; the continued run then
+            takes the same steps as an uninterrupted one (bitwise on the same ranks).
+        stop: ``stop()`` -> bool, polled after every step (e.g. set by a signal handler); when
+            any rank says True, all ranks write a checkpoint and raise
+            :class:`TrainingInterrupted` at the same step.
 
     Returns:
         History: one dict per step with ``stage``, ``step``, ``nfs`` (cumulative solves),
@@ -602,27 +738,56 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
 
     Raises:
         TrainingError: ``max_failures`` consecutive steps were skipped.
+        TrainingInterrupted: ``stop()`` asked to stop (after the checkpoint was written).
     """
     options = TrainOptions(objective=objective, batch=batch, lr=lr, schedule=schedule,
                            lr_min=lr_min, grad_clip=grad_clip, max_failures=max_failures,
                            proposal=proposal, single_stage=single_stage, pool=pool,
                            pool_warmup=pool_warmup)
+    if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
     finest = max(posteriors)
     if finest > model.levels:
         raise ValueError(f"posteriors go up to level {finest}, the model to {model.levels}")
     stages = [finest] if single_stage else list(range(max(start, 1), finest + 1))
     if single_stage and start > finest:
         stages = []
+    run = _StageRun(_Budget(budget), level_costs(posteriors), [], callback,
+                    checkpoint=checkpoint, every=int(checkpoint_every), stop=stop)
+    stage_resume = None
+    if resume is not None:
+        stages, stage_resume = _restore(model, resume, run, generator, stages, single_stage,
+                                        finest)
     missing = sorted(set(stages) - set(posteriors))
     if missing:
         raise ValueError(f"posteriors missing for levels {missing}")
     ensemble = Ensemble(comm)
-    run = _StageRun(_Budget(budget), level_costs(posteriors), [], callback)
-    generator = _rank_generator(generator, ensemble)
     for k, stage in enumerate(stages):
         train_stage(model, posteriors[stage], stage=stage, steps=_steps_of(steps, stage),
                     options=options, run=run, generator=generator, ensemble=ensemble,
-                    stages_left=len(stages) - k)
-        if checkpoint is not None:
-            checkpoint(stage)
+                    stages_left=len(stages) - k, resume=stage_resume if k == 0 else None)
     return run.history
+
+
+def _restore(model, state, run, generator, stages, single_stage, finest):
+    """Load a checkpoint ``state``; returns the stages left and the state of the first one."""
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {state.get('version')!r} is not "
+                         f"{CHECKPOINT_VERSION}")
+    stage = int(state["stage"])
+    if single_stage and stage != finest or not single_stage and not 1 <= stage <= finest:
+        raise ValueError(f"checkpoint of stage {stage} does not fit this training "
+                         f"({'single-stage' if single_stage else 'stages 1..'}{finest})")
+    model.set_stage(stage)
+    model.load_state_dict(state["model"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+    budget = state["budget"]
+    if budget["total"] != run.budget.total:
+        raise ValueError(f"checkpoint budget {budget['total']} differs from {run.budget.total}")
+    run.budget.used, run.budget.finest = int(budget["used"]), float(budget["finest"])
+    run.history[:] = state["history"]
+    run.skipped, run.consecutive = int(state["skipped"]), int(state["consecutive"])
+    if state["complete"]:
+        return list(range(stage + 1, finest + 1)) if not single_stage else [], None
+    return list(range(stage, finest + 1)) if not single_stage else [stage], state

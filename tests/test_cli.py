@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,10 @@ def trainer(monkeypatch):
     calls, real = [], train.train_msign
 
     def train_msign(model, posteriors, **kwargs):
+        resume = kwargs.get("resume")
         calls.append({"start": kwargs["start"], "levels": sorted(posteriors),
-                      "steps": kwargs["steps"]})
+                      "steps": kwargs["steps"],
+                      "resume": resume and (resume["stage"], resume["step"])})
         return real(model, posteriors, **kwargs)
     monkeypatch.setattr(train, "train_msign", train_msign)
     return calls
@@ -71,8 +72,9 @@ def test_run_writes_result_and_model(case_file, tmp_path, trainer, capsys):
     out = tmp_path / "res" / "small.nc"
     assert cli.main(["run", str(case_file), "--out", str(out), "--seed", "5", "-q"]) == 0
     assert capsys.readouterr().out == ""
-    assert sorted(p.name for p in out.parent.iterdir()) == ["small.json", "small.nc", "small.pt"]
-    assert trainer == [{"start": 1, "levels": [1, 2, 3], "steps": 2}]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["small.ckpt", "small.json", "small.nc",
+                                                               "small.pt"]
+    assert trainer == [{"start": 1, "levels": [1, 2, 3], "steps": 2, "resume": None}]
     with xr.open_dataset(out) as ds:
         assert ds["samples"].dims == ("sample", "y", "x") and ds.sizes["sample"] == 40
         assert {"mean", "std", "quantiles", "log_prob", "log_target", "truth", "direction",
@@ -87,20 +89,23 @@ def test_run_writes_result_and_model(case_file, tmp_path, trainer, capsys):
     torch.testing.assert_close(model.log_prob(x), log_p)
 
 
-def test_resume_continues_after_last_stage(case_file, tmp_path, trainer):
+def test_resume_of_a_finished_run_trains_no_more(case_file, tmp_path, trainer):
     out = tmp_path / "small.nc"
     assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 0
+    first = xr.open_dataset(out).load()
     assert cli.main(["run", str(case_file), "--out", str(out), "-q", "--resume"]) == 0
-    assert [c["start"] for c in trainer] == [1, 4]
+    assert [c["resume"] for c in trainer] == [None, (3, 2)]
+    with xr.open_dataset(out) as again:
+        xr.testing.assert_identical(again["samples"], first["samples"])
+        assert again.attrs["resumed"] == 1 and again.attrs["nfs"] == first.attrs["nfs"]
 
 
 def test_failed_run_leaves_nothing(case_file, tmp_path, monkeypatch, capsys):
-    module = types.ModuleType("geoinvert.train")
+    from geoinvert import train
 
     def broken(*args, **kwargs):
         raise RuntimeError("training diverged")
-    module.train_msign = broken
-    monkeypatch.setitem(sys.modules, "geoinvert.train", module)
+    monkeypatch.setattr(train, "train_msign", broken)
     out = tmp_path / "res" / "small.nc"
     assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 1
     assert "training diverged" in capsys.readouterr().err

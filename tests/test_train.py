@@ -95,6 +95,11 @@ def test_jeffreys_loss_of_exact_model_is_small(problem, proposal):
     assert abs(stats["loss"]) < 1e-3 and stats["nfs"] == 16
 
 
+def completed(stages):
+    """A checkpoint callback recording the stages whose end it saw."""
+    return lambda state: stages.append(state["stage"]) if state["complete"] else None
+
+
 # -- training --------------------------------------------------------------------------------------
 
 
@@ -116,7 +121,7 @@ def test_multistage_jeffreys_matches_exact_linear_posterior(problem):
     stages = []
     history = train_msign(model, posteriors, start=1, steps=[40, 40, 60], batch=32, lr=3e-3,
                           objective="jeffreys", budget=None, generator=gen(),
-                          callback=None, checkpoint=stages.append)
+                          callback=None, checkpoint=completed(stages))
     mean_err, std_err = relative_moment_errors(model, prior, exact)
     # Untrained (the prior): RMS errors ~0.28 (mean) and ~0.14 (std) of the prior std. The
     # Monte-Carlo error of 4000 samples is ~0.02 of the prior std; a short training (140 steps
@@ -211,7 +216,7 @@ def test_options_run(problem, options):
     model = new_model(prior)
     stages, infos = [], []
     history = train_msign(model, posteriors, start=1, steps=4, batch=8, lr=1e-3, budget=None,
-                          generator=gen(), callback=infos.append, checkpoint=stages.append,
+                          generator=gen(), callback=infos.append, checkpoint=completed(stages),
                           **{"objective": "jeffreys", **options})
     expected = [3] if options.get("single_stage") else [1, 2, 3]
     assert stages == expected and history == infos and len(history) == 4 * len(expected)
@@ -227,11 +232,11 @@ def test_resume_start_and_steps_per_level(problem):
     stages = []
     history = train_msign(model, posteriors, start=2, steps={2: 3, 3: 1}, batch=8, lr=1e-3,
                           objective="jeffreys", budget=None, generator=gen(), callback=None,
-                          checkpoint=stages.append)
+                          checkpoint=completed(stages))
     assert stages == [2, 3] and [h["stage"] for h in history] == [2, 2, 2, 3]
     assert train_msign(model, posteriors, start=4, steps=3, batch=8, lr=1e-3,
                        objective="jeffreys", budget=None, generator=gen(), callback=None,
-                       checkpoint=stages.append) == []
+                       checkpoint=completed(stages)) == []
 
 
 def test_serial_communicator_matches_no_communicator(problem):
