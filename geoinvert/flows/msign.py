@@ -64,7 +64,8 @@ class NearestUpsampling:
     fixed constant. Unlike the prior conditioning layer, the details do not depend on the coarse
     field and are uncorrelated: the flows F_l must learn the prior's fine-scale structure.
 
-    .. math:: \log|\det \partial \tilde x_l / \partial (x_{l-1}, z_l)| = m^2 \log 2 + 3 m^2 \log\sigma .
+    .. math:: \log|\det \partial \tilde x_l / \partial (x_{l-1}, z_l)|
+        = m^2 \log 2 + 3 m^2 \log\sigma .
 
     Args:
         level: Fine level l >= 2 (m = 2**(level-1)).
