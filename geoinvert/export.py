@@ -330,10 +330,15 @@ def checkpoint_path(path):
     return Path(path).with_suffix(".ckpt")
 
 
-def _new_model(case):
+def _new_model(case, seed):
+    """A new MsIGN whose random initial weights come from ``seed`` alone (not from the global
+    torch RNG), so a seed fixes the whole run in any process and on every rank."""
+    import torch
     from geoinvert.flows.msign import MsIGN
     s = case.config["sampler"]
-    return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"])
 
 
 def _checkpoint_meta(case, seed):
@@ -553,7 +558,7 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     state = _read_checkpoint(case, ckpt, seed) if resume else None
     generator = torch.Generator().manual_seed(seed)
     posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
-    model = _new_model(case)
+    model = _new_model(case, seed)
 
     def checkpoint(training_state):
         if lay.root:

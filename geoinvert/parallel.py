@@ -70,7 +70,7 @@ def layout(world=None, ranks_per_solve: int = 1) -> Layout:
         raise ValueError(f"ranks per solve must be a positive divisor of the number of ranks "
                          f"({size}), got {ranks_per_solve!r}")
     if size == 1:
-        return Layout(world)
+        return Layout()
     rank = world.Get_rank()
     if k == 1:
         from mpi4py import MPI

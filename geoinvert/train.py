@@ -1,5 +1,6 @@
 """Multi-stage MsIGN training: Jeffreys and reverse-KL objectives, nFS budgets, robust steps."""
 
+import copy
 import logging
 import math
 import time
@@ -550,7 +551,7 @@ def _state(model, optimizer, generator, run, st):
             "elapsed": st.elapsed, "evaluations": st.evaluations, "pool": pool,
             "complete": st.step >= st.planned,
             "model": {k: v.clone() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),   # Adam updates in place
             "generator": None if generator is None else generator.get_state(),
             "budget": {"total": run.budget.total, "used": run.budget.used,
                        "finest": run.budget.finest},

@@ -261,3 +261,77 @@ def test_level_costs_and_schedule(problem):
         train_msign(new_model(problem[0]), posteriors, steps=1, batch=4, lr=1e-3,
                     objective="forward_kl", budget=None, generator=gen(), callback=None,
                     checkpoint=None)
+
+
+# -- checkpoints, resume, stop requests -------------------------------------------------------------
+
+RESUMABLE = dict(steps=[4, 5, 6], batch=8, lr=3e-3, objective="jeffreys", pool=64,
+                 checkpoint_every=2)
+
+
+def parameters(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def saved_and_loaded(state, tmp_path):
+    """A state after a trip through torch.save / torch.load(weights_only=True)."""
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_from_any_checkpoint_gives_the_uninterrupted_model(problem, tmp_path):
+    prior, posteriors, _ = problem
+    states = []
+    model = new_model(prior)
+    history = train_msign(model, posteriors, generator=gen(), checkpoint=states.append,
+                          **RESUMABLE)
+    # every 2 steps within a stage, plus each stage end: stage 1 (4 steps) 2, 4; stage 2 (5) 2, 4,
+    # 5; stage 3 (6) 2, 4, 6
+    assert [(s["stage"], s["step"], s["complete"]) for s in states] == [
+        (1, 2, False), (1, 4, True), (2, 2, False), (2, 4, False), (2, 5, True),
+        (3, 2, False), (3, 4, False), (3, 6, True)]
+    for state in (states[0], states[3], states[4]):
+        resumed = new_model(prior, seed=99)         # other initial weights: all come from the state
+        other = train_msign(resumed, posteriors, generator=gen(123), checkpoint=None,
+                            resume=saved_and_loaded(state, tmp_path), **RESUMABLE)
+        assert torch.equal(parameters(resumed), parameters(model))
+        assert [h["loss"] for h in other] == [h["loss"] for h in history]
+        assert other[-1]["nfs"] == history[-1]["nfs"]
+
+
+def test_stop_request_checkpoints_and_raises_at_the_same_step(problem):
+    from geoinvert.train import TrainingInterrupted
+    prior, posteriors, _ = problem
+    reference = new_model(prior)
+    train_msign(reference, posteriors, generator=gen(), checkpoint=None, **RESUMABLE)
+    calls, saved = [], []
+
+    def stop():
+        calls.append(1)
+        return len(calls) == 7                      # after the 7th step: stage 2, step 3
+    model = new_model(prior)
+    with pytest.raises(TrainingInterrupted, match="stage 2, step 3 of 5") as info:
+        train_msign(model, posteriors, generator=gen(), checkpoint=saved.append, stop=stop,
+                    **RESUMABLE)
+    assert saved[-1]["stage"] == 2 and saved[-1]["step"] == 3
+    assert info.value.state["step"] == 3
+    resumed = new_model(prior)
+    train_msign(resumed, posteriors, generator=gen(), checkpoint=None, resume=saved[-1],
+                **RESUMABLE)
+    assert torch.equal(parameters(resumed), parameters(reference))
+
+
+def test_resume_rejects_a_state_that_does_not_fit(problem):
+    prior, posteriors, _ = problem
+    states = []
+    train_msign(new_model(prior), posteriors, generator=gen(), checkpoint=states.append,
+                **RESUMABLE)
+    with pytest.raises(ValueError, match="budget"):
+        train_msign(new_model(prior), posteriors, generator=gen(), resume=states[0],
+                    **{**RESUMABLE, "budget": 500})
+    with pytest.raises(ValueError, match="version"):
+        train_msign(new_model(prior), posteriors, generator=gen(),
+                    resume={**states[0], "version": 0}, **RESUMABLE)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_msign(new_model(prior), posteriors, generator=gen(), checkpoint_every=-1)
