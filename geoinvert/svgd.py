@@ -7,8 +7,8 @@ import time
 import torch
 
 from geoinvert.train import (Ensemble, TrainOptions, _Budget, _check_failures, _log_stage,
-                             _planned_steps, _record, _StageRun, _steps_of, level_costs,
-                             lr_factor)
+                             _planned_steps, _record, _StageRun, _steps_of, draw_noise,
+                             level_costs, lr_factor)
 
 __all__ = ["median_bandwidth", "rbf_kernel", "stein_direction", "asvgd_loss", "asvgd_step",
            "train_asvgd"]
@@ -86,20 +86,6 @@ def stein_direction(x: torch.Tensor, score: torch.Tensor, *, particles: torch.Te
 # -- the amortized objective ----------------------------------------------------------------------
 
 
-def _my_block(ens, num):
-    """This rank's contiguous block of ``num`` samples (``ens.share(num)`` long, rank order)."""
-    start = ens.rank * (num // ens.size) + min(ens.rank, num % ens.size)
-    return slice(start, start + ens.share(num))
-
-
-def _allgather(ens, t):
-    """Concatenation of the ranks' tensors along dim 0, on every rank (float64)."""
-    if ens.comm is None:
-        return t.to(_F64)
-    parts = ens.comm.allgather(t.detach().to(_F64).numpy())
-    return torch.cat([torch.from_numpy(p) for p in parts])
-
-
 def asvgd_loss(model, posterior, batch, generator=None, *, ensemble=None):
     r"""Amortized SVGD surrogate loss of ``batch`` model samples x_i = G(z_i) (Feng et al. 2017).
 
@@ -128,12 +114,11 @@ def asvgd_loss(model, posterior, batch, generator=None, *, ensemble=None):
         direction (1/n) sum_i |phi(x_i)|^2, zero at an SVGD fixed point; ``ess`` is NaN.
     """
     ens = ensemble or Ensemble()
-    zs = [z[_my_block(ens, batch)] for z in
-          model.sample_noise(batch, posterior.level, generator=generator)]
-    x, _ = model.decode(zs)
+    x, _ = model.decode(draw_noise(model, posterior.level, batch, generator, ens))
     log_q, score = posterior.grad_log_prob(x.detach().to(_F64))
     ok = torch.isfinite(log_q) & torch.isfinite(score).flatten(1).all(1)
-    particles, scores = _allgather(ens, x.detach()[ok]), _allgather(ens, score[ok])
+    particles = ens.gather(x.detach()[ok].to(_F64))
+    scores = ens.gather(score[ok].to(_F64))
     n = particles.shape[0]
     stats = {"loss": math.nan, "ess": math.nan, "nfs": batch, "failed": batch - n}
     if n == 0:
