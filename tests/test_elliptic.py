@@ -267,3 +267,19 @@ def test_interleaved_cholesky_lanes_are_independent_and_flag_indefinite_matrices
     b = np.random.default_rng(14).normal(size=(n1 * n1, 2))
     x = chol.solve(slot, b)
     np.testing.assert_allclose(A @ x[:, 0], b[:, 0], rtol=0, atol=1e-12 * np.abs(b).max())
+
+
+def test_fast_solver_falls_back_to_petsc_without_compiled_kernels(monkeypatch):
+    import geoinvert.forward.elliptic as elliptic
+
+    def no_compiler():
+        raise OSError("no C compiler")
+
+    monkeypatch.setattr(elliptic, "_kernels", no_compiler)
+    model = EllipticForward(SELF, (4, 4), solver="fast", **OPTIONS)
+    assert isinstance(model.solver.backend, elliptic._PetscCholesky)
+    reference = EllipticForward(SELF, (4, 4), solver="lu", **OPTIONS)
+    m = _field(15, shape=(4, 4), num=2)
+    np.testing.assert_allclose(model(m), reference(m), rtol=1e-11)
+    with pytest.raises(OSError, match="no C compiler"):
+        elliptic.FastSolver(model.disc, backend="interleaved")
