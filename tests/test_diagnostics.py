@@ -112,6 +112,25 @@ def test_mode_fraction_along_a_direction():
     assert dg.mode_fraction(x, d, offset=5.0) == 0.0
 
 
+def test_two_means_recovers_two_separated_blobs():
+    rng = np.random.default_rng(3)
+    centre = np.zeros((4, 4))
+    centre[0, 0] = 4.0
+    x = np.concatenate([centre + rng.standard_normal((300, 4, 4)),
+                        -centre + rng.standard_normal((100, 4, 4))])
+    labels, centres = dg.two_means(x, seed=0)
+    truth = np.r_[np.zeros(300, int), np.ones(100, int)]
+    # blobs 8 apart with unit noise: a misassignment needs a 4-sigma excursion (p ~ 3e-5)
+    agreement = max((labels == truth).mean(), (labels != truth).mean())
+    assert agreement == 1.0
+    assert centres.shape == (2, 4, 4)
+    big = int(np.bincount(labels).argmax())
+    # each centre cell is a mean of 300 unit normals: within 4 standard errors of +-centre
+    assert np.abs(centres[big] - centre).max() < N_SE / math.sqrt(300)
+    with pytest.raises(ValueError, match="at least 2"):
+        dg.two_means(x[:1])
+
+
 def test_moment_errors_are_zero_for_exact_moments_and_scale_correctly():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((1000, 3, 3))
