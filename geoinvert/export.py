@@ -370,8 +370,9 @@ def _read_checkpoint(case, path, seed):
         saved = torch.load(path, weights_only=True)    # never runs pickled code
         meta, state = saved["meta"], saved["state"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise CaseError(str(path), f"cannot read this checkpoint ({type(err).__name__}: {err}); "
-                        "delete it to train from the start") from None
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise CaseError(str(path), f"not a readable geoinvert checkpoint ({type(err).__name__}: "
+                        f"{first}); delete it to train from the start") from None
     if meta.get("case") != case.text:
         raise CaseError(str(path), "was written for a different case file; run without "
                         "--resume to start afresh (it will be overwritten)")
