@@ -65,6 +65,10 @@ def _between(lo, hi):
     return check
 
 
+SAMPLER_KINDS = ("msign", "asvgd", "pcn", "mala", "hmc")
+MCMC_KINDS = ("pcn", "mala", "hmc")
+
+
 def _one_of(*choices):
     def check(v):
         if v in choices:
@@ -164,7 +168,9 @@ SCHEMA = (
         _non_negative),
     Key("noise.std", "float_or_floats", REQUIRED, "Standard deviation of the Gaussian "
         "observation noise: one number or one per observation.", "0.01", _each_positive),
-    Key("sampler.kind", "str", "msign", "Sampler.", "msign", _one_of("msign")),
+    Key("sampler.kind", "str", "msign", "Sampler: `msign` (the flow, trained stage by stage), "
+        "`asvgd` (the same network trained by amortized SVGD), or a reference MCMC run on the "
+        "finest level: `pcn`, `mala`, `hmc`.", "hmc", _one_of(*SAMPLER_KINDS)),
     Key("sampler.blocks", "int", 4, "Glow blocks per level.", "6", _between(1, 64)),
     Key("sampler.hidden", "int", 32, "Hidden channels of the coupling networks.", "64",
         _between(2, 1024)),
@@ -178,6 +184,19 @@ SCHEMA = (
     Key("sampler.checkpoint_every", "int", 50, "Training steps between checkpoints within a "
         "stage (0: at stage ends only); CLI `--checkpoint-every` overrides.", "20",
         _between(0, 10**7)),
+    Key("sampler.chains", "int", 4, "MCMC kinds: chains run side by side.", "8",
+        _between(1, 10**5)),
+    Key("sampler.draws", "int", 1000, "MCMC kinds: draws kept per chain after warm-up.", "5000",
+        _between(1, 10**8)),
+    Key("sampler.warmup", "int", 500, "MCMC kinds: adaptation iterations per chain, "
+        "discarded.", "1000", _between(0, 10**8)),
+    Key("sampler.thin", "int", 1, "MCMC kinds: iterations per kept draw.", "10",
+        _between(1, 10**6)),
+    Key("sampler.step_size", "float", None, "MCMC kinds: initial step (pCN beta in (0, 1]; "
+        "default 0.2 for pcn and hmc, 0.5 for mala), adapted during warm-up.", "0.1",
+        _positive),
+    Key("sampler.leapfrog", "int", 10, "HMC: leapfrog steps per transition.", "20",
+        _between(1, 10**4)),
     Key("sampler.seed", "int", 0, "Random seed of training and sampling (CLI `--seed` "
         "overrides it).", "42", _non_negative),
     Key("output.path", "path_out", None, "Result netCDF file (default: "
@@ -824,20 +843,25 @@ def prior_from_text(text):
 # --- summary and documentation -----------------------------------------------------------------
 
 def estimate_cost(case):
-    """Rough training cost: ``(forward solves, finest-solve equivalents, seconds)``.
+    """Rough cost of a run: ``(forward solves, finest-solve equivalents, seconds)``.
 
-    Each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys objective
+    MCMC kinds: every chain iteration solves once on the finest level (HMC: once per leapfrog
+    step). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys objective
     (samples of the flow and importance samples); a level-l solve costs ``4**(l - L)`` finest
     solves; a 64x64 elliptic solve takes about 6 ms, the test beds are nearly free.
     """
     s = case.config["sampler"]
+    fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() else 4 ** case.finest
+    per_solve = 6e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
+    if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
+        per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
+        solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
+        return solves, float(solves), solves * per_solve
     per_stage = s["steps"] * s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
     solves = per_stage * case.finest
     if s["budget"]:
         solves = min(solves, s["budget"])
     equivalents = sum(min(per_stage, solves) * 4.0 ** (l - case.finest) for l in case.levels)
-    fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() else 4 ** case.finest
-    per_solve = 6e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
     step = 0.13 * (s["batch"] / 64) * max(4 ** case.finest / 4096, 0.15)  # measured 64x64
     flow = step * s["steps"] * case.finest
     return solves, equivalents, equivalents * per_solve + flow

@@ -115,7 +115,8 @@ def _run(args):
                    + (f" --seed {args.seed}" if args.seed is not None else ""))
         return 128 + (15 if stop.received == "SIGTERM" else 2)
     if root and not args.quiet:
-        print(f"wrote {result.path} and {result.model_path}")
+        model = f" and the model {result.model_path}" if result.model_path else ""
+        print(f"wrote {result.path}{model}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Results: running a case, the xarray Dataset, atomic netCDF files, figures and saved models."""
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -426,8 +427,9 @@ def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, 
     done = resume["budget"]["used"] if resume else 0
     bar = _Progress(s["budget"] or estimate_cost(case)[0], progress, initial=done)
     try:
+        objective = "asvgd" if s["kind"] == "asvgd" else s["objective"]
         return train_msign(model, posteriors, start=1, steps=s["steps"], batch=s["batch"],
-                           lr=s["lr"], objective=s["objective"], budget=s["budget"] or None,
+                           lr=s["lr"], objective=objective, budget=s["budget"] or None,
                            generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
                            checkpoint_every=checkpoint_every, resume=resume, stop=stop)
     finally:
@@ -514,51 +516,32 @@ def _check_writable(path, lay):
         raise CaseError(str(path), problem)
 
 
-def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ranks_per_solve=1,
-        checkpoint_every=None, stop=None):
-    """Train MsIGN on a case stage by stage, sample it and write the result.
+@dataclass
+class _Fit:
+    """What a sampler hands to the result: samples and their densities, the predictive mean,
+    per-level means, training history, solves used, diagnostics and the model (flows)."""
 
-    Writes ``out`` (netCDF, atomically), the trained model beside it (``.pt`` + ``.json``) and
-    training checkpoints (``.ckpt``, every ``checkpoint_every`` steps and at each stage end);
-    with ``resume`` training continues from that checkpoint. Nothing but the checkpoint is
-    written if training fails.
+    x: np.ndarray
+    log_prob: np.ndarray
+    log_target: np.ndarray
+    predicted: np.ndarray
+    level_means: dict
+    history: list
+    nfs: int
+    diagnostics: dict
+    model: object = None
+    resumed: bool = False
+    chain: np.ndarray = None
 
-    Under MPI (``comm`` with several ranks) every rank calls :func:`run` with the same
-    arguments: batches are shared out over solve groups of ``ranks_per_solve`` ranks, gradients
-    summed, and rank 0 alone writes files. A seed gives the same result on any number of ranks
-    (up to the rounding of the gradient sums), and a resumed run the same as an uninterrupted
-    one on the same ranks.
 
-    Args:
-        case: A :class:`~geoinvert.case.Case`, a path to a case file or a dict.
-        out: Result path (default: see :func:`result_path`).
-        seed: Overrides ``sampler.seed``.
-        comm: MPI communicator of the whole run (default: one process).
-        progress: Show a progress bar (on rank 0).
-        resume: Continue from the checkpoint beside ``out`` (from the start if there is none).
-        ranks_per_solve: Ranks sharing each PDE solve (a divisor of the number of ranks).
-        checkpoint_every: Steps between checkpoints (default ``sampler.checkpoint_every``).
-        stop: ``stop() -> bool`` polled after every step (see :class:`geoinvert.parallel.StopRequest`);
-            when true, a checkpoint is written and :class:`geoinvert.train.TrainingInterrupted`
-            raised.
-
-    Returns:
-        :class:`Result`.
-    """
+def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, checkpoint_every):
+    """Train the case's flow (MsIGN or A-SVGD), checkpointing beside ``path``, and sample it."""
     import torch
-    from geoinvert.case import Case, load_case
-    from geoinvert.parallel import layout
-    case = case if isinstance(case, Case) else load_case(case)
-    seed = case.seed if seed is None else int(seed)
-    lay = layout(comm, ranks_per_solve)
-    path, start_time = result_path(case, out), time.perf_counter()
-    _check_writable(path, lay)
     ckpt, meta = checkpoint_path(path), _checkpoint_meta(case, seed)
     every = case.config["sampler"]["checkpoint_every"] if checkpoint_every is None \
         else checkpoint_every
     state = _read_checkpoint(case, ckpt, seed) if resume else None
     generator = torch.Generator().manual_seed(seed)
-    posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
     model = _new_model(case, seed)
 
     def checkpoint(training_state):
@@ -571,20 +554,122 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     x, log_prob, log_target, predicted, means, drawn = _draw(
         case, model, posteriors[case.finest], generator, lay.ensemble)
     nfs = (history[-1]["nfs"] if history else 0) + drawn
+    return _Fit(x, log_prob, log_target, predicted, means, history, nfs,
+                _importance_diagnostics(log_target, log_prob), model, state is not None)
+
+
+def _fit_mcmc(case, seed, lay, posterior):
+    """Run the case's MCMC chains on the finest level; the draws are thinned evenly to
+    ``output.samples`` (all of them if fewer).
+
+    Under MPI the chains are shared out over the solve groups, each group's with its own seed
+    (``seed`` + group), so MCMC results depend on the number of groups (flows do not).
+    """
+    import torch
+    from geoinvert import samplers
+    from geoinvert.train import Ensemble
+    s, ens = case.config["sampler"], Ensemble(lay.ensemble)
+    chains = ens.share(s["chains"])
+    if chains == 0:
+        raise ValueError(f"sampler.chains ({s['chains']}) is smaller than the {ens.size} solve "
+                         "groups: every group needs a chain")
+    step = {"pcn": "beta"}.get(s["kind"], "step_size")
+    options = {"chains": chains, "draws": s["draws"], "warmup": s["warmup"], "thin": s["thin"],
+               "generator": torch.Generator().manual_seed(seed + 7919 * ens.rank)}
+    if s["step_size"] is not None:
+        options[step] = s["step_size"]
+    if s["kind"] == "hmc":
+        options["n_leapfrog"] = s["leapfrog"]
+    runner = {"pcn": samplers.run_pcn, "mala": samplers.run_mala, "hmc": samplers.run_hmc}
+    res = runner[s["kind"]](posterior, **options)
+    samples = ens.gather(torch.from_numpy(res.samples)).numpy()
+    log_target = ens.gather(torch.from_numpy(res.log_prob)).numpy()
+    acceptance = ens.gather(torch.from_numpy(np.asarray(res.acceptance, float))).numpy()
+    (nfs,) = ens.sum(res.nfs)
+    pooled = samplers.ChainResult(samples, log_target, acceptance, int(nfs), res.step_size,
+                                  res.wall_time, res.method, res.warmup)
+    flat, flat_target = pooled.flat(), log_target.reshape(-1)
+    keep = np.unique(np.linspace(0, flat.shape[0] - 1,
+                                 min(case.config["output"]["samples"], flat.shape[0])).astype(int))
+    x = flat[keep]
+    with torch.no_grad():
+        pred = posterior.forward(torch.from_numpy(x[ens.part(len(keep))]))
+    pred = ens.gather(pred.to(torch.float64)).numpy()
+    diagnostics = {"rhat": pooled.rhat() if pooled.samples.shape[0] > 1 else math.nan,
+                   "ess": pooled.ess(), "acceptance": float(acceptance.mean()),
+                   "step_size": float(res.step_size), "chains": int(samples.shape[0]),
+                   "draws": int(samples.shape[1]), "warmup": int(res.warmup)}
+    chain = np.repeat(np.arange(samples.shape[0]), samples.shape[1])[keep]
+    return _Fit(x, np.full(len(keep), np.nan), flat_target[keep], np.nanmean(pred, 0), {}, [],
+                int(nfs) + len(keep), diagnostics, chain=chain)
+
+
+def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ranks_per_solve=1,
+        checkpoint_every=None, stop=None):
+    """Run the case's sampler (``sampler.kind``) and write the result.
+
+    Flows (``msign``, ``asvgd``) are trained stage by stage and sampled; the trained model is
+    saved beside ``out`` (``.pt`` + ``.json``) and training checkpoints (``.ckpt``, every
+    ``checkpoint_every`` steps and at each stage end) let ``resume`` continue an interrupted
+    run. MCMC kinds (``pcn``, ``mala``, ``hmc``) run chains on the finest level and store
+    evenly thinned draws (``log_prob`` is NaN: a chain has no density). The result ``out``
+    (netCDF) has the same layout for every kind and is written atomically, only on success.
+
+    Under MPI (``comm`` with several ranks) every rank calls :func:`run` with the same
+    arguments: batches (or chains) are shared out over solve groups of ``ranks_per_solve``
+    ranks, gradients summed, and rank 0 alone writes files. For flows a seed gives the same
+    result on any number of ranks (up to the rounding of the gradient sums), and a resumed run
+    the same as an uninterrupted one on the same ranks.
+
+    Args:
+        case: A :class:`~geoinvert.case.Case`, a path to a case file or a dict.
+        out: Result path (default: see :func:`result_path`).
+        seed: Overrides ``sampler.seed``.
+        comm: MPI communicator of the whole run (default: one process).
+        progress: Show a progress bar (on rank 0; flows).
+        resume: Continue from the checkpoint beside ``out`` (from the start if there is none).
+        ranks_per_solve: Ranks sharing each PDE solve (a divisor of the number of ranks).
+        checkpoint_every: Steps between checkpoints (default ``sampler.checkpoint_every``).
+        stop: ``stop() -> bool`` polled after every training step (see
+            :class:`geoinvert.parallel.StopRequest`); when true, a checkpoint is written and
+            :class:`geoinvert.train.TrainingInterrupted` raised.
+
+    Returns:
+        :class:`Result` (``model`` and ``model_path`` are None for MCMC kinds).
+    """
+    from geoinvert.case import MCMC_KINDS, Case, load_case
+    from geoinvert.parallel import layout
+    case = case if isinstance(case, Case) else load_case(case)
+    seed = case.seed if seed is None else int(seed)
+    lay = layout(comm, ranks_per_solve)
+    path, start_time = result_path(case, out), time.perf_counter()
+    _check_writable(path, lay)
+    kind = case.config["sampler"]["kind"]
+    if kind in MCMC_KINDS:
+        fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve))
+    else:
+        posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
+        fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,
+                        stop=stop, checkpoint_every=checkpoint_every)
+    attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
+                   lay.size, fit.resumed)
     ds = build_dataset(
-        x, log_prob=log_prob, log_target=log_target, bounds=case.bounds,
+        fit.x, log_prob=fit.log_prob, log_target=fit.log_target, bounds=case.bounds,
         units=case.config["domain"]["units"], quantiles=case.config["output"]["quantiles"],
-        level_means=means, observations=_observations(case, predicted), truth=case.truth,
-        direction=_direction(case), history=_history(history),
-        attrs=_attrs(case, seed, nfs, time.perf_counter() - start_time,
-                     _importance_diagnostics(log_target, log_prob), lay.size, state is not None))
-    mpath = model_path(path)
+        level_means=fit.level_means, observations=_observations(case, fit.predicted),
+        truth=case.truth, direction=_direction(case), history=_history(fit.history),
+        attrs={**attrs, "sampler": kind})
+    if fit.chain is not None:
+        ds["chain"] = ("sample", fit.chain, {"long_name": "MCMC chain of each sample"})
+    mpath = model_path(path) if fit.model is not None else None
     if lay.root:
-        _save_model(model, mpath, {**meta, "completed_stage": case.finest})
+        if fit.model is not None:
+            _save_model(fit.model, mpath, {**_checkpoint_meta(case, seed),
+                                           "completed_stage": case.finest})
         write_netcdf(ds, path)
         if case.config["output"]["figures"]:
             figures(ds, path.with_suffix("").with_name(path.stem + "_figures"))
-    return Result(ds, model, path, mpath)
+    return Result(ds, fit.model, path, mpath)
 
 
 def _direction(case):

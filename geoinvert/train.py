@@ -34,7 +34,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("jeffreys", "reverse_kl")
+OBJECTIVES = ("jeffreys", "reverse_kl", "asvgd")
 SCHEDULES = ("cosine", "step", "constant")
 PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
 _F64 = torch.float64
@@ -430,6 +430,9 @@ def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reve
                                   ensemble=ensemble, reverse=reverse)
     if options.objective == "reverse_kl":
         return reverse_kl_loss(model, posterior, batch, generator, ensemble=ensemble)
+    if options.objective == "asvgd":
+        from geoinvert.svgd import asvgd_loss
+        return asvgd_loss(model, posterior, batch, generator, ensemble=ensemble)
     proposal = options.proposal
     if proposal == "auto":
         coarse_trained = posterior.level >= 2 and not options.single_stage
@@ -687,7 +690,8 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
         batch: Samples per step (flow samples; Jeffreys draws as many importance samples).
         lr: Peak Adam learning rate of each stage.
-        objective: ``"jeffreys"`` or ``"reverse_kl"``.
+        objective: ``"jeffreys"``, ``"reverse_kl"`` or ``"asvgd"`` (amortized SVGD, the MsIGN
+            paper's baseline: :func:`geoinvert.svgd.asvgd_loss`).
         budget: Total forward solves (nFS) over all stages, or None. Each stage gets an equal
             share of what is left; the total is never exceeded.
         generator: ``torch.Generator`` of the noise. Every rank must pass one in the same state:

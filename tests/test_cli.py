@@ -164,3 +164,25 @@ def test_example_script(tmp_path, trainer, monkeypatch, capsys):
     runpy.run_path(str(ROOT / "examples" / "build_and_run.py"), run_name="__main__")
     assert (tmp_path / "example.nc").is_file() and (tmp_path / "example.png").is_file()
     assert "is-ESS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["asvgd", "pcn", "mala", "hmc"])
+def test_every_sampler_kind_writes_the_same_result_format(kind, tmp_path):
+    from geoinvert.export import run
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "kind": kind, "chains": 3, "draws": 30,
+                                   "warmup": 20, "leapfrog": 3}}
+    result = run(config, out=tmp_path / f"{kind}.nc", progress=False, seed=1)
+    with xr.open_dataset(result.path) as ds:
+        assert ds["samples"].dims == ("sample", "y", "x") and ds.attrs["sampler"] == kind
+        assert {"mean", "std", "quantiles", "log_prob", "log_target", "predictive_mean",
+                "truth"} <= set(ds.variables)
+        assert np.all(np.isfinite(ds["log_target"])) and ds.attrs["nfs"] > 0
+        if kind == "asvgd":
+            assert np.all(np.isfinite(ds["log_prob"])) and "train_loss" in ds
+            assert result.model_path.is_file()
+        else:
+            assert np.all(np.isnan(ds["log_prob"])) and result.model is None
+            assert ds.sizes["sample"] == 40 and sorted(set(ds["chain"].values)) == [0, 1, 2]
+            assert 0 < ds.attrs["diagnostics_acceptance"] <= 1 and ds.attrs["diagnostics_ess"] > 0
+            expected = 3 * (1 + (20 + 30) * (3 if kind == "hmc" else 1)) + 40   # + start, output
+            assert ds.attrs["nfs"] == expected
