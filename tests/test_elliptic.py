@@ -237,10 +237,10 @@ def test_interleaved_cholesky_refactorises_past_the_memory_budget():
 def test_fast_solver_uses_the_compiled_kernels():
     """The default fast path is the interleaved Cholesky (the fallback only without a compiler),
     and its adjoint gradient passes the Taylor test."""
-    from geoinvert.forward.elliptic import _InterleavedCholesky
+    from geoinvert.forward.cholesky import InterleavedCholesky
 
     model = EllipticForward(SELF, (8, 8), mesh_cells=(16, 16), solver="fast", **OPTIONS)
-    assert isinstance(model.solver.backend, _InterleavedCholesky)
+    assert isinstance(model.solver.backend, InterleavedCholesky)
     w = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64)
     result = taylor_test(lambda x: (model(x) * w).sum(), _field(13, num=1)[0],
                          generator=torch.Generator().manual_seed(3))
@@ -253,13 +253,13 @@ def test_interleaved_cholesky_lanes_are_independent_and_flag_indefinite_matrices
     indefinite lane is flagged and leaves the other untouched."""
     import scipy.sparse as sp
 
-    from geoinvert.forward.elliptic import _InterleavedCholesky
+    from geoinvert.forward.cholesky import InterleavedCholesky
 
     n1 = 7
     line = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n1, n1))
     A = (sp.kron(sp.eye(n1), line) + sp.kron(line, sp.eye(n1))).tocsr()
     coords = np.array([(i, j) for j in range(n1) for i in range(n1)], dtype=float)
-    chol = _InterleavedCholesky(A.indptr, A.indices, coords)
+    chol = InterleavedCholesky(A.indptr, A.indices, coords)
     values = np.column_stack([A.data, np.where(A.data > 0, -A.data, A.data)])
     slot = chol.new_slot(2)
     failed = chol.factorise(slot, chol.value_map(sp.eye(A.nnz, format="csr")) @ values)
@@ -270,14 +270,15 @@ def test_interleaved_cholesky_lanes_are_independent_and_flag_indefinite_matrices
 
 
 def test_fast_solver_falls_back_to_petsc_without_compiled_kernels(monkeypatch):
+    import geoinvert.forward.cholesky as cholesky
     import geoinvert.forward.elliptic as elliptic
 
     def no_compiler():
         raise OSError("no C compiler")
 
-    monkeypatch.setattr(elliptic, "_kernels", no_compiler)
+    monkeypatch.setattr(cholesky, "kernels", no_compiler)
     model = EllipticForward(SELF, (4, 4), solver="fast", **OPTIONS)
-    assert isinstance(model.solver.backend, elliptic._PetscCholesky)
+    assert isinstance(model.solver.backend, cholesky.PetscCholesky)
     reference = EllipticForward(SELF, (4, 4), solver="lu", **OPTIONS)
     m = _field(15, shape=(4, 4), num=2)
     np.testing.assert_allclose(model(m), reference(m), rtol=1e-11)
