@@ -514,6 +514,19 @@ def _check_writable(path, lay):
     problem = lay.bcast(problem)
     if problem:
         raise CaseError(str(path), problem)
+    if lay.root:
+        _remove_stale_temporaries(path)
+
+
+def _remove_stale_temporaries(path):
+    """Delete temporary files a killed run left beside ``path`` (SIGKILL during a write)."""
+    for target in (path, checkpoint_path(path), model_path(path)):
+        for stale in target.parent.glob(target.name + ".tmp*"):
+            logger.info("removing %s, left by an interrupted run", stale)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 @dataclass

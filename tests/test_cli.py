@@ -186,3 +186,14 @@ def test_every_sampler_kind_writes_the_same_result_format(kind, tmp_path):
             assert 0 < ds.attrs["diagnostics_acceptance"] <= 1 and ds.attrs["diagnostics_ess"] > 0
             expected = 3 * (1 + (20 + 30) * (3 if kind == "hmc" else 1)) + 40   # + start, output
             assert ds.attrs["nfs"] == expected
+
+
+def test_temporaries_left_by_a_killed_run_are_removed(case_file, tmp_path):
+    out = tmp_path / "small.nc"
+    stale = [tmp_path / "small.nc.tmpabc123", tmp_path / "small.ckpt.tmpxyz"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (tmp_path / "small.pt.tmpdir9").mkdir()
+    (tmp_path / "other.nc.tmp1").write_bytes(b"not ours")
+    assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == ["other.nc.tmp1"]
