@@ -176,7 +176,8 @@ def save_netcdf(path, case, ref, attrs):
         attrs={k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                for k, v in attrs.items()})
     ds["mode_mean"].attrs["long_name"] = "mean of the truth's mode (draws folded by the mirror)"
-    ds["mean_se"].attrs["long_name"] = "upper bound of the Monte-Carlo standard error of mean (folded ESS)"
+    ds["mean_se"].attrs["long_name"] = ("upper bound of the Monte-Carlo standard error of mean "
+                                        "(folded ESS)")
     ds["samples"].attrs["long_name"] = "thinned draws followed by their mirror images"
     tmp = Path(path).with_suffix(".nc.tmp")
     encoding = {"samples": {"dtype": "float32", "zlib": True, "complevel": 4}}
@@ -265,7 +266,8 @@ def markdown(name, args, summary, diag):
         f"per-cell folded ESS {diag['cell_ess_min']:.0f} (min) to {diag['cell_ess_median']:.0f} "
         "(median).", "",
         f"Saved: `{name}.nc` with {diag['saved_samples']} samples "
-        f"({diag['saved_samples'] // 2} thinned draws + mirrors, float32) of {diag['n_draws']} draws, "
+        f"({diag['saved_samples'] // 2} thinned draws + mirrors, float32) of "
+        f"{diag['n_draws']} draws, "
         "mean, std, mode_mean, mean_se.", ""]
     return "\n".join(lines)
 
