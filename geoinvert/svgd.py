@@ -2,16 +2,12 @@
 
 import logging
 import math
-import time
 
 import torch
 
-from geoinvert.train import (Ensemble, TrainOptions, _Budget, _check_failures, _log_stage,
-                             _planned_steps, _record, _StageRun, _steps_of, draw_noise,
-                             level_costs, lr_factor)
+from geoinvert.train import Ensemble, draw_noise, train_msign
 
-__all__ = ["median_bandwidth", "rbf_kernel", "stein_direction", "asvgd_loss", "asvgd_step",
-           "train_asvgd"]
+__all__ = ["median_bandwidth", "rbf_kernel", "stein_direction", "asvgd_loss", "train_asvgd"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,56 +125,7 @@ def asvgd_loss(model, posterior, batch, generator=None, *, ensemble=None):
     return -(phi.to(x.dtype) * x[ok]).sum() / n, stats
 
 
-def asvgd_step(model, posterior, optimizer, *, batch, generator, options, ensemble=None):
-    """One A-SVGD step on this rank's share of ``batch``; skipped if not finite.
-
-    Gradients of the active parameters are summed over the ensemble and clipped to
-    ``options.grad_clip``; a non-finite loss or gradient norm leaves the parameters untouched.
-
-    Returns:
-        The stats of :func:`asvgd_loss` plus ``grad_norm`` and ``skipped`` (bool).
-    """
-    ens = ensemble or Ensemble()
-    params = model.active_parameters()
-    optimizer.zero_grad(set_to_none=False)
-    loss, stats = asvgd_loss(model, posterior, batch, generator, ensemble=ens)
-    if torch.isfinite(loss):
-        loss.backward()
-    ens.allreduce_grads(params)
-    norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
-    skipped = not (math.isfinite(stats["loss"]) and math.isfinite(norm))
-    if skipped:
-        optimizer.zero_grad(set_to_none=False)
-    else:
-        optimizer.step()
-    return {**stats, "grad_norm": norm, "skipped": skipped}
-
-
-def _train_stage(model, posterior, *, stage, steps, options, run, generator, ensemble,
-                 stages_left):
-    """A-SVGD on F_1..F_stage for ``steps`` steps or the stage's share of the nFS budget."""
-    model.set_stage(stage)
-    allowance = run.budget.allowance(stages_left)
-    planned = _planned_steps(steps, options.batch, 1, allowance)
-    optimizer = torch.optim.Adam(model.active_parameters(), lr=options.lr)
-    started, spent = time.perf_counter(), 0
-    for step in range(planned):
-        batch = options.batch if math.isinf(allowance) else \
-            min(options.batch, int(allowance - spent))
-        lr = options.lr * lr_factor(step, planned, options.schedule, options.lr_min)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = asvgd_step(model, posterior, optimizer, batch=batch, generator=generator,
-                           options=options, ensemble=ensemble)
-        spent += stats["nfs"]
-        info = _record(run, stage, step, stats, lr, started)
-        _check_failures(run, stage, options, info)
-    _log_stage(stage, planned, run)
-
-
-def train_asvgd(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, budget=None,
-                generator=None, callback=None, checkpoint=None, single_stage=False,
-                schedule="cosine", lr_min=0.05, grad_clip=10.0, max_failures=20, comm=None):
+def train_asvgd(model, posteriors, **options):
     r"""Amortized SVGD (A-SVGD) training of an MsIGN network, stage by stage like MsIGN.
 
     Each step draws ``batch`` samples x_i = G(z_i) of the model, computes the Stein variational
@@ -201,6 +148,11 @@ def train_asvgd(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, bud
     (the adjoint solve of the gradient is not counted), per level and in finest-level
     equivalents; each stage gets an equal share of the remaining ``budget``, never exceeded.
 
+    This is :func:`~geoinvert.train.train_msign` with ``objective="asvgd"`` (one step:
+    :func:`asvgd_loss`, gradients summed over the ranks, clipped, skipped if not finite), so
+    checkpoints, ``resume`` and stop requests work as there; the keyword options are
+    train_msign's (those below, plus ``checkpoint_every``, ``resume``, ``stop``).
+
     Args:
         model: :class:`~geoinvert.flows.msign.MsIGN` (its flows F_1..F_{start-1} trained).
         posteriors: ``{level: Posterior}`` with ``grad_log_prob``; training ends at the highest
@@ -212,7 +164,7 @@ def train_asvgd(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, bud
         budget: Total forward solves (nFS) over all stages, or None.
         generator: ``torch.Generator`` of the noise (the same seed on every rank).
         callback: ``callback(info)`` after every step, ``info`` the history record.
-        checkpoint: ``checkpoint(stage)`` after every completed stage.
+        checkpoint: ``checkpoint(state)`` at stage ends (see train_msign).
         single_stage: Train only the finest level.
         schedule: ``"cosine"`` (to ``lr_min * lr``), ``"step"`` or ``"constant"`` per stage.
         lr_min: Final fraction of ``lr`` (floor of the step schedule).
@@ -239,33 +191,4 @@ def train_asvgd(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, bud
         | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
         | (Zhang, Zhang & Hou, 2021), https://arxiv.org/abs/2105.05489
     """
-    # TrainOptions validates the shared settings; "reverse_kl" = one target evaluation per
-    # sample per step, as A-SVGD.
-    options = TrainOptions(objective="reverse_kl", batch=batch, lr=lr, schedule=schedule,
-                           lr_min=lr_min, grad_clip=grad_clip, max_failures=max_failures,
-                           single_stage=single_stage)
-    stages = _stages(model, posteriors, start, single_stage)
-    ensemble = Ensemble(comm)
-    run = _StageRun(_Budget(budget), level_costs(posteriors), [], callback)
-    for k, stage in enumerate(stages):
-        _train_stage(model, posteriors[stage], stage=stage, steps=_steps_of(steps, stage),
-                     options=options, run=run, generator=generator, ensemble=ensemble,
-                     stages_left=len(stages) - k)
-        if checkpoint is not None:
-            checkpoint(stage)
-    return run.history
-
-
-def _stages(model, posteriors, start, single_stage):
-    """Stages to train: start..L, or [L] single-stage (none if start > L); checked."""
-    finest = max(posteriors)
-    if finest > model.levels:
-        raise ValueError(f"posteriors go up to level {finest}, the model to {model.levels}")
-    if single_stage:
-        stages = [finest] if start <= finest else []
-    else:
-        stages = list(range(max(start, 1), finest + 1))
-    missing = sorted(set(stages) - set(posteriors))
-    if missing:
-        raise ValueError(f"posteriors missing for levels {missing}")
-    return stages
+    return train_msign(model, posteriors, objective="asvgd", **options)
