@@ -174,6 +174,10 @@ SCHEMA = (
     Key("sampler.blocks", "int", 4, "Glow blocks per level.", "6", _between(1, 64)),
     Key("sampler.hidden", "int", 32, "Hidden channels of the coupling networks.", "64",
         _between(2, 1024)),
+    Key("sampler.upsampling", "str", "prior", "Flows: how a level is refined, `prior` (the "
+        "prior conditioning layer of MsIGN), or the ablations `nearest` (stochastic "
+        "nearest-neighbour upsampling) and `squeeze` (Glow's split/squeeze).", "nearest",
+        _one_of("prior", "nearest", "squeeze")),
     Key("sampler.steps", "int", 200, "Training steps per stage.", "500", _between(1, 10**7)),
     Key("sampler.batch", "int", 64, "Samples per training step.", "128", _between(2, 10**5)),
     Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),

@@ -339,7 +339,8 @@ def _new_model(case, seed):
     s = case.config["sampler"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"])
+        return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"],
+                     upsampling=s["upsampling"])
 
 
 def _checkpoint_meta(case, seed):

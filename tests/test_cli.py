@@ -170,7 +170,7 @@ def test_example_script(tmp_path, trainer, monkeypatch, capsys):
 def test_every_sampler_kind_writes_the_same_result_format(kind, tmp_path):
     from geoinvert.export import run
     config = {**SMALL, "sampler": {**SMALL["sampler"], "kind": kind, "chains": 3, "draws": 30,
-                                   "warmup": 20, "leapfrog": 3}}
+                                   "warmup": 20, "leapfrog": 3, "upsampling": "nearest"}}
     result = run(config, out=tmp_path / f"{kind}.nc", progress=False, seed=1)
     with xr.open_dataset(result.path) as ds:
         assert ds["samples"].dims == ("sample", "y", "x") and ds.attrs["sampler"] == kind
@@ -179,7 +179,7 @@ def test_every_sampler_kind_writes_the_same_result_format(kind, tmp_path):
         assert np.all(np.isfinite(ds["log_target"])) and ds.attrs["nfs"] > 0
         if kind == "asvgd":
             assert np.all(np.isfinite(ds["log_prob"])) and "train_loss" in ds
-            assert result.model_path.is_file()
+            assert geoinvert.load_model(result.model_path).upsampling == "nearest"
         else:
             assert np.all(np.isnan(ds["log_prob"])) and result.model is None
             assert ds.sizes["sample"] == 40 and sorted(set(ds["chain"].values)) == [0, 1, 2]
