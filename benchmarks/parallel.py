@@ -89,7 +89,7 @@ def training_time(ranks, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="training steps per stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -113,7 +113,7 @@ def main():
     (RESULTS / "parallel.json").write_text(json.dumps(result, indent=2))
     lines = [f"Ensemble scaling, {os.cpu_count()} cores, load average {load:.1f} before the run "
              "(`.venv/bin/python benchmarks/parallel.py`).", "",
-             f"Forward + adjoint gradient, 64x64 lattice on a 64x64 Q1 mesh, batch {args.batch} "
+             f"Forward + adjoint gradient, 64x64 lattice on a 64x64 Q1 mesh, {args.batch} fields "
              "split over the ranks (median of the rounds, slowest rank):", "",
              "| ranks | round (s) | samples/s | speed-up |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['ranks']} | {r['round_s']:.3f} | {r['samples_per_s']:.1f} | "
