@@ -13,6 +13,7 @@ from geoinvert.prior import MaternPrior
 from geoinvert.svgd import (asvgd_loss, median_bandwidth, rbf_kernel, stein_direction,
                             train_asvgd)
 from geoinvert.train import TrainingError
+from test_train import FlakyForward
 
 F64 = torch.float64
 NOISE = 0.5
@@ -193,21 +194,6 @@ def test_budget_is_never_exceeded(problem):
     assert history[-1]["nfs"] == solves <= budget and solves >= budget - 1
     assert {h["stage"] for h in history} == {1, 2}
     assert train_asvgd(model, posteriors, steps=5, batch=16, budget=0, generator=gen()) == []
-
-
-class FlakyForward:
-    """A forward model whose solve 'fails' (NaN row) for about one field in five."""
-
-    def __init__(self, inner):
-        self.inner, self.shape, self.n_obs = inner, inner.shape, inner.n_obs
-        self.n_solves, self.last_failures = 0, []
-
-    def __call__(self, x):
-        y = self.inner(x)
-        self.n_solves = self.inner.n_solves
-        bad = torch.floor(1e3 * x.detach().reshape(x.shape[0], -1).sum(1)) % 5 == 0
-        self.last_failures = torch.nonzero(bad).ravel().tolist()
-        return torch.where(bad[:, None], torch.full_like(y, math.nan), y)
 
 
 def test_failed_targets_are_left_out(problem):
