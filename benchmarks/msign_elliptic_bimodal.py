@@ -233,7 +233,8 @@ def modes_figure(path, curves, direction, truth, title):
     fig = Figure(figsize=(6.8, 3.6))
     ax = fig.subplots()
     t_true = float(truth.ravel() @ direction.ravel())
-    span = 1.6 * abs(t_true)
+    span = max([1.6 * abs(t_true)] + [float(np.quantile(np.abs(
+        x.reshape(len(x), -1) @ direction.ravel()), 0.999)) for _, x in curves])
     for label, x in curves:
         t = x.reshape(len(x), -1) @ direction.ravel()
         ax.hist(t, bins=60, range=(-span, span), density=True, histtype="step", lw=1.0,
