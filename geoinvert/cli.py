@@ -117,6 +117,12 @@ def _run(args):
     if root and not args.quiet:
         model = f" and the model {result.model_path}" if result.model_path else ""
         print(f"wrote {result.path}{model}")
+        attrs = result.dataset.attrs
+        failed, skipped = attrs.get("diagnostics_failed_solves", 0), attrs.get(
+            "diagnostics_skipped_steps", 0)
+        if failed or skipped:
+            print(f"note: {failed} forward solves failed during training (left out of their "
+                  f"steps) and {skipped} steps were skipped (non-finite loss or gradient)")
     return 0
 
 

@@ -79,7 +79,9 @@ def _history_vars(history):
     if not history:
         return {}
     docs = {"stage": "training stage (level)", "nfs": "forward solves used so far",
-            "loss": "training loss", "ess": "importance-sampling ESS fraction"}
+            "loss": "training loss", "ess": "importance-sampling ESS fraction",
+            "failed": "target evaluations of the step that failed (excluded)",
+            "skipped": "steps skipped so far (non-finite loss or gradient)"}
     return {f"train_{k}": ("step", np.asarray(history[k]), {"long_name": doc})
             for k, doc in docs.items() if k in history}
 
@@ -497,7 +499,7 @@ def _history(history):
         return None
     if isinstance(history, dict):
         return {k: np.asarray(v) for k, v in history.items()}
-    keys = ("stage", "nfs", "loss", "ess")
+    keys = ("stage", "nfs", "loss", "ess", "failed", "skipped")
     return {k: np.asarray([h.get(k, np.nan) for h in history]) for k in keys}
 
 
@@ -568,8 +570,11 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
     x, log_prob, log_target, predicted, means, drawn = _draw(
         case, model, posteriors[case.finest], generator, lay.ensemble)
     nfs = (history[-1]["nfs"] if history else 0) + drawn
-    return _Fit(x, log_prob, log_target, predicted, means, history, nfs,
-                _importance_diagnostics(log_target, log_prob), model, state is not None)
+    diagnostics = {**_importance_diagnostics(log_target, log_prob),
+                   "failed_solves": int(sum(h["failed"] for h in history)),
+                   "skipped_steps": int(history[-1]["skipped"]) if history else 0}
+    return _Fit(x, log_prob, log_target, predicted, means, history, nfs, diagnostics, model,
+                state is not None)
 
 
 def _fit_mcmc(case, seed, lay, posterior):

@@ -197,3 +197,21 @@ def test_temporaries_left_by_a_killed_run_are_removed(case_file, tmp_path):
     (tmp_path / "other.nc.tmp1").write_bytes(b"not ours")
     assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == ["other.nc.tmp1"]
+
+
+def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch, capsys):
+    from geoinvert.forward.testbeds import LinearForward
+    real = LinearForward.__call__
+
+    def flaky(self, x):       # every fourth field of a batch "fails" (not the truth's solve)
+        y = real(self, x)
+        bad = (torch.arange(y.shape[0]) % 4 == 0) & (y.shape[0] > 1)
+        return torch.where(bad[:, None], torch.full_like(y, float("nan")), y)
+    monkeypatch.setattr(LinearForward, "__call__", flaky)
+    out = tmp_path / "small.nc"
+    assert cli.main(["run", str(case_file), "--out", str(out)]) == 0
+    with xr.open_dataset(out) as ds:
+        failed = int(ds.attrs["diagnostics_failed_solves"])
+        assert failed == int(ds["train_failed"].sum()) > 0
+        assert np.isfinite(ds["train_loss"]).all()
+    assert f"note: {failed} forward solves failed" in capsys.readouterr().out
