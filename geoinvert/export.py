@@ -590,8 +590,9 @@ def _fit_mcmc(case, seed, lay, posterior):
     s, ens = case.config["sampler"], Ensemble(lay.ensemble)
     chains = ens.share(s["chains"])
     if chains == 0:
-        raise ValueError(f"sampler.chains ({s['chains']}) is smaller than the {ens.size} solve "
-                         "groups: every group needs a chain")
+        from geoinvert.errors import CaseError
+        raise CaseError("sampler.chains", f"{s['chains']} is fewer than the {ens.size} solve "
+                        "groups of this MPI run: every group needs a chain")
     step = {"pcn": "beta"}.get(s["kind"], "step_size")
     options = {"chains": chains, "draws": s["draws"], "warmup": s["warmup"], "thin": s["thin"],
                "generator": torch.Generator().manual_seed(seed + 7919 * ens.rank)}
