@@ -852,11 +852,12 @@ def estimate_cost(case):
     MCMC kinds: every chain iteration solves once on the finest level (HMC: once per leapfrog
     step). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys objective
     (samples of the flow and importance samples); a level-l solve costs ``4**(l - L)`` finest
-    solves; a 64x64 elliptic solve takes about 6 ms, the test beds are nearly free.
+    solves; a 64x64 elliptic solve with its adjoint takes about 2.5 ms (benchmarks/forward.py),
+    the test beds are nearly free.
     """
     s = case.config["sampler"]
     fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() else 4 ** case.finest
-    per_solve = 6e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
+    per_solve = 2.5e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
     if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
         per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
         solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
