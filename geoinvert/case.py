@@ -851,8 +851,8 @@ def estimate_cost(case):
 
     MCMC kinds: every chain iteration solves once on the finest level (HMC: once per leapfrog
     step). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys objective
-    (samples of the flow and importance samples); a level-l solve costs ``4**(l - L)`` finest
-    solves; a 64x64 elliptic solve with its adjoint takes about 2.5 ms (benchmarks/forward.py),
+    (samples of the flow and importance samples); a level-l solve costs its share of FE cells
+    of a finest solve; a 64x64 elliptic solve with its adjoint takes about 2.5 ms (benchmarks/forward.py),
     the test beds are nearly free.
     """
     s = case.config["sampler"]
@@ -866,10 +866,19 @@ def estimate_cost(case):
     solves = per_stage * case.finest
     if s["budget"]:
         solves = min(solves, s["budget"])
-    equivalents = sum(min(per_stage, solves) * 4.0 ** (l - case.finest) for l in case.levels)
+    equivalents = sum(min(per_stage, solves) * _relative_solve_cost(case, l) for l in case.levels)
     step = 0.13 * (s["batch"] / 64) * max(4 ** case.finest / 4096, 0.15)  # measured 64x64
     flow = step * s["steps"] * case.finest
     return solves, equivalents, equivalents * per_solve + flow
+
+
+def _relative_solve_cost(case, level):
+    """Cost of a level's solve in finest solves: the ratio of FE cells (lattice cells for the
+    test beds)."""
+    if case.config["forward"]["kind"] != "elliptic" or not _has_hierarchy():
+        return 4.0 ** (level - case.finest)
+    h = case.hierarchy()
+    return (h.mesh_cells(level) / h.mesh_cells(case.finest)) ** 2
 
 
 def _has_hierarchy():
