@@ -257,9 +257,8 @@ def markdown(name, args, summary, result, reference):
     lines = [
         f"# {name}", "", f"Command: `{summary['command']}`", "",
         f"Config: {json.dumps(vars(args))}", "",
-        "Problem: `cases/elliptic_bimodal.yaml`, 16 x 16 log-permeability (L = 4), 5 "
-        "mirror-symmetric integral observations, noise std 5e-4; the exact mode weights are "
-        "1/2 each by symmetry.", "",
+        f"Problem: `cases/elliptic_bimodal.yaml`, {summary['problem']}; the exact mode weights "
+        "are 1/2 each by symmetry.", "",
         f"Training: nFS {summary['nfs']} ({summary['nfs_finest']:.0f} finest-level "
         f"equivalents), training wall time {summary['train_s']:.0f} s, skipped steps "
         f"{summary['skipped']}; evaluation {result['eval_nfs']} more finest solves (target at "
@@ -339,7 +338,10 @@ def main(argv=None):
                "nfs_per_stage": {s: max(h["nfs"] for h in history if h["stage"] == s)
                                  for s in sorted({h["stage"] for h in history})},
                "skipped": history[-1]["skipped"], "train_s": train_s,
-               "wall_s": time.perf_counter() - started, "machine": machine()}
+               "wall_s": time.perf_counter() - started, "machine": machine(),
+               "problem": f"{case.lattice_shape()[0]} x {case.lattice_shape()[1]} "
+                          f"log-permeability (L = {case.finest}), {case.n_obs} mirror-symmetric "
+                          f"integral observations, noise std {case.noise.min():g}"}
     md = markdown(name, args, summary, result, reference)
     print(md)
     (RESULTS / f"{name}.md").write_text(md)
