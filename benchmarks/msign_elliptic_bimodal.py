@@ -145,8 +145,10 @@ def segment_text(profile):
     return (f"log q along the straight segment truth -> mirror (11 points): "
             f"{q[0]:.2f} at the truth, {q[len(q) // 2]:.2f} at the symmetric midpoint "
             f"(truth + mirror) / 2, range {q.max() - q.min():.2f}: "
-            + ("no barrier between the two 'modes' along it." if q[len(q) // 2] >= q[0] - 1
-               else "a barrier separates the modes."))
+            + ("no barrier along it. The truth itself can be far from the MAP (a strong truth "
+               "costs much prior density), so this segment proves little either way: "
+               "`benchmarks/elliptic_modes.py` compares the MAP with the best symmetric field."
+               if q[len(q) // 2] >= q[0] - 1 else "a barrier separates the modes."))
 
 
 def per_mode_means(x, direction, truth):
