@@ -13,7 +13,7 @@ from geoinvert.prior import MaternPrior
 from geoinvert.svgd import (asvgd_loss, median_bandwidth, rbf_kernel, stein_direction,
                             train_asvgd)
 from geoinvert.train import TrainingError
-from test_train import FlakyForward
+from test_train import BrokenPosterior, FlakyForward
 
 F64 = torch.float64
 NOISE = 0.5
@@ -206,13 +206,6 @@ def test_failed_targets_are_left_out(problem):
     assert 0.1 < failed < 0.3  # about one in five
     assert all(math.isfinite(h["loss"]) for h in history) and history[-1]["skipped"] == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-class BrokenPosterior(Posterior):
-    """Every target evaluation returns NaN (e.g. a broken forward model)."""
-
-    def log_prob(self, x):
-        return super().log_prob(x) * math.nan
 
 
 def test_non_finite_steps_are_skipped_then_stop(problem):
