@@ -517,8 +517,6 @@ def _check_writable(path, lay):
     problem = lay.bcast(problem)
     if problem:
         raise CaseError(str(path), problem)
-    if lay.root:
-        _remove_stale_temporaries(path)
 
 
 def _remove_stale_temporaries(path):
@@ -664,6 +662,8 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     lay = layout(comm, ranks_per_solve)
     path, start_time = result_path(case, out), time.perf_counter()
     _check_writable(path, lay)
+    if lay.root:
+        _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
     if kind in MCMC_KINDS:
         fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve))
