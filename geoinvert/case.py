@@ -178,6 +178,11 @@ SCHEMA = (
         "prior conditioning layer of MsIGN), or the ablations `nearest` (stochastic "
         "nearest-neighbour upsampling) and `squeeze` (Glow's split/squeeze).", "nearest",
         _one_of("prior", "nearest", "squeeze")),
+    Key("sampler.coarse_sampler", "str", "importance", "Flows with the Jeffreys objective: "
+        "how the first stage gets samples of the 2x2 posterior, `importance` (4096 prior "
+        "draws, importance-weighted) or `smc` (tempered sequential Monte Carlo, 1024 particles, "
+        "several times the solves; for data so precise that the importance ESS is a few "
+        "samples: the log shows it).", "smc", _one_of("importance", "smc")),
     Key("sampler.steps", "int", 200, "Training steps per stage.", "500", _between(1, 10**7)),
     Key("sampler.batch", "int", 64, "Samples per training step.", "128", _between(2, 10**5)),
     Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),

@@ -434,7 +434,8 @@ def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, 
         return train_msign(model, posteriors, start=1, steps=s["steps"], batch=s["batch"],
                            lr=s["lr"], objective=objective, budget=s["budget"] or None,
                            generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
-                           checkpoint_every=checkpoint_every, resume=resume, stop=stop)
+                           checkpoint_every=checkpoint_every, resume=resume, stop=stop,
+                           coarse_sampler=s["coarse_sampler"])
     finally:
         bar.close()
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from geoinvert.flows.msign import standard_normal_log_prob
+from geoinvert.samplers.smc import tempered_smc
 
 __all__ = [
     "OBJECTIVES",
@@ -20,6 +21,7 @@ __all__ = [
     "jeffreys_loss",
     "ImportancePool",
     "importance_pool",
+    "smc_pool",
     "pool_jeffreys_loss",
     "training_step",
     "TrainingInterrupted",
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVES = ("jeffreys", "reverse_kl", "asvgd")
 SCHEDULES = ("cosine", "step", "constant")
 PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
+COARSE_SAMPLERS = ("importance", "smc")
 _F64 = torch.float64
 
 
@@ -59,11 +62,13 @@ class TrainOptions:
     single_stage: bool = False
     pool: int = 4096
     pool_warmup: float = 0.5
+    coarse_sampler: str = "importance"
 
     def __post_init__(self):
         for name, value, valid in (("objective", self.objective, OBJECTIVES),
                                    ("schedule", self.schedule, SCHEDULES),
-                                   ("proposal", self.proposal, PROPOSALS)):
+                                   ("proposal", self.proposal, PROPOSALS),
+                                   ("coarse_sampler", self.coarse_sampler, COARSE_SAMPLERS)):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         if int(self.batch) != self.batch or self.batch < 2:
@@ -383,6 +388,33 @@ def importance_pool(model, posterior, size, generator=None, ensemble=None):
     return ImportancePool(x, torch.softmax(log_w, 0), log_q)
 
 
+def smc_pool(model, posterior, size, generator=None, ensemble=None, *,
+             max_evaluations=math.inf):
+    r"""Samples of q_l by tempered SMC (:func:`~geoinvert.samplers.smc.tempered_smc`) with
+    ``size`` particles, as a pool: a standard method for a sharp q_1 (4 dimensions), where
+    importance sampling from the prior keeps a handful of effective samples.
+
+    Target evaluations are shared out over the ranks of ``ensemble``; every rank gets the whole
+    pool (one seed gives the same pool on any number of ranks).
+
+    Returns:
+        ``(pool, result)``: the :class:`ImportancePool` (fields in the model's dtype) and the
+        :class:`~geoinvert.samplers.smc.SMCResult` (``evaluations``: target calls made).
+    """
+    ens = ensemble or Ensemble()
+
+    def log_likelihood(x):
+        return ens.gather(posterior.log_likelihood(x[ens.part(x.shape[0])]).to(_F64))
+
+    try:
+        result = tempered_smc(log_likelihood, posterior.prior, posterior.level, size,
+                              generator=generator, max_evaluations=max_evaluations)
+    except ValueError as err:
+        raise TrainingError(f"level-{posterior.level} SMC pool: {err}") from err
+    log_q = posterior.prior.log_prob(result.x, posterior.level).detach().to(_F64) + result.log_lik
+    return ImportancePool(result.x.to(model.dtype), result.w, log_q), result
+
+
 def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensemble=None,
                        reverse=True):
     r"""Jeffreys divergence with the forward KL from an :class:`ImportancePool` (no new solves).
@@ -625,10 +657,11 @@ def train_stage(model, posterior, *, stage, steps, options, run, generator=None,
 def _new_stage(model, posterior, stage, steps, options, run, generator, ens, stages_left):
     """The plan of a stage starting now: its nFS allowance, pool and number of steps."""
     allowance = run.budget.allowance(stages_left)
+    used_before = run.budget.used
     pool, evaluations = _stage_pool(model, posterior, stage, options, run, allowance, generator,
                                     ens)
     if pool is not None:
-        allowance -= pool.w.numel()
+        allowance -= run.budget.used - used_before
     planned = _planned_steps(steps, options.batch, evaluations, allowance)
     return _StageState(stage, planned, allowance, pool=pool, evaluations=evaluations)
 
@@ -644,8 +677,21 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens
     """
     use = (stage == 1 and options.objective == "jeffreys" and not options.single_stage
            and options.pool > 0)
-    size = (options.pool if math.isinf(allowance) else min(options.pool, int(allowance) // 2)) \
-        if use else 0
+    if not use:
+        return None, options.evaluations
+    if options.coarse_sampler == "smc":
+        size = options.pool // 4 if math.isinf(allowance) else \
+            min(options.pool // 4, int(allowance) // 16)
+        if size < 2:
+            return None, options.evaluations
+        pool, result = smc_pool(model, posterior, size, generator, ens,
+                                max_evaluations=allowance / 2)
+        run.budget.spend(result.evaluations, run.costs[stage])
+        logger.info("stage %d: tempered SMC pool of %d particles, %d temperatures, %d solves, "
+                    "ESS fraction %.3f", stage, size, len(result.temperatures) - 1,
+                    result.evaluations, pool.ess)
+        return pool, 1
+    size = options.pool if math.isinf(allowance) else min(options.pool, int(allowance) // 2)
     if size < 2:
         return None, options.evaluations
     pool = importance_pool(model, posterior, size, generator, ens)
@@ -674,7 +720,7 @@ def _steps_of(steps, level):
 def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, objective="jeffreys",
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
                 schedule="cosine", lr_min=0.05, grad_clip=10.0, max_failures=20, proposal="auto",
-                pool=4096, pool_warmup=0.5, comm=None, checkpoint_every=0, resume=None,
+                pool=4096, pool_warmup=0.5, coarse_sampler="importance", comm=None, checkpoint_every=0, resume=None,
                 stop=None):
     r"""Train an MsIGN stage by stage on the posteriors of its levels.
 
@@ -723,6 +769,10 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         pool_warmup: Fraction of the stage-1 steps that fit the pool alone (maximum
             likelihood on samples of q_1, no solves) before the Jeffreys steps; the reverse
             KL alone would pull a fresh flow into one mode of a multimodal q_1.
+        coarse_sampler: How the stage-1 pool samples q_1: ``"importance"`` (``pool`` prior
+            draws, :func:`importance_pool`) or ``"smc"`` (tempered SMC with ``pool // 4``
+            particles, :func:`smc_pool`, at most half of the stage's nFS share; for a q_1 so
+            sharp that the importance ESS is a few samples, at several times the solves).
         comm: Ensemble communicator: ranks split the batch, each with its own forward models,
             and sum gradients (None: one process).
         checkpoint_every: Steps between checkpoints within a stage (0: stage ends only).
@@ -748,7 +798,7 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
     options = TrainOptions(objective=objective, batch=batch, lr=lr, schedule=schedule,
                            lr_min=lr_min, grad_clip=grad_clip, max_failures=max_failures,
                            proposal=proposal, single_stage=single_stage, pool=pool,
-                           pool_warmup=pool_warmup)
+                           pool_warmup=pool_warmup, coarse_sampler=coarse_sampler)
     if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
     finest = max(posteriors)

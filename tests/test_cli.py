@@ -215,3 +215,13 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
         assert failed == int(ds["train_failed"].sum()) > 0
         assert np.isfinite(ds["train_loss"]).all()
     assert f"note: {failed} forward solves failed" in capsys.readouterr().out
+
+
+def test_coarse_sampler_from_the_case_file(tmp_path, caplog):
+    from geoinvert.export import run
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": "smc"}}
+    with caplog.at_level("INFO", logger="geoinvert.train"):
+        result = run(config, out=tmp_path / "smc.nc", progress=False, seed=1)
+    assert "tempered SMC pool" in caplog.text
+    with xr.open_dataset(result.path) as ds:
+        assert np.all(np.isfinite(ds["log_prob"])) and ds.attrs["nfs"] > 0
