@@ -4,10 +4,10 @@ Usage (default, 32 x 32, L = 5, ~10 min on a busy 2-core machine)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/msign_quadratic.py
 
-The paper's size (64 x 64, L = 6, 8e5 forward solves; hours on this machine)::
+The paper's size (64 x 64, L = 6; 1.67e5 forward solves, ~25 min on a busy 2-core machine)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/msign_quadratic.py --levels 6 \
-        --budget 800000 --steps 4000 --batch 64 --blocks 6 --hidden 64 --tag paper
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/msign_quadratic.py --levels 6 \
+        --steps 200,200,300,400,600,1000 --tag 64x64
 
 Setup (after MsIGN, Zhang, Zhang & Hou 2021, Section 5.1, as far as it can be inferred): prior a
 Laplacian-type Gaussian, here the Matern field (alpha = 2, correlation length 0.2, std 1) with
