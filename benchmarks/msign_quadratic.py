@@ -145,7 +145,8 @@ def train(model, posteriors, args, *, objective=None, single_stage=False, callba
                           batch=args.batch, lr=args.lr, objective=objective or args.objective,
                           budget=args.budget, generator=torch.Generator().manual_seed(args.seed),
                           callback=callback, checkpoint=None, single_stage=single_stage,
-                          proposal=args.proposal if not single_stage else "auto")
+                          proposal=args.proposal if not single_stage else "auto",
+                          coarse_sampler=getattr(args, "coarse_sampler", "importance"))
     return history, time.perf_counter() - start
 
 
@@ -171,6 +172,8 @@ def add_arguments(p, *, steps="200,200,300,400,600"):
     p.add_argument("--proposal", default="defensive",
                    choices=["auto", "surrogate", "defensive", "mixture"],
                    help="forward-KL proposal of stages >= 2 (auto: defensive)")
+    p.add_argument("--coarse-sampler", default="importance", choices=["importance", "smc"],
+                   help="how stage 1 samples q_1")
     p.add_argument("--samples", type=int, default=4000, help="evaluation samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the output names")
