@@ -69,6 +69,16 @@ def _local_cholesky(cloud, points, neighbours):
     return chol, 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
 
 
+def _global_cholesky(cloud, num):
+    """The Cholesky factor of all particles' covariance (plus the same ridge), repeated for the
+    ``num`` points (the symmetric global move needs no Hastings correction)."""
+    eye = torch.eye(cloud.shape[1], dtype=_F64)
+    cov = torch.cov(cloud.T).reshape(eye.shape)
+    scale = torch.diagonal(cov).mean().clamp(min=1e-300)
+    chol = torch.linalg.cholesky(cov + 1e-10 * scale * eye)
+    return chol.expand(num, *chol.shape), None
+
+
 def _rw_log_density(delta, factor, step):
     """log N(delta; 0, step^2 L L^T) up to a constant shared by both directions of a move."""
     chol, logdet = factor
@@ -173,12 +183,13 @@ def tempered_smc(log_likelihood, prior, level, num, *, generator=None, moves=8,
         idx = _systematic(torch.softmax(log_w, 0), generator)
         x, log_lik, log_w = x[idx], log_lik[idx], torch.zeros(num, dtype=_F64)
         cloud = x.flatten(1).clone() if kernel == "rw" else None
+        overall = _global_cholesky(cloud, num) if kernel == "rw" else None
         for move in range(moves):
             local = move % 2 == 1
             if kernel == "rw":
-                k = neighbours if local else num
+                k = neighbours
                 h = steps[local]
-                chol, logdet = _local_cholesky(cloud, x.flatten(1), k)
+                chol, logdet = _local_cholesky(cloud, x.flatten(1), k) if local else overall
                 xi = torch.randn((num, cloud.shape[1]), generator=generator, dtype=_F64)
                 prop = x + h * torch.einsum("nij,nj->ni", chol, xi).reshape(x.shape)
                 log_prior_ratio = (prior.log_prob(prop, level) - prior.log_prob(x, level)).to(_F64)
