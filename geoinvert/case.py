@@ -180,9 +180,16 @@ SCHEMA = (
         _one_of("prior", "nearest", "squeeze")),
     Key("sampler.coarse_sampler", "str", "importance", "Flows with the Jeffreys objective: "
         "how the first stage gets samples of the 2x2 posterior, `importance` (4096 prior "
-        "draws, importance-weighted) or `smc` (tempered sequential Monte Carlo, 1024 particles, "
-        "several times the solves; for data so precise that the importance ESS is a few "
-        "samples: the log shows it).", "smc", _one_of("importance", "smc")),
+        "draws, importance-weighted), `smc` (tempered sequential Monte Carlo, 1024 particles, "
+        "several times the solves) or `laplace` (L-BFGS from 16 prior draws to the modes, then "
+        "4096 importance-weighted draws of a mixture of Gaussians fitted at them; for data so "
+        "precise that the importance ESS is a few samples: the log shows it).", "laplace",
+        _one_of("importance", "smc", "laplace")),
+    Key("sampler.pool_levels", "int", 1, "Flows with the Jeffreys objective: the first "
+        "`pool_levels` stages start from samples of their own posterior drawn by "
+        "`coarse_sampler`, the later ones from the stage before. Raise it when the 2x2 "
+        "posterior is no guide to the finer ones (very precise data: the log's per-stage "
+        "mode search shows where the modes lie).", "2", _between(1, 16)),
     Key("sampler.steps", "int", 200, "Training steps per stage.", "500", _between(1, 10**7)),
     Key("sampler.batch", "int", 64, "Samples per training step.", "128", _between(2, 10**5)),
     Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),

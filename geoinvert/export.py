@@ -435,7 +435,7 @@ def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, 
                            lr=s["lr"], objective=objective, budget=s["budget"] or None,
                            generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
                            checkpoint_every=checkpoint_every, resume=resume, stop=stop,
-                           coarse_sampler=s["coarse_sampler"])
+                           coarse_sampler=s["coarse_sampler"], pool_levels=s["pool_levels"])
     finally:
         bar.close()
 

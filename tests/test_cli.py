@@ -217,11 +217,14 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
     assert f"note: {failed} forward solves failed" in capsys.readouterr().out
 
 
-def test_coarse_sampler_from_the_case_file(tmp_path, caplog):
+@pytest.mark.parametrize("sampler, pool_levels, message", [
+    ("smc", 1, "stage 1: tempered SMC pool"), ("laplace", 2, "stage 2: Laplace pool")])
+def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, pool_levels, message):
     from geoinvert.export import run
-    config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": "smc"}}
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": sampler,
+                                   "pool_levels": pool_levels}}
     with caplog.at_level("INFO", logger="geoinvert.train"):
         result = run(config, out=tmp_path / "smc.nc", progress=False, seed=1)
-    assert "tempered SMC pool" in caplog.text
+    assert message in caplog.text
     with xr.open_dataset(result.path) as ds:
         assert np.all(np.isfinite(ds["log_prob"])) and ds.attrs["nfs"] > 0

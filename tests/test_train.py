@@ -257,6 +257,13 @@ def test_level_costs_and_schedule(problem):
     assert lr_factor(0, 10, "cosine", 0.1) == 1.0
     assert lr_factor(9, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert [lr_factor(s, 8, "step", 0.0) for s in (0, 4, 7)] == pytest.approx([1, 0.3, 0.09])
+    # warm-up over the first 2 of 10 steps: 1/2, then the cosine at step 1, then the cosine
+    assert lr_factor(0, 10, "cosine", 0.1, 0.2) == 0.5
+    assert lr_factor(1, 10, "cosine", 0.1, 0.2) == lr_factor(1, 10, "cosine", 0.1)
+    assert lr_factor(5, 10, "constant", 0.1, 0.2) == 1.0
+    with pytest.raises(ValueError, match="lr_warmup"):
+        train_msign(new_model(problem[0]), posteriors, lr_warmup=1.0, callback=None,
+                    checkpoint=None)
     with pytest.raises(ValueError, match="objective"):
         train_msign(new_model(problem[0]), posteriors, steps=1, batch=4, lr=1e-3,
                     objective="forward_kl", budget=None, generator=gen(), callback=None,
