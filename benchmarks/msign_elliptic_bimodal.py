@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from msign_linear import _image, _printer, machine, parse_steps, training_figure  # noqa: E402
+from msign_linear import (_image, _printer, add_training_flags, machine, parse_steps,  # noqa: E402
+                          training_figure, training_kwargs)
 
 import geoinvert  # noqa: E402
 from geoinvert.diagnostics import (importance_ess_fraction, moment_errors,  # noqa: E402
@@ -311,6 +312,7 @@ def main(argv=None):
     p.add_argument("--objective", default="jeffreys", choices=["jeffreys", "reverse_kl"])
     p.add_argument("--proposal", default="auto",
                    choices=["auto", "surrogate", "defensive", "mixture"])
+    add_training_flags(p)
     p.add_argument("--budget", type=int, default=None, help="total nFS (default: no limit)")
     p.add_argument("--samples", type=int, default=4000, help="evaluation samples")
     p.add_argument("--seed", type=int, default=0)
@@ -328,7 +330,7 @@ def main(argv=None):
     history = train_msign(model, posteriors, start=1,
                           steps=parse_steps(args.steps, case.finest), batch=args.batch,
                           lr=args.lr, objective=args.objective, budget=args.budget,
-                          proposal=args.proposal,
+                          proposal=args.proposal, **training_kwargs(args),
                           generator=torch.Generator().manual_seed(args.seed),
                           callback=_printer())
     train_s = time.perf_counter() - t0

@@ -50,6 +50,37 @@ def parse_steps(text, levels):
     return parts
 
 
+def add_training_flags(p):
+    """Flags of the stage-1 sampler and the training variants (``train_msign`` options)."""
+    p.add_argument("--coarse-sampler", default="importance",
+                   choices=["importance", "smc", "laplace"], help="how stage 1 samples q_1")
+    p.add_argument("--pool-levels", type=int, default=1,
+                   help="stages that start from a pool of their own posterior")
+    p.add_argument("--pool-warmup", type=float, default=0.5,
+                   help="fraction of a pool stage fitting the pool alone (1: no reverse KL)")
+    p.add_argument("--reverse-weight", type=float, default=1.0,
+                   help="weight of the reverse KL in the Jeffreys gradient (stages without a pool)")
+    p.add_argument("--frozen-proposal", action="store_true",
+                   help="forward-KL proposal from the previous stage's frozen model")
+    p.add_argument("--balance-modes", action="store_true",
+                   help="weight the reverse KL by mode (modes of the Laplace pool)")
+    p.add_argument("--anneal", type=float, default=0.0,
+                   help="fraction of stages > pool_levels moving the target from the surrogate")
+    p.add_argument("--lr-warmup", type=float, default=0.0,
+                   help="fraction of each stage's steps with a linear lr ramp")
+
+
+def training_kwargs(args):
+    """The ``train_msign`` keywords of :func:`add_training_flags` (defaults where absent)."""
+    return dict(coarse_sampler=getattr(args, "coarse_sampler", "importance"),
+                pool_levels=getattr(args, "pool_levels", 1),
+                pool_warmup=getattr(args, "pool_warmup", 0.5),
+                reverse_weight=getattr(args, "reverse_weight", 1.0),
+                frozen_proposal=getattr(args, "frozen_proposal", False),
+                balance_modes=getattr(args, "balance_modes", False),
+                anneal=getattr(args, "anneal", 0.0), lr_warmup=getattr(args, "lr_warmup", 0.0))
+
+
 def bumps(count):
     """Gaussian bumps exp(-|s - c|^2 / 0.02) centred on a sqrt(count) x sqrt(count) grid."""
     k = int(round(math.sqrt(count)))

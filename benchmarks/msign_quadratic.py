@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from msign_linear import _image, _printer, machine, parse_steps, training_figure  # noqa: E402
+from msign_linear import (_image, _printer, add_training_flags, machine, parse_steps,  # noqa: E402
+                          training_figure, training_kwargs)
 
 from geoinvert.diagnostics import jeffreys_divergence  # noqa: E402
 from geoinvert.flows.msign import MsIGN  # noqa: E402
@@ -146,7 +147,7 @@ def train(model, posteriors, args, *, objective=None, single_stage=False, callba
                           budget=args.budget, generator=torch.Generator().manual_seed(args.seed),
                           callback=callback, checkpoint=None, single_stage=single_stage,
                           proposal=args.proposal if not single_stage else "auto",
-                          coarse_sampler=getattr(args, "coarse_sampler", "importance"))
+                          **training_kwargs(args))
     return history, time.perf_counter() - start
 
 
@@ -172,8 +173,7 @@ def add_arguments(p, *, steps="200,200,300,400,600"):
     p.add_argument("--proposal", default="defensive",
                    choices=["auto", "surrogate", "defensive", "mixture"],
                    help="forward-KL proposal of stages >= 2 (auto: defensive)")
-    p.add_argument("--coarse-sampler", default="importance", choices=["importance", "smc"],
-                   help="how stage 1 samples q_1")
+    add_training_flags(p)
     p.add_argument("--samples", type=int, default=4000, help="evaluation samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the output names")

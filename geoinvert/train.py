@@ -27,6 +27,8 @@ __all__ = [
     "pool_jeffreys_loss",
     "training_step",
     "TrainingInterrupted",
+    "AnnealedTarget",
+    "ModeBalance",
     "draw_noise",
     "CHECKPOINT_VERSION",
     "train_stage",
@@ -67,6 +69,10 @@ class TrainOptions:
     pool_warmup: float = 0.5
     coarse_sampler: str = "importance"
     pool_levels: int = 1
+    anneal: float = 0.0
+    frozen_proposal: bool = False
+    reverse_weight: float = 1.0
+    balance_modes: bool = False
 
     def __post_init__(self):
         for name, value, valid in (("objective", self.objective, OBJECTIVES),
@@ -81,6 +87,13 @@ class TrainOptions:
             raise ValueError(f"pool_levels must be an integer >= 1, got {self.pool_levels!r}")
         if not self.lr > 0 or not self.grad_clip > 0 or not 0 <= self.lr_min <= 1:
             raise ValueError("lr and grad_clip must be > 0 and lr_min in [0, 1]")
+        if self.balance_modes and self.coarse_sampler != "laplace":
+            raise ValueError("balance_modes needs the modes of coarse_sampler='laplace', got "
+                             f"coarse_sampler={self.coarse_sampler!r}")
+        if not 0 <= self.reverse_weight <= 1:
+            raise ValueError(f"reverse_weight must be in [0, 1], got {self.reverse_weight!r}")
+        if not 0 <= self.anneal <= 1:
+            raise ValueError(f"anneal must be in [0, 1], got {self.anneal!r}")
         if not 0 <= self.lr_warmup < 1:
             raise ValueError(f"lr_warmup must be in [0, 1), got {self.lr_warmup!r}")
 
@@ -235,10 +248,67 @@ def _reverse_terms(model, posterior, batch, generator, ens):
     ok = torch.isfinite(log_q) & torch.isfinite(grad).flatten(1).all(1)
     grad = torch.where(ok[:, None, None], grad, torch.zeros_like(grad)).to(x.dtype)
     term = log_p - (grad * x).flatten(1).sum(1)
-    return term, log_p.detach().to(_F64) - log_q, ok
+    return term, log_p.detach().to(_F64) - log_q, ok, x.detach()
 
 
-def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
+@dataclass
+class ModeBalance:
+    r"""Modes of a coarse level and their target masses, to reweight the reverse KL by mode.
+
+    The reverse KL splits as D_KL(p || q) = sum_k P_k [log(P_k / Q_k) + D_KL(p_k || q_k)] over
+    modes k (P_k the model's mass, Q_k the target's), so its gradient moves mass towards the
+    modes it already fits best: a mode fitted a few nats worse is emptied, and the fewer samples
+    it keeps the worse it is fitted. Weighting each model sample by Q_k / P_k (P_k estimated by
+    the batch fractions) gives every mode's fit the weight of its target mass and leaves the
+    masses to the forward KL. A sample's mode is the nearest centre (Mahalanobis, with that
+    mode's Hessian) after pooling the sample down to the modes' level.
+
+    Attributes:
+        level: Level of the centres.
+        centres: ``(k, n, n)`` float64.
+        hessians: ``(k, d, d)`` float64 (Hessians of -log q_level at the centres).
+        masses: ``(k,)`` target masses Q_k (sum 1).
+    """
+
+    level: int
+    centres: torch.Tensor
+    hessians: torch.Tensor
+    masses: torch.Tensor
+
+    @classmethod
+    def from_laplace(cls, level, result):
+        """From a :class:`~geoinvert.samplers.laplace.LaplaceResult` of ``level``."""
+        return cls(level, torch.stack([m.x for m in result.modes]).to(_F64),
+                   torch.stack([m.hessian for m in result.modes]).to(_F64),
+                   (result.mode_mass / result.mode_mass.sum()).to(_F64))
+
+    def labels(self, x):
+        """Mode index ``(num,)`` of fields ``x`` of this or a finer level."""
+        from geoinvert.hierarchy import pool
+        x = x.to(_F64)
+        while x.shape[-1] > self.centres.shape[-1]:
+            x = pool(x)
+        delta = x.flatten(1)[:, None, :] - self.centres.flatten(1)[None]
+        return torch.einsum("nki,kij,nkj->nk", delta, self.hessians, delta).argmin(1)
+
+    def weights(self, x, ok, ens):
+        """Weights Q_k / P_k of this rank's samples (0 where not ``ok``), mean 1 over the ok
+        samples of all ranks; modes without samples are left out and Q renormalised."""
+        labels = self.labels(x)
+        counts = torch.as_tensor(ens.sum(*[float(((labels == k) & ok).sum())
+                                           for k in range(self.masses.numel())]))
+        present = self.masses * (counts > 0)
+        if counts.sum() == 0 or present.sum() == 0:
+            return ok.to(_F64)
+        share = present / present.sum() / (counts / counts.sum()).clamp(min=1e-300)
+        return torch.where(ok, share[labels], torch.zeros_like(share[labels]))
+
+    def state(self):
+        return {"level": self.level, "centres": self.centres, "hessians": self.hessians,
+                "masses": self.masses}
+
+
+def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None, balance=None):
     r"""Reverse KL D_KL(p || q) - log Z from ``batch`` reparameterised samples of the model.
 
     .. math:: L = \frac{1}{n_{ok}} \sum_{i\,ok} \log p(x_i) - \log \tilde q(x_i), \quad x_i \sim p,
@@ -252,21 +322,25 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
         batch: Samples over all ranks.
         generator: Noise source.
         ensemble: :class:`Ensemble` (default: one process).
+        balance: :class:`ModeBalance` weighting the samples' terms in the gradient by mode
+            (the reported value stays the plain estimate).
 
     Returns:
         ``(loss, stats)``: this rank's differentiable part of L (sum over ranks = L) and
         ``{"loss", "ess", "nfs", "failed"}`` (global; ``ess`` is NaN here).
     """
     ens = ensemble or Ensemble()
-    term, value, ok = _reverse_terms(model, posterior, batch, generator, ens)
+    term, value, ok, x = _reverse_terms(model, posterior, batch, generator, ens)
     n_ok, total = ens.sum(float(ok.sum()), float(value[ok].sum()))
+    if balance is not None:
+        term = term * balance.weights(x, ok, ens).to(term.dtype)
     loss = term[ok].sum() / n_ok if n_ok else term.sum() * math.nan
     stats = {"loss": total / n_ok if n_ok else math.nan, "ess": math.nan, "nfs": batch,
              "failed": int(batch - n_ok)}
     return loss, stats
 
 
-def _propose(model, level, batch, generator, kind, ens):
+def _propose(model, level, batch, generator, kind, ens, surrogate=None):
     """Importance proposal ``(x, log s(x))`` without grad (this rank's block of ``batch``): the
     surrogate or a defensive mixture.
 
@@ -275,19 +349,29 @@ def _propose(model, level, batch, generator, kind, ens):
     lost in the forward KL (defensive importance sampling, Hesterberg 1995). ``mixture``: half
     from the prior and half from the model, for stages without a trained coarser model
     (stage 1 without a pool, single-stage training).
+
+    The surrogate's p_{l-1} is that of ``surrogate`` (a frozen copy of the model at the stage's
+    start, as in the paper) if given, else the model's current F_1..F_{l-1}.
     """
+    source = model if surrogate is None else surrogate
     surrogate_upto = min(level - 1, model.stage)     # the surrogate: F_level = identity
     with torch.no_grad():
         if kind == "surrogate":
-            return _decode(model, draw_noise(model, level, batch, generator, ens), surrogate_upto)
+            x, log_s = _decode(source, draw_noise(model, level, batch, generator, ens),
+                               surrogate_upto)
+            return x.to(model.dtype), log_s
         defensive = kind == "defensive"
         half = batch // 2
         x_prior = model.decode(draw_noise(model, level, batch - half, generator, ens), upto=0)[0]
-        x_other = model.decode(draw_noise(model, level, half, generator, ens),
-                               upto=surrogate_upto if defensive else None)[0]
-        x = torch.cat((x_prior, x_other))
-        log_other = (model.surrogate_log_prob if defensive else model.log_prob)(x, level)
-        return x, torch.logaddexp(_prior_log_prob(model, x), log_other) - math.log(2.0)
+        x_other = (source if defensive else model).decode(
+            draw_noise(model, level, half, generator, ens),
+            upto=surrogate_upto if defensive else None)[0]
+        x = torch.cat((x_prior, x_other.to(model.dtype)))
+        if defensive:
+            log_other = source.surrogate_log_prob(x.to(source.dtype), level).to(_F64)
+        else:
+            log_other = model.log_prob(x, level).to(_F64)
+        return x, torch.logaddexp(_prior_log_prob(model, x).to(_F64), log_other) - math.log(2.0)
 
 
 def _prior_log_prob(model, x):
@@ -296,10 +380,10 @@ def _prior_log_prob(model, x):
     return standard_normal_log_prob(zs) + logdet
 
 
-def _forward_terms(model, posterior, batch, generator, proposal, ens):
+def _forward_terms(model, posterior, batch, generator, proposal, ens, surrogate=None):
     """Proposal samples (this rank's block), their log weights log q~ - log s (float64), finite
     mask, and log p."""
-    x, log_s = _propose(model, posterior.level, batch, generator, proposal, ens)
+    x, log_s = _propose(model, posterior.level, batch, generator, proposal, ens, surrogate)
     with torch.no_grad():
         log_q = posterior.log_prob(x.to(_F64)).to(_F64)
     log_w = log_q - log_s.to(_F64)
@@ -320,7 +404,8 @@ def _snis_weights(log_w, ok, ens):
     return w, 1.0 / square
 
 
-def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, proposal="surrogate"):
+def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, proposal="surrogate",
+                  surrogate=None, reverse_weight=1.0, balance=None):
     r"""Jeffreys divergence D_KL(p || q) + D_KL(q || p) estimated from 2 x ``batch`` target calls.
 
     .. math:: L = \frac{1}{n}\sum_i [\log p(x_i) - \log \tilde q(x_i)]
@@ -335,6 +420,12 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
         model, posterior, batch, generator, ensemble: as in :func:`reverse_kl_loss`.
         proposal: ``"surrogate"``, ``"defensive"`` (surrogate + prior) or ``"mixture"``
             (model + prior).
+        surrogate: Frozen model whose coarse flows give the proposal (see :func:`_propose`).
+        reverse_weight: Weight lambda of the reverse term in the returned loss,
+            lambda D_KL(p || q) + D_KL(q || p). At 0 no model samples are drawn: the forward
+            KL takes all ``2 * batch`` target calls as proposal samples, and ``stats["loss"]``
+            estimates D_KL(q || p) + log Z (the reverse term is not measured).
+        balance: :class:`ModeBalance` of the reverse term, or None.
 
     Returns:
         ``(loss, stats)`` as in :func:`reverse_kl_loss`; ``stats["ess"]`` is the importance
@@ -345,8 +436,14 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
         Bayesian inference. ICML 2021, https://arxiv.org/abs/2105.05489
     """
     ens = ensemble or Ensemble()
-    rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
-    log_p, log_q, log_w, ok = _forward_terms(model, posterior, batch, generator, proposal, ens)
+    if reverse_weight == 0:
+        rev, rev_stats, draws = 0.0, {"loss": 0.0, "failed": 0}, 2 * batch
+    else:
+        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens,
+                                         balance=balance)
+        draws = batch
+    log_p, log_q, log_w, ok = _forward_terms(model, posterior, draws, generator, proposal, ens,
+                                             surrogate)
     w, ess = _snis_weights(log_w, ok, ens)
     w_t = w.to(log_p.dtype)
     forward = -(w_t * torch.where(ok, log_p, torch.zeros_like(log_p))).sum()
@@ -354,9 +451,9 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
     n_ok = int(ens.sum(float(ok.sum()))[0])
     if n_ok == 0:
         forward, value = forward * math.nan, math.nan
-    stats = {"loss": rev_stats["loss"] + value, "ess": ess / batch, "nfs": 2 * batch,
-             "failed": rev_stats["failed"] + batch - n_ok}
-    return rev + forward, stats
+    stats = {"loss": rev_stats["loss"] + value, "ess": ess / draws, "nfs": 2 * batch,
+             "failed": rev_stats["failed"] + draws - n_ok}
+    return reverse_weight * rev + forward, stats
 
 
 @dataclass
@@ -462,7 +559,7 @@ def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, start
 
 
 def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensemble=None,
-                       reverse=True):
+                       reverse=True, balance=None):
     r"""Jeffreys divergence with the forward KL from an :class:`ImportancePool` (no new solves).
 
     .. math:: L = \frac{1}{n}\sum_i [\log p(x_i) - \log \tilde q(x_i)]
@@ -478,7 +575,8 @@ def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensembl
     """
     ens = ensemble or Ensemble()
     if reverse:
-        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
+        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens,
+                                         balance=balance)
     else:
         rev, rev_stats = 0.0, {"loss": 0.0, "nfs": 0, "failed": 0}
     idx = torch.multinomial(pool.w, batch, replacement=True, generator=generator)[ens.part(batch)]
@@ -486,6 +584,68 @@ def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensembl
     (value,) = ens.sum(float((pool.log_q[idx] - log_p.detach().to(_F64)).sum()))
     stats = {**rev_stats, "loss": rev_stats["loss"] + value / batch, "ess": pool.ess}
     return rev - log_p.sum() / batch, stats
+
+
+class AnnealedTarget:
+    r"""The geometric path pi_beta(x) propto s(x)^(1 - beta) q(x)^beta from the surrogate s of a
+    stage's start to its posterior q, as a target with the interface of
+    :class:`~geoinvert.posterior.Posterior` (``level``, ``log_prob``, ``grad_log_prob``).
+
+    s = PC_l(p_{l-1}) is evaluated through ``surrogate``, a frozen copy of the model taken when
+    the stage began (float64), so at beta -> 0 the target is what the model already is. Raising
+    beta slowly keeps the flow close to its target all along; the reverse KL then has no large,
+    uneven misfits on the modes to trade mass against (its optimum puts mass on mode i in
+    proportion to exp(-KL_i), so a mode fitted a few nats worse is emptied).
+
+    Args:
+        posterior: The stage's posterior q_l.
+        surrogate: A frozen :class:`~geoinvert.flows.msign.MsIGN` (float64).
+        beta: In (0, 1].
+    """
+
+    def __init__(self, posterior, surrogate, beta):
+        self.posterior, self.surrogate, self.beta = posterior, surrogate, float(beta)
+        self.level, self.prior = posterior.level, posterior.prior
+
+    def _surrogate(self, x, grad):
+        x = x.detach().to(_F64).requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            value = self.surrogate.surrogate_log_prob(x, self.level)
+        if not grad:
+            return value.detach(), None
+        return value.detach(), torch.autograd.grad(value.sum(), x)[0]
+
+    def log_prob(self, x):
+        """(1 - beta) log s(x) + beta log q~(x), ``(num,)`` float64 (no gradient)."""
+        with torch.no_grad():
+            value = self.posterior.log_prob(x.to(_F64)).to(_F64)
+        return (1 - self.beta) * self._surrogate(x, False)[0] + self.beta * value
+
+    def grad_log_prob(self, x):
+        """``(log pi_beta(x), d log pi_beta / dx)``, detached, float64."""
+        value, grad = self.posterior.grad_log_prob(x.to(_F64))
+        s_value, s_grad = self._surrogate(x, True)
+        b = self.beta
+        return (1 - b) * s_value + b * value.to(_F64), (1 - b) * s_grad + b * grad.to(_F64)
+
+
+def _frozen_surrogate(model):
+    """A float64 copy of ``model`` with no trainable parameters (the stage's starting point).
+
+    Rebuilt from its config on the same prior (which holds factorisations a deepcopy cannot
+    copy) and loaded with its state."""
+    frozen = type(model)(model.prior, **model.config, stage=model.stage)
+    frozen.load_state_dict(model.state_dict())
+    frozen = frozen.to(_F64)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def _beta(step, planned, anneal):
+    """Inverse temperature at ``step``: linear from 1/ramp to 1 over ``anneal`` of the steps."""
+    ramp = math.ceil(anneal * planned)
+    return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
 
 
 # -- one step, one stage, all stages --------------------------------------------------------------
@@ -506,10 +666,11 @@ def lr_factor(step: int, steps: int, schedule: str, floor: float, warmup: float 
     return ramp * max(floor, 0.3 ** ((t >= 0.5) + (t >= 0.75)))
 
 
-def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reverse=True):
+def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reverse=True,
+          surrogate=None, balance=None):
     if pool is not None:
         return pool_jeffreys_loss(model, posterior, batch, generator, pool=pool,
-                                  ensemble=ensemble, reverse=reverse)
+                                  ensemble=ensemble, reverse=reverse, balance=balance)
     if options.objective == "reverse_kl":
         return reverse_kl_loss(model, posterior, batch, generator, ensemble=ensemble)
     if options.objective == "asvgd":
@@ -519,11 +680,13 @@ def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reve
     if proposal == "auto":
         coarse_trained = posterior.level >= 2 and not options.single_stage
         proposal = "defensive" if coarse_trained else "mixture"
-    return jeffreys_loss(model, posterior, batch, generator, ensemble=ensemble, proposal=proposal)
+    return jeffreys_loss(model, posterior, batch, generator, ensemble=ensemble, proposal=proposal,
+                         surrogate=surrogate, reverse_weight=options.reverse_weight,
+                         balance=balance)
 
 
 def training_step(model, posterior, optimizer, *, batch, generator, options, ensemble=None,
-                  pool=None, reverse=True):
+                  pool=None, reverse=True, surrogate=None, balance=None):
     """One optimisation step on this rank's share of ``batch``; skipped if not finite.
 
     Computes the local loss and gradients of the active parameters, sums the gradients over the
@@ -531,7 +694,9 @@ def training_step(model, posterior, optimizer, *, batch, generator, options, ens
     the loss or the gradient norm is not finite (then the parameters are left untouched).
 
     With a ``pool`` (:class:`ImportancePool`) the loss is :func:`pool_jeffreys_loss` (its
-    reverse term only if ``reverse``).
+    reverse term only if ``reverse``). ``surrogate``: the frozen model whose coarse flows
+    give the forward-KL proposal (None: the model's own); ``balance``: the
+    :class:`ModeBalance` of the reverse KL (None: unweighted).
 
     Returns:
         The stats of the loss plus ``grad_norm`` and ``skipped`` (bool).
@@ -539,7 +704,8 @@ def training_step(model, posterior, optimizer, *, batch, generator, options, ens
     ens = ensemble or Ensemble()
     params = model.active_parameters()
     optimizer.zero_grad(set_to_none=False)
-    loss, stats = _loss(model, posterior, batch, generator, options, ens, pool, reverse)
+    loss, stats = _loss(model, posterior, batch, generator, options, ens, pool, reverse,
+                        surrogate, balance)
     if torch.isfinite(loss):
         loss.backward()
     ens.allreduce_grads(params)
@@ -577,6 +743,7 @@ class _StageRun:
     checkpoint: object = None
     every: int = 0
     stop: object = None
+    balance: object = None
 
 
 @dataclass
@@ -591,6 +758,7 @@ class _StageState:
     elapsed: float = 0.0
     pool: ImportancePool | None = None
     evaluations: int = 1
+    surrogate: object = None
 
 
 def _planned_steps(steps, batch, evaluations, allowance):
@@ -634,6 +802,8 @@ def _state(model, optimizer, generator, run, st):
     return {"version": CHECKPOINT_VERSION, "stage": st.stage, "step": st.step,
             "planned": st.planned, "allowance": st.allowance, "spent": st.spent,
             "elapsed": st.elapsed, "evaluations": st.evaluations, "pool": pool,
+            "surrogate": None if st.surrogate is None else
+            {k: v.clone() for k, v in st.surrogate.state_dict().items()},
             "complete": st.step >= st.planned,
             "model": {k: v.clone() for k, v in model.state_dict().items()},
             "optimizer": copy.deepcopy(optimizer.state_dict()),   # Adam updates in place
@@ -641,7 +811,8 @@ def _state(model, optimizer, generator, run, st):
             "budget": {"total": run.budget.total, "used": run.budget.used,
                        "finest": run.budget.finest},
             "history": list(run.history), "skipped": run.skipped,
-            "consecutive": run.consecutive}
+            "consecutive": run.consecutive,
+            "balance": None if run.balance is None else run.balance.state()}
 
 
 def _stop_requested(run, ensemble):
@@ -674,6 +845,9 @@ def train_stage(model, posterior, *, stage, steps, options, run, generator=None,
         st = _StageState(stage, resume["planned"], resume["allowance"], resume["step"],
                          resume["spent"], resume["elapsed"], _pool_of(resume["pool"]),
                          resume["evaluations"])
+        if resume.get("surrogate") is not None:
+            st.surrogate = _frozen_surrogate(model)
+            st.surrogate.load_state_dict(resume["surrogate"])
         optimizer.load_state_dict(resume["optimizer"])
     started = time.perf_counter() - st.elapsed
     while st.step < st.planned:
@@ -683,9 +857,15 @@ def train_stage(model, posterior, *, stage, steps, options, run, generator=None,
                                     options.lr_warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = training_step(model, posterior, optimizer, batch=batch, generator=generator,
+        target = posterior
+        if st.surrogate is not None and _beta(st.step, st.planned, options.anneal) < 1:
+            target = AnnealedTarget(posterior, st.surrogate,
+                                    _beta(st.step, st.planned, options.anneal))
+        stats = training_step(model, target, optimizer, batch=batch, generator=generator,
                               options=options, ensemble=ens, pool=st.pool,
-                              reverse=st.pool is None or st.step >= options.pool_warmup * st.planned)
+                              reverse=st.pool is None or st.step >= options.pool_warmup * st.planned,
+                              surrogate=st.surrogate if options.frozen_proposal else None,
+                              balance=run.balance)
         st.spent += stats["nfs"]
         info = _record(run, stage, st.step, stats, lr, started)
         st.step += 1
@@ -714,7 +894,10 @@ def _new_stage(model, posterior, stage, steps, options, run, generator, ens, sta
     if pool is not None:
         allowance -= run.budget.used - used_before
     planned = _planned_steps(steps, options.batch, evaluations, allowance)
-    return _StageState(stage, planned, allowance, pool=pool, evaluations=evaluations)
+    frozen = (options.anneal > 0 or options.frozen_proposal) and pool is None and stage >= 2 \
+        and not options.single_stage
+    return _StageState(stage, planned, allowance, pool=pool, evaluations=evaluations,
+                       surrogate=_frozen_surrogate(model) if frozen else None)
 
 
 def _pool_of(saved):
@@ -737,6 +920,8 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens
             return None, options.evaluations
         pool, result = laplace_pool(model, posterior, size, generator, ens)
         run.budget.spend(result.evaluations, run.costs[stage])
+        if options.balance_modes:
+            run.balance = ModeBalance.from_laplace(stage, result)
         logger.info("stage %d: Laplace pool, %d modes (masses %s), %d importance samples, "
                     "%d solves, ESS fraction %.3f", stage, len(result.modes),
                     [round(float(m), 3) for m in result.mode_mass], size, result.evaluations,
@@ -783,7 +968,9 @@ def _steps_of(steps, level):
 def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, objective="jeffreys",
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
                 schedule="cosine", lr_min=0.05, lr_warmup=0.0, grad_clip=10.0, max_failures=20,
-                proposal="auto", pool=4096, pool_warmup=0.5, coarse_sampler="importance", pool_levels=1, comm=None,
+                proposal="auto", pool=4096, pool_warmup=0.5, coarse_sampler="importance",
+                pool_levels=1, anneal=0.0, frozen_proposal=False, reverse_weight=1.0,
+                balance_modes=False, comm=None,
                 checkpoint_every=0, resume=None, stop=None):
     r"""Train an MsIGN stage by stage on the posteriors of its levels.
 
@@ -850,6 +1037,20 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
             a good start for q_2: with data more precise than a 2 x 2 field can fit, the modes
             of q_1 lie elsewhere than those of the finer levels (``cases/elliptic_bimodal.yaml``:
             t = +/-6.8 at level 1, +/-38 to 40 at levels 2 to 4).
+        anneal: Fraction of each later stage's steps (l > ``pool_levels``) over which its
+            target moves from the surrogate PC_l(p_{l-1}) to q_l along
+            s^(1 - beta) q^beta, beta linear in the steps (:class:`AnnealedTarget`); 0: q_l
+            from the first step (the MsIGN paper). The loss then estimates D_J to the current
+            pi_beta.
+        frozen_proposal: Draw the forward-KL proposal of stages l >= 2 from PC_l(p_{l-1})
+            with p_{l-1} frozen at the end of stage l - 1 (as the MsIGN paper defines the
+            surrogate) instead of the current coarse flows, which stage l keeps training: a
+            drift of the model's mode weights then no longer drifts its own proposal.
+        reverse_weight: Weight lambda of the reverse KL in the Jeffreys gradient of the stages
+            without a pool, lambda D_KL(p || q) + D_KL(q || p); 0 trains by the forward KL
+            alone (mass-covering: keeps every mode the proposal has, with wider modes).
+        balance_modes: Weight the reverse KL's samples by mode (:class:`ModeBalance`) with the
+            modes and masses found by the last ``coarse_sampler="laplace"`` pool.
         comm: Ensemble communicator: ranks split the batch, each with its own forward models,
             and sum gradients (None: one process).
         checkpoint_every: Steps between checkpoints within a stage (0: stage ends only).
@@ -877,7 +1078,9 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
                            max_failures=max_failures,
                            proposal=proposal, single_stage=single_stage, pool=pool,
                            pool_warmup=pool_warmup, coarse_sampler=coarse_sampler,
-                           pool_levels=pool_levels)
+                           pool_levels=pool_levels, anneal=anneal,
+                           frozen_proposal=frozen_proposal, reverse_weight=reverse_weight,
+                           balance_modes=balance_modes)
     if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
     finest = max(posteriors)
@@ -922,6 +1125,8 @@ def _restore(model, state, run, generator, stages, single_stage, finest):
     run.budget.used, run.budget.finest = int(budget["used"]), float(budget["finest"])
     run.history[:] = state["history"]
     run.skipped, run.consecutive = int(state["skipped"]), int(state["consecutive"])
+    if state.get("balance") is not None:
+        run.balance = ModeBalance(**state["balance"])
     if state["complete"]:
         return list(range(stage + 1, finest + 1)) if not single_stage else [], None
     return list(range(stage, finest + 1)) if not single_stage else [stage], state

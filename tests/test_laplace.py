@@ -160,3 +160,40 @@ def test_pool_levels_must_be_positive():
     prior, posteriors, _ = make_problem()
     with pytest.raises(ValueError, match="pool_levels"):
         train_msign(new_model(prior), posteriors, pool_levels=0, callback=None, checkpoint=None)
+
+
+def test_mode_balance_labels_and_weights():
+    # Two modes at +-m on the 2x2 level; samples of the 4x4 level are pooled down first.
+    from geoinvert.train import Ensemble, ModeBalance
+    m = torch.tensor([[1.0, -1.0], [0.5, 0.0]], dtype=torch.float64)
+    eye = torch.eye(4, dtype=torch.float64)
+    balance = ModeBalance(1, torch.stack((m, -m)), eye.expand(2, 4, 4),
+                          torch.tensor([0.5, 0.5], dtype=torch.float64))
+    fine = lambda x: x.repeat_interleave(2, 0).repeat_interleave(2, 1)   # noqa: E731
+    x = torch.stack([fine(m + 0.1), fine(m - 0.2), fine(0.9 * m), fine(-m)])
+    assert balance.labels(x).tolist() == [0, 0, 0, 1]
+    ok = torch.tensor([True, True, True, True])
+    # P = (3/4, 1/4), Q = (1/2, 1/2): weights Q/P = 2/3 and 2, mean 1
+    torch.testing.assert_close(balance.weights(x, ok, Ensemble()),
+                               torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0], dtype=torch.float64))
+    # a failed sample gets 0 and does not count; a mode without samples is left out
+    ok[3] = False
+    torch.testing.assert_close(balance.weights(x, ok, Ensemble()),
+                               torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+
+
+def test_training_with_mode_balance():
+    from test_train import make_problem, new_model
+    from geoinvert.train import train_msign
+    prior, posteriors, _ = make_problem()
+    states = []
+    history = train_msign(new_model(prior), posteriors, steps=[6, 4, 4], batch=8, lr=3e-3,
+                          pool=128, coarse_sampler="laplace", balance_modes=True,
+                          generator=gen(), callback=None, checkpoint=states.append)
+    assert all(math.isfinite(h["loss"]) for h in history)
+    balance = states[-1]["balance"]
+    assert balance["level"] == 1 and balance["centres"].shape == (1, 2, 2)
+    assert float(balance["masses"].sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="balance_modes"):
+        train_msign(new_model(prior), posteriors, balance_modes=True, callback=None,
+                    checkpoint=None)

@@ -27,12 +27,16 @@ def shared_tmp():
     return Path(WORLD.bcast(tempfile.mkdtemp() if WORLD.rank == 0 else None))
 
 
-def test_training_is_the_same_on_one_and_all_ranks():
+@pytest.mark.parametrize("extra", [{}, {"coarse_sampler": "laplace", "pool_levels": 2,
+                                        "balance_modes": True, "frozen_proposal": True}])
+def test_training_is_the_same_on_one_and_all_ranks(extra):
+    # The Laplace pools' mode search evaluates single points on one rank: every rank must
+    # still take the same path and get the same pool.
     prior, posteriors, _ = make_problem()
     models = []
     for comm in (None, WORLD):
         model = new_model(prior).to(torch.float64)
-        history = train_msign_small(model, posteriors, comm)
+        history = train_msign_small(model, posteriors, comm, **extra)
         models.append((parameters(model), history))
     (serial, h1), (parallel, h2) = models
     torch.testing.assert_close(parallel, serial, rtol=1e-9, atol=1e-11)
@@ -40,10 +44,10 @@ def test_training_is_the_same_on_one_and_all_ranks():
     np.testing.assert_allclose([h["loss"] for h in h2], [h["loss"] for h in h1], rtol=1e-8)
 
 
-def train_msign_small(model, posteriors, comm):
+def train_msign_small(model, posteriors, comm, **extra):
     from geoinvert.train import train_msign
     return train_msign(model, posteriors, steps=[3, 3, 4], batch=7, lr=3e-3, pool=33,
-                       generator=gen(), comm=comm)
+                       generator=gen(), comm=comm, **extra)
 
 
 @pytest.mark.parametrize("ranks_per_solve", [1, WORLD.size])

@@ -210,7 +210,9 @@ def test_non_finite_steps_are_skipped_then_stop(problem):
 
 @pytest.mark.parametrize("options", [{"objective": "reverse_kl"}, {"single_stage": True},
                                      {"single_stage": True, "objective": "reverse_kl"},
-                                     {"schedule": "step"}])
+                                     {"schedule": "step"}, {"anneal": 0.5, "lr_warmup": 0.25},
+                                     {"frozen_proposal": True, "reverse_weight": 0.0,
+                                      "pool_warmup": 1.0}])
 def test_options_run(problem, options):
     prior, posteriors, _ = problem
     model = new_model(prior)
@@ -287,12 +289,17 @@ def saved_and_loaded(state, tmp_path):
     return torch.load(path, weights_only=True)
 
 
-def test_resume_from_any_checkpoint_gives_the_uninterrupted_model(problem, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"anneal": 0.5, "lr_warmup": 0.3},
+                                   {"frozen_proposal": True, "reverse_weight": 0.5},
+                                   {"coarse_sampler": "laplace", "balance_modes": True,
+                                    "pool_levels": 2}])
+def test_resume_from_any_checkpoint_gives_the_uninterrupted_model(problem, tmp_path, extra):
+    # With annealing the checkpoint also carries the frozen surrogate of the stage's start.
     prior, posteriors, _ = problem
     states = []
     model = new_model(prior)
     history = train_msign(model, posteriors, generator=gen(), checkpoint=states.append,
-                          **RESUMABLE)
+                          **RESUMABLE, **extra)
     # every 2 steps within a stage, plus each stage end: stage 1 (4 steps) 2, 4; stage 2 (5) 2, 4,
     # 5; stage 3 (6) 2, 4, 6
     assert [(s["stage"], s["step"], s["complete"]) for s in states] == [
@@ -301,7 +308,7 @@ def test_resume_from_any_checkpoint_gives_the_uninterrupted_model(problem, tmp_p
     for state in (states[0], states[3], states[4]):
         resumed = new_model(prior, seed=99)         # other initial weights: all come from the state
         other = train_msign(resumed, posteriors, generator=gen(123), checkpoint=None,
-                            resume=saved_and_loaded(state, tmp_path), **RESUMABLE)
+                            resume=saved_and_loaded(state, tmp_path), **RESUMABLE, **extra)
         assert torch.equal(parameters(resumed), parameters(model))
         assert [h["loss"] for h in other] == [h["loss"] for h in history]
         assert other[-1]["nfs"] == history[-1]["nfs"]
@@ -342,3 +349,86 @@ def test_resume_rejects_a_state_that_does_not_fit(problem):
                     resume={**states[0], "version": 0}, **RESUMABLE)
     with pytest.raises(ValueError, match="checkpoint_every"):
         train_msign(new_model(prior), posteriors, generator=gen(), checkpoint_every=-1)
+
+
+def test_annealed_target_is_the_geometric_path(problem):
+    # pi_beta = s^(1 - beta) q^beta with s the surrogate of a frozen copy: values and gradients
+    # against autograd of the same expression, and the copy does not follow the model.
+    from geoinvert.train import AnnealedTarget, _frozen_surrogate
+    prior, posteriors, _ = problem
+    model = new_model(prior)
+    train_msign(model, {1: posteriors[1]}, steps=3, batch=8, lr=1e-2, pool=64, generator=gen(),
+                callback=None, checkpoint=None)
+    model.set_stage(2)
+    frozen = _frozen_surrogate(model)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x = model.sample(5, generator=gen(1))[0].detach().to(torch.float64).requires_grad_(True)
+    beta = 0.3
+    target = AnnealedTarget(posteriors[2], frozen, beta)
+    expected = (1 - beta) * frozen.surrogate_log_prob(x, 2) + beta * posteriors[2].log_prob(x)
+    (grad,) = torch.autograd.grad(expected.sum(), x)
+    value, got = target.grad_log_prob(x.detach())
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(got, grad)
+    torch.testing.assert_close(target.log_prob(x.detach()), expected.detach())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    torch.testing.assert_close(target.log_prob(x.detach()), expected.detach())
+
+
+def test_reverse_weight_zero_leaves_only_the_forward_kl(problem):
+    # At weight 0 the target's gradient (which only the reverse KL uses) cannot change the
+    # parameter gradient; at weight 1 it does.
+    prior, posteriors, _ = problem
+    model = new_model(prior)
+    model.set_stage(2)
+
+    class Steeper:                       # same values, gradients x 10
+        level, prior = 2, posteriors[2].prior
+
+        def log_prob(self, x):
+            return posteriors[2].log_prob(x)
+
+        def grad_log_prob(self, x):
+            value, grad = posteriors[2].grad_log_prob(x)
+            return value, 10 * grad
+
+    def grads(target, weight):
+        model.zero_grad()
+        loss, _ = jeffreys_loss(model, target, 16, gen(), proposal="defensive",
+                                reverse_weight=weight)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.active_parameters()])
+
+    torch.testing.assert_close(grads(posteriors[2], 0.0), grads(Steeper(), 0.0))
+    assert not torch.allclose(grads(posteriors[2], 1.0), grads(Steeper(), 1.0))
+    # without model samples, all 2 x batch solves go to the proposal
+    before = posteriors[2].forward.n_solves
+    _, stats = jeffreys_loss(model, posteriors[2], 16, gen(), proposal="defensive",
+                             reverse_weight=0.0)
+    assert stats["nfs"] == posteriors[2].forward.n_solves - before == 32
+    with pytest.raises(ValueError, match="reverse_weight"):
+        train_msign(new_model(prior), posteriors, reverse_weight=2.0, callback=None,
+                    checkpoint=None)
+
+
+def test_frozen_proposal_draws_from_the_stage_start(problem):
+    # The defensive proposal's surrogate half comes from the frozen copy: changing the model
+    # afterwards changes neither the draws nor their proposal density.
+    from geoinvert.train import Ensemble, _frozen_surrogate, _propose
+    prior, _, _ = problem
+    model = new_model(prior)
+    model.set_stage(2)
+    with torch.no_grad():
+        for p in model.flows[0].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen(4)))
+    frozen = _frozen_surrogate(model)
+    before = _propose(model, 2, 8, gen(), "defensive", Ensemble(), frozen)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    after = _propose(model, 2, 8, gen(), "defensive", Ensemble(), frozen)
+    torch.testing.assert_close(after, before)
+    moved = _propose(model, 2, 8, gen(), "defensive", Ensemble())
+    assert not torch.allclose(moved[1], before[1])
