@@ -195,6 +195,18 @@ SCHEMA = (
     Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),
     Key("sampler.objective", "str", "jeffreys", "Training objective.", "reverse_kl",
         _one_of("jeffreys", "reverse_kl")),
+    Key("sampler.reverse_weight", "float", 1.0, "Flows with the Jeffreys objective: weight of "
+        "the reverse KL in the gradient of the stages after the pools. 0 trains by the forward "
+        "KL alone, which keeps every mode of a sharp multimodal posterior (with wider modes); "
+        "1 is the MsIGN paper's Jeffreys divergence.", "0", _between(0, 1)),
+    Key("sampler.frozen_proposal", "bool", False, "Flows with the Jeffreys objective: draw the "
+        "forward-KL proposal of a stage from the model as it was when the stage began, not "
+        "from the coarse flows the stage keeps training.", "true"),
+    Key("sampler.pool_warmup", "float", 0.5, "Flows with the Jeffreys objective: fraction of a "
+        "pool stage's steps that fit its pool alone (no solves); 1: no reverse KL there.", "1",
+        _between(0, 1)),
+    Key("sampler.lr_warmup", "float", 0.0, "Fraction of each stage's steps over which the "
+        "learning rate ramps up linearly.", "0.2", _between(0, 0.99)),
     Key("sampler.budget", "int", 0, "Total forward-solve budget nFS over all stages (0: no "
         "limit); training stops when it is used up.", "100000", _non_negative),
     Key("sampler.checkpoint_every", "int", 50, "Training steps between checkpoints within a "

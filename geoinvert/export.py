@@ -435,7 +435,10 @@ def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, 
                            lr=s["lr"], objective=objective, budget=s["budget"] or None,
                            generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
                            checkpoint_every=checkpoint_every, resume=resume, stop=stop,
-                           coarse_sampler=s["coarse_sampler"], pool_levels=s["pool_levels"])
+                           coarse_sampler=s["coarse_sampler"], pool_levels=s["pool_levels"],
+                           reverse_weight=s["reverse_weight"],
+                           frozen_proposal=s["frozen_proposal"], pool_warmup=s["pool_warmup"],
+                           lr_warmup=s["lr_warmup"])
     finally:
         bar.close()
 

@@ -217,12 +217,13 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
     assert f"note: {failed} forward solves failed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sampler, pool_levels, message", [
-    ("smc", 1, "stage 1: tempered SMC pool"), ("laplace", 2, "stage 2: Laplace pool")])
-def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, pool_levels, message):
+@pytest.mark.parametrize("sampler, extra, message", [
+    ("smc", {}, "stage 1: tempered SMC pool"),
+    ("laplace", {"pool_levels": 2, "reverse_weight": 0.0, "frozen_proposal": True,
+                 "pool_warmup": 1.0, "lr_warmup": 0.2}, "stage 2: Laplace pool")])
+def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, extra, message):
     from geoinvert.export import run
-    config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": sampler,
-                                   "pool_levels": pool_levels}}
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": sampler, **extra}}
     with caplog.at_level("INFO", logger="geoinvert.train"):
         result = run(config, out=tmp_path / "smc.nc", progress=False, seed=1)
     assert message in caplog.text
