@@ -84,6 +84,14 @@ def _bounds(v):
     return None if v[1] > v[0] and v[3] > v[2] else f"needs x1 > x0 and y1 > y0, got {v}"
 
 
+def _each_between(lo, hi):
+    def check(v):
+        bad = [s for s in (v if isinstance(v, list) else [v]) if not lo <= s <= hi]
+        return f"must be between {lo} and {hi}, got {bad[0]}" if bad else None
+    check.__doc__ = f"{lo}..{hi}"
+    return check
+
+
 def _each_positive(v):
     """> 0"""
     v = v if isinstance(v, list) else [v]
@@ -190,7 +198,9 @@ SCHEMA = (
         "`coarse_sampler`, the later ones from the stage before. Raise it when the 2x2 "
         "posterior is no guide to the finer ones (very precise data: the log's per-stage "
         "mode search shows where the modes lie).", "2", _between(1, 16)),
-    Key("sampler.steps", "int", 200, "Training steps per stage.", "500", _between(1, 10**7)),
+    Key("sampler.steps", "int_or_ints", 200, "Training steps per stage: one number, or one per "
+        "level from the coarsest (as many as `levels.finest`).", "[300, 1500, 500, 1000]",
+        _each_between(1, 10**7)),
     Key("sampler.batch", "int", 64, "Samples per training step.", "128", _between(2, 10**5)),
     Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),
     Key("sampler.objective", "str", "jeffreys", "Training objective.", "reverse_kl",
@@ -320,6 +330,12 @@ def _as_float_or_floats(key, v):
     return _as_floats(key, v) if isinstance(v, list) else _as_float(key, v)
 
 
+def _as_int_or_ints(key, v):
+    if isinstance(v, list):
+        return [_as_int(f"{key}[{i}]", s) for i, s in enumerate(_as_list(key, v, "integers"))]
+    return _as_int(key, v)
+
+
 def _as_boundaries(key, v):
     if not isinstance(v, dict):
         raise _type_error(key, "a mapping {boundary: spec}", v)
@@ -343,6 +359,7 @@ KINDS = {
     "floats": (_as_floats, "list of numbers"),
     "strs": (_as_strs, "list of strings"),
     "float_or_floats": (_as_float_or_floats, "number or list of numbers"),
+    "int_or_ints": (_as_int_or_ints, "integer or list of integers"),
     "points": (_as_points, "list of [x, y]"),
     "spec": (_as_spec, "spec"),
     "specs": (_as_specs, "list of specs"),
@@ -824,6 +841,10 @@ def _check_counts(config, n_obs):
     std, names = config["noise"]["std"], config["observations"]["names"]
     if isinstance(std, list) and len(std) != n_obs:
         raise CaseError("noise.std", f"has {len(std)} values but there are {n_obs} observations")
+    steps, levels = config["sampler"]["steps"], config["levels"]["finest"]
+    if isinstance(steps, list) and len(steps) != levels:
+        raise CaseError("sampler.steps", f"has {len(steps)} values but there are {levels} levels "
+                        "(levels.finest)")
     if names is not None and len(names) != n_obs:
         raise CaseError("observations.names", f"has {len(names)} names but there are {n_obs} "
                         "observations")
@@ -886,13 +907,15 @@ def estimate_cost(case):
         per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
         solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
         return solves, float(solves), solves * per_solve
-    per_stage = s["steps"] * s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
-    solves = per_stage * case.finest
+    steps = s["steps"] if isinstance(s["steps"], list) else [s["steps"]] * case.finest
+    per_sample = s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
+    solves = sum(steps) * per_sample
     if s["budget"]:
         solves = min(solves, s["budget"])
-    equivalents = sum(min(per_stage, solves) * _relative_solve_cost(case, l) for l in case.levels)
+    equivalents = sum(min(steps[l - 1] * per_sample, solves) * _relative_solve_cost(case, l)
+                      for l in case.levels)
     step = 0.13 * (s["batch"] / 64) * max(4 ** case.finest / 4096, 0.15)  # measured 64x64
-    flow = step * s["steps"] * case.finest
+    flow = step * sum(steps)
     return solves, equivalents, equivalents * per_solve + flow
 
 

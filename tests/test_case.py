@@ -253,3 +253,19 @@ def test_bimodal_case_is_mirror_symmetric():
     forward = case.forward()
     np.testing.assert_allclose(forward(truth), forward(truth.flip(-2)), rtol=1e-8)
     assert not np.allclose(case.truth, case.truth[::-1])
+
+
+def test_steps_per_level():
+    # one number per level from the coarsest; the count must match levels.finest
+    from geoinvert.case import estimate_cost, load_case
+    finest = load_case(LINEAR).finest
+    case = load_case(_with(LINEAR, "sampler.steps", list(range(1, finest + 1))))
+    assert case.config["sampler"]["steps"] == list(range(1, finest + 1))
+    same = load_case(_with(LINEAR, "sampler.steps", [3] * finest))
+    assert estimate_cost(same)[:2] == estimate_cost(load_case(_with(LINEAR, "sampler.steps", 3)))[:2]
+    with pytest.raises(CaseError, match=f"^sampler.steps: has 2 values but there are {finest} levels"):
+        load_case(_with(LINEAR, "sampler.steps", [5, 5]))
+    with pytest.raises(CaseError, match=r"^sampler.steps\[1\]"):
+        load_case(_with(LINEAR, "sampler.steps", [5, "many"] + [5] * (finest - 2)))
+    with pytest.raises(CaseError, match="^sampler.steps: must be between 1"):
+        load_case(_with(LINEAR, "sampler.steps", [0] * finest))

@@ -220,7 +220,8 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
 @pytest.mark.parametrize("sampler, extra, message", [
     ("smc", {}, "stage 1: tempered SMC pool"),
     ("laplace", {"pool_levels": 2, "reverse_weight": 0.0, "frozen_proposal": True,
-                 "pool_warmup": 1.0, "lr_warmup": 0.2}, "stage 2: Laplace pool")])
+                 "pool_warmup": 1.0, "lr_warmup": 0.2, "steps": [2, 4, 2]},
+     "stage 2: Laplace pool")])
 def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, extra, message):
     from geoinvert.export import run
     config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": sampler, **extra}}
