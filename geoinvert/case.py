@@ -908,11 +908,15 @@ def estimate_cost(case):
         solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
         return solves, float(solves), solves * per_solve
     steps = s["steps"] if isinstance(s["steps"], list) else [s["steps"]] * case.finest
-    per_sample = s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
-    solves = sum(steps) * per_sample
+    per_step = s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
+    stage = [steps[l - 1] * per_step for l in case.levels]
+    if s["kind"] == "msign" and s["objective"] == "jeffreys":     # pool stages: see train_msign
+        for l in range(1, min(s["pool_levels"], case.finest) + 1):
+            stage[l - 1] = 4096 + steps[l - 1] * (1 - s["pool_warmup"]) * s["batch"]
+    solves = int(sum(stage))
     if s["budget"]:
         solves = min(solves, s["budget"])
-    equivalents = sum(min(steps[l - 1] * per_sample, solves) * _relative_solve_cost(case, l)
+    equivalents = sum(min(stage[l - 1], solves) * _relative_solve_cost(case, l)
                       for l in case.levels)
     step = 0.13 * (s["batch"] / 64) * max(4 ** case.finest / 4096, 0.15)  # measured 64x64
     flow = step * sum(steps)
