@@ -520,7 +520,8 @@ def smc_pool(model, posterior, size, generator=None, ensemble=None, *,
     return ImportancePool(result.x.to(model.dtype), result.w, log_q), result
 
 
-def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, starts=16):
+def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, starts=16,
+                 max_evaluations=math.inf):
     r"""Samples of q_l from a mixture of Laplace approximations at its modes, as a pool
     (:func:`~geoinvert.samplers.laplace.laplace_mixture`): ``starts`` prior draws are maximised
     by L-BFGS, and ``size`` draws of the mixture get importance weights. A standard method for
@@ -529,7 +530,7 @@ def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, start
 
     The mode search runs on every rank in step (each target call evaluated by the rank that
     owns it); the importance samples are shared out over the ranks of ``ensemble``. Every rank
-    gets the whole pool.
+    gets the whole pool. ``max_evaluations`` caps the target calls of search and draws.
 
     Returns:
         ``(pool, result)``: the :class:`ImportancePool` (fields in the model's dtype) and the
@@ -552,7 +553,8 @@ def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, start
     level = posterior.level
     x0 = posterior.prior.sample(starts, level, generator=generator, dtype=_F64)
     try:
-        result = laplace_mixture(grad_log_prob, log_prob, x0, size, generator=generator)
+        result = laplace_mixture(grad_log_prob, log_prob, x0, size, generator=generator,
+                                 max_evaluations=max_evaluations)
     except ValueError as err:
         raise TrainingError(f"level-{level} Laplace pool: {err}") from err
     return ImportancePool(result.x.to(model.dtype), result.w, result.log_q), result
@@ -918,14 +920,15 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens
         size = options.pool if math.isinf(allowance) else min(options.pool, int(allowance) // 2)
         if size < 2:
             return None, options.evaluations
-        pool, result = laplace_pool(model, posterior, size, generator, ens)
+        pool, result = laplace_pool(model, posterior, size, generator, ens,
+                                    max_evaluations=allowance / 2)
         run.budget.spend(result.evaluations, run.costs[stage])
         if options.balance_modes:
             run.balance = ModeBalance.from_laplace(stage, result)
         logger.info("stage %d: Laplace pool, %d modes (masses %s), %d importance samples, "
                     "%d solves, ESS fraction %.3f", stage, len(result.modes),
-                    [round(float(m), 3) for m in result.mode_mass], size, result.evaluations,
-                    pool.ess)
+                    [round(float(m), 3) for m in result.mode_mass], result.x.shape[0],
+                    result.evaluations, pool.ess)
         return pool, 1
     if options.coarse_sampler == "smc":
         size = options.pool // 4 if math.isinf(allowance) else \

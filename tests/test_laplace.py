@@ -197,3 +197,24 @@ def test_training_with_mode_balance():
     with pytest.raises(ValueError, match="balance_modes"):
         train_msign(new_model(prior), posteriors, balance_modes=True, callback=None,
                     checkpoint=None)
+
+
+def test_evaluation_cap(prior):
+    # The search stops short of the cap and the importance draws get what is left; training
+    # with a small budget stays within it.
+    from test_train import make_problem, new_model
+    from geoinvert.train import train_msign
+    posterior, _ = linear_level1(prior, 1e-3)
+    starts = prior.sample(8, 1, generator=gen())
+    result = laplace_mixture(posterior.grad_log_prob, posterior.log_prob, starts, 4096,
+                             generator=gen(), max_evaluations=300)
+    assert result.evaluations <= 300 and 2 <= result.x.shape[0] < 300
+    with pytest.raises(ValueError, match="within 5 evaluations"):
+        laplace_mixture(posterior.grad_log_prob, posterior.log_prob, starts, 16,
+                        max_evaluations=5)
+    prior3, posteriors, _ = make_problem()
+    budget = 2000
+    history = train_msign(new_model(prior3), posteriors, steps=50, batch=8, pool=4096,
+                          coarse_sampler="laplace", pool_levels=2, budget=budget,
+                          generator=gen(), callback=None, checkpoint=None)
+    assert history[-1]["nfs"] <= budget and {h["stage"] for h in history} == {1, 2, 3}

@@ -54,12 +54,12 @@ class LaplaceResult:
         return float(1.0 / self.w.square().sum() / self.w.numel())
 
 
-def _maximise(grad_log_prob, start, max_iter, gtol):
-    """L-BFGS (strong Wolfe) ascent on log q from ``start (n, n)``: ``(x, log q, |grad|_inf,
-    evaluations)``."""
+def _maximise(grad_log_prob, start, max_iter, gtol, max_eval):
+    """L-BFGS (strong Wolfe) ascent on log q from ``start (n, n)`` with at most ``max_eval`` + 1
+    target calls: ``(x, log q, |grad|_inf, evaluations)``."""
     x = start.detach().to(_F64).clone().requires_grad_(True)
     calls = [0]
-    optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter,
+    optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, max_eval=max_eval,
                                   tolerance_grad=gtol, tolerance_change=1e-14,
                                   history_size=20, line_search_fn="strong_wolfe")
 
@@ -88,7 +88,8 @@ def _hessian(grad_log_prob, x, step):
     return 0.5 * (hessian + hessian.T)
 
 
-def find_modes(grad_log_prob, starts, *, max_iter=200, gtol=1e-6, step=1e-4, separation=3.0):
+def find_modes(grad_log_prob, starts, *, max_iter=200, gtol=1e-6, step=1e-4, separation=3.0,
+               max_evaluations=math.inf):
     r"""Local maxima of log q from several starts, with their Hessians.
 
     Each start is maximised by L-BFGS; the end points are taken by decreasing log q, and one is
@@ -103,6 +104,8 @@ def find_modes(grad_log_prob, starts, *, max_iter=200, gtol=1e-6, step=1e-4, sep
         gtol: Stop when the largest gradient entry is below it.
         step: Finite-difference step of the Hessian (in the units of x).
         separation: Mahalanobis distance within which two end points are the same mode.
+        max_evaluations: Cap on the target calls: later starts are skipped (and Hessians left
+            out) rather than exceed it.
 
     Returns:
         ``(modes, evaluations)``: :class:`Mode` list by decreasing log q (possibly empty) and
@@ -110,8 +113,12 @@ def find_modes(grad_log_prob, starts, *, max_iter=200, gtol=1e-6, step=1e-4, sep
     """
     require(starts.ndim == 3 and starts.shape[0] >= 1, "starts must have shape (m, n, n)")
     ends, evaluations = [], 0
+    hessian_calls = 2 * starts[0].numel()
     for start in starts:
-        x, value, gmax, calls = _maximise(grad_log_prob, start, max_iter, gtol)
+        budget = min(2 * max_iter, max_evaluations - evaluations - hessian_calls - 1)
+        if budget < 10:
+            break
+        x, value, gmax, calls = _maximise(grad_log_prob, start, max_iter, gtol, int(budget))
         evaluations += calls
         if math.isfinite(value):
             ends.append((value, x, gmax))
@@ -120,6 +127,8 @@ def find_modes(grad_log_prob, starts, *, max_iter=200, gtol=1e-6, step=1e-4, sep
     for value, x, gmax in ends:
         if any(_distance(x, mode) < separation for mode in modes):
             continue
+        if evaluations + hessian_calls > max_evaluations:
+            break
         hessian = _hessian(grad_log_prob, x, step)
         evaluations += 2 * x.numel()
         if not torch.isfinite(hessian).all() or torch.linalg.eigvalsh(hessian)[0] <= 0:
@@ -162,7 +171,8 @@ class _Mixture:
 
 
 def laplace_mixture(grad_log_prob, log_prob, starts, num, *, generator=None, inflation=1.5,
-                    max_iter=200, gtol=1e-6, step=1e-4, separation=3.0):
+                    max_iter=200, gtol=1e-6, step=1e-4, separation=3.0,
+                    max_evaluations=math.inf):
     r"""Weighted samples of q from a mixture of Laplace approximations at its modes.
 
     The modes m_k of log q are found from ``starts`` (:func:`find_modes`); the proposal is
@@ -189,6 +199,8 @@ def laplace_mixture(grad_log_prob, log_prob, starts, num, *, generator=None, inf
         generator: ``torch.Generator`` of the draws.
         inflation: Scale s > 0 of the components' covariances.
         max_iter, gtol, step, separation: of :func:`find_modes`.
+        max_evaluations: Cap on all target calls: the search stops short of it and the
+            importance draws are cut to what is left.
 
     Returns:
         :class:`LaplaceResult`.
@@ -199,9 +211,12 @@ def laplace_mixture(grad_log_prob, log_prob, starts, num, *, generator=None, inf
     require(int(num) == num and num >= 2, f"num must be an integer >= 2, got {num!r}")
     require(inflation > 0, f"inflation must be > 0, got {inflation!r}")
     modes, evaluations = find_modes(grad_log_prob, starts, max_iter=max_iter, gtol=gtol,
-                                    step=step, separation=separation)
+                                    step=step, separation=separation,
+                                    max_evaluations=max_evaluations - 2)
+    capped = "" if math.isinf(max_evaluations) else f" within {max_evaluations} evaluations"
     require(bool(modes), f"none of the {starts.shape[0]} starts reached a mode (a point with a "
-            "finite target and a positive definite Hessian)")
+            f"finite target and a positive definite Hessian){capped}")
+    num = int(min(num, max_evaluations - evaluations))
     mixture = _Mixture(modes, inflation)
     x = mixture.sample(num, generator)
     with torch.no_grad():
