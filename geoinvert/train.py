@@ -595,9 +595,10 @@ class AnnealedTarget:
 
     s = PC_l(p_{l-1}) is evaluated through ``surrogate``, a frozen copy of the model taken when
     the stage began (float64), so at beta -> 0 the target is what the model already is. Raising
-    beta slowly keeps the flow close to its target all along; the reverse KL then has no large,
-    uneven misfits on the modes to trade mass against (its optimum puts mass on mode i in
-    proportion to exp(-KL_i), so a mode fitted a few nats worse is emptied).
+    beta slowly keeps the flow close to its target all along, so that the reverse KL has no
+    large, uneven misfits on the modes to trade mass against (its optimum puts mass on mode i
+    in proportion to exp(-KL_i)). Measured on the quadratic test bed at noise 0.1 y it did not
+    stop the drift (10 / 90 % against 8 / 92 % without; the forward KL alone keeps 48 / 52 %).
 
     Args:
         posterior: The stage's posterior q_l.
