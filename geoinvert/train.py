@@ -141,6 +141,19 @@ class Ensemble:
             return local
         return torch.cat(self.comm.allgather(local))
 
+    def map(self, fn, x: torch.Tensor):
+        """``fn`` of this rank's block (:meth:`part`) of ``x``, gathered in rank order on every
+        rank; ``fn`` returns a tensor or a tuple of tensors, and is not called on an empty
+        block (a batch of one point is evaluated by one rank)."""
+        mine = x[self.part(x.shape[0])]
+        out = fn(mine) if mine.shape[0] else None
+        if self.comm is None:
+            return out
+        parts = [p for p in self.comm.allgather(out) if p is not None]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*parts))
+        return torch.cat(parts)
+
     def sum(self, *values: float) -> np.ndarray:
         """Elementwise sum over the ranks of a few floats, ndarray float64."""
         local = np.asarray(values, dtype=np.float64)
@@ -484,8 +497,7 @@ def importance_pool(model, posterior, size, generator=None, ensemble=None):
         zs = model.sample_noise(size, posterior.level, generator=generator)
         x, logdet = model.decode(zs, upto=0)
         log_prior = standard_normal_log_prob(zs).to(_F64) - logdet.to(_F64)
-        mine = ens.part(size)
-        log_q = ens.gather(posterior.log_prob(x[mine].to(_F64)).to(_F64))
+        log_q = ens.map(lambda mine: posterior.log_prob(mine.to(_F64)).to(_F64), x)
     log_w = torch.where(torch.isfinite(log_q), log_q - log_prior, -math.inf)
     if not torch.isfinite(log_w).any():
         raise TrainingError(f"every target evaluation of the level-{posterior.level} "
@@ -509,7 +521,7 @@ def smc_pool(model, posterior, size, generator=None, ensemble=None, *,
     ens = ensemble or Ensemble()
 
     def log_likelihood(x):
-        return ens.gather(posterior.log_likelihood(x[ens.part(x.shape[0])]).to(_F64))
+        return ens.map(lambda mine: posterior.log_likelihood(mine).to(_F64), x)
 
     try:
         result = tempered_smc(log_likelihood, posterior.prior, posterior.level, size,
@@ -539,16 +551,11 @@ def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, start
     ens = ensemble or Ensemble()
 
     def grad_log_prob(x):
-        mine = x[ens.part(x.shape[0])].to(_F64)
-        if not mine.shape[0]:                    # a single point: another rank evaluates it
-            return ens.gather(mine.new_zeros(0)), ens.gather(mine)
-        value, grad = posterior.grad_log_prob(mine)
-        return ens.gather(value.to(_F64)), ens.gather(grad.to(_F64))
+        return ens.map(lambda mine: tuple(v.to(_F64) for v in
+                                          posterior.grad_log_prob(mine.to(_F64))), x)
 
     def log_prob(x):
-        mine = x[ens.part(x.shape[0])].to(_F64)
-        value = posterior.log_prob(mine) if mine.shape[0] else mine.new_zeros(0)
-        return ens.gather(value.to(_F64))
+        return ens.map(lambda mine: posterior.log_prob(mine.to(_F64)).to(_F64), x)
 
     level = posterior.level
     x0 = posterior.prior.sample(starts, level, generator=generator, dtype=_F64)
@@ -913,43 +920,33 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens
 
     The pool takes at most half of the stage's allowance; its solves are spent at once.
     """
-    use = (stage <= options.pool_levels and options.objective == "jeffreys" and not options.single_stage
-           and options.pool > 0)
-    if not use:
+    use = (stage <= options.pool_levels and options.objective == "jeffreys"
+           and not options.single_stage and options.pool > 0)
+    smc = options.coarse_sampler == "smc"
+    size = options.pool // 4 if smc else options.pool          # SMC: several solves a particle
+    if not math.isinf(allowance):
+        size = min(size, int(allowance) // (16 if smc else 2))
+    if not use or size < 2:
         return None, options.evaluations
-    if options.coarse_sampler == "laplace":
-        size = options.pool if math.isinf(allowance) else min(options.pool, int(allowance) // 2)
-        if size < 2:
-            return None, options.evaluations
-        pool, result = laplace_pool(model, posterior, size, generator, ens,
-                                    max_evaluations=allowance / 2)
-        run.budget.spend(result.evaluations, run.costs[stage])
-        if options.balance_modes:
-            run.balance = ModeBalance.from_laplace(stage, result)
-        logger.info("stage %d: Laplace pool, %d modes (masses %s), %d importance samples, "
-                    "%d solves, ESS fraction %.3f", stage, len(result.modes),
-                    [round(float(m), 3) for m in result.mode_mass], result.x.shape[0],
-                    result.evaluations, pool.ess)
-        return pool, 1
-    if options.coarse_sampler == "smc":
-        size = options.pool // 4 if math.isinf(allowance) else \
-            min(options.pool // 4, int(allowance) // 16)
-        if size < 2:
-            return None, options.evaluations
+    if smc:
         pool, result = smc_pool(model, posterior, size, generator, ens,
                                 max_evaluations=allowance / 2)
-        run.budget.spend(result.evaluations, run.costs[stage])
-        logger.info("stage %d: tempered SMC pool of %d particles, %d temperatures, %d solves, "
-                    "ESS fraction %.3f", stage, size, len(result.temperatures) - 1,
-                    result.evaluations, pool.ess)
-        return pool, 1
-    size = options.pool if math.isinf(allowance) else min(options.pool, int(allowance) // 2)
-    if size < 2:
-        return None, options.evaluations
-    pool = importance_pool(model, posterior, size, generator, ens)
-    run.budget.spend(size, run.costs[stage])
-    logger.info("stage %d: importance pool of %d prior samples, ESS fraction %.3f", stage,
-                size, pool.ess)
+        solves, what = result.evaluations, (f"tempered SMC pool of {size} particles, "
+                                            f"{len(result.temperatures) - 1} temperatures")
+    elif options.coarse_sampler == "laplace":
+        pool, result = laplace_pool(model, posterior, size, generator, ens,
+                                    max_evaluations=allowance / 2)
+        solves = result.evaluations
+        what = (f"Laplace pool, {len(result.modes)} modes (masses "
+                f"{[round(float(m), 3) for m in result.mode_mass]}), "
+                f"{result.x.shape[0]} importance samples")
+        if options.balance_modes:
+            run.balance = ModeBalance.from_laplace(stage, result)
+    else:
+        pool = importance_pool(model, posterior, size, generator, ens)
+        solves, what = size, f"importance pool of {size} prior samples"
+    run.budget.spend(solves, run.costs[stage])
+    logger.info("stage %d: %s, %d solves, ESS fraction %.3f", stage, what, solves, pool.ess)
     return pool, 1
 
 
