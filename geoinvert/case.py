@@ -1,6 +1,7 @@
 """Case files: one schema table, validation at load time, and the resolved :class:`Case`."""
 
 import csv
+import dataclasses
 import difflib
 import functools
 import math
@@ -13,9 +14,11 @@ import numpy as np
 import yaml
 
 from geoinvert.errors import CaseError
+from geoinvert.inference.config import CORRECTION_KERNELS, CorrectionConfig
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
-           "schema_markdown", "update_doc"]
+           "correction_config", "reserved_solves", "training_solves", "schema_markdown",
+           "update_doc"]
 
 REQUIRED = object()
 """Marks a key without a default."""
@@ -103,6 +106,20 @@ def _quantiles(v):
     """in (0, 1)"""
     bad = [q for q in v if not 0 < q < 1]
     return f"quantiles must lie in (0, 1), got {bad[0]}" if bad else None
+
+
+_CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS), "chains": _between(1, 10**5),
+                      "draws": _between(4, 10**8), "warmup": _between(0, 10**8),
+                      "leapfrog": _between(1, 10**4), "independence": None}
+
+
+def _correction_keys():
+    """``sampler.correction.*``, derived from :class:`CorrectionConfig` (defaults, docs)."""
+    kinds = {str: "str", int: "int", bool: "bool"}
+    fields = dataclasses.fields(CorrectionConfig)
+    return tuple(Key(f"sampler.correction.{f.name}", kinds[type(f.default)], f.default,
+                     "Flows: " + f.metadata["doc"][0].lower() + f.metadata["doc"][1:],
+                     f.metadata["example"], _CORRECTION_LIMITS[f.name]) for f in fields)
 
 
 SCHEMA = (
@@ -235,6 +252,7 @@ SCHEMA = (
         _positive),
     Key("sampler.leapfrog", "int", 10, "HMC: leapfrog steps per transition.", "20",
         _between(1, 10**4)),
+    *_correction_keys(),
     Key("sampler.seed", "int", 0, "Random seed of training and sampling (CLI `--seed` "
         "overrides it).", "42", _non_negative),
     Key("output.path", "path_out", None, "Result netCDF file (default: "
@@ -465,8 +483,17 @@ def _parse(text, where):
     return raw
 
 
+def _normalise(raw):
+    """Shorthands: ``sampler.correction: none`` (or false) for ``{kernel: none}``."""
+    sampler = raw.get("sampler")
+    if isinstance(sampler, dict) and sampler.get("correction") in ("none", False):
+        raw = {**raw, "sampler": {**sampler, "correction": {"kernel": "none"}}}
+    return raw
+
+
 def _validate(raw):
     """Structure, sections, every key, then cross-key rules; returns the nested config."""
+    raw = _normalise(raw)
     _check_structure(raw)
     for section in REQUIRED_SECTIONS:
         if section not in raw:
@@ -474,7 +501,28 @@ def _validate(raw):
     config = _nest({k.path: _validate_key(raw, k) for k in SCHEMA})
     for rule in _RULES:
         rule(config)
+    _rule_correction_for_flows(raw, config)
     return config
+
+
+def _rule_correction_for_flows(raw, config):
+    """``sampler.correction`` belongs to flows; a budget must leave room for training."""
+    s = config["sampler"]
+    if s["kind"] in MCMC_KINDS:
+        if _lookup(raw, "sampler.correction")[1]:
+            raise CaseError("sampler.correction", f"applies to flows (msign, asvgd), not to "
+                            f"sampler.kind {s['kind']}")
+        return
+    reserved = correction_config(config).solves() + config["output"]["samples"]
+    if s["budget"] and s["budget"] <= reserved:
+        raise CaseError("sampler.budget", f"{s['budget']} forward solves leave nothing for "
+                        f"training: the correction and the final draws take {reserved} "
+                        "(lower sampler.correction.draws or .chains, or raise the budget)")
+
+
+def correction_config(config):
+    """The :class:`CorrectionConfig` of a validated config (``case.config``)."""
+    return CorrectionConfig(**config["sampler"]["correction"])
 
 
 # --- cross-key rules ---------------------------------------------------------------------------
@@ -891,22 +939,28 @@ def prior_from_text(text):
 
 # --- summary and documentation -----------------------------------------------------------------
 
-def estimate_cost(case):
-    """Rough cost of a run: ``(forward solves, finest-solve equivalents, seconds)``.
+def reserved_solves(config):
+    """Solves a flow run spends after training: the final flow draws and, with the correction,
+    its chains and the predictions of the stored samples (a budget's share that training
+    does not get)."""
+    correction, samples = correction_config(config), config["output"]["samples"]
+    return samples + (correction.solves() + samples if correction.enabled else 0)
 
-    MCMC kinds: every chain iteration solves once on the finest level (HMC: once per leapfrog
-    step). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys objective
-    (samples of the flow and importance samples); a level-l solve costs its share of FE cells
-    of a finest solve; a 64x64 elliptic solve with its adjoint takes about 2.5 ms (benchmarks/forward.py),
-    the test beds are nearly free.
-    """
+
+def training_solves(case):
+    """Planned training solves of a flow (capped by what the budget leaves)."""
+    return _training_cost(case)[0]
+
+
+def _per_solve_seconds(case):
+    fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() \
+        else 4 ** case.finest
+    return 2.5e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
+
+
+def _training_cost(case):
+    """``(solves, finest equivalents, seconds of flow steps)`` of a flow's training."""
     s = case.config["sampler"]
-    fe_cells = case.hierarchy().mesh_cells(case.finest) ** 2 if _has_hierarchy() else 4 ** case.finest
-    per_solve = 2.5e-3 * fe_cells / 4096 if case.config["forward"]["kind"] == "elliptic" else 1e-5
-    if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
-        per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
-        solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
-        return solves, float(solves), solves * per_solve
     steps = s["steps"] if isinstance(s["steps"], list) else [s["steps"]] * case.finest
     per_step = s["batch"] * (2 if s["objective"] == "jeffreys" else 1)
     stage = [steps[l - 1] * per_step for l in case.levels]
@@ -915,12 +969,38 @@ def estimate_cost(case):
             stage[l - 1] = 4096 + steps[l - 1] * (1 - s["pool_warmup"]) * s["batch"]
     solves = int(sum(stage))
     if s["budget"]:
-        solves = min(solves, s["budget"])
+        solves = min(solves, max(s["budget"] - reserved_solves(case.config), 0))
     equivalents = sum(min(stage[l - 1], solves) * _relative_solve_cost(case, l)
                       for l in case.levels)
     step = 0.13 * (s["batch"] / 64) * max(4 ** case.finest / 4096, 0.15)  # measured 64x64
-    flow = step * sum(steps)
-    return solves, equivalents, equivalents * per_solve + flow
+    return solves, equivalents, step * sum(steps)
+
+
+def estimate_cost(case):
+    """Rough cost of a run: ``(forward solves, finest-solve equivalents, seconds)``.
+
+    MCMC kinds: every chain iteration solves once on the finest level (HMC: once per leapfrog
+    step). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys
+    objective (samples of the flow and importance samples); a level-l solve costs its share of
+    FE cells of a finest solve; then the final draws and the correction
+    (:func:`reserved_solves`) solve on the finest level, each batched evaluation of the
+    chains also passing through the flow and back. A 64x64 elliptic solve with its adjoint
+    takes about 2.5 ms (benchmarks/forward.py), the test beds are nearly free.
+    """
+    s = case.config["sampler"]
+    per_solve = _per_solve_seconds(case)
+    if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
+        per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
+        solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
+        return solves, float(solves), solves * per_solve
+    solves, equivalents, flow = _training_cost(case)
+    reserved = reserved_solves(case.config)
+    correction = correction_config(case.config)
+    batches = correction.solves() / correction.chains if correction.enabled else 0
+    scale = max(4 ** case.finest / 4096, 0.15)
+    flow += batches * (0.005 + correction.chains * 2e-3 * scale)
+    return (solves + reserved, equivalents + reserved,
+            (equivalents + reserved) * per_solve + flow)
 
 
 def _relative_solve_cost(case, level):

@@ -114,16 +114,21 @@ def _run(args):
                    f"geoinvert run {args.case} --out {out} --resume"
                    + (f" --seed {args.seed}" if args.seed is not None else ""))
         return 128 + (15 if stop.received == "SIGTERM" else 2)
-    if root and not args.quiet:
+    if root:
+        _print_summary(result, quiet=args.quiet)
+    return 0
+
+
+def _print_summary(result, *, quiet):
+    """The run's verdict: summary lines on stdout (unless quiet), warnings on stderr."""
+    from geoinvert.export import summary_lines
+    lines, warnings = summary_lines(result.dataset)
+    if not quiet:
         model = f" and the model {result.model_path}" if result.model_path else ""
         print(f"wrote {result.path}{model}")
-        attrs = result.dataset.attrs
-        failed, skipped = attrs.get("diagnostics_failed_solves", 0), attrs.get(
-            "diagnostics_skipped_steps", 0)
-        if failed or skipped:
-            print(f"note: {failed} forward solves failed during training (left out of their "
-                  f"steps) and {skipped} steps were skipped (non-finite loss or gradient)")
-    return 0
+        print("\n".join(lines))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def _plot(args):

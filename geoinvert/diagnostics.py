@@ -21,6 +21,10 @@ __all__ = [
     "moment_errors",
     "split_rhat",
     "mcmc_ess",
+    "mcmc_tail_ess",
+    "psis_log_weights",
+    "fit_word",
+    "verdict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,6 +126,38 @@ def psis_khat(log_weights):
     scale = top[-1]
     exceed = np.exp(top - scale) - np.exp(cutoff - scale)
     return gpd_fit(exceed[exceed > 0])[0]
+
+
+def psis_log_weights(log_weights):
+    """Pareto-smoothed normalised log-weights (Vehtari et al. 2024), and k-hat.
+
+    The ``M`` largest weights (as in :func:`psis_khat`) are replaced by the expected order
+    statistics of the fitted generalized Pareto tail, truncated at the largest raw weight.
+
+    Args:
+        log_weights: ``(n,)`` unnormalised log-weights (at least 25).
+
+    Returns:
+        ``(log_w, k)``: ``(n,)`` log-weights normalised to sum one, in the input order, and
+        k-hat.
+    """
+    lw = _log_weights(log_weights).copy()
+    n = lw.size
+    if n < 25:
+        raise ValueError(f"Pareto smoothing needs at least 25 log-weights, got {n}")
+    order = np.argsort(lw)
+    tail = int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n))))
+    top, cutoff = order[-tail:], lw[order[-tail - 1]]
+    k = -math.inf
+    if np.isfinite(lw[top[-1]]) and lw[top[-1]] > cutoff:
+        scale = lw[top[-1]]
+        exceed = np.exp(lw[top] - scale) - np.exp(cutoff - scale)
+        k, sigma = gpd_fit(exceed[exceed > 0])
+        p = (np.arange(1, tail + 1) - 0.5) / tail
+        q = sigma * np.expm1(-k * np.log1p(-p)) / k if abs(k) > 1e-12 else -sigma * np.log1p(-p)
+        smoothed = np.log(np.minimum(q + np.exp(cutoff - scale), 1.0)) + scale
+        lw[top] = smoothed
+    return lw - special.logsumexp(lw), float(k)
 
 
 # ---------------------------------------------------------------- divergences
@@ -368,3 +404,73 @@ def mcmc_ess(chains, *, rank_normalize=True):
     total = c.size
     tau = _geyer_tau(_autocorrelation(c))
     return float(min(total / tau, total * math.log10(total)))
+
+
+def mcmc_tail_ess(chains):
+    """Tail effective sample size: the smaller ESS of the indicators of the 5 % and 95 %
+    quantiles (Vehtari et al. 2021), a measure of how well the chains explore the tails.
+
+    Args:
+        chains: ``(n_chains, n_draws)`` draws of one scalar quantity.
+
+    Returns:
+        ESS (float); NaN for constant chains.
+    """
+    c = _chains(chains)
+    if np.ptp(c) == 0.0:
+        return math.nan
+    out = []
+    for q in (0.05, 0.95):
+        indicator = (c <= np.quantile(c, q)).astype(np.float64)
+        out.append(mcmc_ess(indicator, rank_normalize=False) if np.ptp(indicator) else math.nan)
+    return float(np.nanmin(out)) if np.isfinite(out).any() else math.nan
+
+
+# ---------------------------------------------------------------- verdicts
+
+KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
+"""PSIS k-hat below 0.5: good importance weights; below 0.7: usable; above: unusable."""
+RHAT_MAX, ESS_MIN = 1.01, 100.0
+"""Chains are trusted with R-hat at most 1.01 and bulk and tail ESS at least 100."""
+
+
+def fit_word(khat):
+    """``"good"``, ``"poor"`` or ``"unusable"`` for a flow whose importance weights have
+    PSIS ``khat`` (below 0.5, below 0.7, otherwise)."""
+    if not np.isfinite(khat) and khat < 0:
+        return "good"
+    if khat < KHAT_GOOD:
+        return "good"
+    return "poor" if khat < KHAT_USABLE else "unusable"
+
+
+def verdict(d, *, raise_draws="sampler.correction.draws"):
+    """Warnings about a result's diagnostics ``d`` (the ``diagnostics`` of a result).
+
+    A warning is due when chains ran (``rhat`` present) and R-hat exceeds :data:`RHAT_MAX` or
+    the bulk or tail ESS is below :data:`ESS_MIN`, and when the flow's own draws are the
+    answer (no chains) with k-hat at or above :data:`KHAT_USABLE`. Each warning names the key
+    to raise.
+
+    Args:
+        d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``.
+        raise_draws: key that sets the number of draws (named in the warnings).
+
+    Returns:
+        List of warning lines (empty: the result passes every check).
+    """
+    out = []
+    rhat = d.get("rhat", math.nan)
+    if rhat is not None and np.isfinite(rhat):
+        if rhat > RHAT_MAX:
+            out.append(f"R-hat {rhat:.3f} > {RHAT_MAX}: the chains disagree, so the result is "
+                       f"not yet the posterior; raise {raise_draws} and the warm-up")
+        ess = min(d.get("ess", math.inf), d.get("ess_tail", math.inf))
+        if np.isfinite(ess) and ess < ESS_MIN:
+            out.append(f"effective sample size {ess:.0f} < {ESS_MIN:.0f}: means and "
+                       f"quantiles are noisy; raise {raise_draws}")
+    elif d.get("psis_khat") is not None and d["psis_khat"] >= KHAT_USABLE:
+        out.append(f"PSIS k-hat {d['psis_khat']:.2f} >= {KHAT_USABLE}: the flow's draws do not "
+                   "represent the posterior and no correction ran; set "
+                   "sampler.correction.kernel (e.g. hmc) or raise sampler.steps")
+    return out

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import numpy as np
 import xarray as xr
 
 __all__ = ["Result", "run", "load_model", "result_path", "checkpoint_path", "build_dataset",
-           "write_netcdf", "atomic_path", "read_result", "figures", "marginal_direction"]
+           "write_netcdf", "atomic_path", "read_result", "figures", "marginal_direction",
+           "summary_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -424,15 +426,16 @@ class _Progress:
 def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, stop, comm,
            checkpoint_every):
     """Train every stage with :func:`geoinvert.train.train_msign`; returns the history."""
-    from geoinvert.case import estimate_cost
+    from geoinvert.case import reserved_solves, training_solves
     from geoinvert.train import train_msign
     s = case.config["sampler"]
     done = resume["budget"]["used"] if resume else 0
-    bar = _Progress(s["budget"] or estimate_cost(case)[0], progress, initial=done)
+    budget = s["budget"] - reserved_solves(case.config) if s["budget"] else None
+    bar = _Progress(budget or training_solves(case), progress, initial=done)
     try:
         objective = "asvgd" if s["kind"] == "asvgd" else s["objective"]
         return train_msign(model, posteriors, start=1, steps=s["steps"], batch=s["batch"],
-                           lr=s["lr"], objective=objective, budget=s["budget"] or None,
+                           lr=s["lr"], objective=objective, budget=budget,
                            generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
                            checkpoint_every=checkpoint_every, resume=resume, stop=stop,
                            coarse_sampler=s["coarse_sampler"], pool_levels=s["pool_levels"],
@@ -550,11 +553,15 @@ class _Fit:
     model: object = None
     resumed: bool = False
     chain: np.ndarray = None
+    draw: np.ndarray = None
+    flow: dict = None
 
 
 def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, checkpoint_every):
-    """Train the case's flow (MsIGN or A-SVGD), checkpointing beside ``path``, and sample it."""
+    """Train the case's flow (MsIGN or A-SVGD), checkpointing beside ``path``, sample it and,
+    unless ``sampler.correction.kernel`` is ``none``, correct its draws to exactness."""
     import torch
+    from geoinvert.case import correction_config
     ckpt, meta = checkpoint_path(path), _checkpoint_meta(case, seed)
     every = case.config["sampler"]["checkpoint_every"] if checkpoint_every is None \
         else checkpoint_every
@@ -575,11 +582,124 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
     diagnostics = {**_importance_diagnostics(log_target, log_prob),
                    "failed_solves": int(sum(h["failed"] for h in history)),
                    "skipped_steps": int(history[-1]["skipped"]) if history else 0}
-    return _Fit(x, log_prob, log_target, predicted, means, history, nfs, diagnostics, model,
-                state is not None)
+    fit = _Fit(x, log_prob, log_target, predicted, means, history, nfs, diagnostics, model,
+               state is not None)
+    config = correction_config(case.config)
+    if not config.enabled:
+        return fit
+    return _corrected(fit, case, seed, lay, posteriors[case.finest], config,
+                      progress=progress and lay.root)
 
 
-def _fit_mcmc(case, seed, lay, posterior):
+def _chain_diagnostics(pooled):
+    """R-hat, bulk and tail ESS, MCSE of the mean and acceptance of pooled chains."""
+    from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess
+    multi = pooled.samples.shape[0] > 1
+    summaries = pooled.summaries()
+    cells = pooled.samples.reshape(*pooled.samples.shape[:2], -1)
+    cell_ess = np.asarray([mcmc_ess(cells[:, :, k], rank_normalize=False)
+                           for k in range(cells.shape[2])])
+    return {"rhat": pooled.rhat() if multi else math.nan, "ess": pooled.ess(),
+            "ess_tail": float(np.nanmin([mcmc_tail_ess(summaries[:, :, k])
+                                         for k in range(summaries.shape[2])])),
+            "mcse_mean": float(np.nanmax(1.0 / np.sqrt(cell_ess))),
+            "acceptance": float(pooled.acceptance.mean()), "step_size": float(pooled.step_size),
+            "chains": int(pooled.samples.shape[0]), "draws": int(pooled.samples.shape[1]),
+            "warmup": int(pooled.warmup)}
+
+
+class _ChainProgress:
+    """tqdm bar over chain iterations showing the phase and the acceptance rate."""
+
+    def __init__(self, total, enabled, desc):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, unit="it", disable=not enabled, dynamic_ncols=True,
+                        desc=desc)
+        self.warmup = None
+
+    def __call__(self, done, total, accept):
+        self.bar.set_postfix(accept=f"{accept:.2f}", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        self.bar.close()
+
+
+def _chain_starts(x, log_target, chains):
+    """The first ``chains`` flow draws with a finite target (the chains' starts)."""
+    from geoinvert.train import TrainingError
+    finite = np.flatnonzero(np.isfinite(log_target))
+    if finite.size < chains:
+        raise TrainingError(f"only {finite.size} of {len(log_target)} flow draws have a finite "
+                            f"posterior density; the correction needs {chains} to start its "
+                            "chains")
+    return x[finite[:chains]]
+
+
+def _thinned(flat_size, samples):
+    """Indices of ``samples`` draws spread evenly over ``flat_size`` pooled draws."""
+    return np.unique(np.linspace(0, flat_size - 1, min(samples, flat_size)).astype(int))
+
+
+def _corrected(fit, case, seed, lay, posterior, config, *, progress):
+    """Correct the flow draws of ``fit`` to exactness (latent-space MCMC, independence moves).
+
+    The chains are shared out over the solve groups, each group with its own generator, so
+    the corrected draws (unlike the flow's) depend on the number of groups.
+    """
+    import torch
+    from geoinvert.diagnostics import KHAT_USABLE, psis_log_weights
+    from geoinvert.errors import CaseError
+    from geoinvert.inference.correction import FlowTransport, correct
+    from geoinvert.samplers import ChainResult
+    from geoinvert.train import Ensemble
+    ens = Ensemble(lay.ensemble)
+    chains = ens.share(config.chains)
+    if chains == 0:
+        raise CaseError("sampler.correction.chains", f"{config.chains} is fewer than the "
+                        f"{ens.size} solve groups of this MPI run: every group needs a chain")
+    starts = _chain_starts(fit.x, fit.log_target, config.chains)[ens.part(config.chains)]
+    bar = _ChainProgress(config.warmup + config.draws, progress, f"correction ({config.kernel})")
+    try:
+        res = correct(posterior, FlowTransport(fit.model), starts, config,
+                      generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
+                      callback=bar)
+    finally:
+        bar.close()
+    c = res.chains
+    samples, log_target, flow_lp, accept, imh = (
+        ens.gather(torch.from_numpy(np.ascontiguousarray(a))).numpy()
+        for a in (c.samples, c.log_prob, res.flow_log_prob, c.acceptance,
+                  res.independence_acceptance))
+    nfs, failed, step = ens.sum(c.nfs, res.failed, c.step_size)
+    pooled = ChainResult(samples, log_target, accept, int(nfs), step / ens.size, c.wall_time,
+                         c.method, c.warmup)
+    keep = _thinned(samples.shape[0] * samples.shape[1], case.config["output"]["samples"])
+    x = pooled.flat()[keep]
+    with torch.no_grad():
+        pred = posterior.forward(torch.from_numpy(x[ens.part(len(keep))]))
+    pred = ens.gather(pred.to(torch.float64)).numpy()
+    flow = {"x": fit.x, "log_prob": fit.log_prob, "log_target": fit.log_target}
+    log_w, khat = psis_log_weights(fit.log_target - fit.log_prob) \
+        if np.isfinite(fit.log_target).sum() >= 25 else (None, np.inf)
+    if khat < KHAT_USABLE:
+        w = np.exp(log_w)[:, None, None]
+        mean = (w * fit.x).sum(0)
+        flow["psis_mean"], flow["psis_std"] = mean, np.sqrt((w * (fit.x - mean) ** 2).sum(0))
+    diagnostics = {**fit.diagnostics, **_chain_diagnostics(pooled),
+                   "correction": config.kernel, "metric": res.metric,
+                   "independence_acceptance": float(np.nanmean(imh)) if config.independence
+                   else math.nan,
+                   "correction_nfs": int(nfs) + len(keep),
+                   "correction_failed_solves": int(failed)}
+    draws = samples.shape[1]
+    return dataclasses.replace(
+        fit, x=x, log_prob=flow_lp.reshape(-1)[keep], log_target=log_target.reshape(-1)[keep],
+        predicted=np.nanmean(pred, 0), nfs=fit.nfs + int(nfs) + len(keep),
+        diagnostics=diagnostics, chain=keep // draws, draw=keep % draws, flow=flow)
+
+
+def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
     """Run the case's MCMC chains on the finest level; the draws are thinned evenly to
     ``output.samples`` (all of them if fewer).
 
@@ -603,7 +723,11 @@ def _fit_mcmc(case, seed, lay, posterior):
     if s["kind"] == "hmc":
         options["n_leapfrog"] = s["leapfrog"]
     runner = {"pcn": samplers.run_pcn, "mala": samplers.run_mala, "hmc": samplers.run_hmc}
-    res = runner[s["kind"]](posterior, **options)
+    bar = _ChainProgress(s["warmup"] + s["draws"] * s["thin"], progress, s["kind"])
+    try:
+        res = runner[s["kind"]](posterior, callback=bar, **options)
+    finally:
+        bar.close()
     samples = ens.gather(torch.from_numpy(res.samples)).numpy()
     log_target = ens.gather(torch.from_numpy(res.log_prob)).numpy()
     acceptance = ens.gather(torch.from_numpy(np.asarray(res.acceptance, float))).numpy()
@@ -611,19 +735,15 @@ def _fit_mcmc(case, seed, lay, posterior):
     pooled = samplers.ChainResult(samples, log_target, acceptance, int(nfs), res.step_size,
                                   res.wall_time, res.method, res.warmup)
     flat, flat_target = pooled.flat(), log_target.reshape(-1)
-    keep = np.unique(np.linspace(0, flat.shape[0] - 1,
-                                 min(case.config["output"]["samples"], flat.shape[0])).astype(int))
+    keep = _thinned(flat.shape[0], case.config["output"]["samples"])
     x = flat[keep]
     with torch.no_grad():
         pred = posterior.forward(torch.from_numpy(x[ens.part(len(keep))]))
     pred = ens.gather(pred.to(torch.float64)).numpy()
-    diagnostics = {"rhat": pooled.rhat() if pooled.samples.shape[0] > 1 else math.nan,
-                   "ess": pooled.ess(), "acceptance": float(acceptance.mean()),
-                   "step_size": float(res.step_size), "chains": int(samples.shape[0]),
-                   "draws": int(samples.shape[1]), "warmup": int(res.warmup)}
-    chain = np.repeat(np.arange(samples.shape[0]), samples.shape[1])[keep]
+    diagnostics = {**_chain_diagnostics(pooled), "failed_solves": int(ens.sum(res.failed)[0])}
+    draws = samples.shape[1]
     return _Fit(x, np.full(len(keep), np.nan), flat_target[keep], np.nanmean(pred, 0), {}, [],
-                int(nfs) + len(keep), diagnostics, chain=chain)
+                int(nfs) + len(keep), diagnostics, chain=keep // draws, draw=keep % draws)
 
 
 def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ranks_per_solve=1,
@@ -670,13 +790,18 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
     if kind in MCMC_KINDS:
-        fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve))
+        fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve),
+                        progress=progress and lay.root)
     else:
         posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
         fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,
                         stop=stop, checkpoint_every=checkpoint_every)
+    from geoinvert.diagnostics import verdict
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
+    warnings = verdict(fit.diagnostics, raise_draws="sampler.draws" if kind in MCMC_KINDS
+                       else "sampler.correction.draws")
+    attrs["verdict"] = " | ".join(warnings) if warnings else "ok"
     ds = build_dataset(
         fit.x, log_prob=fit.log_prob, log_target=fit.log_target, bounds=case.bounds,
         units=case.config["domain"]["units"], quantiles=case.config["output"]["quantiles"],
@@ -685,6 +810,9 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         attrs={**attrs, "sampler": kind})
     if fit.chain is not None:
         ds["chain"] = ("sample", fit.chain, {"long_name": "MCMC chain of each sample"})
+        ds["draw"] = ("sample", fit.draw, {"long_name": "draw of each sample in its chain"})
+    if fit.flow is not None:
+        _add_flow_vars(ds, fit.flow)
     mpath = model_path(path) if fit.model is not None else None
     if lay.root:
         if fit.model is not None:
@@ -694,6 +822,63 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         if case.config["output"]["figures"]:
             figures(ds, path.with_suffix("").with_name(path.stem + "_figures"))
     return Result(ds, fit.model, path, mpath)
+
+
+def summary_lines(ds):
+    """A result's verdict as a few lines: method, cost, flow fit, chains, and the warnings.
+
+    Args:
+        ds: a result Dataset (:func:`build_dataset` attributes).
+
+    Returns:
+        ``(lines, warnings)``, lists of str.
+    """
+    from geoinvert.diagnostics import fit_word
+    a = ds.attrs
+    get = lambda key: a.get(f"diagnostics_{key}", math.nan)   # noqa: E731
+    sampler = a.get("sampler", "?")
+    correction = a.get("diagnostics_correction")
+    method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric)" \
+        if correction else sampler
+    lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves; "
+             f"{a.get('wall_time', math.nan):.0f} s"]
+    if np.isfinite(get("psis_khat")) or "diagnostics_is_ess" in a:
+        lines.append(f"flow fit: {fit_word(get('psis_khat'))} (PSIS k-hat {get('psis_khat'):.2f},"
+                     f" importance ESS {100 * get('is_ess'):.1f} %)")
+    if "diagnostics_rhat" in a:
+        what = "correction" if correction else "chains"
+        imh = get("independence_acceptance")
+        extra = f", independence moves accepted {imh:.2f}" if np.isfinite(imh) else ""
+        lines.append(f"{what}: R-hat {get('rhat'):.3f}, ESS bulk {get('ess'):.0f} / tail "
+                     f"{get('ess_tail'):.0f}, MCSE of the mean {get('mcse_mean'):.3f} std, "
+                     f"acceptance {get('acceptance'):.2f}{extra}")
+    failed = int(np.nan_to_num(get("correction_failed_solves")) + np.nan_to_num(
+        get("failed_solves")))
+    if failed:
+        lines.append(f"{failed} forward solves failed (their proposals were rejected or left "
+                     "out of their training steps)")
+    verdict = a.get("verdict", "ok")
+    warnings = [] if verdict == "ok" else verdict.split(" | ")
+    lines.append("verdict: " + ("ok" if not warnings else "NOT RELIABLE, see the warnings"))
+    return lines, warnings
+
+
+def _add_flow_vars(ds, flow):
+    """The flow's own draws, densities and importance weights (and PSIS estimates) beside the
+    corrected samples."""
+    dims = ("flow_sample", "y", "x")
+    ds["flow_samples"] = (dims, flow["x"], {"long_name": "draws of the trained flow"})
+    ds["flow_log_prob"] = ("flow_sample", flow["log_prob"],
+                           {"long_name": "flow log density of each flow draw"})
+    ds["flow_log_target"] = ("flow_sample", flow["log_target"],
+                             {"long_name": "unnormalised posterior log density of each flow draw"})
+    ds["flow_log_weight"] = ("flow_sample", flow["log_target"] - flow["log_prob"],
+                             {"long_name": "importance log weight (log_target - log_prob)"})
+    for name in ("mean", "std"):
+        if f"psis_{name}" in flow:
+            ds[f"psis_{name}"] = (("y", "x"), flow[f"psis_{name}"],
+                                  {"long_name": f"PSIS-reweighted flow estimate of the posterior "
+                                   f"{name}"})
 
 
 def _direction(case):

@@ -55,7 +55,8 @@ def test_run_result_is_the_same_on_one_and_all_ranks(ranks_per_solve):
     config = {**SMALL, "forward": {"kind": "elliptic", "source": 1.0,
                                    "dirichlet": {"left": 1.0, "right": 0.0}},
               "observations": {"points": [[0.3, 0.3], [0.7, 0.6], [0.5, 0.5]]},
-              "levels": {"finest": 2, "min_cells": 8}, "output": {"samples": 9, "figures": False}}
+              "levels": {"finest": 2, "min_cells": 8}, "output": {"samples": 9, "figures": False},
+              "sampler": {**SMALL["sampler"], "correction": "none"}}
     case = load_case(config)
     folder = shared_tmp()
     serial = run(case, out=folder / f"serial{WORLD.rank}.nc", progress=False)
@@ -69,6 +70,21 @@ def test_run_result_is_the_same_on_one_and_all_ranks(ranks_per_solve):
     WORLD.Barrier()
     written = sorted(p.name for p in folder.iterdir() if p.name.startswith("parallel"))
     assert written == ["parallel.ckpt", "parallel.json", "parallel.nc", "parallel.pt"]
+
+
+def test_corrected_run_shares_its_chains_over_the_ranks():
+    """The correction's chains are shared out over the solve groups and gathered: every chain
+    appears in the result, and the solves of all ranks are counted once."""
+    from geoinvert.case import correction_config
+    config = {**SMALL, "output": {"samples": 12, "figures": False}}
+    case = load_case(config)
+    result = run(case, out=shared_tmp() / "corrected.nc", progress=False, comm=WORLD)
+    ds, c = result.dataset, correction_config(case.config)
+    assert sorted(set(ds["chain"].values.tolist())) == list(range(c.chains))
+    assert np.isfinite(ds["samples"]).all() and np.isfinite(ds["log_target"]).all()
+    training = int(ds["train_nfs"][-1])
+    assert ds.attrs["nfs"] == training + c.solves() + 2 * 12
+    assert ds.attrs["diagnostics_correction_nfs"] == c.solves() + 12
 
 
 def test_layout_groups():

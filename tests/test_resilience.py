@@ -24,7 +24,7 @@ from test_cli import SMALL
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CASE = {**SMALL, "sampler": {"blocks": 1, "hidden": 4, "steps": 12, "batch": 8,
-                             "checkpoint_every": 1},
+                             "checkpoint_every": 1, "correction": SMALL["sampler"]["correction"]},
         "output": {"samples": 30, "figures": False}}
 
 

@@ -35,6 +35,8 @@ class ChainResult:
         wall_time: seconds.
         method: ``"pcn"``, ``"mala"`` or ``"hmc"``.
         warmup: warm-up iterations (not stored).
+        failed: target evaluations that were not finite (failed solves, mostly of rejected
+            proposals).
     """
 
     samples: np.ndarray
@@ -45,6 +47,7 @@ class ChainResult:
     wall_time: float
     method: str
     warmup: int
+    failed: int = 0
 
     @property
     def beta(self):
@@ -180,15 +183,23 @@ class BatchedTarget:
 
     def __init__(self, posterior):
         self.posterior, self.prior, self.level = posterior, posterior.prior, posterior.level
-        self.nfs = 0
+        self.nfs, self.failed = 0, 0
         self._whitening = None
 
     def log_likelihood(self, x):
-        """``(num,)`` float64 log likelihood, differentiable; counts ``num`` solves."""
+        """``(num,)`` float64 log likelihood, differentiable; counts ``num`` solves and the
+        failed ones (non-finite values)."""
         self.nfs += x.shape[0]
         if hasattr(self.posterior, "log_likelihood"):
-            return self.posterior.log_likelihood(x).to(_F64)
-        return (self.posterior.log_prob(x) - self.prior.log_prob(x, self.level)).to(_F64)
+            value = self.posterior.log_likelihood(x).to(_F64)
+        else:
+            value = (self.posterior.log_prob(x) - self.prior.log_prob(x, self.level)).to(_F64)
+        self.failed += int((~torch.isfinite(value)).sum())
+        return value
+
+    def to_z(self, x):
+        """White coordinates ``z (num, d)`` of fields ``x``: the kernels' state variable."""
+        return self.whitening.to_z(x)
 
     @property
     def whitening(self):
@@ -241,11 +252,16 @@ def check_finite_start(log_prob):
 
 
 class WhitenedState:
-    """Chain states in the prior's white coordinates z, with x = T(z) and the target's gradient."""
+    """Chain states in a target's coordinates z, with x = T(z) and the target's gradient.
+
+    ``target`` provides ``to_z(x)`` and ``whitened(z) -> (x, log pi(z), grad, log_prob(x))``:
+    :class:`BatchedTarget` (the prior's white coordinates) or
+    :class:`geoinvert.inference.LatentTarget` (a flow's latent space).
+    """
 
     def __init__(self, target, x):
         self.target = target
-        self.z = target.whitening.to_z(x).detach()
+        self.z = target.to_z(x).detach()
         self.x, self.value, self.grad, self.log_prob = target.whitened(self.z)
         check_finite_start(self.value)
 
@@ -261,7 +277,7 @@ class WhitenedState:
 # -- the loop -------------------------------------------------------------------------------------
 
 
-def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None):
+def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None, callback=None):
     """Warm up (adapting the step), freeze the step, then store every ``thin``-th state.
 
     Args:
@@ -272,6 +288,7 @@ def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None
             ``final``); the mean acceptance probability over chains drives it.
         method: name stored in the result.
         draws, warmup, thin: stored draws, warm-up iterations, iterations per stored draw.
+        callback: ``callback(iteration, total, acceptance)`` after every iteration.
 
     Returns:
         :class:`ChainResult`.
@@ -279,18 +296,24 @@ def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None
     for name, value, low in (("draws", draws, 1), ("warmup", warmup, 0), ("thin", thin, 1)):
         require(int(value) == value and value >= low,
                 f"{name} must be an integer >= {low}, got {value!r}")
-    start = time.perf_counter()
-    for _ in range(warmup):
-        adapter.update(float(kernel.step(adapter.value, generator).mean()))
+    start, total = time.perf_counter(), warmup + draws * thin
+    for i in range(warmup):
+        accept = float(kernel.step(adapter.value, generator).mean())
+        adapter.update(accept)
+        if callback:
+            callback(i + 1, total, accept)
     step = adapter.final()
     logger.info("%s: warm-up done, step %.4g", method, step)
     chains = kernel.x.shape[0]
     samples = np.empty((chains, draws, *kernel.x.shape[1:]))
     log_prob, accept = np.empty((chains, draws)), torch.zeros(chains, dtype=_F64)
     for i in range(draws):
-        for _ in range(thin):
-            accept += kernel.step(step, generator)
+        for j in range(thin):
+            prob = kernel.step(step, generator)
+            accept += prob
+            if callback:
+                callback(warmup + i * thin + j + 1, total, float(prob.mean()))
         samples[:, i], log_prob[:, i] = kernel.x.numpy(), kernel.log_prob.numpy()
     return ChainResult(samples, log_prob, (accept / max(draws * thin, 1)).numpy(),
                        kernel.target.nfs, step,
-                       time.perf_counter() - start, method, warmup)
+                       time.perf_counter() - start, method, warmup, kernel.target.failed)

@@ -28,7 +28,7 @@ class MALAKernel(WhitenedState):
 
 
 def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, target_accept=0.574,
-         thin=1, init=None, generator=None):
+         thin=1, init=None, generator=None, callback=None):
     r"""Run ``chains`` prior-preconditioned MALA chains as one batch.
 
     The chains move in the prior's white coordinates z (x = mu + C z, C C^T = Sigma, see
@@ -49,6 +49,7 @@ def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, targ
         target_accept: target mean acceptance probability.
         init: starting fields ``(chains, ny, nx)``; default prior draws.
         generator: ``torch.Generator``.
+        callback: ``callback(iteration, total, acceptance)`` after every iteration.
 
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult`.
@@ -58,4 +59,4 @@ def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, targ
     kernel = MALAKernel(target, initial_states(target, init, chains, generator))
     adapter = DualAveraging(step_size, target_accept)
     return run_chains(kernel, adapter, method="mala", draws=draws, warmup=warmup, thin=thin,
-                      generator=generator)
+                      generator=generator, callback=callback)

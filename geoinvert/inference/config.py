@@ -1,0 +1,74 @@
+"""Settings of the correction to exactness, torch-free (the case schema is derived from them)."""
+
+import dataclasses
+
+__all__ = ["CORRECTION_KERNELS", "CorrectionConfig", "metric_windows"]
+
+CORRECTION_KERNELS = ("hmc", "mala", "pcn", "none")
+"""Local kernels of the correction; ``none`` switches the correction off."""
+
+
+def _field(default, doc, example):
+    return dataclasses.field(default=default, metadata={"doc": doc, "example": example})
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionConfig:
+    """Settings of the correction (the case file's ``sampler.correction`` section).
+
+    Each field's metadata holds its one-line documentation and an example value, from which
+    the case schema and docs/case-files.md are generated.
+    """
+
+    kernel: str = _field(
+        "hmc", "Local MCMC move in the flow's latent space: `hmc`, `mala`, `pcn`, or `none` "
+        "(no correction: the result holds the flow's own draws).", "mala")
+    chains: int = _field(
+        8, "Chains of the correction, started from flow draws (shared out over MPI solve "
+        "groups: at least one per group).", "16")
+    draws: int = _field(250, "Draws kept per chain after warm-up.", "1000")
+    warmup: int = _field(
+        250, "Warm-up iterations per chain (step size and metric adaptation), discarded.",
+        "500")
+    leapfrog: int = _field(8, "HMC leapfrog steps per transition.", "16")
+    independence: bool = _field(
+        True, "After every local move, an independence Metropolis-Hastings move with the "
+        "flow as proposal (moves chains between the modes the flow covers).", "false")
+
+    def __post_init__(self):
+        if self.kernel not in CORRECTION_KERNELS:
+            raise ValueError(f"kernel must be one of {CORRECTION_KERNELS}, got {self.kernel!r}")
+        for name, low in (("chains", 1), ("draws", 4), ("warmup", 0), ("leapfrog", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """False for kernel ``none``."""
+        return self.kernel != "none"
+
+    def solves_per_iteration(self) -> int:
+        """Forward solves of one iteration of one chain."""
+        local = self.leapfrog if self.kernel == "hmc" else 1
+        return local + int(self.independence)
+
+    def solves(self) -> int:
+        """Forward solves of the whole correction: each chain's start, its re-evaluation at
+        every metric update and its iterations (0 when switched off)."""
+        if not self.enabled:
+            return 0
+        updates = len(metric_windows(self.warmup)) if self.kernel != "pcn" else 0
+        iterations = self.warmup + self.draws
+        return self.chains * (1 + updates + iterations * self.solves_per_iteration())
+
+
+def metric_windows(warmup):
+    """``(start, end)`` of the metric-estimation windows within ``warmup`` iterations.
+
+    A step-only phase (the first 15 %), windows to 40 % and to 85 % (the metric is updated at
+    each window's end), then a step-only phase; no windows for fewer than 40 iterations.
+    """
+    if warmup < 40:
+        return ()
+    return (int(0.15 * warmup), int(0.4 * warmup)), (int(0.4 * warmup), int(0.85 * warmup))

@@ -1,0 +1,322 @@
+r"""Correction of a trained flow to exactness: MCMC in its latent space (NeuTra).
+
+A trained flow T: z -> x (z ~ N(0, I), exact log-density log q_T) is used as a *transport-map
+preconditioner* of the posterior pi(x). In the flow's latent space the pulled-back target
+
+.. math:: \log \pi_T(z) = \log \pi(T(z)) + \log |\det \partial T / \partial z|
+
+is close to N(0, I) where the flow fits, so the local kernels of
+:mod:`geoinvert.samplers` (HMC, MALA, pCN) mix fast on it, and their Metropolis-Hastings
+acceptance makes the draws exact whatever the flow's error. An *independence* move, a fresh
+flow draw T(xi), xi ~ N(0, I), accepted with probability min(1, w(x') / w(x)), w = pi / q_T,
+moves chains between the modes the flow covers, which local moves alone cannot.
+
+During warm-up a further linear map z = S u is learnt (Stan's windowed adaptation: diagonal,
+or dense when the window holds at least ``4 d`` draws), so that the chains stay efficient
+where the flow is poor (an undertrained flow leaves pi_T far from N(0, I)). The step size is
+adapted by dual averaging (pCN: Robbins-Monro on beta) and both are frozen after warm-up.
+
+References:
+    Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan. NeuTra-lizing bad geometry in
+    Hamiltonian Monte Carlo using neural transport. arXiv:1903.03704 (2019).
+    Stan Reference Manual, "HMC algorithm parameters": windowed adaptation of the metric.
+"""
+
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from geoinvert.inference.config import metric_windows
+from geoinvert.samplers.chains import (ChainResult, DualAveraging, RobbinsMonro, WhitenedState,
+                                       metropolis)
+from geoinvert.samplers.hmc import HMCKernel
+from geoinvert.samplers.mala import MALAKernel
+from geoinvert.samplers.whitening import standard_normal_log_prob
+
+__all__ = ["CorrectionResult", "FlowTransport", "LatentTarget", "correct"]
+
+logger = logging.getLogger(__name__)
+
+_F64 = torch.float64
+
+_TARGET_ACCEPT = {"hmc": 0.8, "mala": 0.574, "pcn": 0.25}
+_INITIAL_STEP = {"hmc": 0.3, "mala": 0.5, "pcn": 0.5}
+_SHRINK = 5.0          # Stan's regularisation of the estimated metric: n / (n + 5) S + ...
+_DENSE_DRAWS = 4       # dense metric when the window holds at least 4 d draws
+
+
+# -- the transport and the latent target ------------------------------------------------------
+
+
+class FlowTransport:
+    """x = T(z) of a trained MsIGN, with ``z (num, d)`` the concatenated level noises.
+
+    The model is copied to float64 (the chains' energies need it) with its parameters frozen.
+
+    Args:
+        model: :class:`~geoinvert.flows.msign.MsIGN`, trained to its finest stage.
+    """
+
+    def __init__(self, model):
+        from geoinvert.flows.msign import MsIGN, noise_shape
+        copy = MsIGN(model.prior, **model.config, stage=model.stage).to(_F64)
+        copy.load_state_dict(model.state_dict())
+        self.model = copy.requires_grad_(False)
+        self.shapes = [noise_shape(k) for k in range(1, model.levels + 1)]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.dim = sum(self.sizes)
+
+    def to_x(self, z):
+        """``(x (num, n, n), log|det dT/dz| (num,))`` of latents ``z (num, d)``, float64."""
+        parts = torch.split(z.to(_F64), self.sizes, dim=1)
+        zs = [p.reshape(-1, *s) for p, s in zip(parts, self.shapes)]
+        return self.model.decode(zs)
+
+    def to_z(self, x):
+        """Latents ``z (num, d)`` of fields ``x``, the inverse of :meth:`to_x`."""
+        zs, _ = self.model.encode(torch.as_tensor(x, dtype=_F64))
+        return torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
+
+
+class LatentTarget:
+    r"""The posterior pulled back to the kernels' coordinates u, z = S u, x = T(z).
+
+    log pi_u(u) = log pi(T(S u)) + log|det dT/dz| + log|det S|, with S the metric factor
+    (identity until :meth:`set_metric`). The importance weight of the flow at the state is
+    log w = log pi(x) - log q_T(x) = log pi_u(u) - log|det S| - log N(z; 0, I).
+
+    Args:
+        posterior: object with a differentiable ``log_prob(x)`` (the unnormalised posterior).
+        transport: :class:`FlowTransport` (or any object with ``to_x``, ``to_z`` and ``dim``).
+
+    Attributes:
+        nfs: forward solves so far (one per evaluated point).
+        failed: evaluations whose target was not finite (failed solves).
+    """
+
+    def __init__(self, posterior, transport):
+        self.posterior, self.transport = posterior, transport
+        self.nfs, self.failed = 0, 0
+        self.factor, self.logdet = None, 0.0
+
+    def set_metric(self, factor):
+        """Use ``z = S u`` with ``S = factor``: ``(d,)`` diagonal or ``(d, d)`` lower triangular."""
+        self.factor = None if factor is None else torch.as_tensor(factor, dtype=_F64)
+        if self.factor is None:
+            self.logdet = 0.0
+        elif self.factor.ndim == 1:
+            self.logdet = float(torch.log(self.factor).sum())
+        else:
+            self.logdet = float(torch.log(torch.diagonal(self.factor)).sum())
+
+    def latent(self, u):
+        """z = S u."""
+        if self.factor is None:
+            return u
+        return u * self.factor if self.factor.ndim == 1 else u @ self.factor.T
+
+    def coordinates(self, z):
+        """u = S^-1 z."""
+        if self.factor is None:
+            return z
+        if self.factor.ndim == 1:
+            return z / self.factor
+        return torch.linalg.solve_triangular(self.factor, z.T, upper=False).T
+
+    def to_z(self, x):
+        """Kernel coordinates u of fields ``x``."""
+        return self.coordinates(self.transport.to_z(x))
+
+    def whitened(self, u, *, grad=True):
+        """``(x, log pi_u(u), grad log pi_u(u), log pi(x))`` at ``u (num, d)``.
+
+        Non-finite targets (failed solves) get a zero gradient; with ``grad=False`` no
+        adjoint is solved and the gradient is zero.
+        """
+        u = u.detach().to(_F64).requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            x, logdet = self.transport.to_x(self.latent(u))
+            log_post = self.posterior.log_prob(x).to(_F64)
+            value = log_post + logdet + self.logdet
+        finite = torch.isfinite(value)
+        self.nfs += u.shape[0]
+        self.failed += int((~finite).sum())
+        if grad:
+            (g,) = torch.autograd.grad(torch.where(finite, value, 0.0).sum(), u)
+            g = torch.where(finite[:, None], g, 0.0)
+        else:
+            g = torch.zeros_like(u)
+        return x.detach(), value.detach(), g.detach(), log_post.detach()
+
+    def log_weight(self, u, value):
+        """log w = log pi(x) - log q_T(x) of states ``u`` with targets ``value``."""
+        return value - self.logdet - standard_normal_log_prob(self.latent(u))
+
+    def flow_log_prob(self, u, value, log_post):
+        """log q_T(x) of states ``u`` (the flow's density at the chains' fields)."""
+        return log_post - self.log_weight(u, value)
+
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
+class _PCNState(WhitenedState):
+    """pCN in the flow's latent z: z' = sqrt(1 - beta^2) z + beta xi, reversible for N(0, I),
+    accepted with min(1, w(x') / w(x)); beta = 1 is the independence sampler. No metric."""
+
+    def step(self, beta, generator):
+        xi = torch.randn(self.z.shape, generator=generator, dtype=_F64)
+        z = math.sqrt(max(1 - beta ** 2, 0.0)) * self.z + beta * xi
+        x, value, grad, log_prob = self.target.whitened(z, grad=False)
+        t = self.target
+        flags, prob = metropolis(t.log_weight(z, value) - t.log_weight(self.z, self.value),
+                                 generator)
+        self.accept(flags, z, x, value, grad, log_prob)
+        return prob
+
+
+def _independence_move(state, generator, *, gradient):
+    """Propose a fresh flow draw for every chain; accept with min(1, w(x') / w(x))."""
+    t = state.target
+    xi = torch.randn(state.z.shape, generator=generator, dtype=_F64)
+    u = t.coordinates(xi)
+    x, value, grad, log_prob = t.whitened(u, grad=gradient)
+    flags, prob = metropolis(t.log_weight(u, value) - t.log_weight(state.z, state.value),
+                             generator)
+    state.accept(flags, u, x, value, grad, log_prob)
+    return prob
+
+
+def _new_state(kind, target, x, config):
+    if kind == "hmc":
+        return HMCKernel(target, x, n_leapfrog=config.leapfrog, jitter=0.2)
+    if kind == "mala":
+        return MALAKernel(target, x)
+    return _PCNState(target, x)
+
+
+# -- adaptation ------------------------------------------------------------------------------
+
+
+def _metric(z, dense):
+    """Regularised factor S of the covariance of latent draws ``z (n, d)``: diagonal std or
+    the Cholesky factor, shrunk towards 1e-3 I as Stan does."""
+    n = z.shape[0]
+    keep = n / (n + _SHRINK)
+    if dense:
+        cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
+        cov = keep * cov + (1 - keep) * 1e-3 * torch.eye(z.shape[1], dtype=_F64)
+        return torch.linalg.cholesky(cov)
+    return torch.sqrt(keep * z.var(0) + (1 - keep) * 1e-3)
+
+
+def _adapter(kind, step):
+    if kind == "pcn":
+        return RobbinsMonro(step, _TARGET_ACCEPT[kind], upper=1.0)
+    return DualAveraging(step, _TARGET_ACCEPT[kind])
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CorrectionResult:
+    """Corrected draws of a flow's posterior.
+
+    Attributes:
+        chains: :class:`~geoinvert.samplers.chains.ChainResult` of the kept draws
+            (``log_prob`` is the unnormalised posterior; ``nfs`` all solves of the correction).
+        flow_log_prob: ``(chains, draws)`` flow log density log q_T of each kept draw.
+        independence_acceptance: ``(chains,)`` mean acceptance of the independence moves after
+            warm-up (NaN without them).
+        failed: evaluations whose target was not finite (failed solves of proposals).
+        metric: ``"unit"``, ``"diagonal"`` or ``"dense"``.
+    """
+
+    chains: ChainResult
+    flow_log_prob: np.ndarray
+    independence_acceptance: np.ndarray
+    failed: int
+    metric: str
+
+
+def correct(posterior, transport, starts, config, *, generator=None, callback=None):
+    """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
+
+    Args:
+        posterior: the finest level's posterior (``log_prob`` differentiable).
+        transport: :class:`FlowTransport` of the trained flow.
+        starts: ``(chains, ny, nx)`` starting fields (flow draws with finite target).
+        config: :class:`CorrectionConfig` (``chains`` is not used: ``starts`` sets the number).
+        generator: ``torch.Generator``.
+        callback: ``callback(iteration, total, acceptance)`` after every iteration.
+
+    Returns:
+        :class:`CorrectionResult`.
+
+    Raises:
+        ValueError: some start has a non-finite target.
+    """
+    kind = config.kernel
+    if not config.enabled:
+        raise ValueError("the correction is switched off (kernel 'none')")
+    begin = time.perf_counter()
+    target = LatentTarget(posterior, transport)
+    state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
+    adapter, metric = _adapter(kind, _INITIAL_STEP[kind]), "unit"
+    windows = metric_windows(config.warmup) if kind != "pcn" else ()
+    total, window = config.warmup + config.draws, []
+    gradient = kind != "pcn"
+    for i in range(config.warmup):
+        accept = float(_iterate(state, adapter.value, generator, config, gradient)[0].mean())
+        adapter.update(accept)
+        for lo, hi in windows:
+            if lo <= i < hi:
+                window.append(target.latent(state.z).clone())
+            if i == hi - 1:
+                metric = _rescale(state, torch.cat(window), kind, config)
+                adapter, window = _adapter(kind, adapter.value), []
+        if callback:
+            callback(i + 1, total, accept)
+    step = adapter.final()
+    chains = state.z.shape[0]
+    x = np.empty((chains, config.draws, *state.x.shape[1:]))
+    log_prob, flow_log_prob = np.empty((chains, config.draws)), np.empty((chains, config.draws))
+    local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
+    for i in range(config.draws):
+        a, b = _iterate(state, step, generator, config, gradient)
+        local, independent = local + a, independent + b
+        x[:, i], log_prob[:, i] = state.x.numpy(), state.log_prob.numpy()
+        flow_log_prob[:, i] = target.flow_log_prob(state.z, state.value, state.log_prob).numpy()
+        if callback:
+            callback(config.warmup + i + 1, total, float(a.mean()))
+    result = ChainResult(x, log_prob, (local / config.draws).numpy(), target.nfs, step,
+                         time.perf_counter() - begin, f"neutra-{kind}", config.warmup)
+    imh = (independent / config.draws).numpy() if config.independence else \
+        np.full(chains, np.nan)
+    return CorrectionResult(result, flow_log_prob, imh, target.failed, metric)
+
+
+def _iterate(state, step, generator, config, gradient):
+    """One local move and, if configured, one independence move; their acceptances."""
+    local = state.step(step, generator)
+    if not config.independence:
+        return local, torch.full_like(local, math.nan)
+    return local, _independence_move(state, generator, gradient=gradient)
+
+
+def _rescale(state, z, kind, config):
+    """Adopt the metric estimated from the window's latent draws ``z (n, d)`` and re-evaluate
+    the chains in the new coordinates (one solve per chain)."""
+    target = state.target
+    dense = z.shape[0] >= _DENSE_DRAWS * z.shape[1]
+    latent = target.latent(state.z)
+    target.set_metric(_metric(z, dense))
+    u = target.coordinates(latent)
+    state.z = u
+    state.x, state.value, state.grad, state.log_prob = target.whitened(u, grad=kind != "pcn")
+    return "dense" if dense else "diagonal"
