@@ -6,7 +6,7 @@ import sys
 import traceback
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "RepeatFilter"]
 
 EXIT_USER_ERROR = 2
 logger = logging.getLogger("geoinvert")
@@ -55,14 +55,45 @@ def build_parser():
     return parser
 
 
+class RepeatFilter(logging.Filter):
+    """Lets the first ``shown`` records of each message template through and counts the rest,
+    so a warning repeated thousands of times (failed solves of rejected proposals) costs a few
+    lines and one summary (:meth:`summary`)."""
+
+    def __init__(self, shown=3):
+        super().__init__()
+        self.shown, self.counts = shown, {}
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, record.levelname, record.msg)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key] <= self.shown
+
+    def summary(self):
+        """One line per template that was held back: how many more times it came."""
+        return [f"{level} {name}: {count - self.shown} more like \"{msg}\" not shown"
+                for (name, level, msg), count in self.counts.items() if count > self.shown]
+
+
 def _setup_logging(args):
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
         min(args.verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if args.verbose < 2:
+        handler.addFilter(RepeatFilter())
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    return handler
+
+
+def _report_repeats(handler):
+    for f in handler.filters:
+        for line in f.summary():
+            print(line, file=sys.stderr)
 
 
 def _check(args):
@@ -195,7 +226,7 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors (status 2 from argparse)
         return int(exc.code or 0)
-    _setup_logging(args)
+    handler = _setup_logging(args)
     try:
         return COMMANDS[args.command](args)
     except (CaseError, UserError) as err:
@@ -222,6 +253,8 @@ def main(argv=None):
                "--debug for details)")
         _abort_others(1)
         return 1
+    finally:
+        _report_repeats(handler)
 
 
 if __name__ == "__main__":

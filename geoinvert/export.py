@@ -221,7 +221,22 @@ def _subplots(nrows, ncols, *, figsize, squeeze=True):
     return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
-def _save(fig, path):
+def _caption(ds, width):
+    """The result's verdict as a caption line (or lines, wrapped at ``width`` characters)."""
+    import textwrap
+    verdict = ds.attrs.get("verdict")
+    if verdict is None:
+        return ""
+    text = f"{ds.attrs.get('sampler', '')}: " + (
+        "verdict ok" if verdict == "ok" else "NOT RELIABLE - " + verdict)
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _save(fig, path, ds=None):
+    caption = _caption(ds, int(fig.get_figwidth() * 14)) if ds is not None else ""
+    if caption:
+        fig.text(0.0, -0.02, caption, fontsize=7, va="top", ha="left",
+                 color="k" if ds.attrs["verdict"] == "ok" else "firebrick")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
@@ -232,7 +247,7 @@ def _maps_figure(ds, outdir):
     fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (var, title) in zip(axes[0], panels):
         _image(ax, ds[var].values, title, ds, "magma" if var == "std" else "viridis")
-    return _save(fig, outdir / "mean_std.png")
+    return _save(fig, outdir / "mean_std.png", ds)
 
 
 def _samples_figure(ds, outdir, count=4):
@@ -240,7 +255,7 @@ def _samples_figure(ds, outdir, count=4):
     fig, axes = _subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
     for ax, i in zip(axes[0], np.linspace(0, ds.sizes["sample"] - 1, n).astype(int)):
         _image(ax, ds["samples"].values[i], f"sample {i}", ds)
-    return _save(fig, outdir / "samples.png")
+    return _save(fig, outdir / "samples.png", ds)
 
 
 def _training_figure(ds, outdir):
@@ -255,7 +270,7 @@ def _training_figure(ds, outdir):
     ax2.set(xlabel="forward solves (nFS)", ylabel="ESS / n", title="importance-sampling ESS",
             ylim=(0, 1.05))
     ax1.legend(fontsize=7)
-    return _save(fig, outdir / "training.png")
+    return _save(fig, outdir / "training.png", ds)
 
 
 def _marginal_figure(ds, outdir):
@@ -269,7 +284,7 @@ def _marginal_figure(ds, outdir):
     which = "given direction" if "direction" in ds else "leading principal component"
     ax.set(xlabel=f"<d, x>  ({which})", ylabel="density", title="marginal along a direction")
     ax.legend(fontsize=8)
-    return _save(fig, outdir / "marginal.png")
+    return _save(fig, outdir / "marginal.png", ds)
 
 
 def figures(ds, outdir):

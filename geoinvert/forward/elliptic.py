@@ -424,8 +424,10 @@ class FastSolver:
         u_free[~ok | ~np.all(np.isfinite(u_free), axis=1)] = np.nan
         y = u_free @ self.obs_free.T + self.obs_fixed
         failed = np.flatnonzero(~np.all(np.isfinite(y), axis=1))
-        for s in np.intersect1d(failed, np.flatnonzero(ok)):
-            log.warning("sample %d: the Cholesky factorisation or the solve failed", s)
+        broken = np.intersect1d(failed, np.flatnonzero(ok)).size
+        if broken:
+            log.warning("%d of %d samples of a batch: the Cholesky factorisation or the solve "
+                        "failed (their target is -inf)", broken, num)
         return y, {"k": k, "u": u_free, "generation": self._generation, "failed": failed}
 
     def full_solution(self, state, s):
