@@ -269,3 +269,21 @@ def test_steps_per_level():
         load_case(_with(LINEAR, "sampler.steps", [5, "many"] + [5] * (finest - 2)))
     with pytest.raises(CaseError, match="^sampler.steps: must be between 1"):
         load_case(_with(LINEAR, "sampler.steps", [0] * finest))
+
+
+def test_correction_section_defaults_shorthand_and_kind_rules():
+    from geoinvert.case import correction_config, load_case, reserved_solves
+    from geoinvert.errors import CaseError
+    base = yaml.safe_load((ROOT / "cases" / "linear.yaml").read_text())
+    config = load_case(base).config
+    assert correction_config(config).kernel == "hmc" and correction_config(config).enabled
+    off = load_case({**base, "sampler": {**base["sampler"], "correction": "none"}}).config
+    assert not correction_config(off).enabled
+    assert reserved_solves(off) == off["output"]["samples"]
+    assert reserved_solves(config) == correction_config(config).solves() + 2 * 500
+    with pytest.raises(CaseError, match="sampler.correction.kernel"):
+        load_case({**base, "sampler": {"correction": {"kernel": "nuts"}}})
+    with pytest.raises(CaseError, match="sampler.correction: applies to flows"):
+        load_case({**base, "sampler": {"kind": "hmc", "correction": {"draws": 10}}})
+    with pytest.raises(CaseError, match="sampler.budget"):
+        load_case({**base, "sampler": {"budget": 5000}})

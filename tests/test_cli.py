@@ -239,3 +239,32 @@ def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, extra, mes
     assert message in caplog.text
     with xr.open_dataset(result.path) as ds:
         assert np.all(np.isfinite(ds["log_prob"])) and ds.attrs["nfs"] > 0
+
+
+def test_repeated_warnings_are_shown_three_times_then_counted():
+    import logging
+    f = cli.RepeatFilter(shown=3)
+    record = lambda i: logging.LogRecord("geoinvert.forward", logging.WARNING, __file__, 1,  # noqa: E731
+                                         "%d of 8 samples failed", (i,), None)
+    passed = [f.filter(record(i)) for i in range(10)]
+    assert passed == [True] * 3 + [False] * 7
+    error = logging.LogRecord("geoinvert", logging.ERROR, __file__, 1, "boom", (), None)
+    assert all(f.filter(error) for _ in range(5))
+    assert f.summary() == ['WARNING geoinvert.forward: 7 more like "%d of 8 samples failed" '
+                           'not shown']
+
+
+def test_run_prints_its_verdict(case_file, tmp_path, capsys):
+    out = tmp_path / "small.nc"
+    assert cli.main(["run", str(case_file), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "method: msign + correction (hmc" in captured.out
+    assert "flow fit:" in captured.out and "correction: R-hat" in captured.out
+    with xr.open_dataset(out) as ds:
+        verdict = ds.attrs["verdict"]
+        assert {"flow_samples", "flow_log_weight", "chain", "draw"} <= set(ds.variables)
+        assert ds.attrs["diagnostics_correction_nfs"] > 0
+    # tiny chains (4 x 10 draws) cannot reach an ESS of 100: the verdict says so, loudly
+    assert verdict != "ok" and "effective sample size" in verdict
+    assert "verdict: NOT RELIABLE" in captured.out
+    assert "WARNING: effective sample size" in captured.err

@@ -14,7 +14,7 @@ from geoinvert.diagnostics import mcmc_ess
 from geoinvert.flows.msign import MsIGN
 from geoinvert.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
                                         LinearForward, QuadraticForward, paper_phi)
-from geoinvert.inference import CorrectionConfig
+from geoinvert.inference.config import CorrectionConfig
 from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior

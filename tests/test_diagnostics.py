@@ -191,3 +191,53 @@ def test_mcmc_inputs_are_validated():
     with pytest.raises(ValueError, match="finite"):
         dg.split_rhat(np.array([[0.0, 1.0, np.nan, 2.0, 3.0]]))
     assert math.isnan(dg.mcmc_ess(np.ones((2, 10)))) and math.isnan(dg.split_rhat(np.ones((2, 10))))
+
+
+def test_tail_ess_of_independent_draws_is_near_their_number():
+    from geoinvert.diagnostics import mcmc_tail_ess
+    draws = np.random.default_rng(0).standard_normal((4, 1000))
+    # the ESS of an indicator of iid draws has a relative sd of about 10 % here
+    assert 3000 < mcmc_tail_ess(draws) < 5000
+    sticky = np.repeat(draws[:, :100], 10, axis=1)          # each draw held 10 times
+    assert mcmc_tail_ess(sticky) < 800
+
+
+def test_psis_weights_sum_to_one_keep_the_order_and_cap_the_tail():
+    from geoinvert.diagnostics import psis_khat, psis_log_weights
+    lw = np.random.default_rng(1).standard_normal(2000) * 2.0
+    smoothed, k = psis_log_weights(lw)
+    assert np.exp(smoothed).sum() == pytest.approx(1.0)
+    assert k == pytest.approx(psis_khat(lw))
+    assert np.array_equal(np.argsort(smoothed[lw < np.quantile(lw, 0.9)]),
+                          np.argsort(lw[lw < np.quantile(lw, 0.9)]))
+    raw = np.exp(lw - lw.max()) / np.exp(lw - lw.max()).sum()
+    assert np.exp(smoothed).max() <= raw.max() * 1.0001
+    equal, k_equal = psis_log_weights(np.zeros(100))
+    np.testing.assert_allclose(np.exp(equal), 0.01)
+    assert k_equal == -math.inf
+
+
+@pytest.mark.parametrize("d, expected", [
+    ({"rhat": 1.005, "ess": 400.0, "ess_tail": 300.0}, []),
+    ({"rhat": 1.2, "ess": 400.0, "ess_tail": 300.0}, ["R-hat 1.200"]),
+    ({"rhat": 1.0, "ess": 40.0, "ess_tail": 300.0}, ["effective sample size 40"]),
+    ({"rhat": 1.0, "ess": 400.0, "ess_tail": 30.0}, ["effective sample size 30"]),
+    ({"psis_khat": 0.9}, ["PSIS k-hat 0.90", "sampler.correction.kernel"]),
+    ({"psis_khat": 0.3}, []),
+    ({"psis_khat": 4.0, "rhat": 1.0, "ess": 500.0, "ess_tail": 500.0}, []),
+])
+def test_verdict_warns_and_names_the_key(d, expected):
+    from geoinvert.diagnostics import verdict
+    lines = verdict(d)
+    assert bool(lines) == bool(expected)
+    text = " ".join(lines)
+    for part in expected:
+        assert part in text
+    if "rhat" in d and lines:
+        assert "sampler.correction.draws" in text
+
+
+def test_fit_words():
+    from geoinvert.diagnostics import fit_word
+    assert [fit_word(k) for k in (-math.inf, 0.2, 0.6, 0.7, 5.0)] == \
+        ["good", "good", "poor", "unusable", "unusable"]
