@@ -608,15 +608,16 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
 
 def _chain_diagnostics(pooled):
     """R-hat, bulk and tail ESS, MCSE of the mean and acceptance of pooled chains."""
-    from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess
+    from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess, split_rhat
     multi = pooled.samples.shape[0] > 1
-    summaries = pooled.summaries()
+    summaries = pooled.summaries()      # once: it takes an SVD of the draws on large lattices
+    columns = [summaries[:, :, k] for k in range(summaries.shape[2])]
     cells = pooled.samples.reshape(*pooled.samples.shape[:2], -1)
     cell_ess = np.asarray([mcmc_ess(cells[:, :, k], rank_normalize=False)
                            for k in range(cells.shape[2])])
-    return {"rhat": pooled.rhat() if multi else math.nan, "ess": pooled.ess(),
-            "ess_tail": float(np.nanmin([mcmc_tail_ess(summaries[:, :, k])
-                                         for k in range(summaries.shape[2])])),
+    return {"rhat": float(np.nanmax([split_rhat(c) for c in columns])) if multi else math.nan,
+            "ess": float(np.nanmin([mcmc_ess(c) for c in columns])),
+            "ess_tail": float(np.nanmin([mcmc_tail_ess(c) for c in columns])),
             "mcse_mean": float(np.nanmax(1.0 / np.sqrt(cell_ess))),
             "acceptance": float(pooled.acceptance.mean()), "step_size": float(pooled.step_size),
             "chains": int(pooled.samples.shape[0]), "draws": int(pooled.samples.shape[1]),
@@ -630,7 +631,6 @@ class _ChainProgress:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, unit="it", disable=not enabled, dynamic_ncols=True,
                         desc=desc)
-        self.warmup = None
 
     def __call__(self, done, total, accept):
         self.bar.set_postfix(accept=f"{accept:.2f}", refresh=False)

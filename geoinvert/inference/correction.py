@@ -278,7 +278,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             if lo <= i < hi:
                 window.append(target.latent(state.z).clone())
             if i == hi - 1:
-                metric = _rescale(state, torch.cat(window), kind, config)
+                metric = _rescale(state, torch.cat(window), kind)
                 adapter, window = _adapter(kind, adapter.value), []
         if callback:
             callback(i + 1, total, accept)
@@ -309,7 +309,7 @@ def _iterate(state, step, generator, config, gradient):
     return local, _independence_move(state, generator, gradient=gradient)
 
 
-def _rescale(state, z, kind, config):
+def _rescale(state, z, kind):
     """Adopt the metric estimated from the window's latent draws ``z (n, d)`` and re-evaluate
     the chains in the new coordinates (one solve per chain)."""
     target = state.target
