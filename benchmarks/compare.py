@@ -35,9 +35,14 @@ l counts 1, as in the MsIGN paper; finest-level equivalents are reported too):
 - ``MsIGN reverse-KL``: multi-stage, reverse KL only;
 - ``A-SVGD``: the same network trained multi-stage along the Stein variational direction
   (:func:`geoinvert.svgd.train_asvgd`), as the paper's baseline;
+- ``Laplace``: the low-rank Gauss-Newton Laplace approximation at the MAP point
+  (:func:`geoinvert.inference.laplace.fit_laplace`), its draws importance-weighted like a
+  flow's (its fit uses far less than the budget);
 - ``pCN``, ``MALA``, ``HMC``: the package's samplers (prior-preconditioned), ``--chains``
   chains started from prior draws, the first quarter of the iterations as warm-up (step
-  adaptation), all draws after it kept.
+  adaptation), all draws after it kept;
+- ``gpCN``: the Laplace fit, then ``--chains`` pCN chains in its coordinates (generalized pCN)
+  started from its draws, with the rest of the budget.
 
 Numbers: nFS, wall time, ``mean_error = ||mean - mean_ref|| / ||std_ref||`` and
 ``std_error = ||std - std_ref|| / ||std_ref||`` (:func:`geoinvert.diagnostics.moment_errors`),
@@ -80,9 +85,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CASE = ROOT / "cases" / "elliptic_bimodal.yaml"
 
-METHODS = ("msign", "msign-rkl", "asvgd", "pcn", "mala", "hmc")
+METHODS = ("msign", "msign-rkl", "asvgd", "laplace", "pcn", "mala", "hmc", "gpcn")
 LABELS = {"msign": "MsIGN (Jeffreys)", "msign-rkl": "MsIGN reverse-KL", "asvgd": "A-SVGD",
-          "pcn": "pCN", "mala": "MALA", "hmc": "HMC"}
+          "laplace": "Laplace", "pcn": "pCN", "mala": "MALA", "hmc": "HMC",
+          "gpcn": "gpCN"}
 FLOWS = ("msign", "msign-rkl", "asvgd")
 PAPER = {
     "quadratic": "MsIGN Table 1 (64 x 64, 8e5 nFS): MsIGN D_J = 56.77 +/- 0.15, A-SVGD "
@@ -211,6 +217,42 @@ def run_chain(problem, method, budget, args, seed):
         "chain_mode_positive": (t > 0).mean(1).tolist()}
 
 
+def run_laplace(problem, method, budget, args, seed):
+    """The low-rank Laplace fit; ``laplace``: ``args.samples`` importance-weighted draws of
+    it; ``gpcn``: pCN chains on it with what is left of ``budget``."""
+    from geoinvert.inference.config import CorrectionConfig
+    from geoinvert.inference.correction import correct
+    from geoinvert.inference.laplace import fit_laplace
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    fit = fit_laplace(problem.posterior, generator=gen)
+    r = {"laplace_nfs": int(fit.nfs), "rank": int(fit.eigenvalues.numel()),
+         "other_modes": len(fit.other_modes)}
+    if method == "laplace":
+        with torch.no_grad():
+            x, log_q = fit.transport.sample(args.samples, gen)
+            log_t = torch.cat([problem.posterior.log_prob(c) for c in x.split(500)])
+        lw = (log_t - log_q).numpy()
+        r.update(nfs=int(fit.nfs), nfs_finest=float(fit.nfs), eval_nfs=args.samples,
+                 is_ess=importance_ess(lw), psis_khat=psis_khat(lw),
+                 train_s=time.perf_counter() - start)
+        return x.numpy(), r
+    iterations = max(8, (budget - fit.nfs) // args.chains - 1)
+    warmup = iterations // 4
+    starts, _ = fit.transport.sample(args.chains, gen)
+    config = CorrectionConfig(kernel="pcn", chains=args.chains, draws=iterations - warmup,
+                              warmup=warmup, independence=False)
+    result = correct(problem.posterior, fit.transport, starts, config, generator=gen).chains
+    t = projections(result.samples, problem.direction)
+    r.update(nfs=int(fit.nfs + result.nfs), nfs_finest=float(fit.nfs + result.nfs),
+             train_s=time.perf_counter() - start, iterations=iterations, warmup=warmup,
+             step_size=float(result.step_size), acceptance=float(result.acceptance.mean()),
+             rhat=result.rhat(), mcmc_ess=result.ess(),
+             ess_t=mcmc_ess(t) if np.ptp(t) > 0 else math.nan,
+             chain_mode_positive=(t > 0).mean(1).tolist())
+    return result.flat(), r
+
+
 def projections(x, direction):
     return x.reshape(*x.shape[:-2], -1) @ direction.ravel()
 
@@ -219,7 +261,7 @@ def score_common(problem, x, r, method):
     """Moment errors, mode fractions with standard errors, effective samples per 1000 nFS."""
     mean_err, std_err = moment_errors(x, problem.mean, problem.std)
     p = float((projections(x, problem.direction) > 0).mean())
-    if method in FLOWS:
+    if method in FLOWS or method == "laplace":
         n_eff = len(x)
         per_1000 = 1000 * r["is_ess"] / (r["nfs"] + r["eval_nfs"])
     else:
@@ -238,6 +280,8 @@ def run_method(problem, method, budget, args):
         model, r = run_flow(problem, method, budget, args, seed)
         x, scores = score_flow(problem, model, args, seed)
         r.update(scores)
+    elif method in ("laplace", "gpcn"):
+        x, r = run_laplace(problem, method, budget, args, seed)
     else:
         x, r = run_chain(problem, method, budget, args, seed)
     r.update(score_common(problem, x, r, method))
@@ -269,6 +313,10 @@ def table(results):
             if method in FLOWS:
                 notes = (f"IS ESS {100 * r['is_ess_fraction']:.1f} % of {r['eval_nfs']}, "
                          f"k-hat {r['psis_khat']:.2f}, {r['steps']} steps")
+            elif method == "laplace":
+                notes = (f"IS ESS {100 * r['is_ess'] / r['eval_nfs']:.1f} % of "
+                         f"{r['eval_nfs']}, k-hat {r['psis_khat']:.2f}, rank {r['rank']}, "
+                         f"{r['other_modes']} other modes found")
             else:
                 notes = (f"R-hat {r['rhat']:.2f}, acc. {r['acceptance']:.2f}, "
                          f"{r['iterations']} it./chain")

@@ -68,8 +68,9 @@ def _between(lo, hi):
     return check
 
 
-SAMPLER_KINDS = ("msign", "asvgd", "pcn", "mala", "hmc")
-MCMC_KINDS = ("pcn", "mala", "hmc")
+SAMPLER_KINDS = ("msign", "asvgd", "laplace", "pcn", "mala", "hmc", "gpcn")
+MCMC_KINDS = ("pcn", "mala", "hmc", "gpcn")
+FLOW_KINDS = ("msign", "asvgd")
 
 
 def _one_of(*choices):
@@ -194,8 +195,10 @@ SCHEMA = (
     Key("noise.std", "float_or_floats", REQUIRED, "Standard deviation of the Gaussian "
         "observation noise: one number or one per observation.", "0.01", _each_positive),
     Key("sampler.kind", "str", "msign", "Sampler: `msign` (the flow, trained stage by stage), "
-        "`asvgd` (the same network trained by amortized SVGD), or a reference MCMC run on the "
-        "finest level: `pcn`, `mala`, `hmc`.", "hmc", _one_of(*SAMPLER_KINDS)),
+        "`asvgd` (the same network trained by amortized SVGD), `laplace` (the Gaussian at the "
+        "MAP point with the low-rank Gauss-Newton Hessian, uncorrected), or a reference MCMC "
+        "run on the finest level: `pcn`, `mala`, `hmc`, `gpcn` (pCN with the Laplace "
+        "covariance as proposal).", "hmc", _one_of(*SAMPLER_KINDS)),
     Key("sampler.blocks", "int", 4, "Glow blocks per level.", "6", _between(1, 64)),
     Key("sampler.hidden", "int", 32, "Hidden channels of the coupling networks.", "64",
         _between(2, 1024)),
@@ -247,8 +250,9 @@ SCHEMA = (
         "discarded.", "1000", _between(0, 10**8)),
     Key("sampler.thin", "int", 1, "MCMC kinds: iterations per kept draw.", "10",
         _between(1, 10**6)),
-    Key("sampler.step_size", "float", None, "MCMC kinds: initial step (pCN beta in (0, 1]; "
-        "default 0.2 for pcn and hmc, 0.5 for mala), adapted during warm-up.", "0.1",
+    Key("sampler.step_size", "float", None, "MCMC kinds: initial step (pCN and "
+        "gpCN beta in (0, 1]; default 0.2 for pcn and hmc, 0.5 for mala and gpcn), adapted "
+        "during warm-up.", "0.1",
         _positive),
     Key("sampler.leapfrog", "int", 10, "HMC: leapfrog steps per transition.", "20",
         _between(1, 10**4)),
@@ -508,7 +512,7 @@ def _validate(raw):
 def _rule_correction_for_flows(raw, config):
     """``sampler.correction`` belongs to flows; a budget must leave room for training."""
     s = config["sampler"]
-    if s["kind"] in MCMC_KINDS:
+    if s["kind"] not in FLOW_KINDS:
         if _lookup(raw, "sampler.correction")[1]:
             raise CaseError("sampler.correction", f"applies to flows (msign, asvgd), not to "
                             f"sampler.kind {s['kind']}")
@@ -561,7 +565,14 @@ def _rule_one_data_source(config):
         raise CaseError("data.synthetic", "give either truth or file, not both")
 
 
-_RULES = (_rule_points_inside, _rule_forward_observations, _rule_one_data_source)
+def _rule_beta(config):
+    s = config["sampler"]
+    if s["kind"] in ("pcn", "gpcn") and s["step_size"] is not None and s["step_size"] > 1:
+        raise CaseError("sampler.step_size", f"is the {s['kind']} beta, which must lie in "
+                        f"(0, 1], got {s['step_size']}")
+
+
+_RULES = (_rule_points_inside, _rule_forward_observations, _rule_one_data_source, _rule_beta)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -980,7 +991,7 @@ def estimate_cost(case):
     """Rough cost of a run: ``(forward solves, finest-solve equivalents, seconds)``.
 
     MCMC kinds: every chain iteration solves once on the finest level (HMC: once per leapfrog
-    step). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys
+    step); ``laplace`` and ``gpcn`` add the Laplace fit (:func:`_laplace_solves`). Flows: each stage takes ``steps`` steps of ``batch`` samples, twice for the Jeffreys
     objective (samples of the flow and importance samples); a level-l solve costs its share of
     FE cells of a finest solve; then the final draws and the correction
     (:func:`reserved_solves`) solve on the finest level, each batched evaluation of the
@@ -989,9 +1000,13 @@ def estimate_cost(case):
     """
     s = case.config["sampler"]
     per_solve = _per_solve_seconds(case)
+    laplace = _laplace_solves(case) if s["kind"] in ("laplace", "gpcn") else 0
+    if s["kind"] == "laplace":
+        solves = laplace + case.config["output"]["samples"]
+        return solves, float(solves), solves * per_solve
     if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
         per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
-        solves = s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
+        solves = laplace + s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
         return solves, float(solves), solves * per_solve
     solves, equivalents, flow = _training_cost(case)
     reserved = reserved_solves(case.config)
@@ -1001,6 +1016,14 @@ def estimate_cost(case):
     flow += batches * (0.005 + correction.chains * 2e-3 * scale)
     return (solves + reserved, equivalents + reserved,
             (equivalents + reserved) * per_solve + flow)
+
+
+def _laplace_solves(case):
+    """Typical solves of a Laplace fit: about 100 evaluations of the MAP search, then two
+    randomized passes over the Hessian's probes (a forward, a tangent-linear and an adjoint
+    solve each), probes bounded by the parameters, the observations and 50."""
+    probes = min(4 ** case.finest, case.n_obs, 50)
+    return 100 + 2 * 3 * probes
 
 
 def _relative_solve_cost(case, level):

@@ -444,22 +444,31 @@ def fit_word(khat):
     return "poor" if khat < KHAT_USABLE else "unusable"
 
 
-def verdict(d, *, raise_draws="sampler.correction.draws"):
+def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     """Warnings about a result's diagnostics ``d`` (the ``diagnostics`` of a result).
 
     A warning is due when chains ran (``rhat`` present) and R-hat exceeds :data:`RHAT_MAX` or
     the bulk or tail ESS is below :data:`ESS_MIN`, and when the flow's own draws are the
-    answer (no chains) with k-hat at or above :data:`KHAT_USABLE`. Each warning names the key
-    to raise.
+    answer (no chains) with k-hat at or above :data:`KHAT_USABLE`, and when a Laplace fit found
+    other local maxima (``other_modes``). Each warning names the key to raise or the sampler
+    to use.
 
     Args:
         d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``.
         raise_draws: key that sets the number of draws (named in the warnings).
+        approximation: ``"flow"`` or ``"Laplace approximation"``: what the draws come from
+            when no chains ran (the remedy named differs).
 
     Returns:
         List of warning lines (empty: the result passes every check).
     """
     out = []
+    if d.get("other_modes"):
+        n = d["other_modes"]
+        out.append(f"the MAP searches ended at {n} other local maxim{'um' if n == 1 else 'a'} (log "
+                   f"posterior within {d['other_modes_gap']:.1f} of the MAP point's): the "
+                   "posterior is multimodal and a Gaussian at one mode, or chains started "
+                   "there, miss the others; use sampler.kind msign")
     rhat = d.get("rhat", math.nan)
     if rhat is not None and np.isfinite(rhat):
         if rhat > RHAT_MAX:
@@ -470,7 +479,9 @@ def verdict(d, *, raise_draws="sampler.correction.draws"):
             out.append(f"effective sample size {ess:.0f} < {ESS_MIN:.0f}: means and "
                        f"quantiles are noisy; raise {raise_draws}")
     elif d.get("psis_khat") is not None and d["psis_khat"] >= KHAT_USABLE:
-        out.append(f"PSIS k-hat {d['psis_khat']:.2f} >= {KHAT_USABLE}: the flow's draws do not "
-                   "represent the posterior and no correction ran; set "
-                   "sampler.correction.kernel (e.g. hmc) or raise sampler.steps")
+        remedy = ("set sampler.correction.kernel (e.g. hmc) or raise sampler.steps"
+                  if approximation == "flow" else
+                  "the posterior is not Gaussian: use sampler.kind gpcn (corrected) or msign")
+        out.append(f"PSIS k-hat {d['psis_khat']:.2f} >= {KHAT_USABLE}: the {approximation}'s "
+                   f"draws do not represent the posterior and no correction ran; {remedy}")
     return out

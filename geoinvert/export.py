@@ -570,6 +570,7 @@ class _Fit:
     chain: np.ndarray = None
     draw: np.ndarray = None
     flow: dict = None
+    map: np.ndarray = None
 
 
 def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, checkpoint_every):
@@ -656,8 +657,11 @@ def _thinned(flat_size, samples):
     return np.unique(np.linspace(0, flat_size - 1, min(samples, flat_size)).astype(int))
 
 
-def _corrected(fit, case, seed, lay, posterior, config, *, progress):
-    """Correct the flow draws of ``fit`` to exactness (latent-space MCMC, independence moves).
+def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None,
+               chains_key="sampler.correction.chains", thin=1, initial_step=None,
+               name="correction"):
+    """Correct the draws of ``fit`` to exactness: MCMC in the coordinates of ``transport``
+    (default: the trained flow's latent space), started from those draws.
 
     The chains are shared out over the solve groups, each group with its own generator, so
     the corrected draws (unlike the flow's) depend on the number of groups.
@@ -671,14 +675,14 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress):
     ens = Ensemble(lay.ensemble)
     chains = ens.share(config.chains)
     if chains == 0:
-        raise CaseError("sampler.correction.chains", f"{config.chains} is fewer than the "
-                        f"{ens.size} solve groups of this MPI run: every group needs a chain")
+        raise CaseError(chains_key, f"{config.chains} is fewer than the {ens.size} solve "
+                        "groups of this MPI run: every group needs a chain")
     starts = _chain_starts(fit.x, fit.log_target, config.chains)[ens.part(config.chains)]
-    bar = _ChainProgress(config.warmup + config.draws, progress, f"correction ({config.kernel})")
+    bar = _ChainProgress(config.warmup + config.draws * thin, progress, name)
     try:
-        res = correct(posterior, FlowTransport(fit.model), starts, config,
+        res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
-                      callback=bar)
+                      callback=bar, thin=thin, initial_step=initial_step)
     finally:
         bar.close()
     c = res.chains
@@ -712,6 +716,49 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress):
         fit, x=x, log_prob=flow_lp.reshape(-1)[keep], log_target=log_target.reshape(-1)[keep],
         predicted=np.nanmean(pred, 0), nfs=fit.nfs + int(nfs) + len(keep),
         diagnostics=diagnostics, chain=keep // draws, draw=keep % draws, flow=flow)
+
+
+def _fit_laplace(case, seed, lay, posterior, *, progress=False):
+    """The low-rank Laplace approximation (``laplace``: its draws, importance-checked) or
+    generalized pCN on it (``gpcn``: chains in its coordinates, started from its draws).
+
+    Every solve group fits the same approximation (the search and the probes are
+    deterministic); its solves are counted once.
+    """
+    import torch
+    from geoinvert.inference.config import CorrectionConfig
+    from geoinvert.inference.laplace import fit_laplace
+    from geoinvert.train import Ensemble
+    s, ens = case.config["sampler"], Ensemble(lay.ensemble)
+    generator = torch.Generator().manual_seed(seed)
+    laplace = fit_laplace(posterior, generator=generator)
+    n = case.config["output"]["samples"]
+    with torch.no_grad():
+        x, log_prob = laplace.transport.sample(n, generator)
+        log_target, pred = posterior.evaluate(x[ens.part(n)])
+    log_target, pred = ens.gather(log_target), ens.gather(pred)
+    x, log_prob, log_target = x.numpy(), log_prob.numpy(), log_target.numpy()
+    diagnostics = {**_importance_diagnostics(log_target, log_prob),
+                   "laplace_rank": int(laplace.eigenvalues.numel()),
+                   "laplace_map_gradient": laplace.gradient,
+                   "laplace_nfs": int(laplace.nfs),
+                   "other_modes": len(laplace.other_modes),
+                   "other_modes_gap": min(laplace.other_modes, default=math.nan)}
+    fit = _Fit(x, log_prob, log_target, np.nanmean(pred.numpy(), 0), {}, [], laplace.nfs + n,
+               diagnostics, map=laplace.x_map.numpy())
+    if s["kind"] == "laplace":
+        return fit
+    config = CorrectionConfig(kernel="pcn", chains=s["chains"], draws=s["draws"],
+                              warmup=s["warmup"], independence=False)
+    out = _corrected(fit, case, seed, lay, posterior, config, progress=progress,
+                     transport=laplace.transport, chains_key="sampler.chains", thin=s["thin"],
+                     initial_step=s["step_size"], name="gpcn")
+    out.diagnostics.pop("correction")
+    out.diagnostics.pop("metric")
+    out.diagnostics.pop("independence_acceptance")
+    out.diagnostics["failed_solves"] = out.diagnostics.pop("correction_failed_solves")
+    out.diagnostics.pop("correction_nfs")
+    return out
 
 
 def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
@@ -804,7 +851,10 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     if lay.root:
         _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
-    if kind in MCMC_KINDS:
+    if kind in ("laplace", "gpcn"):
+        fit = _fit_laplace(case, seed, lay, case.posterior(case.finest, lay.solve),
+                           progress=progress and lay.root)
+    elif kind in MCMC_KINDS:
         fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve),
                         progress=progress and lay.root)
     else:
@@ -815,7 +865,8 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
     warnings = verdict(fit.diagnostics, raise_draws="sampler.draws" if kind in MCMC_KINDS
-                       else "sampler.correction.draws")
+                       else "sampler.correction.draws",
+                       approximation="Laplace approximation" if kind == "laplace" else "flow")
     attrs["verdict"] = " | ".join(warnings) if warnings else "ok"
     ds = build_dataset(
         fit.x, log_prob=fit.log_prob, log_target=fit.log_target, bounds=case.bounds,
@@ -827,7 +878,9 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         ds["chain"] = ("sample", fit.chain, {"long_name": "MCMC chain of each sample"})
         ds["draw"] = ("sample", fit.draw, {"long_name": "draw of each sample in its chain"})
     if fit.flow is not None:
-        _add_flow_vars(ds, fit.flow)
+        _add_flow_vars(ds, fit.flow, "laplace" if kind == "gpcn" else "flow")
+    if fit.map is not None:
+        ds["map"] = (("y", "x"), fit.map, {"long_name": "maximum a posteriori field"})
     mpath = model_path(path) if fit.model is not None else None
     if lay.root:
         if fit.model is not None:
@@ -858,8 +911,13 @@ def summary_lines(ds):
     lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves; "
              f"{a.get('wall_time', math.nan):.0f} s"]
     if np.isfinite(get("psis_khat")) or "diagnostics_is_ess" in a:
-        lines.append(f"flow fit: {fit_word(get('psis_khat'))} (PSIS k-hat {get('psis_khat'):.2f},"
+        what = "Laplace fit" if sampler in ("laplace", "gpcn") else "flow fit"
+        lines.append(f"{what}: {fit_word(get('psis_khat'))} (PSIS k-hat {get('psis_khat'):.2f},"
                      f" importance ESS {100 * get('is_ess'):.1f} %)")
+    if "diagnostics_laplace_rank" in a:
+        lines.append(f"Laplace: MAP found to a gradient {get('laplace_map_gradient'):.1e} of its "
+                     f"start; Gauss-Newton Hessian of rank {int(get('laplace_rank'))}; "
+                     f"{int(get('laplace_nfs'))} solves")
     if "diagnostics_rhat" in a:
         what = "correction" if correction else "chains"
         imh = get("independence_acceptance")
@@ -878,22 +936,24 @@ def summary_lines(ds):
     return lines, warnings
 
 
-def _add_flow_vars(ds, flow):
-    """The flow's own draws, densities and importance weights (and PSIS estimates) beside the
-    corrected samples."""
-    dims = ("flow_sample", "y", "x")
-    ds["flow_samples"] = (dims, flow["x"], {"long_name": "draws of the trained flow"})
-    ds["flow_log_prob"] = ("flow_sample", flow["log_prob"],
-                           {"long_name": "flow log density of each flow draw"})
-    ds["flow_log_target"] = ("flow_sample", flow["log_target"],
-                             {"long_name": "unnormalised posterior log density of each flow draw"})
-    ds["flow_log_weight"] = ("flow_sample", flow["log_target"] - flow["log_prob"],
-                             {"long_name": "importance log weight (log_target - log_prob)"})
+def _add_flow_vars(ds, flow, prefix="flow"):
+    """The approximation's own draws, densities and importance weights (and PSIS estimates)
+    beside the corrected samples: ``flow_*`` for a trained flow, ``laplace_*`` for gpCN."""
+    what = {"flow": "the trained flow", "laplace": "the Laplace approximation"}[prefix]
+    dims = (f"{prefix}_sample", "y", "x")
+    ds[f"{prefix}_samples"] = (dims, flow["x"], {"long_name": f"draws of {what}"})
+    ds[f"{prefix}_log_prob"] = (dims[0], flow["log_prob"],
+                                {"long_name": f"log density of {what} at each of its draws"})
+    ds[f"{prefix}_log_target"] = (dims[0], flow["log_target"],
+                                  {"long_name": f"unnormalised posterior log density of each "
+                                   f"draw of {what}"})
+    ds[f"{prefix}_log_weight"] = (dims[0], flow["log_target"] - flow["log_prob"],
+                                  {"long_name": "importance log weight (log_target - log_prob)"})
     for name in ("mean", "std"):
         if f"psis_{name}" in flow:
             ds[f"psis_{name}"] = (("y", "x"), flow[f"psis_{name}"],
-                                  {"long_name": f"PSIS-reweighted flow estimate of the posterior "
-                                   f"{name}"})
+                                  {"long_name": f"PSIS-reweighted estimate of the posterior "
+                                   f"{name} from the draws of {what}"})
 
 
 def _direction(case):

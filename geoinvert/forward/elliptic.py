@@ -459,6 +459,38 @@ class FastSolver:
         grad[~usable] = 0.0
         return grad.reshape(k.shape[0], *self.disc.shape)
 
+    def jvp_batch(self, state, v):
+        """dF/dm v per sample (the tangent-linear model): A du = -dA[k v] u with the kept (or
+        redone) factorisation, du = 0 on Dirichlet dofs, then dF = O du.
+
+        Args:
+            state: of :meth:`solve_batch`; v: directions ``(num, ny, nx)``.
+
+        Returns:
+            ``(num, n_obs)``; NaN rows for failed samples.
+        """
+        k, u_free = state["k"], state["u"]
+        num = k.shape[0]
+        v = np.asarray(v, dtype=float).reshape(num, -1)
+        ok = np.all(np.isfinite(u_free), axis=1)
+        k_safe = np.where(ok[:, None], k, 1.0)
+        du = np.zeros((num, self.free.size))
+        for chunk, samples, lanes in self._chunks(num):
+            kc = self._lanes(k_safe, samples, lanes)
+            slot = self._factorised(chunk, kc, (state["generation"], chunk))
+            u = np.repeat(self.g[:, None], lanes, axis=1)
+            u[self.free, : samples.size] = np.where(ok[samples, None], u_free[samples], 0.0).T
+            dk = np.zeros((k.shape[1], lanes))
+            dk[:, : samples.size] = (np.where(ok[samples, None], v[samples], 0.0) * kc[:, : samples.size].T).T
+            values = self.M @ dk                                    # dA's entries, per lane
+            rhs = np.stack([sp.csr_matrix((values[:, b], self.indices, self.indptr),
+                                          shape=(self.g.size, self.g.size)) @ u[:, b]
+                            for b in range(lanes)], axis=1)
+            du[samples] = self.backend.solve(slot, -rhs[self.free])[:, : samples.size].T
+        dy = du @ self.obs_free.T
+        dy[~ok] = np.nan
+        return dy
+
 
 class AssemblySolver:
     """Per-sample dolfinx assembly and PETSc solve; works on distributed meshes.
@@ -476,6 +508,10 @@ class AssemblySolver:
         v = ufl.TestFunction(disc.Q)
         grad_form = -disc.k * ufl.inner(ufl.grad(self.u), ufl.grad(self.lam)) * v * ufl.dx
         self.grad_form = fem.form(grad_form)
+        self.dk, self.du = fem.Function(disc.Q), fem.Function(disc.V)
+        test = ufl.TestFunction(disc.V)
+        self.tangent_form = fem.form(-self.dk * disc.k * ufl.inner(ufl.grad(self.u),
+                                                                   ufl.grad(test)) * ufl.dx)
 
     def _ksp(self, A):
         ksp = PETSc.KSP().create(self.disc.comm)
@@ -569,6 +605,28 @@ class AssemblySolver:
             ksp.destroy(), A.destroy()
         return grad.reshape(k.shape[0], *self.disc.shape)
 
+    def jvp_batch(self, state, v):
+        """dF/dm v per sample: re-solve the forward problem, assemble -dA[k v] u and solve
+        with A (zero on Dirichlet dofs); NaN rows for failed samples."""
+        from dolfinx.fem.petsc import assemble_vector, set_bc
+
+        k = state["k"]
+        v = np.asarray(v, dtype=float).reshape(k.shape[0], -1)
+        dy = np.full((k.shape[0], self.disc.n_obs), np.nan)
+        for s in range(k.shape[0]):
+            if s in state["failed"]:
+                continue
+            A, ksp = self._forward_one(k[s])
+            self.dk.x.array[:] = v[s][self.disc.cell_lattice]
+            rhs = assemble_vector(self.tangent_form)
+            rhs.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            set_bc(rhs, self.disc.bcs, scale=0.0)
+            ksp.solve(rhs, self.du.vector)
+            self.du.x.scatter_forward()
+            dy[s] = self.disc.comm.allreduce(self.disc.observation @ self.du.x.array)
+            rhs.destroy(), ksp.destroy(), A.destroy()
+        return dy
+
     def value_and_vjp(self, m, w):
         """The naive loop: per sample assemble, factorise, solve, adjoint-solve, assemble dF^T w.
 
@@ -649,6 +707,11 @@ class EllipticForward:
     def vjp_batch(self, state, w):
         """``w^T dF/dm`` for the batch solved into ``state``: ``(num, ny, nx)``."""
         return self.solver.vjp_batch(state, w)
+
+    def jvp_batch(self, state, v):
+        """``dF/dm v`` for the batch solved into ``state`` and directions ``v (num, ny, nx)``:
+        ``(num, n_obs)``, one tangent-linear solve each."""
+        return self.solver.jvp_batch(state, v)
 
     def __call__(self, x):
         """Differentiable ``F(x)`` for a tensor ``(num, ny, nx)`` or ``(ny, nx)``."""

@@ -244,16 +244,21 @@ class CorrectionResult:
     metric: str
 
 
-def correct(posterior, transport, starts, config, *, generator=None, callback=None):
+def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
+            initial_step=None):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
         posterior: the finest level's posterior (``log_prob`` differentiable).
-        transport: :class:`FlowTransport` of the trained flow.
+        transport: :class:`FlowTransport` of the trained flow, or any map with its interface
+            (e.g. :class:`~geoinvert.inference.laplace.LaplaceTransport`: pCN on it is
+            generalized pCN).
         starts: ``(chains, ny, nx)`` starting fields (flow draws with finite target).
         config: :class:`CorrectionConfig` (``chains`` is not used: ``starts`` sets the number).
         generator: ``torch.Generator``.
         callback: ``callback(iteration, total, acceptance)`` after every iteration.
+        thin: iterations per kept draw after warm-up.
+        initial_step: first step size (pCN: beta) of the adaptation; default per kernel.
 
     Returns:
         :class:`CorrectionResult`.
@@ -267,9 +272,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     begin = time.perf_counter()
     target = LatentTarget(posterior, transport)
     state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
-    adapter, metric = _adapter(kind, _INITIAL_STEP[kind]), "unit"
+    step = _INITIAL_STEP[kind] if initial_step is None else initial_step
+    adapter, metric = _adapter(kind, step), "unit"
     windows = metric_windows(config.warmup) if kind != "pcn" else ()
-    total, window = config.warmup + config.draws, []
+    total, window = config.warmup + config.draws * thin, []
     gradient = kind != "pcn"
     for i in range(config.warmup):
         accept = float(_iterate(state, adapter.value, generator, config, gradient)[0].mean())
@@ -287,16 +293,21 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     x = np.empty((chains, config.draws, *state.x.shape[1:]))
     log_prob, flow_log_prob = np.empty((chains, config.draws)), np.empty((chains, config.draws))
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
-    for i in range(config.draws):
+    for i in range(config.draws * thin):
         a, b = _iterate(state, step, generator, config, gradient)
         local, independent = local + a, independent + b
-        x[:, i], log_prob[:, i] = state.x.numpy(), state.log_prob.numpy()
-        flow_log_prob[:, i] = target.flow_log_prob(state.z, state.value, state.log_prob).numpy()
+        if (i + 1) % thin == 0:
+            j = i // thin
+            x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
+            flow_log_prob[:, j] = target.flow_log_prob(state.z, state.value,
+                                                       state.log_prob).numpy()
         if callback:
             callback(config.warmup + i + 1, total, float(a.mean()))
-    result = ChainResult(x, log_prob, (local / config.draws).numpy(), target.nfs, step,
-                         time.perf_counter() - begin, f"neutra-{kind}", config.warmup)
-    imh = (independent / config.draws).numpy() if config.independence else \
+    iterations = config.draws * thin
+    method = f"{getattr(transport, 'method', 'neutra')}-{kind}"
+    result = ChainResult(x, log_prob, (local / iterations).numpy(), target.nfs, step,
+                         time.perf_counter() - begin, method, config.warmup)
+    imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric)
 

@@ -1,0 +1,362 @@
+r"""Low-rank Laplace approximation of a posterior with a Gaussian prior, matrix-free.
+
+In the prior's whitened coordinates z (x = mu + C z, C C^T = Sigma_prior, z ~ N(0, I)) the
+negative log posterior is 1/2 |z|^2 + Phi(x(z)), Phi the data misfit. The Laplace
+approximation is the Gaussian
+
+.. math:: \mathcal N\bigl(z_{\rm MAP},\ (I + \tilde H)^{-1}\bigr),\qquad
+    \tilde H = C^T J^T \Gamma^{-1} J C,
+
+with J = dF/dx at the MAP point, Gamma the noise covariance and H~ the prior-preconditioned
+Gauss-Newton Hessian of the misfit. H~ is applied matrix-free (one tangent-linear and one
+adjoint solve per vector, :func:`linearise`), and its dominant eigenpairs H~ = V Lambda V^T
+are found by a randomized double-pass method (Halko, Martinsson and Tropp 2011, Alg. 5.3; as
+hIPPYlib does). Its rank is at most the number of observations; the method doubles the
+number of probe vectors until the smallest eigenvalue found is below
+:data:`EIGENVALUE_CUTOFF` (or the rank bound is reached), so the cost grows with the rank,
+not with the lattice. Then
+
+.. math:: (I + \tilde H)^{-1/2} = I - V \bigl(I - (I + \Lambda)^{-1/2}\bigr) V^T,
+
+and x = mu + C (z_MAP + (I + H~)^{-1/2} u), u ~ N(0, I), is the Laplace posterior in the
+same transport-map form as a trained flow (:class:`LaplaceTransport`): generalized pCN is pCN
+in its coordinates u, accepted on the weight pi / q_Laplace (:mod:`.correction`).
+
+The MAP point is found by L-BFGS with a strong-Wolfe line search in z, from the prior mean and
+from three prior draws; the highest end point is the MAP point, and end points that are other
+local maxima are reported (:attr:`LaplaceFit.other_modes`): one Gaussian cannot represent a
+multimodal posterior, and importance weights cannot reveal a mode it does not reach.
+
+References:
+    Bui-Thanh, Ghattas, Martin, Stadler. A computational framework for infinite-dimensional
+    Bayesian inverse problems, Part I. SIAM J. Sci. Comput. 35 (2013).
+    Villa, Petra, Ghattas. hIPPYlib: an extensible software framework for large-scale inverse
+    problems governed by PDEs. ACM TOMS 47 (2021).
+    Pinski, Simpson, Stuart, Weber. Algorithms for Kullback-Leibler approximation of
+    probability measures in infinite dimensions. SIAM J. Sci. Comput. 37 (2015) (gpCN);
+    Rudolf, Sprungk. On a generalization of the preconditioned Crank-Nicolson Metropolis
+    algorithm. Found. Comput. Math. 18 (2018).
+"""
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import torch
+
+from geoinvert.samplers.whitening import prior_whitening, standard_normal_log_prob
+
+__all__ = ["EIGENVALUE_CUTOFF", "LaplaceFit", "LaplaceTransport", "fit_laplace", "linearise"]
+
+logger = logging.getLogger(__name__)
+
+_F64 = torch.float64
+
+EIGENVALUE_CUTOFF = 1e-2
+"""Eigenvalues of H~ below it are left out: along such a direction the posterior variance is
+within 1 % of the prior's."""
+
+_OVERSAMPLING = 10
+_FIRST_PROBES = 40
+_MAP_RTOL = 1e-6       # L-BFGS stops when |grad|_inf falls below this fraction of the first one
+_MAP_ITERATIONS = 500
+_MAP_STARTS = 4        # the prior mean and three prior draws
+_NEWTON_STEPS = 4      # Gauss-Newton refinements of the MAP point at most
+_NEWTON_STEP_TOL = 1e-7   # ... a step below it (in prior std) needs no new Hessian
+_SEPARATION = 3.0      # end points further apart (in Laplace standard deviations) are modes
+_MASS_GAP = 10.0       # ... and count when their log posterior is within this of the MAP's
+
+
+# -- the linearised forward model ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Linearisation:
+    """F linearised at one field x: ``jvp(v)`` = J v for directions ``v (r, ny, nx)`` and
+    ``vjp(w)`` = J^T w for cotangents ``w (r, n_obs)``, float64 tensors; ``solves`` counts the
+    PDE solves made so far (a forward solve at x per direction, one tangent-linear and one
+    adjoint solve per product)."""
+
+    jvp: callable
+    vjp: callable
+    solves: list
+
+
+def linearise(forward, x):
+    """The :class:`Linearisation` of ``forward`` at ``x (ny, nx)``.
+
+    Models solved outside torch (``solve_batch``, ``jvp_batch``, ``vjp_batch``, e.g.
+    :class:`~geoinvert.forward.elliptic.EllipticForward`) use their tangent-linear and adjoint
+    solves; other (torch) forward models use automatic differentiation.
+    """
+    x = torch.as_tensor(x, dtype=_F64).detach()
+    solves = [0]
+    if hasattr(forward, "jvp_batch") and hasattr(forward, "solve_batch"):
+        cache = {}
+
+        def state(r):
+            if r not in cache:                       # the factorisations of r copies of x
+                cache.clear()
+                cache[r] = forward.solve_batch(np.repeat(x.numpy()[None], r, axis=0))[1]
+                solves[0] += r
+            return cache[r]
+
+        def jvp(v):
+            solves[0] += v.shape[0]
+            return torch.from_numpy(forward.jvp_batch(state(v.shape[0]), v.numpy()))
+
+        def vjp(w):
+            solves[0] += w.shape[0]
+            return torch.from_numpy(forward.vjp_batch(state(w.shape[0]), w.numpy()))
+    else:
+        def jvp(v):
+            solves[0] += 2 * v.shape[0]
+            xs = x.expand(v.shape[0], *x.shape).contiguous()
+            return torch.autograd.functional.jvp(lambda t: forward(t).to(_F64), xs, v)[1]
+
+        def vjp(w):
+            solves[0] += w.shape[0]
+            xs = x.expand(w.shape[0], *x.shape).clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(forward(xs).to(_F64), xs, grad_outputs=w)
+            return g
+    return Linearisation(jvp, vjp, solves)
+
+
+# -- the Laplace Gaussian as a transport map ----------------------------------------------------
+
+
+class LaplaceTransport:
+    r"""x = T(u) = mu + C (z_MAP + (I + H~)^{-1/2} u): the Laplace posterior as the push-forward
+    of u ~ N(0, I), with the interface of :class:`~.correction.FlowTransport`.
+
+    Args:
+        whitening: the prior's :class:`~geoinvert.samplers.whitening.Whitening` (x = mu + C z).
+        z_map: ``(d,)`` the MAP point in whitened coordinates.
+        eigenvalues: ``(r,)`` of H~, positive; eigenvectors: ``(d, r)`` orthonormal.
+    """
+
+    method = "laplace"
+
+    def __init__(self, whitening, z_map, eigenvalues, eigenvectors):
+        self.whitening = whitening
+        self.z_map = torch.as_tensor(z_map, dtype=_F64)
+        self.eigenvalues = torch.as_tensor(eigenvalues, dtype=_F64)
+        self.eigenvectors = torch.as_tensor(eigenvectors, dtype=_F64)
+        self.dim = self.z_map.numel()
+        self._shrink = 1 - torch.rsqrt(1 + self.eigenvalues)      # I - (I + Lambda)^-1/2
+        self._grow = torch.sqrt(1 + self.eigenvalues) - 1         # (I + Lambda)^1/2 - I
+        self.logdet = whitening.logdet - 0.5 * float(torch.log1p(self.eigenvalues).sum())
+
+    def to_x(self, u):
+        """``(x (num, ny, nx), log|det dT/du| (num,))`` of ``u (num, d)``."""
+        u = u.to(_F64)
+        z = self.z_map + u - (u @ self.eigenvectors * self._shrink) @ self.eigenvectors.T
+        return self.whitening.to_x(z), torch.full((u.shape[0],), self.logdet, dtype=_F64)
+
+    def to_z(self, x):
+        """``u (num, d)`` of fields ``x``, the inverse of :meth:`to_x`."""
+        dz = self.whitening.to_z(torch.as_tensor(x, dtype=_F64)) - self.z_map
+        return dz + (dz @ self.eigenvectors * self._grow) @ self.eigenvectors.T
+
+    def log_prob(self, x):
+        """Laplace log density of fields ``x (num, ny, nx)``."""
+        return standard_normal_log_prob(self.to_z(x)) - self.logdet
+
+    def sample(self, num, generator=None):
+        """``(x (num, ny, nx), log_prob (num,))``."""
+        u = torch.randn((num, self.dim), generator=generator, dtype=_F64)
+        x, _ = self.to_x(u)
+        return x, standard_normal_log_prob(u) - self.logdet
+
+
+# -- MAP point and Hessian ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LaplaceFit:
+    """A fitted Laplace approximation.
+
+    Attributes:
+        transport: :class:`LaplaceTransport` (sample, log_prob, to_x, to_z).
+        x_map: ``(ny, nx)`` the MAP field; log_target_map: the log posterior there.
+        gradient: |grad|_inf at the MAP point relative to the largest at the starts.
+        converged: whether that ratio reached the tolerance.
+        iterations: target evaluations of the MAP search.
+        eigenvalues: ``(r,)`` the kept eigenvalues of H~, decreasing.
+        probes: probe vectors of the last randomized pass.
+        nfs: PDE solves in all (search evaluations, each with its adjoint, count once).
+        other_modes: log posterior gaps to the other local maxima the searches found (empty
+            when all ended at the MAP point): a Gaussian at one mode misses their mass.
+    """
+
+    transport: LaplaceTransport
+    x_map: torch.Tensor
+    log_target_map: float
+    gradient: float
+    converged: bool
+    iterations: int
+    eigenvalues: torch.Tensor
+    probes: int
+    nfs: int
+    other_modes: list
+
+
+class _Evaluator:
+    """log pi and its gradient in whitened coordinates, counting evaluations."""
+
+    def __init__(self, posterior, whitening):
+        self.posterior, self.whitening, self.calls = posterior, whitening, 0
+
+    def __call__(self, z):
+        z = z.detach().requires_grad_(True)
+        value = self.posterior.log_prob(self.whitening.to_x(z[None])).to(_F64)[0]
+        self.calls += 1
+        if not torch.isfinite(value):
+            return value.detach(), torch.zeros_like(z)
+        (g,) = torch.autograd.grad(value, z)
+        return value.detach(), g
+
+
+def _ascend(evaluate, start, tolerance, max_iterations):
+    """L-BFGS (strong Wolfe) ascent from ``start (d,)`` until |grad|_inf <= ``tolerance``:
+    ``(z, log pi, grad)``."""
+    z = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iterations,
+                                  max_eval=int(1.25 * max_iterations),
+                                  tolerance_grad=tolerance, tolerance_change=1e-15,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        value, g = evaluate(z)
+        if not torch.isfinite(value):              # failed solve: repel the line search
+            z.grad = torch.zeros_like(z)
+            return torch.tensor(math.inf, dtype=_F64)
+        z.grad = -g
+        return -value
+
+    optimizer.step(closure)
+    value, g = evaluate(z)
+    return z.detach(), value, g
+
+
+def _find_maps(evaluate, dim, starts, generator, max_iterations):
+    """Ascents from the prior mean and ``starts - 1`` prior draws: the end points by
+    decreasing log pi, and the gradient scale (the largest |grad|_inf at the starts)."""
+    points = [torch.zeros(dim, dtype=_F64)] + list(
+        torch.randn((starts - 1, dim), generator=generator, dtype=_F64))
+    first = [evaluate(p) for p in points]
+    if not torch.isfinite(first[0][0]):
+        raise ValueError("the posterior is not finite at the prior mean (its forward solve "
+                         "failed): no start for the MAP search")
+    scale = max(max(float(g.abs().max()) for v, g in first if torch.isfinite(v)), 1e-300)
+    ends = [_ascend(evaluate, p, _MAP_RTOL * scale, max_iterations) for p in points]
+    ends = [e for e in ends if torch.isfinite(e[1])]
+    return sorted(ends, key=lambda e: -float(e[1])), scale
+
+
+def _hessian_operator(posterior, whitening, lin):
+    """``apply(V (d, r)) -> H~ V (d, r)`` at the linearisation point."""
+    noise2 = torch.as_tensor(posterior.noise, dtype=_F64) ** 2
+    dim = 4 ** posterior.level
+    origin = whitening.to_x(torch.zeros(1, dim, dtype=_F64))
+
+    def apply(v):
+        vz = v.T.contiguous()                                    # (r, d)
+        dx = whitening.to_x(vz) - origin                         # C v: the map is affine
+        w = lin.jvp(dx.detach()) / noise2
+        g = lin.vjp(w)                                           # J^T Gamma^-1 J C v
+        zs = torch.zeros_like(vz, requires_grad=True)
+        (ctg,) = torch.autograd.grad(whitening.to_x(zs), zs, grad_outputs=g)
+        return ctg.T
+    return apply
+
+
+def _double_pass(apply, dim, probes, generator):
+    """Eigenpairs (decreasing) of a symmetric operator from ``probes`` random vectors."""
+    omega = torch.randn((dim, probes), generator=generator, dtype=_F64)
+    q, _ = torch.linalg.qr(apply(omega))
+    t = q.T @ apply(q)
+    values, vectors = torch.linalg.eigh(0.5 * (t + t.T))
+    order = torch.argsort(values, descending=True)
+    return values[order], q @ vectors[:, order]
+
+
+def _eigenpairs(posterior, whitening, z, generator):
+    """Eigenpairs of H~ at ``z`` above the cut-off: ``(values, vectors, probes, solves)``."""
+    dim = z.numel()
+    lin = linearise(posterior.forward, whitening.to_x(z[None])[0].detach())
+    apply = _hessian_operator(posterior, whitening, lin)
+    bound = min(dim, posterior.n_obs)
+    probes = min(bound, _FIRST_PROBES + _OVERSAMPLING)
+    while True:
+        values, vectors = _double_pass(apply, dim, probes, generator)
+        if probes >= bound or values[-min(_OVERSAMPLING, probes - 1)] < EIGENVALUE_CUTOFF:
+            break
+        probes = min(bound, 2 * probes)
+    keep = values > EIGENVALUE_CUTOFF
+    return values[keep], vectors[:, keep], probes, lin.solves[0]
+
+
+def _other_modes(transport, ends, best):
+    """Gaps in log posterior ``best - log pi(m)`` to the end points ``m`` of other searches
+    that lie further than :data:`_SEPARATION` Laplace standard deviations from the MAP point
+    and within :data:`_MASS_GAP` of its log posterior: other modes the Gaussian misses."""
+    gaps = []
+    for z, value, _ in ends:
+        u = transport.to_z(transport.whitening.to_x(z[None]))[0]
+        gap = best - float(value)
+        if float(u.norm()) > _SEPARATION and gap < _MASS_GAP:
+            gaps.append(gap)
+    return gaps
+
+
+def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS):
+    """The low-rank Laplace approximation of ``posterior`` (module docstring).
+
+    Args:
+        posterior: :class:`~geoinvert.posterior.Posterior` with a Gaussian multiscale prior
+            (``prior``, ``level``, ``forward``, ``noise``).
+        generator: ``torch.Generator`` of the probe vectors.
+        max_iterations: L-BFGS iterations of the MAP search.
+
+    Returns:
+        :class:`LaplaceFit`.
+
+    Raises:
+        ValueError: the posterior is not finite at the prior mean.
+    """
+    whitening = prior_whitening(posterior.prior, posterior.level)
+    evaluate = _Evaluator(posterior, whitening)
+    dim = 4 ** posterior.level
+    ends, scale = _find_maps(evaluate, dim, _MAP_STARTS, generator, max_iterations)
+    z_map, value, grad = ends[0]
+    solves = 0
+    for _ in range(_NEWTON_STEPS):
+        # Gauss-Newton steps with the low-rank Hessian, from where L-BFGS stopped: exact for a
+        # linear model; the Hessian is recomputed at the new point unless the step was tiny
+        values, vectors, probes, used = _eigenpairs(posterior, whitening, z_map, generator)
+        solves += used
+        step = grad - (vectors @ ((grad @ vectors) * values / (1 + values)))
+        new_value, new_grad = evaluate(z_map + step)
+        if not (torch.isfinite(new_value) and new_value >= value):
+            break
+        z_map, value, grad = z_map + step, new_value, new_grad
+        if float(step.abs().max()) < _NEWTON_STEP_TOL:
+            break
+    x_map = whitening.to_x(z_map[None])[0].detach()
+    value, calls = float(value), evaluate.calls
+    gradient = float(grad.abs().max()) / max(scale, 1e-300)
+    converged = gradient <= 10 * _MAP_RTOL
+    if not converged:
+        logger.warning("MAP search stopped after %d evaluations with the gradient at %.1e of "
+                       "its start (not converged): the Laplace approximation is centred off "
+                       "the mode", calls, gradient)
+    transport = LaplaceTransport(whitening, z_map, values, vectors)
+    others = _other_modes(transport, ends[1:], value)
+    logger.info("Laplace: MAP log posterior %.6g after %d evaluations (gradient %.1e of its "
+                "start); Hessian rank %d of %d (largest eigenvalue %.3g) from %d probes",
+                value, calls, gradient, values.numel(), dim,
+                float(values[0]) if values.numel() else math.nan, probes)
+    return LaplaceFit(transport, x_map, value, gradient, converged, calls, values, probes,
+                      calls + solves, others)
