@@ -1,0 +1,228 @@
+"""The problems of the benchmark suite and their reference posteriors.
+
+Every problem is a case (the dictionary a user would write as YAML) with no ``sampler``
+section, so that a run uses the package defaults, and a reference posterior:
+
+- ``exact``: linear-Gaussian problems (:class:`~geoinvert.forward.testbeds.ExactLinearPosterior`,
+  exact mean and std) and quadratic ones (:class:`~geoinvert.forward.testbeds.ExactQuadraticPosterior`
+  for any measurement function: t = <w, x> is the only data direction and x | t is the
+  Gaussian prior conditional; mean and std from the conditional moments and 4e6 draws of t);
+- ``reference``: elliptic problems, against a long MCMC run stored in
+  ``benchmarks/suite/references/<name>.nc`` by ``benchmarks/suite/reference.py`` (or, for
+  ``elliptic-bimodal``, ``benchmarks/results/reference_elliptic.nc`` of
+  ``benchmarks/reference_elliptic.py``).
+
+The quadratic problems place the data at y = (2 s_t)^2, s_t the prior std of t, so the modes
+lie near t = +-2 s_t, and set the noise to a fraction of y: 0.05 (sharp, well separated
+modes), 0.3 (the MsIGN paper's ratio) or 1.0 (modes merged into one broad hump).
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import geoinvert
+from geoinvert.forward.testbeds import ExactLinearPosterior, ExactQuadraticPosterior
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+REFERENCES = HERE / "references"
+
+PHI_A = "sin(pi*x) * sin(2*pi*y)"
+PHI_B = {"shape": "gaussian", "center": [0.35, 0.65], "width": 0.2}
+
+
+def _bumps(centres, width):
+    return [{"shape": "gaussian", "center": list(c), "width": width} for c in centres]
+
+
+def _grid(k, lo=0.2, hi=0.8):
+    s = np.linspace(lo, hi, k)
+    return [(float(a), float(b)) for b in s for a in s]
+
+
+def _base(name, finest, prior, forward, observations, data, noise, **extra):
+    return {"name": name, "domain": {"bounds": [0, 1, 0, 1], "units": "1"},
+            "levels": {"finest": finest, **extra.pop("levels", {})}, "prior": prior,
+            "forward": forward, "observations": observations, "data": data,
+            "noise": {"std": noise}, **extra}
+
+
+def _quadratic(name, finest, phi, ratio, correlation_length):
+    """A quadratic problem with its data at (2 s_t)^2 and noise ``ratio`` times that."""
+    prior = {"kind": "matern", "std": 1.0, "correlation_length": correlation_length}
+    config = _base(name, finest, prior, {"kind": "quadratic"}, {"functions": [phi]},
+                   {"values": [1.0]}, 1.0)
+    case = geoinvert.load_case(config)
+    w = case.forward(finest).functional
+    s_t = math.sqrt(float(w @ case.prior().covariance(finest) @ w))
+    y = (2 * s_t) ** 2
+    config["data"] = {"values": [y]}
+    config["noise"] = {"std": ratio * y}
+    return config
+
+
+@dataclasses.dataclass
+class Problem:
+    """A suite problem: its case, what the reference is, and what it tests."""
+
+    name: str
+    about: str
+    config: dict
+    reference: str                 # "exact" or the path of a reference netCDF
+    bimodal: bool = False
+
+    def case(self):
+        return geoinvert.load_case(self.config, folder=ROOT)
+
+
+def problems():
+    """The suite, cheapest first."""
+    demo = geoinvert.load_case(ROOT / "cases" / "default.yaml").config
+    bimodal = geoinvert.load_case(ROOT / "cases" / "elliptic_bimodal.yaml").config
+    def plain(config):       # the shipped case without its sampler settings
+        out = {k: v for k, v in config.items() if k != "sampler"}
+        out["output"] = {"direction": config["output"]["direction"]} \
+            if config["output"].get("direction") else {}
+        return out
+    return [
+        Problem("linear-matern-16", "linear, 16x16 Matern prior, 5 integral observations",
+                _base("linear-matern-16", 4,
+                      {"kind": "matern", "std": 1.0, "correlation_length": 0.2},
+                      {"kind": "linear"},
+                      {"functions": _bumps([(0.25, 0.25), (0.75, 0.25), (0.5, 0.5),
+                                            (0.25, 0.75), (0.75, 0.75)], 0.1)},
+                      {"synthetic": {"truth": "prior", "seed": 3}}, 0.01), "exact"),
+        Problem("linear-iid-64", "linear, 64x64 iid prior, 16 integral observations",
+                _base("linear-iid-64", 6, {"kind": "iid", "std": 1.0}, {"kind": "linear"},
+                      {"functions": _bumps(_grid(4), 0.08)},
+                      {"synthetic": {"truth": "prior", "seed": 4}}, 0.01), "exact"),
+        Problem("quadratic-a-sharp", "quadratic, 16x16, phi_a, noise 0.05 y: two separated "
+                "modes", _quadratic("quadratic-a-sharp", 4, PHI_A, 0.05, 0.2), "exact", True),
+        Problem("quadratic-a-paper", "quadratic, 16x16, phi_a, noise 0.3 y (the MsIGN paper's "
+                "ratio)", _quadratic("quadratic-a-paper", 4, PHI_A, 0.3, 0.2), "exact", True),
+        Problem("quadratic-a-broad", "quadratic, 16x16, phi_a, noise 1.0 y: one broad hump",
+                _quadratic("quadratic-a-broad", 4, PHI_A, 1.0, 0.2), "exact", True),
+        Problem("quadratic-b-sharp", "quadratic, 32x32, phi_b (a bump, no eigenvector), noise "
+                "0.05 y", _quadratic("quadratic-b-sharp", 5, PHI_B, 0.05, 0.3), "exact", True),
+        Problem("quadratic-b-paper", "quadratic, 32x32, phi_b, noise 0.3 y",
+                _quadratic("quadratic-b-paper", 5, PHI_B, 0.3, 0.3), "exact", True),
+        Problem("elliptic-demo", "elliptic, 8x8 Matern prior, 9 point heads, noise 0.005 "
+                "(cases/default.yaml)", plain(demo), str(REFERENCES / "elliptic-demo.nc")),
+        Problem("elliptic-iid-16", "elliptic, 16x16 iid prior, 16 integral observations",
+                _base("elliptic-iid-16", 4, {"kind": "iid", "std": 0.8},
+                      {"kind": "elliptic", "source": 1.0,
+                       "dirichlet": {"left": 1.0, "right": 0.0}},
+                      {"functions": _bumps(_grid(4), 0.1)},
+                      {"synthetic": {"truth": "prior", "seed": 5}}, 0.002),
+                str(REFERENCES / "elliptic-iid-16.nc")),
+        Problem("elliptic-bimodal", "elliptic, 16x16, mirror-symmetric, two halves of equal "
+                "mass (cases/elliptic_bimodal.yaml)", plain(bimodal),
+                str(ROOT / "benchmarks" / "results" / "reference_elliptic.nc"), True),
+    ]
+
+
+def by_name(name):
+    for p in problems():
+        if p.name == name:
+            return p
+    raise SystemExit(f"no suite problem {name!r}; known: {[p.name for p in problems()]}")
+
+
+# -- references ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reference:
+    """Mean and std ``(n, n)``, the data direction (bimodal problems, ``(n, n)``), exact
+    samples and the exact log density (exact problems), and the exact 1-D statistics of
+    t = <direction, x>."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    direction: np.ndarray = None
+    exact: object = None
+    samples: np.ndarray = None
+    t_stats: dict = None
+    about: str = ""
+
+
+def _t_stats(t):
+    """Mass of t > 0, centre and width of each side, and the mass between the modes
+    (|t| below half the mean |t|)."""
+    t = np.asarray(t, float)
+    half = 0.5 * np.abs(t).mean()
+    out = {"positive": float((t > 0).mean()), "between": float((np.abs(t) < half).mean()),
+           "between_threshold": float(half)}
+    for side, sel in (("plus", t > 0), ("minus", t < 0)):
+        out[f"centre_{side}"] = float(t[sel].mean()) if sel.any() else math.nan
+        out[f"width_{side}"] = float(t[sel].std()) if sel.sum() > 1 else math.nan
+    return out
+
+
+def reference(problem):
+    """The :class:`Reference` of ``problem``."""
+    case = problem.case()
+    level, shape = case.finest, (2 ** case.finest,) * 2
+    prior = case.prior()
+    if problem.reference == "exact":
+        forward = case.forward(level)
+        mean0, cov = prior.mean(level).ravel(), prior.covariance(level)
+        if case.config["forward"]["kind"] == "linear":
+            exact = ExactLinearPosterior(mean0, cov, forward.matrix, case.data, case.noise,
+                                         shape=shape)
+            return Reference(exact.mean.reshape(shape), np.sqrt(np.diag(exact.cov)).reshape(shape),
+                             exact=exact, samples=exact.sample(4000, torch.Generator()
+                                                               .manual_seed(11)).numpy(),
+                             about="exact (Kalman)")
+        w = forward.functional
+        exact = ExactQuadraticPosterior(mean0, cov, w, case.data, case.noise, shape=shape)
+        t = exact.sample_t(4_000_000, torch.Generator().manual_seed(12)).numpy()
+        sw, s2 = exact._Sw, exact.t_std ** 2
+        mean = mean0 + sw * (t.mean() - exact.t_mean) / s2
+        var = np.diag(cov) - sw ** 2 / s2 + sw ** 2 * t.var() / s2 ** 2
+        return Reference(mean.reshape(shape), np.sqrt(var).reshape(shape), w.reshape(shape),
+                         exact, exact.sample(4000, torch.Generator().manual_seed(13)).numpy(),
+                         _t_stats(t), "exact (1-D quadrature, Matheron's rule)")
+    import xarray as xr
+    path = Path(problem.reference)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run benchmarks/suite/reference.py "
+                                f"{problem.name} first")
+    with xr.open_dataset(path) as ds:
+        samples = ds["samples"].values.astype(np.float64)
+        direction = None
+        if problem.bimodal:
+            direction = case.evaluate(case.config["output"]["direction"])
+        ref = Reference(ds["mean"].values, ds["std"].values, direction, None, samples,
+                        about=f"{ds.attrs.get('method', 'MCMC')}, {int(ds.attrs.get('nfs', 0))} "
+                        f"nFS, R-hat {float(ds.attrs.get('rhat', ds.attrs.get('rhat_folded', math.nan))):.3f}")
+    if direction is not None:
+        ref.t_stats = _t_stats(samples.reshape(len(samples), -1) @ direction.ravel())
+    return ref
+
+
+# -- scores -------------------------------------------------------------------------------------
+
+
+def scores(ref, samples):
+    """Per-cell errors of ``samples (N, n, n)`` in reference-std units and, for bimodal
+    problems, the 1-D statistics along the data direction against the reference's."""
+    x = np.asarray(samples, float).reshape(len(samples), -1)
+    m, s = ref.mean.ravel(), ref.std.ravel()
+    out = {"mean_error_rms": float(np.sqrt(np.mean(((x.mean(0) - m) / s) ** 2))),
+           "mean_error_max": float(np.max(np.abs(x.mean(0) - m) / s)),
+           "std_error_rms": float(np.sqrt(np.mean((x.std(0, ddof=1) / s - 1) ** 2)))}
+    if ref.t_stats is not None:
+        t = x @ ref.direction.ravel()
+        got = _t_stats(t)
+        half = ref.t_stats["between_threshold"]
+        got["between"] = float((np.abs(t) < half).mean())
+        for key in ("positive", "between", "centre_plus", "centre_minus", "width_plus",
+                    "width_minus"):
+            out[f"t_{key}"] = got[key]
+            out[f"t_{key}_ref"] = ref.t_stats[key]
+    return out

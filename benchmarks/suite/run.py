@@ -1,0 +1,198 @@
+"""Run the default settings on every suite problem, with the baselines at the same nFS.
+
+Usage (all problems and methods; long: run it in the background with a log)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py
+
+A subset (rows of ``suite.json`` are replaced, the others kept)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py --problems quadratic-a-sharp \
+        --methods msign,hmc
+
+Methods, every one run through ``geoinvert.run`` on the problem's case with the package
+defaults (``output.samples`` 2000 so that the stored draws carry the Monte-Carlo accuracy
+of the runs, figures off):
+
+- ``msign``: the default flow with its default correction;
+- ``laplace``: the low-rank Laplace approximation (its own, small, cost);
+- ``hmc``, ``mala``, ``pcn``, ``gpcn``: default chains (4) with as many iterations as give
+  the ``msign`` run's nFS (the first quarter warm-up; thinned to at most 4000 stored draws).
+
+Scores against the problem's reference (``problems.py``): RMS over cells of the mean error
+and of the relative std error, both in units of the reference std; for bimodal problems, the
+mass of t = <d, x> > 0, the mass between the modes and each side's centre and width, against
+the reference's; for the flows on exact problems the Jeffreys divergence of the trained flow;
+R-hat and bulk ESS of the chains; effective samples per 1000 nFS (chains: the smallest bulk
+ESS; Laplace: the importance ESS of its draws); and the verdict the package printed. A row
+*meets* the acceptance when mean error <= 0.1, std error <= 0.1, the mode mass within 0.05
+of the reference's and R-hat <= 1.01; a row that misses it while the verdict says ``ok`` is
+a *silent failure*, the one outcome the package must never produce.
+
+Writes ``benchmarks/results/suite.json`` and ``suite.md``.
+"""
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from problems import ROOT, problems, reference, scores  # noqa: E402
+
+import geoinvert  # noqa: E402
+from geoinvert.diagnostics import jeffreys_divergence  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("msign", "laplace", "hmc", "mala", "pcn", "gpcn")
+MEAN_MAX, STD_MAX, MODE_MAX, RHAT_MAX = 0.1, 0.1, 0.05, 1.01
+
+
+def _chain_sampler(method, nfs, chains=4, leapfrog=10, stored=4000):
+    """Sampler settings with ``chains`` chains using about ``nfs`` solves."""
+    cost = leapfrog if method == "hmc" else 1
+    laplace = 700 if method == "gpcn" else 0
+    iterations = max(40, (nfs - laplace) // (chains * cost) - 1)
+    warmup = iterations // 4
+    draws = iterations - warmup
+    thin = max(1, math.ceil(chains * draws / stored))
+    return {"kind": method, "chains": chains, "warmup": warmup, "draws": draws // thin,
+            "thin": thin}
+
+
+def _flow_divergence(result, ref):
+    """D_J of the trained flow against the exact posterior (normalised densities)."""
+    ds, model = result.dataset, result.model
+    x_q = torch.from_numpy(ds["flow_samples"].values)
+    log_q_q = ds["flow_log_prob"].values
+    log_p_q = ref.exact.log_prob(x_q).numpy()
+    x_p = torch.from_numpy(ref.samples)
+    with torch.no_grad():
+        log_q_p = torch.cat([model.log_prob(c.to(next(model.parameters()).dtype))
+                             for c in x_p.split(500)]).double().numpy()
+    log_p_p = ref.exact.log_prob(x_p).numpy()
+    d = jeffreys_divergence(log_q_q, log_p_q, log_p_p, log_q_p)
+    return d.value, d.stderr
+
+
+def run_one(problem, ref, method, nfs, outdir):
+    config = json.loads(json.dumps(problem.config))
+    config["output"] = {**config.get("output", {}), "samples": 2000, "figures": False}
+    if method == "laplace":
+        config["sampler"] = {"kind": "laplace"}
+    elif method != "msign":
+        config["sampler"] = _chain_sampler(method, nfs)
+    start = time.perf_counter()
+    result = geoinvert.run(config, out=Path(outdir) / f"{problem.name}-{method}.nc",
+                           progress=False)
+    wall = time.perf_counter() - start
+    ds = result.dataset
+    a = ds.attrs
+    row = {"problem": problem.name, "method": method, "nfs": int(a["nfs"]), "wall_s": wall,
+           **scores(ref, ds["samples"].values), "verdict": a["verdict"],
+           "rhat": float(a.get("diagnostics_rhat", math.nan)),
+           "ess": float(a.get("diagnostics_ess", math.nan)),
+           "psis_khat": float(a.get("diagnostics_psis_khat", math.nan))}
+    if method == "laplace":
+        row["ess_per_1000_nfs"] = 1000 * a["diagnostics_is_ess"] * ds.sizes["sample"] / a["nfs"]
+    else:
+        row["ess_per_1000_nfs"] = 1000 * row["ess"] / a["nfs"]
+    if method == "msign" and ref.exact is not None:
+        row["jeffreys"], row["jeffreys_se"] = _flow_divergence(result, ref)
+    meets = (row["mean_error_rms"] <= MEAN_MAX and row["std_error_rms"] <= STD_MAX
+             and (not np.isfinite(row["rhat"]) or row["rhat"] <= RHAT_MAX))
+    if "t_positive" in row:
+        meets = meets and abs(row["t_positive"] - row["t_positive_ref"]) <= MODE_MAX
+    row["meets"] = bool(meets)
+    row["silent_failure"] = bool(not meets and a["verdict"] == "ok")
+    return row
+
+
+def _fmt(v, spec):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
+        else format(v, spec)
+
+
+def markdown(rows, about, command):
+    lines = ["# Benchmark suite: default settings on every problem", "",
+             f"Command: `{command}`", "", f"Machine: {about}", "",
+             "Errors in reference-std units (RMS over cells); modes: mass of t = <d, x> > 0 "
+             "(reference in brackets); ESS / 1000 nFS: smallest bulk ESS of the chains (Laplace: "
+             "importance ESS) per 1000 solves; *meets*: mean and std error <= 0.1, mode mass "
+             "within 0.05, R-hat <= 1.01; *silent*: misses that while the verdict says ok.", "",
+             "| problem | method | nFS | wall (s) | mean err | std err | modes + (ref) | "
+             "R-hat | ESS / 1000 nFS | D_J | verdict | meets |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        modes = (f"{100 * r['t_positive']:.1f} ({100 * r['t_positive_ref']:.1f})"
+                 if "t_positive" in r else "-")
+        dj = f"{r['jeffreys']:.3g} +/- {r['jeffreys_se']:.2g}" if "jeffreys" in r else "-"
+        verdict = "ok" if r["verdict"] == "ok" else f"{len(r['verdict'].split(' | '))} warnings"
+        meets = "yes" if r["meets"] else ("**SILENT**" if r["silent_failure"] else "no")
+        lines.append(f"| {r['problem']} | {r['method']} | {r['nfs']} | {r['wall_s']:.0f} | "
+                     f"{r['mean_error_rms']:.3f} | {r['std_error_rms']:.3f} | {modes} | "
+                     f"{_fmt(r['rhat'], '.3f')} | {_fmt(r['ess_per_1000_nfs'], '.2f')} | {dj} | "
+                     f"{verdict} | {meets} |")
+    bimodal = [r for r in rows if "t_positive" in r]
+    if bimodal:
+        lines += ["", "Marginal along the data direction (centre / width of each side, mass "
+                  "between the modes; reference in brackets):", "",
+                  "| problem | method | centre + | width + | centre - | width - | between |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in bimodal:
+            cells = [f"{_fmt(r[f't_{k}'], '.3g')} ({_fmt(r[f't_{k}_ref'], '.3g')})"
+                     for k in ("centre_plus", "width_plus", "centre_minus", "width_minus")]
+            lines.append(f"| {r['problem']} | {r['method']} | " + " | ".join(cells) +
+                         f" | {100 * r['t_between']:.2f} % ({100 * r['t_between_ref']:.2f} %) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--problems", default="all")
+    p.add_argument("--methods", default=",".join(METHODS))
+    args = p.parse_args(argv)
+    chosen = [q for q in problems() if args.problems == "all" or q.name in
+              args.problems.split(",")]
+    methods = args.methods.split(",")
+    path = RESULTS / "suite.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as outdir:
+        for problem in chosen:
+            ref = reference(problem)
+            nfs = None
+            for method in methods:
+                if method != "msign" and method != "laplace" and nfs is None:
+                    nfs = next((r["nfs"] for r in rows if r["problem"] == problem.name
+                                and r["method"] == "msign"), 100_000)
+                print(f"{problem.name}: {method} ...", flush=True)
+                row = run_one(problem, ref, method, nfs, outdir)
+                row["commit"] = commit
+                if method == "msign":
+                    nfs = row["nfs"]
+                rows = [r for r in rows if (r["problem"], r["method"]) != (problem.name, method)]
+                rows.append(row)
+                table = markdown([row], "", "").splitlines()
+                print("\n".join("  " + l for l in table if l.startswith(f"| {problem.name}")),
+                      flush=True)
+                order = {q.name: i for i, q in enumerate(problems())}
+                rows.sort(key=lambda r: (order.get(r["problem"], 99), METHODS.index(r["method"])))
+                about = f"{platform.machine()}, {torch.get_num_threads()} threads"
+                command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py"
+                path.write_text(json.dumps({"rows": rows, "machine": about}, indent=1))
+                (RESULTS / "suite.md").write_text(markdown(rows, about, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
