@@ -111,7 +111,7 @@ def _quantiles(v):
 
 _CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS), "chains": _between(1, 10**5),
                       "draws": _between(4, 10**8), "warmup": _between(0, 10**8),
-                      "leapfrog": _between(1, 10**4), "independence": None}
+                      "leapfrog": _between(1, 10**4), "independence": None, "modes": None}
 
 
 def _correction_keys():
@@ -955,7 +955,10 @@ def reserved_solves(config):
     its chains and the predictions of the stored samples (a budget's share that training
     does not get)."""
     correction, samples = correction_config(config), config["output"]["samples"]
-    return samples + (correction.solves() + samples if correction.enabled else 0)
+    if not correction.enabled:
+        return samples
+    search = _mode_search_solves(config) if correction.independence and correction.modes else 0
+    return samples + correction.solves() + samples + search
 
 
 def training_solves(case):
@@ -1018,12 +1021,19 @@ def estimate_cost(case):
             (equivalents + reserved) * per_solve + flow)
 
 
+def _mode_search_solves(config):
+    """Typical solves of a Laplace fit: about 60 evaluations for each of the 8 MAP searches,
+    then two randomized passes over the Hessian's probes (a forward, a tangent-linear and an
+    adjoint solve each) at a mode, probes bounded by the parameters, the observations and
+    50."""
+    obs = config["observations"]
+    n_obs = len(obs["points"]) + len(obs["functions"])
+    probes = min(4 ** config["levels"]["finest"], n_obs, 50)
+    return 8 * 60 + 2 * 3 * probes
+
+
 def _laplace_solves(case):
-    """Typical solves of a Laplace fit: about 100 evaluations of the MAP search, then two
-    randomized passes over the Hessian's probes (a forward, a tangent-linear and an adjoint
-    solve each), probes bounded by the parameters, the observations and 50."""
-    probes = min(4 ** case.finest, case.n_obs, 50)
-    return 100 + 2 * 3 * probes
+    return _mode_search_solves(case.config)
 
 
 def _relative_solve_cost(case, level):

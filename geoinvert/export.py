@@ -603,8 +603,16 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
     config = correction_config(case.config)
     if not config.enabled:
         return fit
+    modes = ()
+    if config.independence and config.modes:
+        from geoinvert.inference.laplace import fit_laplace
+        laplace = fit_laplace(posteriors[case.finest], all_modes=True,
+                              generator=torch.Generator().manual_seed(seed + 31))
+        modes = laplace.modes
+        fit = dataclasses.replace(fit, nfs=fit.nfs + laplace.nfs, diagnostics={
+            **fit.diagnostics, "modes_found": len(modes), "mode_search_nfs": laplace.nfs})
     return _corrected(fit, case, seed, lay, posteriors[case.finest], config,
-                      progress=progress and lay.root)
+                      progress=progress and lay.root, modes=modes)
 
 
 def _chain_diagnostics(pooled):
@@ -659,7 +667,7 @@ def _thinned(flat_size, samples):
 
 def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None,
                chains_key="sampler.correction.chains", thin=1, initial_step=None,
-               name="correction"):
+               name="correction", modes=()):
     """Correct the draws of ``fit`` to exactness: MCMC in the coordinates of ``transport``
     (default: the trained flow's latent space), started from those draws.
 
@@ -682,7 +690,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     try:
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
-                      callback=bar, thin=thin, initial_step=initial_step)
+                      callback=bar, thin=thin, initial_step=initial_step, modes=modes)
     finally:
         bar.close()
     c = res.chains
@@ -921,7 +929,10 @@ def summary_lines(ds):
     if "diagnostics_rhat" in a:
         what = "correction" if correction else "chains"
         imh = get("independence_acceptance")
-        extra = f", independence moves accepted {imh:.2f}" if np.isfinite(imh) else ""
+        modes = a.get("diagnostics_modes_found")
+        which = f" (flow + Laplace at {int(modes)} mode{'s' if modes != 1 else ''})" \
+            if modes else ""
+        extra = f", independence moves{which} accepted {imh:.2f}" if np.isfinite(imh) else ""
         lines.append(f"{what}: R-hat {get('rhat'):.3f}, ESS bulk {get('ess'):.0f} / tail "
                      f"{get('ess_tail'):.0f}, MCSE of the mean {get('mcse_mean'):.3f} std, "
                      f"acceptance {get('acceptance'):.2f}{extra}")

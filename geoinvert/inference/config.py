@@ -34,6 +34,11 @@ class CorrectionConfig:
     independence: bool = _field(
         True, "After every local move, an independence Metropolis-Hastings move with the "
         "flow as proposal (moves chains between the modes the flow covers).", "false")
+    modes: bool = _field(
+        True, "With independence moves: first search the posterior's modes (L-BFGS from "
+        "eight prior draws) and add a Laplace approximation at each to the "
+        "independence proposal (half of the proposals), so that chains reach modes the flow "
+        "misses.", "false")
 
     def __post_init__(self):
         if self.kernel not in CORRECTION_KERNELS:

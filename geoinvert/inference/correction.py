@@ -37,7 +37,7 @@ from geoinvert.samplers.hmc import HMCKernel
 from geoinvert.samplers.mala import MALAKernel
 from geoinvert.samplers.whitening import standard_normal_log_prob
 
-__all__ = ["CorrectionResult", "FlowTransport", "LatentTarget", "correct"]
+__all__ = ["CorrectionResult", "FlowTransport", "LatentTarget", "ModeMixture", "correct"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,64 @@ def _independence_move(state, generator, *, gradient):
     return prob
 
 
+class ModeMixture:
+    r"""Independence proposal q_mix = (1 - eps) q_T + eps sum_k pi_k N_k: the flow and the
+    Laplace approximations N_k at the posterior modes found by optimisation, with eps = 1/2
+    and pi_k proportional to the Laplace mode masses.
+
+    A flow trained by the reverse KL can drop a mode; a chain started from its draws then never
+    reaches it. Proposals from the Laplace components do, and the Metropolis-Hastings ratio on
+    w = pi / q_mix keeps the chains exact and moves each mode's share to its true mass.
+
+    Args:
+        target: the :class:`LatentTarget` (its transport maps the flow's latents).
+        modes: :class:`~geoinvert.inference.laplace.LaplaceTransport` list (non-empty).
+    """
+
+    FLOW_SHARE = 0.5
+
+    def __init__(self, target, modes):
+        self.target, self.modes = target, list(modes)
+        masses = torch.tensor([m.log_mass for m in self.modes], dtype=_F64)
+        self.log_weights = torch.cat((torch.tensor([math.log(self.FLOW_SHARE)], dtype=_F64),
+                                      math.log(1 - self.FLOW_SHARE)
+                                      + torch.log_softmax(masses, 0)))
+
+    def log_prob(self, u, value, log_post, x):
+        """log q_mix at states with kernel coordinates ``u``, targets ``value``, posterior
+        ``log_post`` and fields ``x``."""
+        parts = [self.target.flow_log_prob(u, value, log_post)]
+        parts += [m.log_prob(x) for m in self.modes]
+        return torch.logsumexp(torch.stack(parts, 1) + self.log_weights, 1)
+
+    def sample(self, num, generator):
+        """Kernel coordinates ``u (num, d)`` of ``num`` proposals."""
+        t = self.target
+        which = torch.multinomial(self.log_weights.exp(), num, replacement=True,
+                                  generator=generator)
+        u = t.coordinates(torch.randn((num, t.transport.dim), generator=generator, dtype=_F64))
+        for k, mode in enumerate(self.modes, start=1):
+            pick = which == k
+            if pick.any():
+                x, _ = mode.sample(int(pick.sum()), generator)
+                u[pick] = t.coordinates(t.transport.to_z(x))
+        return u
+
+
+def _mixture_move(state, mixture, generator, *, gradient):
+    """Propose from ``mixture`` for every chain; accept with min(1, w(x') / w(x)),
+    w = pi / q_mix."""
+    t = state.target
+    u = mixture.sample(state.z.shape[0], generator)
+    x, value, grad, log_prob = t.whitened(u, grad=gradient)
+    new = log_prob - mixture.log_prob(u, value, log_prob, x)
+    old = state.log_prob - mixture.log_prob(state.z, state.value, state.log_prob, state.x)
+    flags, prob = metropolis(torch.where(torch.isfinite(value), new - old, -math.inf),
+                             generator)
+    state.accept(flags, u, x, value, grad, log_prob)
+    return prob
+
+
 def _new_state(kind, target, x, config):
     if kind == "hmc":
         return HMCKernel(target, x, n_leapfrog=config.leapfrog, jitter=0.2)
@@ -245,7 +303,7 @@ class CorrectionResult:
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
-            initial_step=None):
+            initial_step=None, modes=()):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
@@ -259,6 +317,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         callback: ``callback(iteration, total, acceptance)`` after every iteration.
         thin: iterations per kept draw after warm-up.
         initial_step: first step size (pCN: beta) of the adaptation; default per kernel.
+        modes: Laplace approximations at the posterior's modes
+            (:class:`~geoinvert.inference.laplace.LaplaceTransport`); with independence moves
+            they join the flow in the proposal (:class:`ModeMixture`).
 
     Returns:
         :class:`CorrectionResult`.
@@ -277,8 +338,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     windows = metric_windows(config.warmup) if kind != "pcn" else ()
     total, window = config.warmup + config.draws * thin, []
     gradient = kind != "pcn"
+    mixture = ModeMixture(target, modes) if modes and config.independence else None
     for i in range(config.warmup):
-        accept = float(_iterate(state, adapter.value, generator, config, gradient)[0].mean())
+        accept = float(_iterate(state, adapter.value, generator, config, gradient,
+                                mixture)[0].mean())
         adapter.update(accept)
         for lo, hi in windows:
             if lo <= i < hi:
@@ -294,7 +357,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     log_prob, flow_log_prob = np.empty((chains, config.draws)), np.empty((chains, config.draws))
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
     for i in range(config.draws * thin):
-        a, b = _iterate(state, step, generator, config, gradient)
+        a, b = _iterate(state, step, generator, config, gradient, mixture)
         local, independent = local + a, independent + b
         if (i + 1) % thin == 0:
             j = i // thin
@@ -312,11 +375,13 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric)
 
 
-def _iterate(state, step, generator, config, gradient):
+def _iterate(state, step, generator, config, gradient, mixture=None):
     """One local move and, if configured, one independence move; their acceptances."""
     local = state.step(step, generator)
     if not config.independence:
         return local, torch.full_like(local, math.nan)
+    if mixture is not None:
+        return local, _mixture_move(state, mixture, generator, gradient=gradient)
     return local, _independence_move(state, generator, gradient=gradient)
 
 

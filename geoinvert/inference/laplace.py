@@ -22,8 +22,7 @@ and x = mu + C (z_MAP + (I + H~)^{-1/2} u), u ~ N(0, I), is the Laplace posterio
 same transport-map form as a trained flow (:class:`LaplaceTransport`): generalized pCN is pCN
 in its coordinates u, accepted on the weight pi / q_Laplace (:mod:`.correction`).
 
-The MAP point is found by L-BFGS with a strong-Wolfe line search in z, from the prior mean and
-from three prior draws; the highest end point is the MAP point, and end points that are other
+The MAP point is found by L-BFGS with a strong-Wolfe line search in z from eight prior draws; the highest end point is the MAP point, and end points that are other
 local maxima are reported (:attr:`LaplaceFit.other_modes`): one Gaussian cannot represent a
 multimodal posterior, and importance weights cannot reveal a mode it does not reach.
 
@@ -61,7 +60,7 @@ _OVERSAMPLING = 10
 _FIRST_PROBES = 40
 _MAP_RTOL = 1e-6       # L-BFGS stops when |grad|_inf falls below this fraction of the first one
 _MAP_ITERATIONS = 500
-_MAP_STARTS = 4        # the prior mean and three prior draws
+_MAP_STARTS = 8        # prior draws
 _NEWTON_STEPS = 4      # Gauss-Newton refinements of the MAP point at most
 _NEWTON_STEP_TOL = 1e-7   # ... a step below it (in prior std) needs no new Hessian
 _SEPARATION = 3.0      # end points further apart (in Laplace standard deviations) are modes
@@ -134,12 +133,13 @@ class LaplaceTransport:
         whitening: the prior's :class:`~geoinvert.samplers.whitening.Whitening` (x = mu + C z).
         z_map: ``(d,)`` the MAP point in whitened coordinates.
         eigenvalues: ``(r,)`` of H~, positive; eigenvectors: ``(d, r)`` orthonormal.
+        log_target: log pi at the MAP point (for :attr:`log_mass`).
     """
 
     method = "laplace"
 
-    def __init__(self, whitening, z_map, eigenvalues, eigenvectors):
-        self.whitening = whitening
+    def __init__(self, whitening, z_map, eigenvalues, eigenvectors, *, log_target=math.nan):
+        self.whitening, self.log_target = whitening, log_target
         self.z_map = torch.as_tensor(z_map, dtype=_F64)
         self.eigenvalues = torch.as_tensor(eigenvalues, dtype=_F64)
         self.eigenvectors = torch.as_tensor(eigenvectors, dtype=_F64)
@@ -147,6 +147,12 @@ class LaplaceTransport:
         self._shrink = 1 - torch.rsqrt(1 + self.eigenvalues)      # I - (I + Lambda)^-1/2
         self._grow = torch.sqrt(1 + self.eigenvalues) - 1         # (I + Lambda)^1/2 - I
         self.logdet = whitening.logdet - 0.5 * float(torch.log1p(self.eigenvalues).sum())
+
+    @property
+    def log_mass(self):
+        """Laplace estimate of log int pi over the mode, up to a constant common to all modes
+        of one posterior: log pi(x_MAP) - 1/2 log det(I + H~)."""
+        return self.log_target - 0.5 * float(torch.log1p(self.eigenvalues).sum())
 
     def to_x(self, u):
         """``(x (num, ny, nx), log|det dT/du| (num,))`` of ``u (num, d)``."""
@@ -188,6 +194,8 @@ class LaplaceFit:
         nfs: PDE solves in all (search evaluations, each with its adjoint, count once).
         other_modes: log posterior gaps to the other local maxima the searches found (empty
             when all ended at the MAP point): a Gaussian at one mode misses their mass.
+        modes: the :class:`LaplaceTransport` of each distinct mode, the MAP point's first
+            (the others only with ``all_modes``).
     """
 
     transport: LaplaceTransport
@@ -200,6 +208,7 @@ class LaplaceFit:
     probes: int
     nfs: int
     other_modes: list
+    modes: list
 
 
 class _Evaluator:
@@ -241,16 +250,17 @@ def _ascend(evaluate, start, tolerance, max_iterations):
 
 
 def _find_maps(evaluate, dim, starts, generator, max_iterations):
-    """Ascents from the prior mean and ``starts - 1`` prior draws: the end points by
-    decreasing log pi, and the gradient scale (the largest |grad|_inf at the starts)."""
-    points = [torch.zeros(dim, dtype=_F64)] + list(
-        torch.randn((starts - 1, dim), generator=generator, dtype=_F64))
+    """Ascents from ``starts`` prior draws (not from the prior mean: in a symmetric problem it
+    is often a saddle point with zero gradient): the end points by decreasing log pi, and the
+    gradient scale (the largest |grad|_inf at the starts)."""
+    points = list(torch.randn((starts, dim), generator=generator, dtype=_F64))
     first = [evaluate(p) for p in points]
-    if not torch.isfinite(first[0][0]):
-        raise ValueError("the posterior is not finite at the prior mean (its forward solve "
-                         "failed): no start for the MAP search")
+    if not any(torch.isfinite(v) for v, _ in first):
+        raise ValueError(f"the posterior is not finite at any of {starts} prior draws (their "
+                         "forward solves failed): no start for the MAP search")
     scale = max(max(float(g.abs().max()) for v, g in first if torch.isfinite(v)), 1e-300)
-    ends = [_ascend(evaluate, p, _MAP_RTOL * scale, max_iterations) for p in points]
+    ends = [_ascend(evaluate, p, _MAP_RTOL * scale, max_iterations)
+            for p, (v, _) in zip(points, first) if torch.isfinite(v)]
     ends = [e for e in ends if torch.isfinite(e[1])]
     return sorted(ends, key=lambda e: -float(e[1])), scale
 
@@ -298,65 +308,83 @@ def _eigenpairs(posterior, whitening, z, generator):
     return values[keep], vectors[:, keep], probes, lin.solves[0]
 
 
-def _other_modes(transport, ends, best):
-    """Gaps in log posterior ``best - log pi(m)`` to the end points ``m`` of other searches
-    that lie further than :data:`_SEPARATION` Laplace standard deviations from the MAP point
-    and within :data:`_MASS_GAP` of its log posterior: other modes the Gaussian misses."""
-    gaps = []
-    for z, value, _ in ends:
-        u = transport.to_z(transport.whitening.to_x(z[None]))[0]
-        gap = best - float(value)
-        if float(u.norm()) > _SEPARATION and gap < _MASS_GAP:
-            gaps.append(gap)
-    return gaps
+def _refine(posterior, whitening, evaluate, z, value, grad, generator):
+    """Gauss-Newton steps with the low-rank Hessian from where L-BFGS stopped (exact for a
+    linear model; the Hessian is recomputed at the new point unless the step was tiny):
+    ``(z, log pi, grad, transport, probes, solves)``."""
+    solves = 0
+    for _ in range(_NEWTON_STEPS):
+        values, vectors, probes, used = _eigenpairs(posterior, whitening, z, generator)
+        solves += used
+        step = grad - (vectors @ ((grad @ vectors) * values / (1 + values)))
+        new_value, new_grad = evaluate(z + step)
+        if not (torch.isfinite(new_value) and new_value >= value):
+            break
+        z, value, grad = z + step, new_value, new_grad
+        if float(step.abs().max()) < _NEWTON_STEP_TOL:
+            break
+    transport = LaplaceTransport(whitening, z, values, vectors, log_target=float(value))
+    return z, value, grad, transport, probes, solves
 
 
-def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS):
+def _distinct(transports, z):
+    """Whether ``z`` lies further than :data:`_SEPARATION` Laplace standard deviations from
+    the centre of every mode in ``transports``."""
+    for t in transports:
+        if float(t.to_z(t.whitening.to_x(z[None]))[0].norm()) <= _SEPARATION:
+            return False
+    return True
+
+
+def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
+                all_modes=False):
     """The low-rank Laplace approximation of ``posterior`` (module docstring).
 
     Args:
         posterior: :class:`~geoinvert.posterior.Posterior` with a Gaussian multiscale prior
             (``prior``, ``level``, ``forward``, ``noise``).
         generator: ``torch.Generator`` of the probe vectors.
-        max_iterations: L-BFGS iterations of the MAP search.
+        max_iterations: L-BFGS iterations of each MAP search.
+        all_modes: also fit a Laplace approximation at every other mode found
+            (:attr:`LaplaceFit.modes`), not only at the MAP point.
 
     Returns:
         :class:`LaplaceFit`.
 
     Raises:
-        ValueError: the posterior is not finite at the prior mean.
+        ValueError: the posterior is not finite at any start of the searches.
     """
     whitening = prior_whitening(posterior.prior, posterior.level)
     evaluate = _Evaluator(posterior, whitening)
     dim = 4 ** posterior.level
     ends, scale = _find_maps(evaluate, dim, _MAP_STARTS, generator, max_iterations)
-    z_map, value, grad = ends[0]
-    solves = 0
-    for _ in range(_NEWTON_STEPS):
-        # Gauss-Newton steps with the low-rank Hessian, from where L-BFGS stopped: exact for a
-        # linear model; the Hessian is recomputed at the new point unless the step was tiny
-        values, vectors, probes, used = _eigenpairs(posterior, whitening, z_map, generator)
-        solves += used
-        step = grad - (vectors @ ((grad @ vectors) * values / (1 + values)))
-        new_value, new_grad = evaluate(z_map + step)
-        if not (torch.isfinite(new_value) and new_value >= value):
-            break
-        z_map, value, grad = z_map + step, new_value, new_grad
-        if float(step.abs().max()) < _NEWTON_STEP_TOL:
-            break
+    z_map, value, grad, transport, probes, solves = _refine(
+        posterior, whitening, evaluate, *ends[0], generator)
     x_map = whitening.to_x(z_map[None])[0].detach()
-    value, calls = float(value), evaluate.calls
-    gradient = float(grad.abs().max()) / max(scale, 1e-300)
+    value = float(value)
+    gradient = float(grad.abs().max()) / scale
     converged = gradient <= 10 * _MAP_RTOL
     if not converged:
         logger.warning("MAP search stopped after %d evaluations with the gradient at %.1e of "
                        "its start (not converged): the Laplace approximation is centred off "
-                       "the mode", calls, gradient)
-    transport = LaplaceTransport(whitening, z_map, values, vectors)
-    others = _other_modes(transport, ends[1:], value)
+                       "the mode", evaluate.calls, gradient)
+    modes, gaps = [transport], []
+    for z, other, g in ends[1:]:
+        gap = value - float(other)
+        if gap >= _MASS_GAP or not _distinct(modes, z):
+            continue
+        gaps.append(gap)
+        if all_modes:
+            *_, mode, _, used = _refine(posterior, whitening, evaluate, z, other, g, generator)
+            solves += used
+            if _distinct(modes, mode.z_map):
+                modes.append(mode)
+    values = transport.eigenvalues
     logger.info("Laplace: MAP log posterior %.6g after %d evaluations (gradient %.1e of its "
-                "start); Hessian rank %d of %d (largest eigenvalue %.3g) from %d probes",
-                value, calls, gradient, values.numel(), dim,
-                float(values[0]) if values.numel() else math.nan, probes)
-    return LaplaceFit(transport, x_map, value, gradient, converged, calls, values, probes,
-                      calls + solves, others)
+                "start); Hessian rank %d of %d (largest eigenvalue %.3g) from %d probes; %d "
+                "other modes", value, evaluate.calls, gradient, values.numel(), dim,
+                float(values[0]) if values.numel() else math.nan, probes, len(gaps))
+    return LaplaceFit(transport, x_map, value, gradient, converged, evaluate.calls, values,
+                      probes, evaluate.calls + solves, gaps, modes)
+
+
