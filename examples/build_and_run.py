@@ -26,7 +26,8 @@ def make_case(small):
         "sampler": {"blocks": 1 if small else 4, "hidden": 4 if small else 32,
                     "steps": 2 if small else 300, "batch": 8 if small else 64,
                     # the correction's defaults suit real runs; the smoke test keeps it tiny
-                    **({"correction": {"chains": 2, "warmup": 10, "draws": 5, "leapfrog": 2}}
+                    **({"correction": {"chains": 2, "warmup": 10, "draws": 5, "max_draws": 5,
+                                    "leapfrog": 2}}
                        if small else {})},
         "output": {"samples": 40 if small else 500},
     })

@@ -110,7 +110,8 @@ def _quantiles(v):
 
 
 _CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS), "chains": _between(1, 10**5),
-                      "draws": _between(4, 10**8), "warmup": _between(0, 10**8),
+                      "draws": _between(4, 10**8), "max_draws": _between(4, 10**8),
+                      "warmup": _between(0, 10**8),
                       "leapfrog": _between(1, 10**4), "independence": None, "modes": None}
 
 

@@ -428,6 +428,10 @@ def mcmc_tail_ess(chains):
 
 # ---------------------------------------------------------------- verdicts
 
+ESS_TARGET = 400
+"""Bulk and tail ESS at which the correction's chains may stop (with R-hat <= RHAT_MAX):
+Vehtari et al. (2021) recommend 400 for reliable R-hat and ESS estimates."""
+
 KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
 """PSIS k-hat below 0.5: good importance weights; below 0.7: usable; above: unusable."""
 RHAT_MAX, ESS_MIN = 1.01, 100.0

@@ -615,19 +615,28 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
                       progress=progress and lay.root, modes=modes)
 
 
+def _convergence(samples, log_target):
+    """Largest split R-hat (NaN for one chain) and smallest bulk and tail ESS over the
+    summaries of chains ``samples (m, n, ...)`` with their log targets."""
+    from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess, split_rhat
+    from geoinvert.samplers import ChainResult
+    chains = ChainResult(samples, log_target, np.ones(samples.shape[0]), 0, 0.0, 0.0, "", 0)
+    summaries = chains.summaries()      # once: it takes an SVD of the draws on large lattices
+    columns = [summaries[:, :, k] for k in range(summaries.shape[2])]
+    multi = samples.shape[0] > 1
+    return {"rhat": float(np.nanmax([split_rhat(c) for c in columns])) if multi else math.nan,
+            "ess": float(np.nanmin([mcmc_ess(c) for c in columns])),
+            "ess_tail": float(np.nanmin([mcmc_tail_ess(c) for c in columns]))}
+
+
 def _chain_diagnostics(pooled):
     """R-hat, bulk and tail ESS, MCSE of the mean and acceptance of pooled chains."""
-    from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess, split_rhat
-    multi = pooled.samples.shape[0] > 1
-    summaries = pooled.summaries()      # once: it takes an SVD of the draws on large lattices
-    columns = [summaries[:, :, k] for k in range(summaries.shape[2])]
+    from geoinvert.diagnostics import mcmc_ess
     cells = pooled.samples.reshape(*pooled.samples.shape[:2], -1)
     cell_ess = np.asarray([mcmc_ess(cells[:, :, k], rank_normalize=False)
                            for k in range(cells.shape[2])])
-    return {"rhat": float(np.nanmax([split_rhat(c) for c in columns])) if multi else math.nan,
-            "ess": float(np.nanmin([mcmc_ess(c) for c in columns])),
-            "ess_tail": float(np.nanmin([mcmc_tail_ess(c) for c in columns])),
-            "mcse_mean": float(np.nanmax(1.0 / np.sqrt(cell_ess))),
+    return {**_convergence(pooled.samples, pooled.log_prob),
+            "mcse_mean": float(np.nanmax(1.0 / np.sqrt(np.maximum(cell_ess, 1e-300)))),
             "acceptance": float(pooled.acceptance.mean()), "step_size": float(pooled.step_size),
             "chains": int(pooled.samples.shape[0]), "draws": int(pooled.samples.shape[1]),
             "warmup": int(pooled.warmup)}
@@ -640,10 +649,18 @@ class _ChainProgress:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, unit="it", disable=not enabled, dynamic_ncols=True,
                         desc=desc)
+        self.postfix = {}
 
     def __call__(self, done, total, accept):
-        self.bar.set_postfix(accept=f"{accept:.2f}", refresh=False)
+        if total != self.bar.total:
+            self.bar.total = total
+        self.postfix["accept"] = f"{accept:.2f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(done - self.bar.n)
+
+    def set(self, **values):
+        """Show ``values`` (e.g. the current R-hat) beside the acceptance."""
+        self.postfix.update({k: f"{v:.3g}" for k, v in values.items()})
 
     def close(self):
         self.bar.close()
@@ -667,7 +684,7 @@ def _thinned(flat_size, samples):
 
 def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None,
                chains_key="sampler.correction.chains", thin=1, initial_step=None,
-               name="correction", modes=()):
+               name="correction", modes=(), adaptive=True):
     """Correct the draws of ``fit`` to exactness: MCMC in the coordinates of ``transport``
     (default: the trained flow's latent space), started from those draws.
 
@@ -687,10 +704,25 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
                         "groups of this MPI run: every group needs a chain")
     starts = _chain_starts(fit.x, fit.log_target, config.chains)[ens.part(config.chains)]
     bar = _ChainProgress(config.warmup + config.draws * thin, progress, name)
+    budget = case.config["sampler"]["budget"] if name == "correction" else 0
+    outputs = case.config["output"]["samples"]
+
+    def until(samples, log_target, nfs):
+        """Converged, or the next block would overrun the budget (same answer on all ranks)."""
+        from geoinvert.diagnostics import ESS_TARGET, RHAT_MAX
+        d = _convergence(ens.gather(torch.from_numpy(samples)).numpy(),
+                         ens.gather(torch.from_numpy(log_target)).numpy())
+        bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
+        if d["rhat"] <= RHAT_MAX and min(d["ess"], d["ess_tail"]) >= ESS_TARGET:
+            return True
+        block = config.chains * config.draws * thin * config.solves_per_iteration()
+        return bool(budget) and fit.nfs + ens.sum(nfs)[0] + block + outputs > budget
+
     try:
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
-                      callback=bar, thin=thin, initial_step=initial_step, modes=modes)
+                      callback=bar, thin=thin, initial_step=initial_step, modes=modes,
+                      until=until if adaptive else None)
     finally:
         bar.close()
     c = res.chains
@@ -757,10 +789,10 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
     if s["kind"] == "laplace":
         return fit
     config = CorrectionConfig(kernel="pcn", chains=s["chains"], draws=s["draws"],
-                              warmup=s["warmup"], independence=False)
+                              max_draws=s["draws"], warmup=s["warmup"], independence=False)
     out = _corrected(fit, case, seed, lay, posterior, config, progress=progress,
                      transport=laplace.transport, chains_key="sampler.chains", thin=s["thin"],
-                     initial_step=s["step_size"], name="gpcn")
+                     initial_step=s["step_size"], name="gpcn", adaptive=False)
     out.diagnostics.pop("correction")
     out.diagnostics.pop("metric")
     out.diagnostics.pop("independence_acceptance")

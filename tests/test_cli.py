@@ -25,7 +25,8 @@ SMALL = {
     "data": {"synthetic": {"truth": "prior", "seed": 2}},
     "noise": {"std": 0.01},
     "sampler": {"blocks": 1, "hidden": 4, "steps": 2, "batch": 8,
-                "correction": {"chains": 4, "warmup": 20, "draws": 10, "leapfrog": 3}},
+                "correction": {"chains": 4, "warmup": 20, "draws": 10, "max_draws": 10,
+                               "leapfrog": 3}},
     "output": {"samples": 40, "direction": "x - 0.5"},
 }
 

@@ -26,7 +26,10 @@ class CorrectionConfig:
     chains: int = _field(
         8, "Chains of the correction, started from flow draws (shared out over MPI solve "
         "groups: at least one per group).", "16")
-    draws: int = _field(250, "Draws kept per chain after warm-up.", "1000")
+    draws: int = _field(250, "Draws kept per chain after warm-up, at least; the chains go "
+                        "on in blocks of as many until R-hat <= 1.01 and the bulk and tail "
+                        "ESS >= 400, or `max_draws` (or `sampler.budget`) is reached.", "500")
+    max_draws: int = _field(1000, "Most draws per chain (at least `draws`).", "4000")
     warmup: int = _field(
         250, "Warm-up iterations per chain (step size and metric adaptation), discarded.",
         "500")
@@ -43,7 +46,8 @@ class CorrectionConfig:
     def __post_init__(self):
         if self.kernel not in CORRECTION_KERNELS:
             raise ValueError(f"kernel must be one of {CORRECTION_KERNELS}, got {self.kernel!r}")
-        for name, low in (("chains", 1), ("draws", 4), ("warmup", 0), ("leapfrog", 1)):
+        for name, low in (("chains", 1), ("draws", 4), ("max_draws", 4), ("warmup", 0),
+                          ("leapfrog", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -58,14 +62,19 @@ class CorrectionConfig:
         local = self.leapfrog if self.kernel == "hmc" else 1
         return local + int(self.independence)
 
-    def solves(self) -> int:
-        """Forward solves of the whole correction: each chain's start, its re-evaluation at
-        every metric update and its iterations (0 when switched off)."""
+    def solves(self, draws=None) -> int:
+        """Forward solves of the correction with ``draws`` draws per chain (default the
+        fewest, ``draws``): each chain's start, its re-evaluation at every metric update and
+        its iterations (0 when switched off)."""
         if not self.enabled:
             return 0
         updates = len(metric_windows(self.warmup)) if self.kernel != "pcn" else 0
-        iterations = self.warmup + self.draws
+        iterations = self.warmup + (self.draws if draws is None else draws)
         return self.chains * (1 + updates + iterations * self.solves_per_iteration())
+
+    def most_solves(self) -> int:
+        """Forward solves of the correction if it runs to ``max_draws``."""
+        return self.solves(max(self.draws, self.max_draws))
 
 
 def metric_windows(warmup):

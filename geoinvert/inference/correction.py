@@ -303,7 +303,7 @@ class CorrectionResult:
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
-            initial_step=None, modes=()):
+            initial_step=None, modes=(), until=None):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
@@ -320,6 +320,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         modes: Laplace approximations at the posterior's modes
             (:class:`~geoinvert.inference.laplace.LaplaceTransport`); with independence moves
             they join the flow in the proposal (:class:`ModeMixture`).
+        until: ``until(samples (chains, n, ny, nx), log_prob (chains, n), nfs) -> bool``,
+            asked after every block of ``config.draws`` draws whether to stop; without it,
+            or when it says so, or at ``config.max_draws`` draws per chain, the chains stop.
 
     Returns:
         :class:`CorrectionResult`.
@@ -353,20 +356,33 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             callback(i + 1, total, accept)
     step = adapter.final()
     chains = state.z.shape[0]
-    x = np.empty((chains, config.draws, *state.x.shape[1:]))
-    log_prob, flow_log_prob = np.empty((chains, config.draws)), np.empty((chains, config.draws))
+    blocks, done = [], 0
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
-    for i in range(config.draws * thin):
-        a, b = _iterate(state, step, generator, config, gradient, mixture)
-        local, independent = local + a, independent + b
-        if (i + 1) % thin == 0:
-            j = i // thin
-            x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
-            flow_log_prob[:, j] = target.flow_log_prob(state.z, state.value,
-                                                       state.log_prob).numpy()
-        if callback:
-            callback(config.warmup + i + 1, total, float(a.mean()))
-    iterations = config.draws * thin
+    most = max(config.max_draws, config.draws)
+    while True:
+        size = min(config.draws, most - done)
+        x = np.empty((chains, size, *state.x.shape[1:]))
+        log_prob, flow_log_prob = np.empty((chains, size)), np.empty((chains, size))
+        for i in range(size * thin):
+            a, b = _iterate(state, step, generator, config, gradient, mixture)
+            local, independent = local + a, independent + b
+            if (i + 1) % thin == 0:
+                j = i // thin
+                x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
+                flow_log_prob[:, j] = target.flow_log_prob(state.z, state.value,
+                                                           state.log_prob).numpy()
+            if callback:
+                callback(config.warmup + done * thin + i + 1,
+                         config.warmup + (done + size) * thin, float(a.mean()))
+        blocks.append((x, log_prob, flow_log_prob))
+        done += size
+        if done >= most or until is None:
+            break
+        samples = np.concatenate([b[0] for b in blocks], axis=1)
+        if until(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs):
+            break
+    x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
+    iterations = done * thin
     method = f"{getattr(transport, 'method', 'neutra')}-{kind}"
     result = ChainResult(x, log_prob, (local / iterations).numpy(), target.nfs, step,
                          time.perf_counter() - begin, method, config.warmup)
