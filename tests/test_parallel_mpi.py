@@ -98,3 +98,23 @@ def test_layout_groups():
     assert lay.solve.Get_size() == 1 and lay.groups == WORLD.size
     with pytest.raises(ValueError, match="divisor"):
         layout(WORLD, WORLD.size + 1)
+
+
+@pytest.mark.parametrize("kind", ["laplace", "gpcn"])
+def test_laplace_kinds_under_mpi_share_draws_and_chains(kind):
+    """Every solve group fits the same Laplace approximation (its solves counted once); the
+    laplace draws do not depend on the rank count, and gpCN's chains are all gathered."""
+    sampler = {"kind": kind, "chains": 2, "warmup": 10, "draws": 12}
+    config = {**SMALL, "sampler": sampler, "output": {"samples": 12, "figures": False}}
+    folder = shared_tmp()
+    serial = run(config, out=folder / f"serial_{kind}{WORLD.rank}.nc", progress=False)
+    parallel = run(config, out=folder / f"parallel_{kind}.nc", progress=False, comm=WORLD)
+    a, b = serial.dataset, parallel.dataset
+    assert a.attrs["diagnostics_laplace_nfs"] == b.attrs["diagnostics_laplace_nfs"]
+    np.testing.assert_allclose(b["map"], a["map"], rtol=1e-10, atol=1e-12)
+    if kind == "laplace":
+        np.testing.assert_allclose(b["samples"], a["samples"], rtol=1e-10, atol=1e-12)
+        assert b.attrs["nfs"] == a.attrs["nfs"]
+    else:
+        assert sorted(set(b["chain"].values.tolist())) == [0, 1]
+        assert np.isfinite(b["log_target"]).all()
