@@ -747,6 +747,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         flow["psis_mean"], flow["psis_std"] = mean, np.sqrt((w * (fit.x - mean) ** 2).sum(0))
     diagnostics = {**fit.diagnostics, **_chain_diagnostics(pooled),
                    "correction": config.kernel, "metric": res.metric,
+                   "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
                    "independence_acceptance": float(np.nanmean(imh)) if config.independence
                    else math.nan,
                    "correction_nfs": int(nfs) + len(keep),
@@ -795,6 +796,7 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
                      initial_step=s["step_size"], name="gpcn", adaptive=False)
     out.diagnostics.pop("correction")
     out.diagnostics.pop("metric")
+    out.diagnostics.pop("leapfrog")
     out.diagnostics.pop("independence_acceptance")
     out.diagnostics["failed_solves"] = out.diagnostics.pop("correction_failed_solves")
     out.diagnostics.pop("correction_nfs")

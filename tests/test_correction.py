@@ -166,7 +166,9 @@ def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(
     config = CorrectionConfig(kernel="hmc", chains=6, warmup=160, draws=240, leapfrog=6)
     res = correct(posterior, FlowTransport(model), starts.detach(), config, generator=gen(2))
     c = res.chains
-    assert c.nfs == config.solves() and res.metric == "dense"
+    assert c.nfs <= config.solves() and res.metric == "dense"
+    # a transition integrates for pi / 2 (a quarter period of a unit Gaussian), at most 6 steps
+    assert res.leapfrog == min(6, math.ceil(math.pi / 2 / c.step_size))
     cells = c.samples.reshape(*c.samples.shape[:2], -1)
     z_mean = _z_scores(cells, exact.mean)
     z_var = _z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))

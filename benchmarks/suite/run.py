@@ -155,6 +155,24 @@ def markdown(rows, about, command):
     return "\n".join(lines) + "\n"
 
 
+def _store(path, row):
+    """Replace ``row``'s (problem, method) in ``path`` (locked: several runs may share it) and
+    rewrite the markdown; the rows after the update."""
+    import fcntl
+    with open(Path(tempfile.gettempdir()) / "geoinvert-suite.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text())["rows"] if path.exists() else []
+        rows = [r for r in rows if (r["problem"], r["method"]) != (row["problem"], row["method"])]
+        rows.append(row)
+        order = {q.name: i for i, q in enumerate(problems())}
+        rows.sort(key=lambda r: (order.get(r["problem"], 99), METHODS.index(r["method"])))
+        about = f"{platform.machine()}, {torch.get_num_threads()} threads"
+        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py"
+        path.write_text(json.dumps({"rows": rows, "machine": about}, indent=1))
+        (RESULTS / "suite.md").write_text(markdown(rows, about, command))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--problems", default="all")
@@ -180,17 +198,10 @@ def main(argv=None):
                 row["commit"] = commit
                 if method == "msign":
                     nfs = row["nfs"]
-                rows = [r for r in rows if (r["problem"], r["method"]) != (problem.name, method)]
-                rows.append(row)
                 table = markdown([row], "", "").splitlines()
                 print("\n".join("  " + l for l in table if l.startswith(f"| {problem.name}")),
                       flush=True)
-                order = {q.name: i for i, q in enumerate(problems())}
-                rows.sort(key=lambda r: (order.get(r["problem"], 99), METHODS.index(r["method"])))
-                about = f"{platform.machine()}, {torch.get_num_threads()} threads"
-                command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py"
-                path.write_text(json.dumps({"rows": rows, "machine": about}, indent=1))
-                (RESULTS / "suite.md").write_text(markdown(rows, about, command))
+                rows = _store(path, row)
     return 0
 
 

@@ -33,7 +33,9 @@ class CorrectionConfig:
     warmup: int = _field(
         250, "Warm-up iterations per chain (step size and metric adaptation), discarded.",
         "500")
-    leapfrog: int = _field(8, "HMC leapfrog steps per transition.", "16")
+    leapfrog: int = _field(32, "Most HMC leapfrog steps per transition: a transition "
+                           "integrates for pi / 2 (a quarter period of the metric-whitened "
+                           "posterior), pi / (2 step) steps, at most this many.", "64")
     independence: bool = _field(
         True, "After every local move, an independence Metropolis-Hastings move with the "
         "flow as proposal (moves chains between the modes the flow covers).", "false")
@@ -58,14 +60,15 @@ class CorrectionConfig:
         return self.kernel != "none"
 
     def solves_per_iteration(self) -> int:
-        """Forward solves of one iteration of one chain."""
+        """Forward solves of one iteration of one chain (at most: HMC may take fewer leapfrog
+        steps)."""
         local = self.leapfrog if self.kernel == "hmc" else 1
         return local + int(self.independence)
 
     def solves(self, draws=None) -> int:
         """Forward solves of the correction with ``draws`` draws per chain (default the
-        fewest, ``draws``): each chain's start, its re-evaluation at every metric update and
-        its iterations (0 when switched off)."""
+        fewest, ``draws``), at most: each chain's start, its re-evaluation at every metric
+        update and its iterations (0 when switched off)."""
         if not self.enabled:
             return 0
         updates = len(metric_windows(self.warmup)) if self.kernel != "pcn" else 0

@@ -15,6 +15,9 @@ During warm-up a further linear map z = S u is learnt (Stan's windowed adaptatio
 or dense when the window holds at least ``4 d`` draws), so that the chains stay efficient
 where the flow is poor (an undertrained flow leaves pi_T far from N(0, I)). The step size is
 adapted by dual averaging (pCN: Robbins-Monro on beta) and both are frozen after warm-up.
+An HMC transition integrates for a quarter period, pi / 2, of the metric-whitened posterior
+(for a unit Gaussian the end point is then independent of the start): pi / (2 eps) leapfrog
+steps, capped by ``leapfrog``, updated with eps during warm-up and frozen with it.
 
 References:
     Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan. NeuTra-lizing bad geometry in
@@ -47,6 +50,8 @@ _TARGET_ACCEPT = {"hmc": 0.8, "mala": 0.574, "pcn": 0.25}
 _INITIAL_STEP = {"hmc": 0.3, "mala": 0.5, "pcn": 0.5}
 _SHRINK = 5.0          # Stan's regularisation of the estimated metric: n / (n + 5) S + ...
 _DENSE_DRAWS = 4       # dense metric when the window holds at least 4 d draws
+_TRAJECTORY = math.pi / 2   # HMC integration time: a quarter period of a unit Gaussian, after
+#                           which its position is independent of where it started
 
 
 # -- the transport and the latent target ------------------------------------------------------
@@ -249,9 +254,16 @@ def _mixture_move(state, mixture, generator, *, gradient):
     return prob
 
 
+def _leapfrog(step, config):
+    """Leapfrog steps integrating for :data:`_TRAJECTORY` at ``step``, at most
+    ``config.leapfrog``."""
+    return int(min(config.leapfrog, max(1, math.ceil(_TRAJECTORY / step))))
+
+
 def _new_state(kind, target, x, config):
     if kind == "hmc":
-        return HMCKernel(target, x, n_leapfrog=config.leapfrog, jitter=0.2)
+        return HMCKernel(target, x, n_leapfrog=_leapfrog(_INITIAL_STEP[kind], config),
+                         jitter=0.2)
     if kind == "mala":
         return MALAKernel(target, x)
     return _PCNState(target, x)
@@ -293,6 +305,7 @@ class CorrectionResult:
             warm-up (NaN without them).
         failed: evaluations whose target was not finite (failed solves of proposals).
         metric: ``"unit"``, ``"diagonal"`` or ``"dense"``.
+        leapfrog: HMC leapfrog steps per transition after warm-up (None for other kernels).
     """
 
     chains: ChainResult
@@ -300,6 +313,7 @@ class CorrectionResult:
     independence_acceptance: np.ndarray
     failed: int
     metric: str
+    leapfrog: int = None
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -343,6 +357,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     gradient = kind != "pcn"
     mixture = ModeMixture(target, modes) if modes and config.independence else None
     for i in range(config.warmup):
+        if kind == "hmc":
+            state.n_leapfrog = _leapfrog(adapter.value, config)
         accept = float(_iterate(state, adapter.value, generator, config, gradient,
                                 mixture)[0].mean())
         adapter.update(accept)
@@ -355,6 +371,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         if callback:
             callback(i + 1, total, accept)
     step = adapter.final()
+    if kind == "hmc":
+        state.n_leapfrog = _leapfrog(step, config)
     chains = state.z.shape[0]
     blocks, done = [], 0
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
@@ -388,7 +406,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                          time.perf_counter() - begin, method, config.warmup)
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
-    return CorrectionResult(result, flow_log_prob, imh, target.failed, metric)
+    return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
+                            state.n_leapfrog if kind == "hmc" else None)
 
 
 def _iterate(state, step, generator, config, gradient, mixture=None):
