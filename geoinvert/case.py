@@ -518,7 +518,7 @@ def _rule_correction_for_flows(raw, config):
             raise CaseError("sampler.correction", f"applies to flows (msign, asvgd), not to "
                             f"sampler.kind {s['kind']}")
         return
-    reserved = correction_config(config).solves() + config["output"]["samples"]
+    reserved = correction_config(config).reserved() + config["output"]["samples"]
     if s["budget"] and s["budget"] <= reserved:
         raise CaseError("sampler.budget", f"{s['budget']} forward solves leave nothing for "
                         f"training: the correction and the final draws take {reserved} "
@@ -959,7 +959,7 @@ def reserved_solves(config):
     if not correction.enabled:
         return samples
     search = _mode_search_solves(config) if correction.independence and correction.modes else 0
-    return samples + correction.solves() + samples + search
+    return samples + correction.reserved() + samples + search
 
 
 def training_solves(case):
@@ -1015,7 +1015,7 @@ def estimate_cost(case):
     solves, equivalents, flow = _training_cost(case)
     reserved = reserved_solves(case.config)
     correction = correction_config(case.config)
-    batches = correction.solves() / correction.chains if correction.enabled else 0
+    batches = correction.reserved() / correction.chains if correction.enabled else 0
     scale = max(4 ** case.finest / 4096, 0.15)
     flow += batches * (0.005 + correction.chains * 2e-3 * scale)
     return (solves + reserved, equivalents + reserved,

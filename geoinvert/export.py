@@ -722,7 +722,9 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,
-                      until=until if adaptive else None)
+                      until=until if adaptive else None,
+                      max_solves=max(budget - fit.nfs - outputs, 0) // ens.size
+                      if budget else None)
     finally:
         bar.close()
     c = res.chains

@@ -281,10 +281,10 @@ def test_correction_section_defaults_shorthand_and_kind_rules():
     assert not correction_config(off).enabled
     assert reserved_solves(off) == off["output"]["samples"]
     search = 8 * 60 + 6 * 4          # the mode search: 8 L-BFGS runs, a Hessian of rank <= 4
-    assert reserved_solves(config) == correction_config(config).solves() + 2 * 500 + search
+    assert reserved_solves(config) == correction_config(config).reserved() + 2 * 500 + search
     no_modes = load_case({**base, "sampler": {**base["sampler"],
                                               "correction": {"modes": False}}}).config
-    assert reserved_solves(no_modes) == correction_config(config).solves() + 2 * 500
+    assert reserved_solves(no_modes) == correction_config(config).reserved() + 2 * 500
     with pytest.raises(CaseError, match="sampler.correction.kernel"):
         load_case({**base, "sampler": {"correction": {"kernel": "nuts"}}})
     with pytest.raises(CaseError, match="sampler.correction: applies to flows"):

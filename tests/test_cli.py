@@ -269,3 +269,16 @@ def test_run_prints_its_verdict(case_file, tmp_path, capsys):
     assert verdict != "ok" and "effective sample size" in verdict
     assert "verdict: NOT RELIABLE" in captured.out
     assert "WARNING: effective sample size" in captured.err
+
+
+def test_a_budget_holds_with_the_correction_and_the_mode_search(tmp_path):
+    """Training gets what the budget leaves after the reservation; the mode search's actual
+    cost and the correction's trajectories (shortened to fit) keep the total within it."""
+    from geoinvert.export import run
+    budget = 4000
+    correction = {**SMALL["sampler"]["correction"], "max_draws": 40, "leapfrog": 12}
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "budget": budget, "steps": 1000,
+                                   "correction": correction}}
+    ds = run(config, out=tmp_path / "budget.nc", progress=False).dataset
+    assert budget / 2 < ds.attrs["nfs"] <= budget
+    assert ds.attrs["diagnostics_mode_search_nfs"] > 0

@@ -59,6 +59,9 @@ def test_config_counts_its_solves_and_rejects_bad_settings():
     assert CorrectionConfig(kernel="pcn", chains=2, warmup=10, draws=5,
                             independence=False).solves() == 2 * (1 + 15)
     assert CorrectionConfig(kernel="none").solves() == 0
+    # a budget sets aside the correction at 8 leapfrog steps (the trajectories fit its share)
+    assert CorrectionConfig(chains=2, warmup=0, draws=10, independence=False).reserved() == \
+        2 * (1 + 10 * 8)
     with pytest.raises(ValueError, match="kernel"):
         CorrectionConfig(kernel="nuts")
     with pytest.raises(ValueError, match="draws"):

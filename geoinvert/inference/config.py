@@ -59,13 +59,13 @@ class CorrectionConfig:
         """False for kernel ``none``."""
         return self.kernel != "none"
 
-    def solves_per_iteration(self) -> int:
-        """Forward solves of one iteration of one chain (at most: HMC may take fewer leapfrog
-        steps)."""
-        local = self.leapfrog if self.kernel == "hmc" else 1
+    def solves_per_iteration(self, leapfrog=None) -> int:
+        """Forward solves of one iteration of one chain with ``leapfrog`` HMC steps (default
+        the most, ``leapfrog``)."""
+        local = (leapfrog or self.leapfrog) if self.kernel == "hmc" else 1
         return local + int(self.independence)
 
-    def solves(self, draws=None) -> int:
+    def solves(self, draws=None, leapfrog=None) -> int:
         """Forward solves of the correction with ``draws`` draws per chain (default the
         fewest, ``draws``), at most: each chain's start, its re-evaluation at every metric
         update and its iterations (0 when switched off)."""
@@ -73,11 +73,21 @@ class CorrectionConfig:
             return 0
         updates = len(metric_windows(self.warmup)) if self.kernel != "pcn" else 0
         iterations = self.warmup + (self.draws if draws is None else draws)
-        return self.chains * (1 + updates + iterations * self.solves_per_iteration())
+        return self.chains * (1 + updates + iterations * self.solves_per_iteration(leapfrog))
+
+    def reserved(self) -> int:
+        """What a budget sets aside for the correction: :meth:`solves` with at most
+        :data:`TYPICAL_LEAPFROG` HMC steps (with a budget the correction shortens its
+        trajectories to fit its share)."""
+        return self.solves(leapfrog=min(self.leapfrog, TYPICAL_LEAPFROG))
 
     def most_solves(self) -> int:
         """Forward solves of the correction if it runs to ``max_draws``."""
         return self.solves(max(self.draws, self.max_draws))
+
+
+TYPICAL_LEAPFROG = 8
+"""Leapfrog steps of a transition when the flow fits (a step near 0.2): the budget's share."""
 
 
 def metric_windows(warmup):

@@ -254,10 +254,11 @@ def _mixture_move(state, mixture, generator, *, gradient):
     return prob
 
 
-def _leapfrog(step, config):
+def _leapfrog(step, config, cap=None):
     """Leapfrog steps integrating for :data:`_TRAJECTORY` at ``step``, at most
-    ``config.leapfrog``."""
-    return int(min(config.leapfrog, max(1, math.ceil(_TRAJECTORY / step))))
+    ``config.leapfrog`` (and ``cap``)."""
+    most = config.leapfrog if cap is None else min(config.leapfrog, cap)
+    return int(min(most, max(1, math.ceil(_TRAJECTORY / step))))
 
 
 def _new_state(kind, target, x, config):
@@ -317,7 +318,7 @@ class CorrectionResult:
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
-            initial_step=None, modes=(), until=None):
+            initial_step=None, modes=(), until=None, max_solves=None):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
@@ -337,6 +338,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         until: ``until(samples (chains, n, ny, nx), log_prob (chains, n), nfs) -> bool``,
             asked after every block of ``config.draws`` draws whether to stop; without it,
             or when it says so, or at ``config.max_draws`` draws per chain, the chains stop.
+        max_solves: solves the correction may use (a budget's share): HMC trajectories are
+            shortened (down to one leapfrog step) so that the warm-up and the first block of
+            draws fit in it.
 
     Returns:
         :class:`CorrectionResult`.
@@ -356,9 +360,19 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     total, window = config.warmup + config.draws * thin, []
     gradient = kind != "pcn"
     mixture = ModeMixture(target, modes) if modes and config.independence else None
+    chains = state.z.shape[0]
+
+    def affordable(iterations):
+        """Leapfrog steps that keep the rest of ``iterations`` within ``max_solves``."""
+        if max_solves is None:
+            return None
+        left = (max_solves - target.nfs) / (chains * max(iterations, 1))
+        return max(1, int(left) - int(config.independence))
+
     for i in range(config.warmup):
         if kind == "hmc":
-            state.n_leapfrog = _leapfrog(adapter.value, config)
+            state.n_leapfrog = _leapfrog(adapter.value, config,
+                                         affordable(config.warmup - i + config.draws * thin))
         accept = float(_iterate(state, adapter.value, generator, config, gradient,
                                 mixture)[0].mean())
         adapter.update(accept)
@@ -372,8 +386,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             callback(i + 1, total, accept)
     step = adapter.final()
     if kind == "hmc":
-        state.n_leapfrog = _leapfrog(step, config)
-    chains = state.z.shape[0]
+        state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
     blocks, done = [], 0
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
     most = max(config.max_draws, config.draws)
