@@ -830,8 +830,15 @@ def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
         options["n_leapfrog"] = s["leapfrog"]
     runner = {"pcn": samplers.run_pcn, "mala": samplers.run_mala, "hmc": samplers.run_hmc}
     bar = _ChainProgress(s["warmup"] + s["draws"] * s["thin"], progress, s["kind"])
+
+    def monitor(samples, log_target):       # every group calls it at the same draws
+        d = _convergence(ens.gather(torch.from_numpy(np.ascontiguousarray(samples))).numpy(),
+                         ens.gather(torch.from_numpy(np.ascontiguousarray(log_target))).numpy())
+        bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
+
     try:
-        res = runner[s["kind"]](posterior, callback=bar, **options)
+        res = runner[s["kind"]](posterior, callback=bar, monitor=monitor if progress or
+                                ens.size > 1 else None, **options)
     finally:
         bar.close()
     samples = ens.gather(torch.from_numpy(res.samples)).numpy()

@@ -277,7 +277,8 @@ class WhitenedState:
 # -- the loop -------------------------------------------------------------------------------------
 
 
-def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None, callback=None):
+def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None, callback=None,
+               monitor=None):
     """Warm up (adapting the step), freeze the step, then store every ``thin``-th state.
 
     Args:
@@ -289,6 +290,8 @@ def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None
         method: name stored in the result.
         draws, warmup, thin: stored draws, warm-up iterations, iterations per stored draw.
         callback: ``callback(iteration, total, acceptance)`` after every iteration.
+        monitor: ``monitor(samples (chains, i, ...), log_prob (chains, i))`` with the draws so
+            far, after every tenth of them (e.g. to show the current R-hat).
 
     Returns:
         :class:`ChainResult`.
@@ -314,6 +317,8 @@ def run_chains(kernel, adapter, *, method, draws, warmup, thin=1, generator=None
             if callback:
                 callback(warmup + i * thin + j + 1, total, float(prob.mean()))
         samples[:, i], log_prob[:, i] = kernel.x.numpy(), kernel.log_prob.numpy()
+        if monitor and (i + 1) % max(draws // 10, 1) == 0 and i + 1 >= 4:
+            monitor(samples[:, : i + 1], log_prob[:, : i + 1])
     return ChainResult(samples, log_prob, (accept / max(draws * thin, 1)).numpy(),
                        kernel.target.nfs, step,
                        time.perf_counter() - start, method, warmup, kernel.target.failed)

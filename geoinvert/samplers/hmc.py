@@ -40,7 +40,8 @@ class HMCKernel(WhitenedState):
 
 
 def run_hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_leapfrog=10,
-        jitter=0.2, target_accept=0.8, thin=1, init=None, generator=None, callback=None):
+        jitter=0.2, target_accept=0.8, thin=1, init=None, generator=None, callback=None,
+        monitor=None):
     r"""Run ``chains`` prior-preconditioned HMC chains as one batch.
 
     The chains move in the prior's white coordinates z (x = mu + C z, C C^T = Sigma, so the unit
@@ -64,6 +65,8 @@ def run_hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_lea
         init: starting fields ``(chains, ny, nx)``; default prior draws.
         generator: ``torch.Generator``.
         callback: ``callback(iteration, total, acceptance)`` after every iteration.
+        monitor: ``monitor(samples, log_prob)`` with the draws so far, ten times while
+            drawing (see :func:`~geoinvert.samplers.chains.run_chains`).
 
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult`.
@@ -77,4 +80,4 @@ def run_hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_lea
     kernel = HMCKernel(target, x, n_leapfrog=n_leapfrog, jitter=jitter)
     adapter = DualAveraging(step_size, target_accept)
     return run_chains(kernel, adapter, method="hmc", draws=draws, warmup=warmup, thin=thin,
-                      generator=generator, callback=callback)
+                      generator=generator, callback=callback, monitor=monitor)

@@ -28,7 +28,8 @@ class MALAKernel(WhitenedState):
 
 
 def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, target_accept=0.574,
-         thin=1, init=None, generator=None, callback=None):
+         thin=1, init=None, generator=None, callback=None,
+         monitor=None):
     r"""Run ``chains`` prior-preconditioned MALA chains as one batch.
 
     The chains move in the prior's white coordinates z (x = mu + C z, C C^T = Sigma, see
@@ -50,6 +51,8 @@ def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, targ
         init: starting fields ``(chains, ny, nx)``; default prior draws.
         generator: ``torch.Generator``.
         callback: ``callback(iteration, total, acceptance)`` after every iteration.
+        monitor: ``monitor(samples, log_prob)`` with the draws so far, ten times while
+            drawing (see :func:`~geoinvert.samplers.chains.run_chains`).
 
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult`.
@@ -59,4 +62,4 @@ def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, targ
     kernel = MALAKernel(target, initial_states(target, init, chains, generator))
     adapter = DualAveraging(step_size, target_accept)
     return run_chains(kernel, adapter, method="mala", draws=draws, warmup=warmup, thin=thin,
-                      generator=generator, callback=callback)
+                      generator=generator, callback=callback, monitor=monitor)

@@ -44,7 +44,8 @@ class PCNKernel:
 
 
 def run_pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_accept=0.25, thin=1,
-        init=None, generator=None, callback=None):
+        init=None, generator=None, callback=None,
+        monitor=None):
     r"""Run ``chains`` pCN chains as one batch (one forward evaluation of the batch per step).
 
     During ``warmup`` iterations beta is adapted by Robbins-Monro on log beta towards the mean
@@ -67,6 +68,8 @@ def run_pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_acc
         init: starting fields ``(chains, ny, nx)``; default prior draws.
         generator: ``torch.Generator`` for reproducibility.
         callback: ``callback(iteration, total, acceptance)`` after every iteration.
+        monitor: ``monitor(samples, log_prob)`` with the draws so far, ten times while
+            drawing (see :func:`~geoinvert.samplers.chains.run_chains`).
 
     Returns:
         :class:`~geoinvert.samplers.chains.ChainResult` with ``step_size`` = beta.
@@ -76,4 +79,4 @@ def run_pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_acc
     kernel = PCNKernel(target, initial_states(target, init, chains, generator))
     adapter = RobbinsMonro(beta, target_accept, upper=1.0)
     return run_chains(kernel, adapter, method="pcn", draws=draws, warmup=warmup, thin=thin,
-                      generator=generator, callback=callback)
+                      generator=generator, callback=callback, monitor=monitor)
