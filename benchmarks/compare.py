@@ -14,7 +14,7 @@ Larger budgets::
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare.py --budget-quadratic 100000 \
         --budget-elliptic 250000 --tag big
 
-Problems (issue #7):
+Problems:
 
 (a) the quadratic test bed y = <phi, x>^2 of ``msign_quadratic.py`` (Matern prior, Dirichlet
     boundary, phi an eigenvector of the prior precision, noise 0.3 y) on 16 x 16 (L = 4),

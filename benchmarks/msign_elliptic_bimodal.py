@@ -9,7 +9,7 @@ Longer training, bigger flow::
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/msign_elliptic_bimodal.py \
         --steps 600,600,1000,2000 --batch 64 --blocks 6 --hidden 64 --tag long
 
-Problem (issue #4): -div(exp(x) grad u) = f on the unit square, u = 0 on the left and right
+Problem: -div(exp(x) grad u) = f on the unit square, u = 0 on the left and right
 sides, zero flux on the bottom and top; source, boundary conditions, prior and measurements are
 all invariant under the mirror s2 -> 1 - s2, the truth (a permeable channel in the lower half)
 is not. Hence F(x) = F(mirror(x)) and the posterior has two modes of exactly equal mass: the

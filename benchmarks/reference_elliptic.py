@@ -9,7 +9,7 @@ Longer::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reference_elliptic.py --draws 6000 --tag long
 
-Problem: ``cases/elliptic_bimodal.yaml`` (issue #7: "a long multi-chain MCMC run, saved once
+Problem: ``cases/elliptic_bimodal.yaml`` ("a long multi-chain MCMC run, saved once
 with its diagnostics"). Three groups of chains run as one batch (one batched forward and adjoint
 evaluation per leapfrog step): ``truth`` (started near the truth, truth + 0.3 x prior draw),
 ``mirror`` (the mirror images of those starts) and ``prior`` (prior draws). The step is adapted
@@ -18,7 +18,7 @@ by dual averaging during the warm-up and frozen; draws after the warm-up are kep
 The exact symmetry. Source, boundary conditions, prior and measurements are invariant under the
 mirror M: s2 -> 1 - s2 (on the lattice, ``x[::-1, :]``), so the posterior satisfies
 q(M x) = q(x) exactly (checked below: log q(M x) - log q(x) at the truth and at chain draws is
-zero to round-off). Issue #7 expected the chains to rarely cross between the two modes; then
+zero to round-off). One might expect the chains to rarely cross between the two modes; then
 the raw fraction of draws in each mode would only say where the chains started. Crossings are
 counted and reported: on this case file the chains cross every few draws (the two "modes" are
 the two halves of one broad symmetric hump, see ``msign_elliptic_bimodal.md``), and the raw
