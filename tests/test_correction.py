@@ -19,6 +19,7 @@ from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.train import train_msign
+from geoinvert.testing import bimodal_quadratic
 from geoinvert.verify import taylor_test
 
 F64 = torch.float64
@@ -200,14 +201,8 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior():
     Local HMC alone cannot cross between the modes; with independence moves the chains do,
     and the positive fraction is 0.5 within 0.05 (about four standard errors at the ESS of
     the sign, which the test also requires to exceed 200)."""
-    level = 2
-    prior = MaternPrior(level, correlation_length=0.3, std=1.0)
-    forward = QuadraticForward((4, 4))
-    y, noise = 0.02, 0.005
-    post = Posterior(prior, forward, np.array([y]), np.array([noise]), level)
-    w = forward.functional
-    exact = ExactQuadraticPosterior(prior.mean(level).ravel(), prior.covariance(level), w, y,
-                                    noise, shape=(4, 4))
+    post, exact, w = bimodal_quadratic()
+    prior = post.prior
     assert exact.mode_mass() == pytest.approx(0.5, abs=1e-9)
     model = perturbed_flow(prior, scale=0.02)
     draws = exact.sample(400, gen(7))

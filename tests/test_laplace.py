@@ -23,6 +23,8 @@ from geoinvert.inference.laplace import EIGENVALUE_CUTOFF, fit_laplace, linearis
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.samplers.whitening import prior_whitening
+from geoinvert.testing import bimodal_quadratic
+from test_cli import SMALL as CLI_SMALL
 
 F64 = torch.float64
 
@@ -229,17 +231,7 @@ def test_gpcn_is_exact_where_the_laplace_is_far_off():
 # -- through the case file ------------------------------------------------------------------------
 
 
-SMALL = {
-    "name": "small",
-    "levels": {"finest": 3},
-    "prior": {"correlation_length": 0.3},
-    "forward": {"kind": "linear"},
-    "observations": {"functions": [{"shape": "gaussian", "center": [0.3, 0.3], "width": 0.15},
-                                   {"shape": "gaussian", "center": [0.7, 0.6], "width": 0.15}]},
-    "data": {"synthetic": {"truth": "prior", "seed": 2}},
-    "noise": {"std": 0.01},
-    "output": {"samples": 40},
-}
+SMALL = {**{k: v for k, v in CLI_SMALL.items() if k != "sampler"}, "output": {"samples": 40}}
 
 
 def test_laplace_kind_writes_its_draws_with_an_importance_check(tmp_path):
@@ -288,14 +280,7 @@ def test_laplace_modes_in_the_independence_proposal_restore_a_dropped_mode():
     there; with the Laplace fits at both modes found by the searches in the independence
     proposal the positive fraction is 0.5 within 0.05 (four standard errors at the ESS of the
     sign, which is required to exceed 200) and each side has the exact centre and width."""
-    level = 2
-    prior = MaternPrior(level, correlation_length=0.3, std=1.0)
-    forward = QuadraticForward((4, 4))
-    y, noise = 0.02, 0.005
-    post = Posterior(prior, forward, np.array([y]), np.array([noise]), level)
-    w = forward.functional
-    exact = ExactQuadraticPosterior(prior.mean(level).ravel(), prior.covariance(level), w, y,
-                                    noise, shape=(4, 4))
+    post, exact, w = bimodal_quadratic()
     fit = fit_laplace(post, generator=gen(), all_modes=True)
     assert len(fit.modes) == 2 and fit.other_modes[0] < 1e-6
     side = [m for m in fit.modes if float(m.to_x(torch.zeros(1, 16, dtype=F64))[0]
