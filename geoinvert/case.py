@@ -1067,6 +1067,17 @@ def _summary_lines(case):
         lines.append(f"  level {level}: {ny} x {nx} = {ny * nx} unknowns")
     lines.append(f"estimated cost: {solves} forward solves (~{equiv:.0f} finest-level "
                  f"equivalents), roughly {_duration(seconds)} on one core")
+    s = case.config["sampler"]
+    correction = correction_config(case.config)
+    if s["kind"] in FLOW_KINDS and correction.enabled:
+        most = correction.most_solves() - correction.reserved()
+        if s["budget"]:
+            most = max(min(most, s["budget"] - solves), 0)
+        if most > 0:
+            per_solve = seconds / max(equiv, 1)
+            lines.append(f"  (the correction may take up to {most} more, about "
+                         f"{_duration(most * per_solve)}, if its chains need long trajectories "
+                         "or more draws to converge)")
     return lines
 
 
