@@ -571,6 +571,7 @@ class _Fit:
     draw: np.ndarray = None
     flow: dict = None
     map: np.ndarray = None
+    psis: dict = None
 
 
 def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, checkpoint_every):
@@ -682,6 +683,20 @@ def _thinned(flat_size, samples):
     return np.unique(np.linspace(0, flat_size - 1, min(samples, flat_size)).astype(int))
 
 
+def _psis_estimates(x, log_target, log_prob):
+    """``{"psis_mean", "psis_std"}`` of draws ``x`` weighted by target / approximation with
+    Pareto smoothing, when k-hat < 0.7 (else empty: the weights cannot be trusted)."""
+    from geoinvert.diagnostics import KHAT_USABLE, psis_log_weights
+    if np.isfinite(log_target).sum() < 25:
+        return {}
+    log_w, khat = psis_log_weights(log_target - log_prob)
+    if not khat < KHAT_USABLE:
+        return {}
+    w = np.exp(log_w)[:, None, None]
+    mean = (w * x).sum(0)
+    return {"psis_mean": mean, "psis_std": np.sqrt((w * (x - mean) ** 2).sum(0))}
+
+
 def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None,
                chains_key="sampler.correction.chains", thin=1, initial_step=None,
                name="correction", modes=(), adaptive=True):
@@ -692,7 +707,6 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     the corrected draws (unlike the flow's) depend on the number of groups.
     """
     import torch
-    from geoinvert.diagnostics import KHAT_USABLE, psis_log_weights
     from geoinvert.errors import CaseError
     from geoinvert.inference.correction import FlowTransport, correct
     from geoinvert.samplers import ChainResult
@@ -740,13 +754,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     with torch.no_grad():
         pred = posterior.forward(torch.from_numpy(x[ens.part(len(keep))]))
     pred = ens.gather(pred.to(torch.float64)).numpy()
-    flow = {"x": fit.x, "log_prob": fit.log_prob, "log_target": fit.log_target}
-    log_w, khat = psis_log_weights(fit.log_target - fit.log_prob) \
-        if np.isfinite(fit.log_target).sum() >= 25 else (None, np.inf)
-    if khat < KHAT_USABLE:
-        w = np.exp(log_w)[:, None, None]
-        mean = (w * fit.x).sum(0)
-        flow["psis_mean"], flow["psis_std"] = mean, np.sqrt((w * (fit.x - mean) ** 2).sum(0))
+    flow = {"x": fit.x, "log_prob": fit.log_prob, "log_target": fit.log_target,
+            **_psis_estimates(fit.x, fit.log_target, fit.log_prob)}
     diagnostics = {**fit.diagnostics, **_chain_diagnostics(pooled),
                    "correction": config.kernel, "metric": res.metric,
                    "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
@@ -790,7 +799,7 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
     fit = _Fit(x, log_prob, log_target, np.nanmean(pred.numpy(), 0), {}, [], laplace.nfs + n,
                diagnostics, map=laplace.x_map.numpy())
     if s["kind"] == "laplace":
-        return fit
+        return dataclasses.replace(fit, psis=_psis_estimates(x, log_target, log_prob))
     config = CorrectionConfig(kernel="pcn", chains=s["chains"], draws=s["draws"],
                               max_draws=s["draws"], warmup=s["warmup"], independence=False)
     out = _corrected(fit, case, seed, lay, posterior, config, progress=progress,
@@ -932,6 +941,9 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         _add_flow_vars(ds, fit.flow, "laplace" if kind == "gpcn" else "flow")
     if fit.map is not None:
         ds["map"] = (("y", "x"), fit.map, {"long_name": "maximum a posteriori field"})
+    for name, value in (fit.psis or {}).items():
+        ds[name] = (("y", "x"), value, {"long_name": f"PSIS-reweighted estimate of the "
+                                        f"posterior {name[5:]} from the samples"})
     mpath = model_path(path) if fit.model is not None else None
     if lay.root:
         if fit.model is not None:

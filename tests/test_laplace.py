@@ -245,6 +245,7 @@ def test_laplace_kind_writes_its_draws_with_an_importance_check(tmp_path):
         np.testing.assert_allclose(ds["log_target"] - ds["log_prob"],
                                    float(ds["log_target"][0] - ds["log_prob"][0]), atol=1e-8)
         assert ds.attrs["verdict"] == "ok" and ds.attrs["diagnostics_laplace_rank"] == 2
+        np.testing.assert_allclose(ds["psis_mean"], ds["mean"], atol=1e-8)   # equal weights
         assert ds.attrs["nfs"] == ds.attrs["diagnostics_laplace_nfs"] + 40
         lines, warnings = summary_lines(ds)
         assert any(line.startswith("Laplace fit: good") for line in lines) and not warnings
