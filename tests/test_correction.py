@@ -19,7 +19,7 @@ from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.train import train_msign
-from geoinvert.testing import bimodal_quadratic
+from geoinvert.testing import bimodal_quadratic, gaussian_kl, z_scores
 from geoinvert.verify import taylor_test
 
 F64 = torch.float64
@@ -129,24 +129,6 @@ def test_whitened_gradient_equals_autograd_of_the_value():
     torch.testing.assert_close(grad, expected)
 
 
-def _z_scores(cells, reference):
-    """(estimate - reference) / MCSE of each column of chains ``(m, n, k)``."""
-    out = []
-    for k in range(cells.shape[2]):
-        c = cells[:, :, k]
-        out.append((c.mean() - reference[k]) / (c.std() / math.sqrt(mcmc_ess(c, rank_normalize=False))))
-    return np.asarray(out)
-
-
-def _gaussian_kl(mean, cov, ref_mean, ref_cov):
-    """KL(N(mean, cov) || N(ref_mean, ref_cov))."""
-    d = mean.size
-    inv = np.linalg.inv(ref_cov)
-    diff = ref_mean - mean
-    return 0.5 * (np.trace(inv @ cov) + diff @ inv @ diff - d
-                  + np.linalg.slogdet(ref_cov)[1] - np.linalg.slogdet(cov)[1])
-
-
 def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(linear):
     """A flow trained for three steps is far from the posterior (its importance weights are
     unusable); the corrected chains match the exact mean and covariance within Monte-Carlo
@@ -174,20 +156,20 @@ def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(
     # a transition integrates for pi / 2 (a quarter period of a unit Gaussian), at most 6 steps
     assert res.leapfrog == min(6, math.ceil(math.pi / 2 / c.step_size))
     cells = c.samples.reshape(*c.samples.shape[:2], -1)
-    z_mean = _z_scores(cells, exact.mean)
-    z_var = _z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))
+    z_mean = z_scores(cells, exact.mean)
+    z_var = z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))
     for z in (z_mean, z_var):
         assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
     # the data directions: t_k = g_k . x, whose posterior variance the data set
     g = posterior.forward.matrix
     t = cells @ g.T
     exact_t_var = np.diag(g @ exact.cov @ g.T)
-    assert np.abs(_z_scores(t, g @ exact.mean)).max() < 4.5
-    assert np.abs(_z_scores((t - g @ exact.mean) ** 2, exact_t_var)).max() < 4.5
+    assert np.abs(z_scores(t, g @ exact.mean)).max() < 4.5
+    assert np.abs(z_scores((t - g @ exact.mean) ** 2, exact_t_var)).max() < 4.5
     flat = cells.reshape(-1, cells.shape[2])
     squares = (cells - exact.mean) ** 2
     n_eff = np.median([mcmc_ess(squares[:, :, k], rank_normalize=False) for k in range(64)])
-    kl = _gaussian_kl(flat.mean(0), np.cov(flat.T), exact.mean, exact.cov)
+    kl = gaussian_kl(flat.mean(0), np.cov(flat.T), exact.mean, exact.cov)
     assert kl < 2 * 64 * 67 / (4 * n_eff), (kl, n_eff)
     assert c.rhat() < 1.05 and np.isfinite(c.log_prob).all()
     np.testing.assert_allclose(c.log_prob.reshape(-1)[:5],

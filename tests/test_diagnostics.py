@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from geoinvert import diagnostics as dg
+from geoinvert.testing import gaussian_kl
 
 # Monte-Carlo checks use 4 standard errors (false-alarm probability < 1e-4) with fixed seeds.
 N_SE = 4.0
@@ -75,22 +76,13 @@ def test_psis_khat_is_small_for_good_proposals_and_large_for_bad_ones():
 
 # ---------------------------------------------------------------- divergences
 
-def _gaussian_kl(m0, S0, m1, S1):
-    """Closed form KL(N(m0, S0) || N(m1, S1))."""
-    d = m0.size
-    S1inv = np.linalg.inv(S1)
-    diff = m1 - m0
-    return 0.5 * (np.trace(S1inv @ S0) + diff @ S1inv @ diff - d
-                  + np.linalg.slogdet(S1)[1] - np.linalg.slogdet(S0)[1])
-
-
 def test_jeffreys_between_gaussians_matches_closed_form():
     mq, Sq = np.array([0.0, 0.5, -0.2]), np.array([[1.0, 0.3, 0.0], [0.3, 0.8, 0.1], [0.0, 0.1, 0.5]])
     mp, Sp = np.array([0.3, 0.2, 0.0]), np.diag([1.5, 0.6, 0.4])
     q, p = stats.multivariate_normal(mq, Sq), stats.multivariate_normal(mp, Sp)
     xq, xp = q.rvs(20000, random_state=3), p.rvs(20000, random_state=4)
     est = dg.jeffreys_divergence(q.logpdf(xq), p.logpdf(xq), p.logpdf(xp), q.logpdf(xp))
-    exact = _gaussian_kl(mq, Sq, mp, Sp) + _gaussian_kl(mp, Sp, mq, Sq)
+    exact = gaussian_kl(mq, Sq, mp, Sp) + gaussian_kl(mp, Sp, mq, Sq)
     assert abs(est.value - exact) < N_SE * est.stderr
     assert est.stderr < 0.05 * exact  # informative
 

@@ -23,7 +23,7 @@ from geoinvert.inference.laplace import EIGENVALUE_CUTOFF, fit_laplace, linearis
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.samplers.whitening import prior_whitening
-from geoinvert.testing import bimodal_quadratic
+from geoinvert.testing import bimodal_quadratic, z_scores
 from test_cli import SMALL as CLI_SMALL
 
 F64 = torch.float64
@@ -53,16 +53,6 @@ def _covariance(transport):
     cols = transport.to_x(torch.eye(transport.dim, dtype=F64))[0] - x0
     a = cols.reshape(transport.dim, -1).T
     return x0.reshape(-1).numpy(), (a @ a.T).numpy()
-
-
-def _z_scores(cells, reference):
-    """(estimate - reference) / MCSE of each column of chains ``(m, n, k)``."""
-    out = []
-    for k in range(cells.shape[2]):
-        c = cells[:, :, k]
-        mcse = c.std() / math.sqrt(mcmc_ess(c, rank_normalize=False))
-        out.append((c.mean() - reference[k]) / mcse)
-    return np.asarray(out)
 
 
 # -- tangent-linear model ---------------------------------------------------------------------
@@ -190,13 +180,13 @@ def test_gpcn_on_an_exact_laplace_accepts_everything_and_matches_the_posterior()
     assert c.acceptance.min() > 0.999 and c.step_size == pytest.approx(1.0)
     assert c.nfs == 4 * (1 + 100 + 600)
     cells = c.samples.reshape(4, 300, -1)
-    for z in (_z_scores(cells, exact.mean),
-              _z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))):
+    for z in (z_scores(cells, exact.mean),
+              z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))):
         assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
     g = posterior.forward.matrix
     t = cells @ g.T
-    assert np.abs(_z_scores(t, g @ exact.mean)).max() < 4.5
-    assert np.abs(_z_scores((t - g @ exact.mean) ** 2, np.diag(g @ exact.cov @ g.T))).max() < 4.5
+    assert np.abs(z_scores(t, g @ exact.mean)).max() < 4.5
+    assert np.abs(z_scores((t - g @ exact.mean) ** 2, np.diag(g @ exact.cov @ g.T))).max() < 4.5
 
 
 def test_gpcn_is_exact_where_the_laplace_is_far_off():
@@ -222,7 +212,7 @@ def test_gpcn_is_exact_where_the_laplace_is_far_off():
     t = res.chains.samples.reshape(4, 1500, -1) @ w
     t_exact = exact.sample_t(200_000, gen(4)).numpy()
     for stat in (lambda s: s ** 2, lambda s: (np.abs(s) < 0.05).astype(float)):
-        z = _z_scores(stat(t)[:, :, None], [stat(t_exact).mean()])
+        z = z_scores(stat(t)[:, :, None], [stat(t_exact).mean()])
         assert abs(z[0]) < 4.5, z
     laplace_t = fit.transport.sample(4000, gen(5))[0].reshape(4000, -1).numpy() @ w
     assert np.var(t) < 0.2 * np.var(laplace_t)

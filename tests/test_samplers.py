@@ -15,6 +15,7 @@ from geoinvert.posterior import Posterior
 from geoinvert.prior import IIDPrior, MaternPrior
 from geoinvert.samplers import (ChainResult, DualAveraging, RobbinsMonro, prior_whitening,
                                 run_hmc, run_mala, run_pcn)
+from geoinvert.testing import z_scores
 
 LEVEL = 2
 NOISE = np.array([0.1, 0.05, 0.2])
@@ -48,16 +49,6 @@ def problem():
     exact = ExactLinearPosterior(prior.mean(LEVEL).ravel(), prior.covariance(LEVEL),
                                  forward.matrix, DATA, NOISE, shape=(2 ** LEVEL,) * 2)
     return posterior, exact
-
-
-def _z_scores(chains, reference):
-    """(estimate - reference) / (std / sqrt(ESS)) of the mean of each scalar chain ``(m, n, k)``."""
-    out = []
-    for k in range(chains.shape[2]):
-        c = chains[:, :, k]
-        ess = mcmc_ess(c, rank_normalize=False)
-        out.append((c.mean() - reference[k]) / (c.std() / math.sqrt(ess)))
-    return np.asarray(out)
 
 
 # -- whitening map ---------------------------------------------------------------------------------
@@ -97,8 +88,8 @@ def test_sampler_recovers_exact_linear_posterior(problem, method):
     result = sampler(posterior, chains=4, generator=torch.Generator().manual_seed(1), **options)
     assert result.nfs == posterior.forward.n_solves - solves
     cells = result.samples.reshape(*result.samples.shape[:2], -1)
-    z_mean = _z_scores(cells, exact.mean)
-    z_var = _z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))
+    z_mean = z_scores(cells, exact.mean)
+    z_var = z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))
     for z in (z_mean, z_var):
         assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
     assert result.rhat() < 1.05
