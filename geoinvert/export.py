@@ -697,11 +697,13 @@ def _psis_estimates(x, log_target, log_prob):
     return {"psis_mean": mean, "psis_std": np.sqrt((w * (x - mean) ** 2).sum(0))}
 
 
-def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None,
-               chains_key="sampler.correction.chains", thin=1, initial_step=None,
-               name="correction", modes=(), adaptive=True):
+def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None, thin=1,
+               initial_step=None, modes=(), kind=None):
     """Correct the draws of ``fit`` to exactness: MCMC in the coordinates of ``transport``
     (default: the trained flow's latent space), started from those draws.
+
+    ``kind`` None is a flow's correction (its keys, budget share and convergence-driven
+    length); an MCMC kind (``gpcn``) runs its fixed draws under ``sampler.*`` keys.
 
     The chains are shared out over the solve groups, each group with its own generator, so
     the corrected draws (unlike the flow's) depend on the number of groups.
@@ -713,12 +715,13 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     from geoinvert.train import Ensemble
     ens = Ensemble(lay.ensemble)
     chains = ens.share(config.chains)
+    chains_key = "sampler.correction.chains" if kind is None else "sampler.chains"
     if chains == 0:
         raise CaseError(chains_key, f"{config.chains} is fewer than the {ens.size} solve "
                         "groups of this MPI run: every group needs a chain")
     starts = _chain_starts(fit.x, fit.log_target, config.chains)[ens.part(config.chains)]
-    bar = _ChainProgress(config.warmup + config.draws * thin, progress, name)
-    budget = case.config["sampler"]["budget"] if name == "correction" else 0
+    bar = _ChainProgress(config.warmup + config.draws * thin, progress, kind or "correction")
+    budget = case.config["sampler"]["budget"] if kind is None else 0
     outputs = case.config["output"]["samples"]
 
     def until(samples, log_target, nfs):
@@ -736,7 +739,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,
-                      until=until if adaptive else None,
+                      until=until if kind is None else None,
                       max_solves=max(budget - fit.nfs - outputs, 0) // ens.size
                       if budget else None)
     finally:
@@ -756,13 +759,16 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     pred = ens.gather(pred.to(torch.float64)).numpy()
     flow = {"x": fit.x, "log_prob": fit.log_prob, "log_target": fit.log_target,
             **_psis_estimates(fit.x, fit.log_target, fit.log_prob)}
-    diagnostics = {**fit.diagnostics, **_chain_diagnostics(pooled),
-                   "correction": config.kernel, "metric": res.metric,
-                   "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
-                   "independence_acceptance": float(np.nanmean(imh)) if config.independence
-                   else math.nan,
-                   "correction_nfs": int(nfs) + len(keep),
-                   "correction_failed_solves": int(failed)}
+    diagnostics = {**fit.diagnostics, **_chain_diagnostics(pooled)}
+    if kind is None:
+        diagnostics.update({
+            "correction": config.kernel, "metric": res.metric,
+            "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
+            "independence_acceptance": float(np.nanmean(imh)) if config.independence
+            else math.nan,
+            "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed)})
+    else:
+        diagnostics["failed_solves"] = int(failed)
     draws = samples.shape[1]
     return dataclasses.replace(
         fit, x=x, log_prob=flow_lp.reshape(-1)[keep], log_target=log_target.reshape(-1)[keep],
@@ -803,14 +809,8 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
     config = CorrectionConfig(kernel="pcn", chains=s["chains"], draws=s["draws"],
                               max_draws=s["draws"], warmup=s["warmup"], independence=False)
     out = _corrected(fit, case, seed, lay, posterior, config, progress=progress,
-                     transport=laplace.transport, chains_key="sampler.chains", thin=s["thin"],
-                     initial_step=s["step_size"], name="gpcn", adaptive=False)
-    out.diagnostics.pop("correction")
-    out.diagnostics.pop("metric")
-    out.diagnostics.pop("leapfrog")
-    out.diagnostics.pop("independence_acceptance")
-    out.diagnostics["failed_solves"] = out.diagnostics.pop("correction_failed_solves")
-    out.diagnostics.pop("correction_nfs")
+                     transport=laplace.transport, thin=s["thin"],
+                     initial_step=s["step_size"], kind="gpcn")
     return out
 
 
