@@ -34,7 +34,7 @@ l counts 1, as in the MsIGN paper; finest-level equivalents are reported too):
 - ``MsIGN``: multi-stage, Jeffreys divergence (:func:`~geoinvert.train.train_msign`);
 - ``MsIGN reverse-KL``: multi-stage, reverse KL only;
 - ``A-SVGD``: the same network trained multi-stage along the Stein variational direction
-  (:func:`geoinvert.svgd.train_asvgd`), as the paper's baseline;
+  (:func:`geoinvert.train.train_asvgd`), as the paper's baseline;
 - ``Laplace``: the low-rank Gauss-Newton Laplace approximation at the MAP point
   (:func:`geoinvert.inference.laplace.fit_laplace`), its draws importance-weighted like a
   flow's (its fit uses far less than the budget);
@@ -162,7 +162,7 @@ def run_flow(problem, method, budget, args, seed):
                   generator=gen)
     start = time.perf_counter()
     if method == "asvgd":
-        from geoinvert.svgd import train_asvgd
+        from geoinvert.train import train_asvgd
         history = train_asvgd(model, problem.posteriors, **common)
     else:
         objective = "jeffreys" if method == "msign" else "reverse_kl"

@@ -476,11 +476,12 @@ def _draw(case, model, posterior, generator, ensemble):
     are gathered, so the samples do not depend on the number of ranks.
     """
     import torch
-    from geoinvert.train import Ensemble, _decode, draw_noise
+    from geoinvert.parallel import Ensemble, draw_noise
+    from geoinvert.train import decode
     ens = Ensemble(ensemble)
     n = case.config["output"]["samples"]
     with torch.no_grad():
-        x, log_prob = _decode(model, draw_noise(model, case.finest, n, generator, ens))
+        x, log_prob = decode(model, draw_noise(model, case.finest, n, generator, ens))
         x = x.to(torch.float64)
         log_target, pred = posterior.evaluate(x)
         x, log_prob, log_target, pred = (ens.gather(t) for t in (x, log_prob.to(torch.float64),
@@ -712,7 +713,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     from geoinvert.errors import CaseError
     from geoinvert.inference.correction import FlowTransport, correct
     from geoinvert.samplers import ChainResult
-    from geoinvert.train import Ensemble
+    from geoinvert.parallel import Ensemble
     ens = Ensemble(lay.ensemble)
     chains = ens.share(config.chains)
     chains_key = "sampler.correction.chains" if kind is None else "sampler.chains"
@@ -786,7 +787,7 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
     import torch
     from geoinvert.inference.config import CorrectionConfig
     from geoinvert.inference.laplace import fit_laplace
-    from geoinvert.train import Ensemble
+    from geoinvert.parallel import Ensemble
     s, ens = case.config["sampler"], Ensemble(lay.ensemble)
     generator = torch.Generator().manual_seed(seed)
     laplace = fit_laplace(posterior, generator=generator)
@@ -823,7 +824,7 @@ def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
     """
     import torch
     from geoinvert import samplers
-    from geoinvert.train import Ensemble
+    from geoinvert.parallel import Ensemble
     s, ens = case.config["sampler"], Ensemble(lay.ensemble)
     chains = ens.share(s["chains"])
     if chains == 0:

@@ -3,7 +3,8 @@
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["pool", "upsample", "pool_matrix", "haar", "inverse_haar", "Lattice", "Hierarchy"]
+__all__ = ["pool", "upsample", "pool_matrix", "haar", "inverse_haar", "laplacian_1d", "Lattice",
+           "Hierarchy"]
 
 BOUNDARIES = ("dirichlet", "neumann", "periodic")
 
@@ -87,7 +88,7 @@ def _interleave(parts):
     return torch.stack((top, bottom), -2).flatten(-3, -2)
 
 
-def _laplacian_1d(n, h, boundary):
+def laplacian_1d(n, h, boundary):
     """Cell-centred second difference ``(n, n)`` with ghost cells (u_ghost = -u, u, or wrap)."""
     main = np.full(n, -2.0)
     if boundary == "dirichlet":
@@ -147,8 +148,8 @@ class Lattice:
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
         (hx, hy), eye = self.cell_size, sp.identity(self.n, format="csr")
-        return (sp.kron(eye, _laplacian_1d(self.n, hx, boundary))
-                + sp.kron(_laplacian_1d(self.n, hy, boundary), eye)).tocsr()
+        return (sp.kron(eye, laplacian_1d(self.n, hx, boundary))
+                + sp.kron(laplacian_1d(self.n, hy, boundary), eye)).tocsr()
 
 
 class Hierarchy:

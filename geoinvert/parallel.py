@@ -7,12 +7,16 @@ position in their groups form an ensemble communicator, over which flow gradient
 Every rank holds the whole model.
 """
 
+from __future__ import annotations
+
 import logging
 import signal
 import threading
 from dataclasses import dataclass
 
-__all__ = ["Layout", "layout", "StopRequest"]
+import numpy as np
+
+__all__ = ["Layout", "layout", "StopRequest", "Ensemble", "draw_noise"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +120,99 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
         return False
+
+
+# -- ensemble sums -------------------------------------------------------------------------
+
+
+class Ensemble:
+    """Sums over the ranks of an ensemble communicator; the identity without one.
+
+    Each rank draws its share of the batch and evaluates its own forward models; losses are
+    normalised by *global* counts, so summing the ranks' gradients (:meth:`allreduce_grads`)
+    gives the gradient of the global loss.
+
+    Args:
+        comm: An mpi4py communicator (ranks holding independent forward models) or None.
+    """
+
+    def __init__(self, comm=None):
+        self.comm = comm
+        self.size = 1 if comm is None else comm.Get_size()
+        self.rank = 0 if comm is None else comm.Get_rank()
+
+    def share(self, num: int) -> int:
+        """This rank's part of ``num`` samples (the first ``num % size`` ranks take one more)."""
+        return num // self.size + (self.rank < num % self.size)
+
+    def part(self, num: int) -> slice:
+        """This rank's contiguous block of ``num`` samples, ``share(num)`` long, in rank order."""
+        start = self.rank * (num // self.size) + min(self.rank, num % self.size)
+        return slice(start, start + self.share(num))
+
+    def scatter(self, tensors):
+        """This rank's block (:meth:`part`) of each tensor of a list drawn whole on every rank."""
+        return [t[self.part(t.shape[0])] for t in tensors]
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate the ranks' blocks (:meth:`part`) along dim 0, on every rank."""
+        if self.comm is None:
+            return local
+        import torch
+        return torch.cat(self.comm.allgather(local))
+
+    def map(self, fn, x: torch.Tensor):
+        """``fn`` of this rank's block (:meth:`part`) of ``x``, gathered in rank order on every
+        rank; ``fn`` returns a tensor or a tuple of tensors, and is not called on an empty
+        block (a batch of one point is evaluated by one rank)."""
+        mine = x[self.part(x.shape[0])]
+        out = fn(mine) if mine.shape[0] else None
+        if self.comm is None:
+            return out
+        parts = [p for p in self.comm.allgather(out) if p is not None]
+        import torch
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*parts))
+        return torch.cat(parts)
+
+    def sum(self, *values: float) -> np.ndarray:
+        """Elementwise sum over the ranks of a few floats, ndarray float64."""
+        local = np.asarray(values, dtype=np.float64)
+        if self.comm is None:
+            return local
+        out = np.empty_like(local)
+        self.comm.Allreduce(local, out)
+        return out
+
+    def max(self, value: float) -> float:
+        """Maximum over the ranks."""
+        if self.comm is None:
+            return float(value)
+        from mpi4py import MPI
+        return float(self.comm.allreduce(float(value), op=MPI.MAX))
+
+    def allreduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over the ranks, in place (one Allreduce)."""
+        if self.comm is None:
+            return
+        import torch
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(torch.float64).numpy()
+        total = np.empty_like(flat)
+        self.comm.Allreduce(flat, total)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = torch.from_numpy(total[offset:offset + n]).reshape(p.shape).to(p.dtype)
+            offset += n
+
+
+def draw_noise(model, level, num, generator, ensemble=None):
+    """This rank's block of the noise of ``num`` samples of ``level``, drawn whole on every rank.
+
+    Every rank draws the whole batch from the same generator and keeps its own block
+    (:meth:`Ensemble.part`), so the generators stay in step and a seed gives the same samples,
+    hence the same training, on any number of ranks.
+    """
+    ens = ensemble or Ensemble()
+    return ens.scatter(model.sample_noise(num, level, generator=generator))

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import splu
 
-from geoinvert.hierarchy import (BOUNDARIES, Hierarchy, _laplacian_1d, haar, inverse_haar, pool,
+from geoinvert.hierarchy import (BOUNDARIES, Hierarchy, laplacian_1d, haar, inverse_haar, pool,
                                  pool_matrix)
 
 __all__ = ["GaussianPrior", "MaternPrior", "IIDPrior", "PriorConditioning", "stationary_variance"]
@@ -559,7 +559,7 @@ def _haar_rows(rows):
 def _spectrum(lattice, boundary):
     """Eigenpairs ``((w_y, V_y), (w_x, V_x))`` of -D/h^2 in each direction (Delta_h is separable)."""
     hx, hy = lattice.cell_size
-    return tuple(np.linalg.eigh(-_laplacian_1d(lattice.n, h, boundary).toarray()) for h in (hy, hx))
+    return tuple(np.linalg.eigh(-laplacian_1d(lattice.n, h, boundary).toarray()) for h in (hy, hx))
 
 
 def _tau(alpha, correlation_length, tau):

@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from geoinvert.train import Ensemble, draw_noise, train_msign
+from geoinvert.parallel import Ensemble, draw_noise
 
-__all__ = ["median_bandwidth", "rbf_kernel", "stein_direction", "asvgd_loss", "train_asvgd"]
+__all__ = ["median_bandwidth", "rbf_kernel", "stein_direction", "asvgd_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def asvgd_loss(model, posterior, batch, generator=None, *, ensemble=None):
         posterior: Target with ``level`` and ``grad_log_prob(x)``.
         batch: Samples over all ranks.
         generator: Noise source (in step on every rank).
-        ensemble: :class:`~geoinvert.train.Ensemble` (default: one process).
+        ensemble: :class:`~geoinvert.parallel.Ensemble` (default: one process).
 
     Returns:
         ``(loss, stats)``: this rank's differentiable part of L (sum over ranks = L) and
@@ -123,72 +123,3 @@ def asvgd_loss(model, posterior, batch, generator=None, *, ensemble=None):
     (square,) = ens.sum(float(phi.square().sum()))
     stats["loss"] = square / n
     return -(phi.to(x.dtype) * x[ok]).sum() / n, stats
-
-
-def train_asvgd(model, posteriors, **options):
-    r"""Amortized SVGD (A-SVGD) training of an MsIGN network, stage by stage like MsIGN.
-
-    Each step draws ``batch`` samples x_i = G(z_i) of the model, computes the Stein variational
-    direction phi of the sample (:func:`stein_direction`, RBF kernel, median-heuristic
-    bandwidth) from the target scores grad log q_l (adjoint gradients) and updates the
-    parameters along sum_i (dG(z_i)/dtheta)^T phi(x_i) (:func:`asvgd_loss`, Adam). This is the
-    A-SVGD baseline of the MsIGN paper, which trains the *same* network as MsIGN with the SVGD
-    direction instead of the Jeffreys divergence. Here it is trained multi-stage by default, as
-    MsIGN: stage l trains F_1..F_l on q_l, starting from stage l-1 with F_l = identity, so the two
-    differ only in the objective; ``single_stage`` trains the finest level alone from the
-    prior-conditioned model (plain A-SVGD with the MsIGN network). The model stays a
-    normalizing flow, so its densities ``log_prob`` remain available for diagnostics.
-
-    Like SVGD with ``batch`` particles, A-SVGD underestimates variances, the more so the
-    larger the dimension is against the batch (on 4 x 4 Gaussian test posteriors with 64
-    particles the std comes out ~0.6 of the exact one; see ``tests/test_svgd.py``), and on the
-    bimodal quadratic test bed it keeps one mode (``benchmarks/msign_ablation.py``).
-
-    nFS are counted as in :func:`~geoinvert.train.train_msign`: one solve per sample per step
-    (the adjoint solve of the gradient is not counted), per level and in finest-level
-    equivalents; each stage gets an equal share of the remaining ``budget``, never exceeded.
-
-    This is :func:`~geoinvert.train.train_msign` with ``objective="asvgd"`` (one step:
-    :func:`asvgd_loss`, gradients summed over the ranks, clipped, skipped if not finite), so
-    checkpoints, ``resume`` and stop requests work as there; the keyword options are
-    train_msign's (those below, plus ``checkpoint_every``, ``resume``, ``stop``).
-
-    Args:
-        model: :class:`~geoinvert.flows.msign.MsIGN` (its flows F_1..F_{start-1} trained).
-        posteriors: ``{level: Posterior}`` with ``grad_log_prob``; training ends at the highest
-            level given.
-        start: First stage to train.
-        steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
-        batch: Samples (particles) per step, over all ranks.
-        lr: Peak Adam learning rate of each stage.
-        budget: Total forward solves (nFS) over all stages, or None.
-        generator: ``torch.Generator`` of the noise (the same seed on every rank).
-        callback: ``callback(info)`` after every step, ``info`` the history record.
-        checkpoint: ``checkpoint(state)`` at stage ends (see train_msign).
-        single_stage: Train only the finest level.
-        schedule: ``"cosine"`` (to ``lr_min * lr``), ``"step"`` or ``"constant"`` per stage.
-        lr_min: Final fraction of ``lr`` (floor of the step schedule).
-        grad_clip: Maximum global gradient norm.
-        max_failures: Consecutive skipped steps (non-finite loss or gradient) that stop training
-            with :class:`~geoinvert.train.TrainingError`.
-        comm: Ensemble communicator: ranks split the batch and their forward solves, gather
-            the particles and scores for the kernel sums and sum gradients (None: one process).
-
-    Returns:
-        History: one dict per step with the keys of :func:`~geoinvert.train.train_msign`:
-        ``stage``, ``step``, ``nfs``, ``nfs_finest``, ``loss`` (here the mean squared norm of
-        the Stein direction, zero at an SVGD fixed point), ``ess`` (NaN), ``lr``,
-        ``grad_norm``, ``failed``, ``skipped`` (cumulative) and ``time``.
-
-    Raises:
-        TrainingError: ``max_failures`` consecutive steps were skipped.
-
-    References:
-        | Learning to Draw Samples: With Application to Amortized MLE for Generative
-        | Adversarial Learning (Wang & Liu, 2016), https://arxiv.org/abs/1611.01722
-        | Learning to Draw Samples with Amortized Stein Variational Gradient Descent
-        | (Feng, Wang & Liu, 2017), https://arxiv.org/abs/1707.06626
-        | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
-        | (Zhang, Zhang & Hou, 2021), https://arxiv.org/abs/2105.05489
-    """
-    return train_msign(model, posteriors, objective="asvgd", **options)

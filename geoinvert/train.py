@@ -10,14 +10,15 @@ import numpy as np
 import torch
 
 from geoinvert.flows.msign import standard_normal_log_prob
+from geoinvert.parallel import Ensemble, draw_noise
 from geoinvert.samplers.laplace import laplace_mixture
 from geoinvert.samplers.smc import tempered_smc
+from geoinvert.svgd import asvgd_loss
 
 __all__ = [
     "OBJECTIVES",
     "TrainingError",
     "TrainOptions",
-    "Ensemble",
     "reverse_kl_loss",
     "jeffreys_loss",
     "ImportancePool",
@@ -29,10 +30,11 @@ __all__ = [
     "TrainingInterrupted",
     "AnnealedTarget",
     "ModeBalance",
-    "draw_noise",
+    "decode",
     "CHECKPOINT_VERSION",
     "train_stage",
     "train_msign",
+    "train_asvgd",
     "solve_cost",
     "level_costs",
     "lr_factor",
@@ -103,88 +105,6 @@ class TrainOptions:
         return 2 if self.objective == "jeffreys" else 1
 
 
-# -- ensemble parallelism -------------------------------------------------------------------------
-
-
-class Ensemble:
-    """Sums over the ranks of an ensemble communicator; the identity without one.
-
-    Each rank draws its share of the batch and evaluates its own forward models; losses are
-    normalised by *global* counts, so summing the ranks' gradients (:meth:`allreduce_grads`)
-    gives the gradient of the global loss.
-
-    Args:
-        comm: An mpi4py communicator (ranks holding independent forward models) or None.
-    """
-
-    def __init__(self, comm=None):
-        self.comm = comm
-        self.size = 1 if comm is None else comm.Get_size()
-        self.rank = 0 if comm is None else comm.Get_rank()
-
-    def share(self, num: int) -> int:
-        """This rank's part of ``num`` samples (the first ``num % size`` ranks take one more)."""
-        return num // self.size + (self.rank < num % self.size)
-
-    def part(self, num: int) -> slice:
-        """This rank's contiguous block of ``num`` samples, ``share(num)`` long, in rank order."""
-        start = self.rank * (num // self.size) + min(self.rank, num % self.size)
-        return slice(start, start + self.share(num))
-
-    def scatter(self, tensors):
-        """This rank's block (:meth:`part`) of each tensor of a list drawn whole on every rank."""
-        return [t[self.part(t.shape[0])] for t in tensors]
-
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate the ranks' blocks (:meth:`part`) along dim 0, on every rank."""
-        if self.comm is None:
-            return local
-        return torch.cat(self.comm.allgather(local))
-
-    def map(self, fn, x: torch.Tensor):
-        """``fn`` of this rank's block (:meth:`part`) of ``x``, gathered in rank order on every
-        rank; ``fn`` returns a tensor or a tuple of tensors, and is not called on an empty
-        block (a batch of one point is evaluated by one rank)."""
-        mine = x[self.part(x.shape[0])]
-        out = fn(mine) if mine.shape[0] else None
-        if self.comm is None:
-            return out
-        parts = [p for p in self.comm.allgather(out) if p is not None]
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat(column) for column in zip(*parts))
-        return torch.cat(parts)
-
-    def sum(self, *values: float) -> np.ndarray:
-        """Elementwise sum over the ranks of a few floats, ndarray float64."""
-        local = np.asarray(values, dtype=np.float64)
-        if self.comm is None:
-            return local
-        out = np.empty_like(local)
-        self.comm.Allreduce(local, out)
-        return out
-
-    def max(self, value: float) -> float:
-        """Maximum over the ranks."""
-        if self.comm is None:
-            return float(value)
-        from mpi4py import MPI
-        return float(self.comm.allreduce(float(value), op=MPI.MAX))
-
-    def allreduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients of ``params`` over the ranks, in place (one Allreduce)."""
-        if self.comm is None:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(_F64).numpy()
-        total = np.empty_like(flat)
-        self.comm.Allreduce(flat, total)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = torch.from_numpy(total[offset:offset + n]).reshape(p.shape).to(p.dtype)
-            offset += n
-
-
 # -- costs ----------------------------------------------------------------------------------------
 
 
@@ -228,19 +148,9 @@ class _Budget:
 # -- objectives -----------------------------------------------------------------------------------
 
 
-def draw_noise(model, level, num, generator, ensemble=None):
-    """This rank's block of the noise of ``num`` samples of ``level``, drawn whole on every rank.
-
-    Every rank draws the whole batch from the same generator and keeps its own block
-    (:meth:`Ensemble.part`), so the generators stay in step and a seed gives the same samples,
-    hence the same training, on any number of ranks.
-    """
-    ens = ensemble or Ensemble()
-    return ens.scatter(model.sample_noise(num, level, generator=generator))
-
-
-def _decode(model, zs, upto=None):
-    """``(x, log density)`` of noise ``zs`` through F_k, k <= ``upto`` (default: the stage)."""
+def decode(model, zs, upto=None):
+    """``(x, log q(x))`` of noise ``zs`` through F_k, k <= ``upto`` (default: the model's
+    stage): the fields and their log density under the flow."""
     x, logdet = model.decode(zs, upto=upto)
     return x, standard_normal_log_prob(zs) - logdet
 
@@ -256,7 +166,7 @@ def _reverse_terms(model, posterior, batch, generator, ens):
         ``(term, value, ok)``: differentiable ``log p - g . x`` ``(num,)``, the detached
         ``log p - log q`` (float64) and the mask of finite target values and gradients.
     """
-    x, log_p = _decode(model, draw_noise(model, posterior.level, batch, generator, ens))
+    x, log_p = decode(model, draw_noise(model, posterior.level, batch, generator, ens))
     log_q, grad = posterior.grad_log_prob(x.detach().to(_F64))
     ok = torch.isfinite(log_q) & torch.isfinite(grad).flatten(1).all(1)
     grad = torch.where(ok[:, None, None], grad, torch.zeros_like(grad)).to(x.dtype)
@@ -370,7 +280,7 @@ def _propose(model, level, batch, generator, kind, ens, surrogate=None):
     surrogate_upto = min(level - 1, model.stage)     # the surrogate: F_level = identity
     with torch.no_grad():
         if kind == "surrogate":
-            x, log_s = _decode(source, draw_noise(model, level, batch, generator, ens),
+            x, log_s = decode(source, draw_noise(model, level, batch, generator, ens),
                                surrogate_upto)
             return x.to(model.dtype), log_s
         defensive = kind == "defensive"
@@ -684,7 +594,6 @@ def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reve
     if options.objective == "reverse_kl":
         return reverse_kl_loss(model, posterior, batch, generator, ensemble=ensemble)
     if options.objective == "asvgd":
-        from geoinvert.svgd import asvgd_loss
         return asvgd_loss(model, posterior, batch, generator, ensemble=ensemble)
     proposal = options.proposal
     if proposal == "auto":
@@ -1131,3 +1040,72 @@ def _restore(model, state, run, generator, stages, single_stage, finest):
     if state["complete"]:
         return list(range(stage + 1, finest + 1)) if not single_stage else [], None
     return list(range(stage, finest + 1)) if not single_stage else [stage], state
+
+
+def train_asvgd(model, posteriors, **options):
+    r"""Amortized SVGD (A-SVGD) training of an MsIGN network, stage by stage like MsIGN.
+
+    Each step draws ``batch`` samples x_i = G(z_i) of the model, computes the Stein variational
+    direction phi of the sample (:func:`~geoinvert.svgd.stein_direction`, RBF kernel, median-heuristic
+    bandwidth) from the target scores grad log q_l (adjoint gradients) and updates the
+    parameters along sum_i (dG(z_i)/dtheta)^T phi(x_i) (:func:`~geoinvert.svgd.asvgd_loss`, Adam). This is the
+    A-SVGD baseline of the MsIGN paper, which trains the *same* network as MsIGN with the SVGD
+    direction instead of the Jeffreys divergence. Here it is trained multi-stage by default, as
+    MsIGN: stage l trains F_1..F_l on q_l, starting from stage l-1 with F_l = identity, so the two
+    differ only in the objective; ``single_stage`` trains the finest level alone from the
+    prior-conditioned model (plain A-SVGD with the MsIGN network). The model stays a
+    normalizing flow, so its densities ``log_prob`` remain available for diagnostics.
+
+    Like SVGD with ``batch`` particles, A-SVGD underestimates variances, the more so the
+    larger the dimension is against the batch (on 4 x 4 Gaussian test posteriors with 64
+    particles the std comes out ~0.6 of the exact one; see ``tests/test_svgd.py``), and on the
+    bimodal quadratic test bed it keeps one mode (``benchmarks/msign_ablation.py``).
+
+    nFS are counted as in :func:`train_msign`: one solve per sample per step
+    (the adjoint solve of the gradient is not counted), per level and in finest-level
+    equivalents; each stage gets an equal share of the remaining ``budget``, never exceeded.
+
+    This is :func:`train_msign` with ``objective="asvgd"`` (one step:
+    :func:`~geoinvert.svgd.asvgd_loss`, gradients summed over the ranks, clipped, skipped if not finite), so
+    checkpoints, ``resume`` and stop requests work as there; the keyword options are
+    train_msign's (those below, plus ``checkpoint_every``, ``resume``, ``stop``).
+
+    Args:
+        model: :class:`~geoinvert.flows.msign.MsIGN` (its flows F_1..F_{start-1} trained).
+        posteriors: ``{level: Posterior}`` with ``grad_log_prob``; training ends at the highest
+            level given.
+        start: First stage to train.
+        steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
+        batch: Samples (particles) per step, over all ranks.
+        lr: Peak Adam learning rate of each stage.
+        budget: Total forward solves (nFS) over all stages, or None.
+        generator: ``torch.Generator`` of the noise (the same seed on every rank).
+        callback: ``callback(info)`` after every step, ``info`` the history record.
+        checkpoint: ``checkpoint(state)`` at stage ends (see train_msign).
+        single_stage: Train only the finest level.
+        schedule: ``"cosine"`` (to ``lr_min * lr``), ``"step"`` or ``"constant"`` per stage.
+        lr_min: Final fraction of ``lr`` (floor of the step schedule).
+        grad_clip: Maximum global gradient norm.
+        max_failures: Consecutive skipped steps (non-finite loss or gradient) that stop training
+            with :class:`TrainingError`.
+        comm: Ensemble communicator: ranks split the batch and their forward solves, gather
+            the particles and scores for the kernel sums and sum gradients (None: one process).
+
+    Returns:
+        History: one dict per step with the keys of :func:`train_msign`:
+        ``stage``, ``step``, ``nfs``, ``nfs_finest``, ``loss`` (here the mean squared norm of
+        the Stein direction, zero at an SVGD fixed point), ``ess`` (NaN), ``lr``,
+        ``grad_norm``, ``failed``, ``skipped`` (cumulative) and ``time``.
+
+    Raises:
+        TrainingError: ``max_failures`` consecutive steps were skipped.
+
+    References:
+        | Learning to Draw Samples: With Application to Amortized MLE for Generative
+        | Adversarial Learning (Wang & Liu, 2016), https://arxiv.org/abs/1611.01722
+        | Learning to Draw Samples with Amortized Stein Variational Gradient Descent
+        | (Feng, Wang & Liu, 2017), https://arxiv.org/abs/1707.06626
+        | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
+        | (Zhang, Zhang & Hou, 2021), https://arxiv.org/abs/2105.05489
+    """
+    return train_msign(model, posteriors, objective="asvgd", **options)

@@ -10,9 +10,8 @@ from geoinvert.flows.msign import MsIGN
 from geoinvert.forward.testbeds import ExactLinearPosterior, LinearForward
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
-from geoinvert.svgd import (asvgd_loss, median_bandwidth, rbf_kernel, stein_direction,
-                            train_asvgd)
-from geoinvert.train import TrainingError
+from geoinvert.svgd import asvgd_loss, median_bandwidth, rbf_kernel, stein_direction
+from geoinvert.train import TrainingError, train_asvgd
 from test_train import BrokenPosterior, FlakyForward
 
 F64 = torch.float64

@@ -416,7 +416,8 @@ def test_reverse_weight_zero_leaves_only_the_forward_kl(problem):
 def test_frozen_proposal_draws_from_the_stage_start(problem):
     # The defensive proposal's surrogate half comes from the frozen copy: changing the model
     # afterwards changes neither the draws nor their proposal density.
-    from geoinvert.train import Ensemble, _frozen_surrogate, _propose
+    from geoinvert.parallel import Ensemble
+    from geoinvert.train import _frozen_surrogate, _propose
     prior, _, _ = problem
     model = new_model(prior)
     model.set_stage(2)
