@@ -115,7 +115,8 @@ def _world():
 
 def _run(args):
     from geoinvert.case import load_case
-    from geoinvert.export import checkpoint_path, run
+    from geoinvert.app import run
+    from geoinvert.io import checkpoint_path
     from geoinvert.parallel import StopRequest
     from geoinvert.train import TrainingInterrupted
     world = _world()
@@ -139,7 +140,7 @@ def _run(args):
                          checkpoint_every=args.checkpoint_every, stop=stop)
     except TrainingInterrupted as err:
         if root:
-            from geoinvert.export import result_path
+            from geoinvert.app import result_path
             out = result_path(case, args.out)
             _error(f"{err}; checkpoint saved to {checkpoint_path(out)}. Resume with: "
                    f"geoinvert run {args.case} --out {out} --resume"
@@ -152,7 +153,7 @@ def _run(args):
 
 def _print_summary(result, *, quiet):
     """The run's verdict: summary lines on stdout (unless quiet), warnings on stderr."""
-    from geoinvert.export import summary_lines
+    from geoinvert.app import summary_lines
     lines, warnings = summary_lines(result.dataset)
     if not quiet:
         model = f" and the model {result.model_path}" if result.model_path else ""
@@ -163,7 +164,7 @@ def _print_summary(result, *, quiet):
 
 
 def _plot(args):
-    from geoinvert.export import figures, read_result
+    from geoinvert.io import figures, read_result
     if not args.result.is_file():
         raise UserError(f"{args.result}: no such result file")
     try:

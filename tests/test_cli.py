@@ -170,7 +170,7 @@ def test_example_script(tmp_path, trainer, monkeypatch, capsys):
 
 @pytest.mark.parametrize("kind", ["asvgd", "pcn", "mala", "hmc"])
 def test_every_sampler_kind_writes_the_same_result_format(kind, tmp_path):
-    from geoinvert.export import run
+    from geoinvert.app import run
     sampler = {**SMALL["sampler"], "kind": kind, "chains": 3, "draws": 30, "warmup": 20,
                "leapfrog": 3, "upsampling": "nearest"}
     if kind != "asvgd":
@@ -233,7 +233,7 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
                  "pool_warmup": 1.0, "lr_warmup": 0.2, "steps": [2, 4, 2]},
      "stage 2: Laplace pool")])
 def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, extra, message):
-    from geoinvert.export import run
+    from geoinvert.app import run
     config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": sampler, **extra}}
     with caplog.at_level("INFO", logger="geoinvert.train"):
         result = run(config, out=tmp_path / "smc.nc", progress=False, seed=1)
@@ -274,7 +274,7 @@ def test_run_prints_its_verdict(case_file, tmp_path, capsys):
 def test_a_budget_holds_with_the_correction_and_the_mode_search(tmp_path):
     """Training gets what the budget leaves after the reservation; the mode search's actual
     cost and the correction's trajectories (shortened to fit) keep the total within it."""
-    from geoinvert.export import run
+    from geoinvert.app import run
     budget = 4000
     correction = {**SMALL["sampler"]["correction"], "max_draws": 40, "leapfrog": 12}
     config = {**SMALL, "sampler": {**SMALL["sampler"], "budget": budget, "steps": 1000,

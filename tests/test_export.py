@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from geoinvert.export import build_dataset, figures, marginal_direction, write_netcdf
+from geoinvert.io import build_dataset, figures, marginal_direction, write_netcdf
 
 
 def _dataset(n=40, level=3, truth=True):

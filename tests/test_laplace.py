@@ -225,7 +225,7 @@ SMALL = {**{k: v for k, v in CLI_SMALL.items() if k != "sampler"}, "output": {"s
 
 
 def test_laplace_kind_writes_its_draws_with_an_importance_check(tmp_path):
-    from geoinvert.export import run, summary_lines
+    from geoinvert.app import run, summary_lines
     config = {**SMALL, "sampler": {"kind": "laplace"}}
     result = run(config, out=tmp_path / "laplace.nc", progress=False, seed=1)
     with xr.open_dataset(result.path) as ds:
@@ -242,7 +242,7 @@ def test_laplace_kind_writes_its_draws_with_an_importance_check(tmp_path):
 
 
 def test_gpcn_kind_keeps_the_laplace_draws_beside_its_chains(tmp_path):
-    from geoinvert.export import run
+    from geoinvert.app import run
     config = {**SMALL, "sampler": {"kind": "gpcn", "chains": 3, "warmup": 20, "draws": 30,
                                    "thin": 2}}
     result = run(config, out=tmp_path / "gpcn.nc", progress=False, seed=1)

@@ -13,7 +13,7 @@ import torch
 from mpi4py import MPI
 
 from geoinvert.case import load_case
-from geoinvert.export import run
+from geoinvert.app import run
 from geoinvert.parallel import layout
 from test_cli import SMALL
 from test_train import gen, make_problem, new_model, parameters

@@ -1,313 +1,30 @@
-"""Results: running a case, the xarray Dataset, atomic netCDF files, figures and saved models."""
+"""Running a case: the one place that wires a case to its posterior, sampler and result.
 
+:func:`run` builds the posteriors of the case, fits them with the case's sampler (a flow
+trained stage by stage and corrected to exactness, the Laplace approximation or gpCN, or
+MCMC chains), judges the outcome (:func:`geoinvert.diagnostics.verdict`) and writes the
+result (:mod:`geoinvert.io`).
+"""
+
+import dataclasses
 import logging
 import math
 import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["Result", "run", "load_model", "result_path", "checkpoint_path", "build_dataset",
-           "write_netcdf", "atomic_path", "read_result", "figures", "marginal_direction",
-           "summary_lines"]
+from geoinvert.io import (build_dataset, checkpoint_meta, checkpoint_path, figures, model_path,
+                          read_checkpoint, save_model, write_checkpoint, write_netcdf)
+
+__all__ = ["Result", "run", "result_path", "summary_lines"]
 
 logger = logging.getLogger(__name__)
 
-
-def _centres(lo, hi, n):
-    return lo + (np.arange(n) + 0.5) * (hi - lo) / n
-
-
-def _coords(bounds, shape, units, suffix=""):
-    """Cell-centre coordinates ``x{suffix}``, ``y{suffix}`` with CF attributes."""
-    (ny, nx), (x0, x1, y0, y1) = shape, bounds
-    return {
-        f"x{suffix}": (f"x{suffix}", _centres(x0, x1, nx),
-                       {"units": units, "long_name": "cell-centre x coordinate", "axis": "X"}),
-        f"y{suffix}": (f"y{suffix}", _centres(y0, y1, ny),
-                       {"units": units, "long_name": "cell-centre y coordinate", "axis": "Y"}),
-    }
-
-
-def _field_vars(samples, quantiles):
-    """Samples, mean, std and quantiles of ``samples (n, ny, nx)`` as data variables."""
-    lab = {"long_name": "log-coefficient"}
-    return {
-        "samples": (("sample", "y", "x"), samples, {**lab, "long_name": "posterior samples"}),
-        "mean": (("y", "x"), samples.mean(axis=0), {"long_name": "posterior mean"}),
-        "std": (("y", "x"), samples.std(axis=0, ddof=1), {"long_name": "posterior std"}),
-        "quantiles": (("quantile", "y", "x"), np.quantile(samples, quantiles, axis=0),
-                      {"long_name": "posterior quantiles"}),
-    }
-
-
-def _level_vars(level_means, bounds, units):
-    """Per-level posterior means ``mean_level{l}(y_l{l}, x_l{l})`` and their coordinates."""
-    data, coords = {}, {}
-    for level, mean in sorted((level_means or {}).items()):
-        s = f"_l{level}"
-        coords.update(_coords(bounds, np.shape(mean), units, s))
-        data[f"mean_level{level}"] = ((f"y{s}", f"x{s}"), np.asarray(mean, float),
-                                      {"long_name": f"posterior mean on level {level}"})
-    return data, coords
-
-
-def _observation_vars(obs):
-    """Observation table on dim ``obs``: data, noise, coordinates, predictive mean."""
-    if not obs:
-        return {}, {}
-    n = len(obs["value"])
-    coords = {"obs": ("obs", np.asarray(obs.get("name") or [f"obs{i}" for i in range(n)],
-                                        dtype=str), {"long_name": "observation name"})}
-    names = {"value": ("observed", "observed value"), "noise": ("noise_std", "noise standard "
-             "deviation"), "x": ("obs_x", "observation x (NaN for integrals)"),
-             "y": ("obs_y", "observation y (NaN for integrals)"),
-             "predicted": ("predictive_mean", "posterior predictive mean of F(x)"),
-             "truth": ("data_clean", "F(truth) without noise")}
-    data = {var: ("obs", np.asarray(obs[k], float), {"long_name": doc})
-            for k, (var, doc) in names.items() if obs.get(k) is not None}
-    return data, coords
-
-
-def _history_vars(history):
-    """Training curves on dim ``step``: stage, nFS used, loss, ESS."""
-    if not history:
-        return {}
-    docs = {"stage": "training stage (level)", "nfs": "forward solves used so far",
-            "loss": "training loss", "ess": "importance-sampling ESS fraction",
-            "failed": "target evaluations of the step that failed (excluded)",
-            "skipped": "steps skipped so far (non-finite loss or gradient)"}
-    return {f"train_{k}": ("step", np.asarray(history[k]), {"long_name": doc})
-            for k, doc in docs.items() if k in history}
-
-
-def _clean_attrs(attrs):
-    """netCDF-safe attributes: drop None, bools to ints, flatten one level of dicts."""
-    out = {}
-    for key, value in (attrs or {}).items():
-        if isinstance(value, dict):
-            out.update(_clean_attrs({f"{key}_{k}": v for k, v in value.items()}))
-        elif value is None:
-            continue
-        elif isinstance(value, (bool, np.bool_)):
-            out[key] = int(value)
-        elif isinstance(value, (list, tuple)):
-            out[key] = np.asarray(value)
-        else:
-            out[key] = value
-    return out
-
-
-def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
-                  quantiles=(0.05, 0.5, 0.95), level_means=None, observations=None, truth=None,
-                  direction=None, history=None, attrs=None):
-    """Assemble the result Dataset of the public contract.
-
-    Args:
-        samples: Posterior samples ``(n, ny, nx)`` of the finest level.
-        log_prob: Flow log density of each sample ``(n,)``.
-        log_target: Unnormalised posterior log density of each sample ``(n,)``.
-        bounds: ``(x0, x1, y0, y1)`` of the lattice.
-        units: Coordinate units.
-        quantiles: Probabilities of the stored quantile maps.
-        level_means: Optional ``{level: mean (2**l, 2**l)}``.
-        observations: Optional dict with ``value``, ``noise`` and optional ``name``, ``x``, ``y``
-            (NaN for integral observations), ``predicted``, ``truth`` (arrays ``(n_obs,)``).
-        truth: Optional true field ``(ny, nx)`` (synthetic data).
-        direction: Optional direction field ``(ny, nx)`` for the marginal plot.
-        history: Optional training curves ``{stage, nfs, loss, ess: (n_steps,)}``.
-        attrs: Global attributes (version, case text, seed, nfs, wall time, diagnostics...).
-
-    Returns:
-        xarray.Dataset with ``samples(sample, y, x)``, ``mean``, ``std``, ``quantiles``,
-        ``log_prob(sample)``, ``log_target(sample)`` and the optional parts.
-    """
-    samples = np.asarray(samples, dtype=float)
-    data = _field_vars(samples, np.asarray(quantiles, float))
-    data["log_prob"] = ("sample", np.asarray(log_prob, float), {"long_name": "flow log density"})
-    data["log_target"] = ("sample", np.asarray(log_target, float),
-                          {"long_name": "unnormalised posterior log density"})
-    coords = {**_coords(bounds, samples.shape[1:], units),
-              "sample": ("sample", np.arange(samples.shape[0])),
-              "quantile": ("quantile", np.asarray(quantiles, float))}
-    for name, field in (("truth", truth), ("direction", direction)):
-        if field is not None:
-            data[name] = (("y", "x"), np.asarray(field, float), {"long_name": f"{name} field"})
-    level_data, level_coords = _level_vars(level_means, bounds, units)
-    obs_data, obs_coords = _observation_vars(observations)
-    data.update({**level_data, **obs_data, **_history_vars(history)})
-    coords.update({**level_coords, **obs_coords})
-    return xr.Dataset(data, coords=coords, attrs={"Conventions": "CF-1.8", **_clean_attrs(attrs)})
-
-
-@contextmanager
-def atomic_path(path):
-    """A temporary path in the folder of ``path``, renamed to ``path`` when the block succeeds.
-
-    Readers never see a half-written file: on any failure the temporary file is removed and
-    ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_netcdf(ds, path):
-    """Write ``ds`` to ``path`` atomically (see :func:`atomic_path`).
-
-    Returns:
-        Path of the written file.
-    """
-    with atomic_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="netcdf4")
-    logger.info("wrote %s", path)
-    return Path(path)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def read_result(path):
-    """Open a result file fully into memory (the file is closed on return)."""
-    with xr.open_dataset(path) as ds:
-        return ds.load()
-
-
-def marginal_direction(ds):
-    """Unit direction ``(ny, nx)`` for the marginal plot: ``ds.direction`` or the leading PC."""
-    if "direction" in ds:
-        d = np.asarray(ds["direction"].values, float)
-    else:
-        centred = ds["samples"].values.reshape(ds.sizes["sample"], -1)
-        centred = centred - centred.mean(axis=0)
-        d = np.linalg.svd(centred, full_matrices=False)[2][0].reshape(ds["mean"].shape)
-    return d / (np.linalg.norm(d) or 1.0)
-
-
-def _image(ax, da, title, ds, cmap="viridis"):
-    x, y = ds["x"].values, ds["y"].values
-    dx, dy = (x[1] - x[0]) / 2 if x.size > 1 else 0.5, (y[1] - y[0]) / 2 if y.size > 1 else 0.5
-    im = ax.imshow(np.asarray(da), origin="lower", cmap=cmap, aspect="equal",
-                   extent=(x[0] - dx, x[-1] + dx, y[0] - dy, y[-1] + dy))
-    ax.set_title(title, fontsize=9)
-    ax.figure.colorbar(im, ax=ax, shrink=0.8)
-    if "obs_x" in ds:
-        ax.plot(ds["obs_x"].values, ds["obs_y"].values, "w^", ms=4, mec="k", mew=0.5)
-    return im
-
-
-def _subplots(nrows, ncols, *, figsize, squeeze=True):
-    """A figure and its axes without pyplot (no GUI backend, nothing global)."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
-
-
-def _caption(ds, width):
-    """The result's verdict as a caption line (or lines, wrapped at ``width`` characters)."""
-    import textwrap
-    verdict = ds.attrs.get("verdict")
-    if verdict is None:
-        return ""
-    text = f"{ds.attrs.get('sampler', '')}: " + (
-        "verdict ok" if verdict == "ok" else "NOT RELIABLE - " + verdict)
-    return "\n".join(textwrap.wrap(text, width))
-
-
-def _save(fig, path, ds=None):
-    caption = _caption(ds, int(fig.get_figwidth() * 14)) if ds is not None else ""
-    if caption:
-        fig.text(0.0, -0.02, caption, fontsize=7, va="top", ha="left",
-                 color="k" if ds.attrs["verdict"] == "ok" else "firebrick")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-def _maps_figure(ds, outdir):
-    panels = [("truth", "truth")] if "truth" in ds else []
-    panels += [("mean", "posterior mean"), ("std", "posterior std")]
-    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (var, title) in zip(axes[0], panels):
-        _image(ax, ds[var].values, title, ds, "magma" if var == "std" else "viridis")
-    return _save(fig, outdir / "mean_std.png", ds)
-
-
-def _samples_figure(ds, outdir, count=4):
-    n = min(count, ds.sizes["sample"])
-    fig, axes = _subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
-    for ax, i in zip(axes[0], np.linspace(0, ds.sizes["sample"] - 1, n).astype(int)):
-        _image(ax, ds["samples"].values[i], f"sample {i}", ds)
-    return _save(fig, outdir / "samples.png", ds)
-
-
-def _training_figure(ds, outdir):
-    fig, (ax1, ax2) = _subplots(1, 2, figsize=(9, 3.4))
-    nfs = ds["train_nfs"].values
-    for stage in np.unique(ds["train_stage"].values):
-        sel = ds["train_stage"].values == stage
-        ax1.plot(nfs[sel], ds["train_loss"].values[sel], label=f"stage {stage}")
-        if "train_ess" in ds:
-            ax2.plot(nfs[sel], ds["train_ess"].values[sel], label=f"stage {stage}")
-    ax1.set(xlabel="forward solves (nFS)", ylabel="loss", title="training loss")
-    ax2.set(xlabel="forward solves (nFS)", ylabel="ESS / n", title="importance-sampling ESS",
-            ylim=(0, 1.05))
-    ax1.legend(fontsize=7)
-    return _save(fig, outdir / "training.png", ds)
-
-
-def _marginal_figure(ds, outdir):
-    d = marginal_direction(ds)
-    proj = np.tensordot(ds["samples"].values, d, axes=([1, 2], [0, 1]))
-    fig, ax = _subplots(1, 1, figsize=(5, 3.4))
-    ax.hist(proj, bins=min(60, max(10, proj.size // 10)), density=True, alpha=0.75,
-            label="posterior samples")
-    if "truth" in ds:
-        ax.axvline(float(np.sum(ds["truth"].values * d)), color="k", ls="--", label="truth")
-    which = "given direction" if "direction" in ds else "leading principal component"
-    ax.set(xlabel=f"<d, x>  ({which})", ylabel="density", title="marginal along a direction")
-    ax.legend(fontsize=8)
-    return _save(fig, outdir / "marginal.png", ds)
-
-
-def figures(ds, outdir):
-    """Write PNG figures of a result: maps, samples, training curves, a marginal.
-
-    Args:
-        ds: Result Dataset (see :func:`build_dataset`).
-        outdir: Folder for the PNGs (created).
-
-    Returns:
-        List of written paths: ``mean_std.png`` (with the truth when known), ``samples.png``,
-        ``marginal.png`` and, when training curves are present, ``training.png``.
-    """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = [_maps_figure(ds, outdir), _samples_figure(ds, outdir), _marginal_figure(ds, outdir)]
-    if "train_loss" in ds:
-        paths.append(_training_figure(ds, outdir))
-    logger.info("wrote %d figures to %s", len(paths), outdir)
-    return paths
-
-
-# --- running a case ------------------------------------------------------------------------------
 
 @dataclass
 class Result:
@@ -340,16 +57,6 @@ def result_path(case, out=None):
     return Path.cwd() / "results" / f"{case.name}.nc"
 
 
-def model_path(path):
-    """The saved model beside a result file: ``result.nc -> result.pt`` (+ ``result.json``)."""
-    return Path(path).with_suffix(".pt")
-
-
-def checkpoint_path(path):
-    """The training checkpoint beside a result file: ``result.nc -> result.ckpt``."""
-    return Path(path).with_suffix(".ckpt")
-
-
 def _new_model(case, seed):
     """A new MsIGN whose random initial weights come from ``seed`` alone (not from the global
     torch RNG), so a seed fixes the whole run in any process and on every rank."""
@@ -360,62 +67,6 @@ def _new_model(case, seed):
         torch.manual_seed(seed)
         return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"],
                      upsampling=s["upsampling"])
-
-
-def _checkpoint_meta(case, seed):
-    from geoinvert import __version__
-    return {"case": case.text, "folder": str(case.folder), "seed": seed,
-            "geoinvert_version": __version__}
-
-
-def _write_checkpoint(path, state, meta):
-    """Save a training state with its run metadata to ``path`` atomically."""
-    import torch
-    with atomic_path(path) as tmp:
-        torch.save({"meta": meta, "state": state}, tmp)
-    logger.debug("checkpoint: stage %d, step %d -> %s", state["stage"], state["step"], path)
-
-
-def _read_checkpoint(case, path, seed):
-    """The training state saved at ``path`` for this case and seed, or None if there is none.
-
-    Raises:
-        CaseError: The file cannot be read, or it was written for another case text or seed.
-    """
-    import torch
-    from geoinvert.errors import CaseError
-    if not path.is_file():
-        logger.warning("no checkpoint at %s: training from the start", path)
-        return None
-    try:
-        saved = torch.load(path, weights_only=True)    # never runs pickled code
-        meta, state = saved["meta"], saved["state"]
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
-        raise CaseError(str(path), f"not a readable geoinvert checkpoint ({type(err).__name__}: "
-                        f"{first}); delete it to train from the start") from None
-    if meta.get("case") != case.text:
-        raise CaseError(str(path), "was written for a different case file; run without "
-                        "--resume to start afresh (it will be overwritten)")
-    if meta.get("seed") != seed:
-        raise CaseError(str(path), f"was written with seed {meta.get('seed')}, not {seed}; "
-                        f"resume with --seed {meta.get('seed')}")
-    logger.info("resuming from %s: stage %d, step %d", path, state["stage"], state["step"])
-    return state
-
-
-def _save_model(model, path, metadata):
-    """Save ``model`` to ``path`` (.pt + .json) atomically through a temporary folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-    try:
-        model.save(tmpdir / path.name, metadata=metadata)
-        os.replace(tmpdir / path.with_suffix(".json").name, path.with_suffix(".json"))
-        os.replace(tmpdir / path.name, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return path
 
 
 class _Progress:
@@ -580,16 +231,16 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
     unless ``sampler.correction.kernel`` is ``none``, correct its draws to exactness."""
     import torch
     from geoinvert.case import correction_config
-    ckpt, meta = checkpoint_path(path), _checkpoint_meta(case, seed)
+    ckpt, meta = checkpoint_path(path), checkpoint_meta(case, seed)
     every = case.config["sampler"]["checkpoint_every"] if checkpoint_every is None \
         else checkpoint_every
-    state = _read_checkpoint(case, ckpt, seed) if resume else None
+    state = read_checkpoint(case, ckpt, seed) if resume else None
     generator = torch.Generator().manual_seed(seed)
     model = _new_model(case, seed)
 
     def checkpoint(training_state):
         if lay.root:
-            _write_checkpoint(ckpt, training_state, meta)
+            write_checkpoint(ckpt, training_state, meta)
 
     history = _train(case, model, posteriors, generator=generator,
                      progress=progress and lay.root, checkpoint=checkpoint, resume=state,
@@ -948,7 +599,7 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     mpath = model_path(path) if fit.model is not None else None
     if lay.root:
         if fit.model is not None:
-            _save_model(fit.model, mpath, {**_checkpoint_meta(case, seed),
+            save_model(fit.model, mpath, {**checkpoint_meta(case, seed),
                                            "completed_stage": case.finest})
         write_netcdf(ds, path)
         if case.config["output"]["figures"]:
@@ -1026,23 +677,3 @@ def _add_flow_vars(ds, flow, prefix="flow"):
 def _direction(case):
     spec = case.config["output"]["direction"]
     return None if spec is None else case.evaluate(spec)
-
-
-def load_model(path):
-    """Reload a model saved by :func:`run` (``result.pt`` beside ``result.nc``).
-
-    The prior is rebuilt from the case text stored with the model.
-
-    Args:
-        path: The ``.pt`` file, or the result ``.nc`` beside it.
-
-    Returns:
-        :class:`~geoinvert.flows.msign.MsIGN` with ``.sample(n)`` and ``.log_prob(x)``.
-    """
-    import json
-    from geoinvert.case import prior_from_text
-    from geoinvert.flows.msign import MsIGN
-    path = model_path(path)
-    meta = json.loads(path.with_suffix(".json").read_text()).get("metadata", {})
-    prior = prior_from_text(meta["case"])
-    return MsIGN.load(path, prior)

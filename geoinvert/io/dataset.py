@@ -1,0 +1,195 @@
+"""The result Dataset (xarray, CF conventions) and its atomic netCDF files."""
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+__all__ = ['build_dataset', 'write_netcdf', 'atomic_path', 'read_result', 'marginal_direction']
+
+logger = logging.getLogger(__name__)
+
+
+def _centres(lo, hi, n):
+    return lo + (np.arange(n) + 0.5) * (hi - lo) / n
+
+
+def _coords(bounds, shape, units, suffix=""):
+    """Cell-centre coordinates ``x{suffix}``, ``y{suffix}`` with CF attributes."""
+    (ny, nx), (x0, x1, y0, y1) = shape, bounds
+    return {
+        f"x{suffix}": (f"x{suffix}", _centres(x0, x1, nx),
+                       {"units": units, "long_name": "cell-centre x coordinate", "axis": "X"}),
+        f"y{suffix}": (f"y{suffix}", _centres(y0, y1, ny),
+                       {"units": units, "long_name": "cell-centre y coordinate", "axis": "Y"}),
+    }
+
+
+def _field_vars(samples, quantiles):
+    """Samples, mean, std and quantiles of ``samples (n, ny, nx)`` as data variables."""
+    lab = {"long_name": "log-coefficient"}
+    return {
+        "samples": (("sample", "y", "x"), samples, {**lab, "long_name": "posterior samples"}),
+        "mean": (("y", "x"), samples.mean(axis=0), {"long_name": "posterior mean"}),
+        "std": (("y", "x"), samples.std(axis=0, ddof=1), {"long_name": "posterior std"}),
+        "quantiles": (("quantile", "y", "x"), np.quantile(samples, quantiles, axis=0),
+                      {"long_name": "posterior quantiles"}),
+    }
+
+
+def _level_vars(level_means, bounds, units):
+    """Per-level posterior means ``mean_level{l}(y_l{l}, x_l{l})`` and their coordinates."""
+    data, coords = {}, {}
+    for level, mean in sorted((level_means or {}).items()):
+        s = f"_l{level}"
+        coords.update(_coords(bounds, np.shape(mean), units, s))
+        data[f"mean_level{level}"] = ((f"y{s}", f"x{s}"), np.asarray(mean, float),
+                                      {"long_name": f"posterior mean on level {level}"})
+    return data, coords
+
+
+def _observation_vars(obs):
+    """Observation table on dim ``obs``: data, noise, coordinates, predictive mean."""
+    if not obs:
+        return {}, {}
+    n = len(obs["value"])
+    coords = {"obs": ("obs", np.asarray(obs.get("name") or [f"obs{i}" for i in range(n)],
+                                        dtype=str), {"long_name": "observation name"})}
+    names = {"value": ("observed", "observed value"), "noise": ("noise_std", "noise standard "
+             "deviation"), "x": ("obs_x", "observation x (NaN for integrals)"),
+             "y": ("obs_y", "observation y (NaN for integrals)"),
+             "predicted": ("predictive_mean", "posterior predictive mean of F(x)"),
+             "truth": ("data_clean", "F(truth) without noise")}
+    data = {var: ("obs", np.asarray(obs[k], float), {"long_name": doc})
+            for k, (var, doc) in names.items() if obs.get(k) is not None}
+    return data, coords
+
+
+def _history_vars(history):
+    """Training curves on dim ``step``: stage, nFS used, loss, ESS."""
+    if not history:
+        return {}
+    docs = {"stage": "training stage (level)", "nfs": "forward solves used so far",
+            "loss": "training loss", "ess": "importance-sampling ESS fraction",
+            "failed": "target evaluations of the step that failed (excluded)",
+            "skipped": "steps skipped so far (non-finite loss or gradient)"}
+    return {f"train_{k}": ("step", np.asarray(history[k]), {"long_name": doc})
+            for k, doc in docs.items() if k in history}
+
+
+def _clean_attrs(attrs):
+    """netCDF-safe attributes: drop None, bools to ints, flatten one level of dicts."""
+    out = {}
+    for key, value in (attrs or {}).items():
+        if isinstance(value, dict):
+            out.update(_clean_attrs({f"{key}_{k}": v for k, v in value.items()}))
+        elif value is None:
+            continue
+        elif isinstance(value, (bool, np.bool_)):
+            out[key] = int(value)
+        elif isinstance(value, (list, tuple)):
+            out[key] = np.asarray(value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
+                  quantiles=(0.05, 0.5, 0.95), level_means=None, observations=None, truth=None,
+                  direction=None, history=None, attrs=None):
+    """Assemble the result Dataset of the public contract.
+
+    Args:
+        samples: Posterior samples ``(n, ny, nx)`` of the finest level.
+        log_prob: Flow log density of each sample ``(n,)``.
+        log_target: Unnormalised posterior log density of each sample ``(n,)``.
+        bounds: ``(x0, x1, y0, y1)`` of the lattice.
+        units: Coordinate units.
+        quantiles: Probabilities of the stored quantile maps.
+        level_means: Optional ``{level: mean (2**l, 2**l)}``.
+        observations: Optional dict with ``value``, ``noise`` and optional ``name``, ``x``, ``y``
+            (NaN for integral observations), ``predicted``, ``truth`` (arrays ``(n_obs,)``).
+        truth: Optional true field ``(ny, nx)`` (synthetic data).
+        direction: Optional direction field ``(ny, nx)`` for the marginal plot.
+        history: Optional training curves ``{stage, nfs, loss, ess: (n_steps,)}``.
+        attrs: Global attributes (version, case text, seed, nfs, wall time, diagnostics...).
+
+    Returns:
+        xarray.Dataset with ``samples(sample, y, x)``, ``mean``, ``std``, ``quantiles``,
+        ``log_prob(sample)``, ``log_target(sample)`` and the optional parts.
+    """
+    samples = np.asarray(samples, dtype=float)
+    data = _field_vars(samples, np.asarray(quantiles, float))
+    data["log_prob"] = ("sample", np.asarray(log_prob, float), {"long_name": "flow log density"})
+    data["log_target"] = ("sample", np.asarray(log_target, float),
+                          {"long_name": "unnormalised posterior log density"})
+    coords = {**_coords(bounds, samples.shape[1:], units),
+              "sample": ("sample", np.arange(samples.shape[0])),
+              "quantile": ("quantile", np.asarray(quantiles, float))}
+    for name, field in (("truth", truth), ("direction", direction)):
+        if field is not None:
+            data[name] = (("y", "x"), np.asarray(field, float), {"long_name": f"{name} field"})
+    level_data, level_coords = _level_vars(level_means, bounds, units)
+    obs_data, obs_coords = _observation_vars(observations)
+    data.update({**level_data, **obs_data, **_history_vars(history)})
+    coords.update({**level_coords, **obs_coords})
+    return xr.Dataset(data, coords=coords, attrs={"Conventions": "CF-1.8", **_clean_attrs(attrs)})
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary path in the folder of ``path``, renamed to ``path`` when the block succeeds.
+
+    Readers never see a half-written file: on any failure the temporary file is removed and
+    ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_netcdf(ds, path):
+    """Write ``ds`` to ``path`` atomically (see :func:`atomic_path`).
+
+    Returns:
+        Path of the written file.
+    """
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4")
+    logger.info("wrote %s", path)
+    return Path(path)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_result(path):
+    """Open a result file fully into memory (the file is closed on return)."""
+    with xr.open_dataset(path) as ds:
+        return ds.load()
+
+
+def marginal_direction(ds):
+    """Unit direction ``(ny, nx)`` for the marginal plot: ``ds.direction`` or the leading PC."""
+    if "direction" in ds:
+        d = np.asarray(ds["direction"].values, float)
+    else:
+        centred = ds["samples"].values.reshape(ds.sizes["sample"], -1)
+        centred = centred - centred.mean(axis=0)
+        d = np.linalg.svd(centred, full_matrices=False)[2][0].reshape(ds["mean"].shape)
+    return d / (np.linalg.norm(d) or 1.0)
