@@ -256,16 +256,23 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
     config = correction_config(case.config)
     if not config.enabled:
         return fit
-    modes = ()
-    if config.independence and config.modes:
+    modes, transport, approximation = (), None, None
+    use_modes = config.independence and config.modes
+    if use_modes or config.coordinates == "laplace":
+        from geoinvert.inference.correction import FlowTransport
         from geoinvert.inference.laplace import fit_laplace
         laplace = fit_laplace(posteriors[case.finest], all_modes=True,
                               generator=torch.Generator().manual_seed(seed + 31))
-        modes = laplace.modes
-        fit = dataclasses.replace(fit, nfs=fit.nfs + laplace.nfs, diagnostics={
-            **fit.diagnostics, "modes_found": len(modes), "mode_search_nfs": laplace.nfs})
+        extra = {"mode_search_nfs": laplace.nfs}
+        if use_modes:
+            modes, extra["modes_found"] = laplace.modes, len(laplace.modes)
+        if config.coordinates == "laplace":
+            transport, approximation = laplace.transport, FlowTransport(fit.model)
+        fit = dataclasses.replace(fit, nfs=fit.nfs + laplace.nfs,
+                                  diagnostics={**fit.diagnostics, **extra})
     return _corrected(fit, case, seed, lay, posteriors[case.finest], config,
-                      progress=progress and lay.root, modes=modes)
+                      progress=progress and lay.root, modes=modes, transport=transport,
+                      approximation=approximation)
 
 
 def _convergence(samples, log_target):
@@ -350,9 +357,10 @@ def _psis_estimates(x, log_target, log_prob):
 
 
 def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=None, thin=1,
-               initial_step=None, modes=(), kind=None):
+               initial_step=None, modes=(), kind=None, approximation=None):
     """Correct the draws of ``fit`` to exactness: MCMC in the coordinates of ``transport``
-    (default: the trained flow's latent space), started from those draws.
+    (default: the trained flow's latent space), started from those draws; ``approximation``
+    (the flow, when ``transport`` is the Laplace map) proposes the independence moves.
 
     ``kind`` None is a flow's correction (its keys, budget share and convergence-driven
     length); an MCMC kind (``gpcn``) runs its fixed draws under ``sampler.*`` keys.
@@ -393,7 +401,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,
                       until=until if kind is None else None,
                       max_solves=max(budget - fit.nfs - outputs, 0) // ens.size
-                      if budget else None)
+                      if budget else None, approximation=approximation)
     finally:
         bar.close()
     c = res.chains
@@ -415,6 +423,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     if kind is None:
         diagnostics.update({
             "correction": config.kernel, "metric": res.metric,
+            "coordinates": config.coordinates,
             "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
             "independence_acceptance": float(np.nanmean(imh)) if config.independence
             else math.nan,
@@ -621,8 +630,10 @@ def summary_lines(ds):
     get = lambda key: a.get(f"diagnostics_{key}", math.nan)   # noqa: E731
     sampler = a.get("sampler", "?")
     correction = a.get("diagnostics_correction")
-    method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric)" \
-        if correction else sampler
+    where = {"laplace": ", in Laplace coordinates", "flow": ", in the flow's latent space"}.get(
+        a.get("diagnostics_coordinates"), "")
+    method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric" \
+        f"{where})" if correction else sampler
     lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves; "
              f"{a.get('wall_time', math.nan):.0f} s"]
     if np.isfinite(get("psis_khat")) or "diagnostics_is_ess" in a:

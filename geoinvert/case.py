@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from geoinvert.errors import CaseError
-from geoinvert.inference.config import CORRECTION_KERNELS, CorrectionConfig
+from geoinvert.inference.config import CORRECTION_COORDINATES, CORRECTION_KERNELS, CorrectionConfig
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
            "correction_config", "reserved_solves", "training_solves", "schema_markdown",
@@ -109,7 +109,8 @@ def _quantiles(v):
     return f"quantiles must lie in (0, 1), got {bad[0]}" if bad else None
 
 
-_CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS), "chains": _between(1, 10**5),
+_CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS),
+                      "coordinates": _one_of(*CORRECTION_COORDINATES), "chains": _between(1, 10**5),
                       "draws": _between(4, 10**8), "max_draws": _between(4, 10**8),
                       "warmup": _between(0, 10**8),
                       "leapfrog": _between(1, 10**4), "independence": None, "modes": None}

@@ -176,13 +176,17 @@ def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(
                                posterior.log_prob(torch.from_numpy(c.flat()[:5])).numpy())
 
 
-def test_independence_moves_balance_the_modes_of_the_quadratic_posterior():
+@pytest.mark.parametrize("coordinates", ["flow", "laplace"])
+def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordinates):
     """Bimodal quadratic posterior (modes at t = +-0.14 of width 0.018, symmetric prior: exact
     masses 50/50). The flow is the prior (t-std 0.12, so it covers both modes), slightly
-    perturbed; all chains start in the positive mode.
+    perturbed; all chains start in the positive mode. The local moves run in the flow's latent
+    space, or in the coordinates of the Laplace approximation at one of the modes (the flow
+    then proposes the independence moves alone).
     Local HMC alone cannot cross between the modes; with independence moves the chains do,
     and the positive fraction is 0.5 within 0.05 (about four standard errors at the ESS of
     the sign, which the test also requires to exceed 200)."""
+    from geoinvert.inference.laplace import fit_laplace
     post, exact, w = bimodal_quadratic()
     prior = post.prior
     assert exact.mode_mass() == pytest.approx(0.5, abs=1e-9)
@@ -190,12 +194,22 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior():
     draws = exact.sample(400, gen(7))
     starts = draws[draws.reshape(400, -1) @ torch.as_tensor(w) > 0][:8]
     config = CorrectionConfig(kernel="hmc", chains=8, warmup=150, draws=400, leapfrog=6)
-    res = correct(post, FlowTransport(model), starts, config, generator=gen(3))
+    flow = FlowTransport(model)
+    if coordinates == "flow":
+        res = correct(post, flow, starts, config, generator=gen(3))
+    else:
+        laplace = fit_laplace(post, generator=gen(5))
+        res = correct(post, laplace.transport, starts, config, generator=gen(3),
+                      approximation=flow)
     t = res.chains.samples.reshape(8, config.draws, -1) @ w
     positive = (t > 0).astype(float)
     assert mcmc_ess(positive, rank_normalize=False) > 200
     assert positive.mean() == pytest.approx(0.5, abs=0.05)
     assert np.nanmean(res.independence_acceptance) > 0.05
+    # the stored density is the flow's at the corrected draws, whatever the coordinates
+    x = torch.from_numpy(res.chains.samples[:2, :3].reshape(6, *starts.shape[1:]))
+    np.testing.assert_allclose(res.flow_log_prob[:2, :3].reshape(-1), flow.log_prob(x).numpy(),
+                               rtol=1e-9, atol=1e-9)
     # the 1-D marginal along the data direction: each mode's centre and width, no mass between
     t_exact = exact.sample_t(20000, gen(9)).numpy()
     for sign in (1, -1):
@@ -228,3 +242,15 @@ def test_failed_solves_of_proposals_are_counted_and_rejected(linear):
     assert res.failed > 0
     assert np.isfinite(res.chains.log_prob).all()
     assert np.abs(res.chains.samples).max() <= 2.2
+
+
+def test_flow_transport_density_is_the_flow_density():
+    """FlowTransport draws carry log q_T, and its log_prob (by inversion) agrees with them and
+    with the model's own density."""
+    prior = MaternPrior(3, correlation_length=0.3, std=1.0)
+    model = perturbed_flow(prior, scale=0.05)
+    flow = FlowTransport(model)
+    x, log_q = flow.sample(5, gen(1))
+    np.testing.assert_allclose(flow.log_prob(x).numpy(), log_q.numpy(), rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(model.log_prob(x).detach().numpy(), log_q.numpy(), rtol=1e-9,
+                               atol=1e-8)

@@ -2,10 +2,14 @@
 
 import dataclasses
 
-__all__ = ["CORRECTION_KERNELS", "CorrectionConfig", "metric_windows"]
+__all__ = ["CORRECTION_COORDINATES", "CORRECTION_KERNELS", "CorrectionConfig", "metric_windows"]
 
 CORRECTION_KERNELS = ("hmc", "mala", "pcn", "none")
 """Local kernels of the correction; ``none`` switches the correction off."""
+
+CORRECTION_COORDINATES = ("laplace", "flow")
+"""Coordinates of the correction's local moves: the Laplace approximation at the MAP point (an
+affine map) or the trained flow's latent space (NeuTra)."""
 
 
 def _field(default, doc, example):
@@ -23,6 +27,11 @@ class CorrectionConfig:
     kernel: str = _field(
         "hmc", "Local MCMC move in the flow's latent space: `hmc`, `mala`, `pcn`, or `none` "
         "(no correction: the result holds the flow's own draws).", "mala")
+    coordinates: str = _field(
+        "laplace", "Coordinates of the local moves: `laplace` (those of the Laplace "
+        "approximation at the MAP point, an affine map found by L-BFGS and the Gauss-Newton "
+        "Hessian) or `flow` (the trained flow's latent space); the flow proposes the "
+        "independence moves either way.", "flow")
     chains: int = _field(
         8, "Chains of the correction, started from flow draws (shared out over MPI solve "
         "groups: at least one per group).", "16")
@@ -48,6 +57,9 @@ class CorrectionConfig:
     def __post_init__(self):
         if self.kernel not in CORRECTION_KERNELS:
             raise ValueError(f"kernel must be one of {CORRECTION_KERNELS}, got {self.kernel!r}")
+        if self.coordinates not in CORRECTION_COORDINATES:
+            raise ValueError(f"coordinates must be one of {CORRECTION_COORDINATES}, got "
+                             f"{self.coordinates!r}")
         for name, low in (("chains", 1), ("draws", 4), ("max_draws", 4), ("warmup", 0),
                           ("leapfrog", 1)):
             value = getattr(self, name)

@@ -86,6 +86,20 @@ class FlowTransport:
         zs, _ = self.model.encode(torch.as_tensor(x, dtype=_F64))
         return torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
 
+    def log_prob(self, x):
+        """Flow log density log q_T of fields ``x (num, n, n)``, float64."""
+        with torch.no_grad():
+            zs, logdet = self.model.encode(torch.as_tensor(x, dtype=_F64))
+            z = torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
+            return standard_normal_log_prob(z) + logdet
+
+    def sample(self, num, generator=None):
+        """``(x (num, n, n), log q_T (num,))`` of ``num`` flow draws."""
+        with torch.no_grad():
+            z = torch.randn((num, self.dim), generator=generator, dtype=_F64)
+            x, logdet = self.to_x(z)
+            return x, standard_normal_log_prob(z) - logdet
+
 
 class LatentTarget:
     r"""The posterior pulled back to the kernels' coordinates u, z = S u, x = T(z).
@@ -197,45 +211,66 @@ def _independence_move(state, generator, *, gradient):
 
 
 class ModeMixture:
-    r"""Independence proposal q_mix = (1 - eps) q_T + eps sum_k pi_k N_k: the flow and the
-    Laplace approximations N_k at the posterior modes found by optimisation, with eps = 1/2
-    and pi_k proportional to the Laplace mode masses.
+    r"""Independence proposal q_mix = (1 - eps) q + eps sum_k pi_k N_k: the approximation q
+    (the trained flow) and the Laplace approximations N_k at the posterior modes found by
+    optimisation, with eps = 1/2 (0 without modes) and pi_k proportional to the Laplace mode
+    masses.
 
     A flow trained by the reverse KL can drop a mode; a chain started from its draws then never
     reaches it. Proposals from the Laplace components do, and the Metropolis-Hastings ratio on
     w = pi / q_mix keeps the chains exact and moves each mode's share to its true mass.
 
     Args:
-        target: the :class:`LatentTarget` (its transport maps the flow's latents).
-        modes: :class:`~geoinvert.inference.laplace.LaplaceTransport` list (non-empty).
+        target: the :class:`LatentTarget` of the local moves.
+        modes: :class:`~geoinvert.inference.laplace.LaplaceTransport` list (may be empty).
+        approximation: the distribution q (``sample``, ``log_prob``); default the target's
+            transport, whose draws are then made in the latent space directly.
     """
 
     FLOW_SHARE = 0.5
 
-    def __init__(self, target, modes):
+    def __init__(self, target, modes, approximation=None):
         self.target, self.modes = target, list(modes)
+        self.approximation = approximation if approximation is not None else target.transport
+        share = self.FLOW_SHARE if self.modes else 1.0
         masses = torch.tensor([m.log_mass for m in self.modes], dtype=_F64)
-        self.log_weights = torch.cat((torch.tensor([math.log(self.FLOW_SHARE)], dtype=_F64),
-                                      math.log(1 - self.FLOW_SHARE)
+        self.log_weights = torch.cat((torch.tensor([math.log(share)], dtype=_F64),
+                                      math.log(max(1 - share, 1e-300))
                                       + torch.log_softmax(masses, 0)))
+
+    @property
+    def _latent(self):
+        """True when q is the pushforward of N(0, I) by the target's transport."""
+        return self.approximation is self.target.transport
+
+    def approximation_log_prob(self, u, value, log_post, x):
+        """log q at states ``u`` (the flow density at the chains' fields)."""
+        if self._latent:
+            return self.target.flow_log_prob(u, value, log_post)
+        return self.approximation.log_prob(x).to(_F64)
 
     def log_prob(self, u, value, log_post, x):
         """log q_mix at states with kernel coordinates ``u``, targets ``value``, posterior
         ``log_post`` and fields ``x``."""
-        parts = [self.target.flow_log_prob(u, value, log_post)]
+        parts = [self.approximation_log_prob(u, value, log_post, x)]
         parts += [m.log_prob(x) for m in self.modes]
-        return torch.logsumexp(torch.stack(parts, 1) + self.log_weights, 1)
+        return torch.logsumexp(torch.stack(parts, 1) + self.log_weights[:len(parts)], 1)
 
     def sample(self, num, generator):
         """Kernel coordinates ``u (num, d)`` of ``num`` proposals."""
         t = self.target
         which = torch.multinomial(self.log_weights.exp(), num, replacement=True,
                                   generator=generator)
-        u = t.coordinates(torch.randn((num, t.transport.dim), generator=generator, dtype=_F64))
-        for k, mode in enumerate(self.modes, start=1):
+        if self._latent:
+            u = t.coordinates(torch.randn((num, t.transport.dim), generator=generator,
+                                          dtype=_F64))
+        else:
+            u = torch.empty((num, t.transport.dim), dtype=_F64)
+        components = [None if self._latent else self.approximation, *self.modes]
+        for k, component in enumerate(components):
             pick = which == k
-            if pick.any():
-                x, _ = mode.sample(int(pick.sum()), generator)
+            if component is not None and pick.any():
+                x, _ = component.sample(int(pick.sum()), generator)
                 u[pick] = t.coordinates(t.transport.to_z(x))
         return u
 
@@ -318,7 +353,7 @@ class CorrectionResult:
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
-            initial_step=None, modes=(), until=None, max_solves=None):
+            initial_step=None, modes=(), until=None, max_solves=None, approximation=None):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
@@ -335,6 +370,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         modes: Laplace approximations at the posterior's modes
             (:class:`~geoinvert.inference.laplace.LaplaceTransport`); with independence moves
             they join the flow in the proposal (:class:`ModeMixture`).
+        approximation: the flow (``sample``, ``log_prob``, e.g. a :class:`FlowTransport`)
+            when ``transport`` is another map (the Laplace approximation): it proposes the
+            independence moves and its density is stored; default ``transport`` itself.
         until: ``until(samples (chains, n, ny, nx), log_prob (chains, n), nfs) -> bool``,
             asked after every block of ``config.draws`` draws whether to stop; without it,
             or when it says so, or at ``config.max_draws`` draws per chain, the chains stop.
@@ -359,7 +397,12 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     windows = metric_windows(config.warmup) if kind != "pcn" else ()
     total, window = config.warmup + config.draws * thin, []
     gradient = kind != "pcn"
-    mixture = ModeMixture(target, modes) if modes and config.independence else None
+    separate = approximation is not None and approximation is not transport
+    mixture = ModeMixture(target, modes, approximation) \
+        if config.independence and (modes or separate) else None
+    density = (mixture.approximation_log_prob if mixture is not None else
+               (lambda u, value, log_post, x: approximation.log_prob(x).to(_F64)) if separate
+               else (lambda u, value, log_post, x: target.flow_log_prob(u, value, log_post)))
     chains = state.z.shape[0]
 
     def affordable(iterations):
@@ -400,8 +443,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             if (i + 1) % thin == 0:
                 j = i // thin
                 x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
-                flow_log_prob[:, j] = target.flow_log_prob(state.z, state.value,
-                                                           state.log_prob).numpy()
+                flow_log_prob[:, j] = density(state.z, state.value, state.log_prob,
+                                              state.x).numpy()
             if callback:
                 callback(config.warmup + done * thin + i + 1,
                          config.warmup + (done + size) * thin, float(a.mean()))
