@@ -62,10 +62,6 @@ def add_training_flags(p):
                    help="weight of the reverse KL in the Jeffreys gradient (stages without a pool)")
     p.add_argument("--frozen-proposal", action="store_true",
                    help="forward-KL proposal from the previous stage's frozen model")
-    p.add_argument("--balance-modes", action="store_true",
-                   help="weight the reverse KL by mode (modes of the Laplace pool)")
-    p.add_argument("--anneal", type=float, default=0.0,
-                   help="fraction of stages > pool_levels moving the target from the surrogate")
     p.add_argument("--lr-warmup", type=float, default=0.0,
                    help="fraction of each stage's steps with a linear lr ramp")
 
@@ -77,8 +73,7 @@ def training_kwargs(args):
                 pool_warmup=getattr(args, "pool_warmup", 0.5),
                 reverse_weight=getattr(args, "reverse_weight", 1.0),
                 frozen_proposal=getattr(args, "frozen_proposal", False),
-                balance_modes=getattr(args, "balance_modes", False),
-                anneal=getattr(args, "anneal", 0.0), lr_warmup=getattr(args, "lr_warmup", 0.0))
+                lr_warmup=getattr(args, "lr_warmup", 0.0))
 
 
 def bumps(count):

@@ -28,8 +28,6 @@ __all__ = [
     "pool_jeffreys_loss",
     "training_step",
     "TrainingInterrupted",
-    "AnnealedTarget",
-    "ModeBalance",
     "decode",
     "CHECKPOINT_VERSION",
     "train_stage",
@@ -71,10 +69,8 @@ class TrainOptions:
     pool_warmup: float = 0.5
     coarse_sampler: str = "importance"
     pool_levels: int = 1
-    anneal: float = 0.0
     frozen_proposal: bool = False
     reverse_weight: float = 1.0
-    balance_modes: bool = False
 
     def __post_init__(self):
         for name, value, valid in (("objective", self.objective, OBJECTIVES),
@@ -89,13 +85,8 @@ class TrainOptions:
             raise ValueError(f"pool_levels must be an integer >= 1, got {self.pool_levels!r}")
         if not self.lr > 0 or not self.grad_clip > 0 or not 0 <= self.lr_min <= 1:
             raise ValueError("lr and grad_clip must be > 0 and lr_min in [0, 1]")
-        if self.balance_modes and self.coarse_sampler != "laplace":
-            raise ValueError("balance_modes needs the modes of coarse_sampler='laplace', got "
-                             f"coarse_sampler={self.coarse_sampler!r}")
         if not 0 <= self.reverse_weight <= 1:
             raise ValueError(f"reverse_weight must be in [0, 1], got {self.reverse_weight!r}")
-        if not 0 <= self.anneal <= 1:
-            raise ValueError(f"anneal must be in [0, 1], got {self.anneal!r}")
         if not 0 <= self.lr_warmup < 1:
             raise ValueError(f"lr_warmup must be in [0, 1), got {self.lr_warmup!r}")
 
@@ -174,64 +165,7 @@ def _reverse_terms(model, posterior, batch, generator, ens):
     return term, log_p.detach().to(_F64) - log_q, ok, x.detach()
 
 
-@dataclass
-class ModeBalance:
-    r"""Modes of a coarse level and their target masses, to reweight the reverse KL by mode.
-
-    The reverse KL splits as D_KL(p || q) = sum_k P_k [log(P_k / Q_k) + D_KL(p_k || q_k)] over
-    modes k (P_k the model's mass, Q_k the target's), so its gradient moves mass towards the
-    modes it already fits best: a mode fitted a few nats worse is emptied, and the fewer samples
-    it keeps the worse it is fitted. Weighting each model sample by Q_k / P_k (P_k estimated by
-    the batch fractions) gives every mode's fit the weight of its target mass and leaves the
-    masses to the forward KL. A sample's mode is the nearest centre (Mahalanobis, with that
-    mode's Hessian) after pooling the sample down to the modes' level.
-
-    Attributes:
-        level: Level of the centres.
-        centres: ``(k, n, n)`` float64.
-        hessians: ``(k, d, d)`` float64 (Hessians of -log q_level at the centres).
-        masses: ``(k,)`` target masses Q_k (sum 1).
-    """
-
-    level: int
-    centres: torch.Tensor
-    hessians: torch.Tensor
-    masses: torch.Tensor
-
-    @classmethod
-    def from_laplace(cls, level, result):
-        """From a :class:`~geoinvert.samplers.laplace.LaplaceResult` of ``level``."""
-        return cls(level, torch.stack([m.x for m in result.modes]).to(_F64),
-                   torch.stack([m.hessian for m in result.modes]).to(_F64),
-                   (result.mode_mass / result.mode_mass.sum()).to(_F64))
-
-    def labels(self, x):
-        """Mode index ``(num,)`` of fields ``x`` of this or a finer level."""
-        from geoinvert.hierarchy import pool
-        x = x.to(_F64)
-        while x.shape[-1] > self.centres.shape[-1]:
-            x = pool(x)
-        delta = x.flatten(1)[:, None, :] - self.centres.flatten(1)[None]
-        return torch.einsum("nki,kij,nkj->nk", delta, self.hessians, delta).argmin(1)
-
-    def weights(self, x, ok, ens):
-        """Weights Q_k / P_k of this rank's samples (0 where not ``ok``), mean 1 over the ok
-        samples of all ranks; modes without samples are left out and Q renormalised."""
-        labels = self.labels(x)
-        counts = torch.as_tensor(ens.sum(*[float(((labels == k) & ok).sum())
-                                           for k in range(self.masses.numel())]))
-        present = self.masses * (counts > 0)
-        if counts.sum() == 0 or present.sum() == 0:
-            return ok.to(_F64)
-        share = present / present.sum() / (counts / counts.sum()).clamp(min=1e-300)
-        return torch.where(ok, share[labels], torch.zeros_like(share[labels]))
-
-    def state(self):
-        return {"level": self.level, "centres": self.centres, "hessians": self.hessians,
-                "masses": self.masses}
-
-
-def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None, balance=None):
+def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
     r"""Reverse KL D_KL(p || q) - log Z from ``batch`` reparameterised samples of the model.
 
     .. math:: L = \frac{1}{n_{ok}} \sum_{i\,ok} \log p(x_i) - \log \tilde q(x_i), \quad x_i \sim p,
@@ -245,8 +179,6 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None, b
         batch: Samples over all ranks.
         generator: Noise source.
         ensemble: :class:`Ensemble` (default: one process).
-        balance: :class:`ModeBalance` weighting the samples' terms in the gradient by mode
-            (the reported value stays the plain estimate).
 
     Returns:
         ``(loss, stats)``: this rank's differentiable part of L (sum over ranks = L) and
@@ -255,8 +187,6 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None, b
     ens = ensemble or Ensemble()
     term, value, ok, x = _reverse_terms(model, posterior, batch, generator, ens)
     n_ok, total = ens.sum(float(ok.sum()), float(value[ok].sum()))
-    if balance is not None:
-        term = term * balance.weights(x, ok, ens).to(term.dtype)
     loss = term[ok].sum() / n_ok if n_ok else term.sum() * math.nan
     stats = {"loss": total / n_ok if n_ok else math.nan, "ess": math.nan, "nfs": batch,
              "failed": int(batch - n_ok)}
@@ -328,7 +258,7 @@ def _snis_weights(log_w, ok, ens):
 
 
 def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, proposal="surrogate",
-                  surrogate=None, reverse_weight=1.0, balance=None):
+                  surrogate=None, reverse_weight=1.0):
     r"""Jeffreys divergence D_KL(p || q) + D_KL(q || p) estimated from 2 x ``batch`` target calls.
 
     .. math:: L = \frac{1}{n}\sum_i [\log p(x_i) - \log \tilde q(x_i)]
@@ -348,7 +278,6 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
             lambda D_KL(p || q) + D_KL(q || p). At 0 no model samples are drawn: the forward
             KL takes all ``2 * batch`` target calls as proposal samples, and ``stats["loss"]``
             estimates D_KL(q || p) + log Z (the reverse term is not measured).
-        balance: :class:`ModeBalance` of the reverse term, or None.
 
     Returns:
         ``(loss, stats)`` as in :func:`reverse_kl_loss`; ``stats["ess"]`` is the importance
@@ -362,8 +291,7 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
     if reverse_weight == 0:
         rev, rev_stats, draws = 0.0, {"loss": 0.0, "failed": 0}, 2 * batch
     else:
-        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens,
-                                         balance=balance)
+        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
         draws = batch
     log_p, log_q, log_w, ok = _forward_terms(model, posterior, draws, generator, proposal, ens,
                                              surrogate)
@@ -478,7 +406,7 @@ def laplace_pool(model, posterior, size, generator=None, ensemble=None, *, start
 
 
 def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensemble=None,
-                       reverse=True, balance=None):
+                       reverse=True):
     r"""Jeffreys divergence with the forward KL from an :class:`ImportancePool` (no new solves).
 
     .. math:: L = \frac{1}{n}\sum_i [\log p(x_i) - \log \tilde q(x_i)]
@@ -494,8 +422,7 @@ def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensembl
     """
     ens = ensemble or Ensemble()
     if reverse:
-        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens,
-                                         balance=balance)
+        rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
     else:
         rev, rev_stats = 0.0, {"loss": 0.0, "nfs": 0, "failed": 0}
     idx = torch.multinomial(pool.w, batch, replacement=True, generator=generator)[ens.part(batch)]
@@ -503,50 +430,6 @@ def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensembl
     (value,) = ens.sum(float((pool.log_q[idx] - log_p.detach().to(_F64)).sum()))
     stats = {**rev_stats, "loss": rev_stats["loss"] + value / batch, "ess": pool.ess}
     return rev - log_p.sum() / batch, stats
-
-
-class AnnealedTarget:
-    r"""The geometric path pi_beta(x) propto s(x)^(1 - beta) q(x)^beta from the surrogate s of a
-    stage's start to its posterior q, as a target with the interface of
-    :class:`~geoinvert.posterior.Posterior` (``level``, ``log_prob``, ``grad_log_prob``).
-
-    s = PC_l(p_{l-1}) is evaluated through ``surrogate``, a frozen copy of the model taken when
-    the stage began (float64), so at beta -> 0 the target is what the model already is. Raising
-    beta slowly keeps the flow close to its target all along, so that the reverse KL has no
-    large, uneven misfits on the modes to trade mass against (its optimum puts mass on mode i
-    in proportion to exp(-KL_i)). Measured on the quadratic test bed at noise 0.1 y it did not
-    stop the drift (10 / 90 % against 8 / 92 % without; the forward KL alone keeps 48 / 52 %).
-
-    Args:
-        posterior: The stage's posterior q_l.
-        surrogate: A frozen :class:`~geoinvert.flows.msign.MsIGN` (float64).
-        beta: In (0, 1].
-    """
-
-    def __init__(self, posterior, surrogate, beta):
-        self.posterior, self.surrogate, self.beta = posterior, surrogate, float(beta)
-        self.level, self.prior = posterior.level, posterior.prior
-
-    def _surrogate(self, x, grad):
-        x = x.detach().to(_F64).requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            value = self.surrogate.surrogate_log_prob(x, self.level)
-        if not grad:
-            return value.detach(), None
-        return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-    def log_prob(self, x):
-        """(1 - beta) log s(x) + beta log q~(x), ``(num,)`` float64 (no gradient)."""
-        with torch.no_grad():
-            value = self.posterior.log_prob(x.to(_F64)).to(_F64)
-        return (1 - self.beta) * self._surrogate(x, False)[0] + self.beta * value
-
-    def grad_log_prob(self, x):
-        """``(log pi_beta(x), d log pi_beta / dx)``, detached, float64."""
-        value, grad = self.posterior.grad_log_prob(x.to(_F64))
-        s_value, s_grad = self._surrogate(x, True)
-        b = self.beta
-        return (1 - b) * s_value + b * value.to(_F64), (1 - b) * s_grad + b * grad.to(_F64)
 
 
 def _frozen_surrogate(model):
@@ -560,12 +443,6 @@ def _frozen_surrogate(model):
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
-
-
-def _beta(step, planned, anneal):
-    """Inverse temperature at ``step``: linear from 1/ramp to 1 over ``anneal`` of the steps."""
-    ramp = math.ceil(anneal * planned)
-    return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
 
 
 # -- one step, one stage, all stages --------------------------------------------------------------
@@ -587,10 +464,10 @@ def lr_factor(step: int, steps: int, schedule: str, floor: float, warmup: float 
 
 
 def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reverse=True,
-          surrogate=None, balance=None):
+          surrogate=None):
     if pool is not None:
         return pool_jeffreys_loss(model, posterior, batch, generator, pool=pool,
-                                  ensemble=ensemble, reverse=reverse, balance=balance)
+                                  ensemble=ensemble, reverse=reverse)
     if options.objective == "reverse_kl":
         return reverse_kl_loss(model, posterior, batch, generator, ensemble=ensemble)
     if options.objective == "asvgd":
@@ -600,12 +477,11 @@ def _loss(model, posterior, batch, generator, options, ensemble, pool=None, reve
         coarse_trained = posterior.level >= 2 and not options.single_stage
         proposal = "defensive" if coarse_trained else "mixture"
     return jeffreys_loss(model, posterior, batch, generator, ensemble=ensemble, proposal=proposal,
-                         surrogate=surrogate, reverse_weight=options.reverse_weight,
-                         balance=balance)
+                         surrogate=surrogate, reverse_weight=options.reverse_weight)
 
 
 def training_step(model, posterior, optimizer, *, batch, generator, options, ensemble=None,
-                  pool=None, reverse=True, surrogate=None, balance=None):
+                  pool=None, reverse=True, surrogate=None):
     """One optimisation step on this rank's share of ``batch``; skipped if not finite.
 
     Computes the local loss and gradients of the active parameters, sums the gradients over the
@@ -614,8 +490,7 @@ def training_step(model, posterior, optimizer, *, batch, generator, options, ens
 
     With a ``pool`` (:class:`ImportancePool`) the loss is :func:`pool_jeffreys_loss` (its
     reverse term only if ``reverse``). ``surrogate``: the frozen model whose coarse flows
-    give the forward-KL proposal (None: the model's own); ``balance``: the
-    :class:`ModeBalance` of the reverse KL (None: unweighted).
+    give the forward-KL proposal (None: the model's own).
 
     Returns:
         The stats of the loss plus ``grad_norm`` and ``skipped`` (bool).
@@ -624,7 +499,7 @@ def training_step(model, posterior, optimizer, *, batch, generator, options, ens
     params = model.active_parameters()
     optimizer.zero_grad(set_to_none=False)
     loss, stats = _loss(model, posterior, batch, generator, options, ens, pool, reverse,
-                        surrogate, balance)
+                        surrogate)
     if torch.isfinite(loss):
         loss.backward()
     ens.allreduce_grads(params)
@@ -662,7 +537,6 @@ class _StageRun:
     checkpoint: object = None
     every: int = 0
     stop: object = None
-    balance: object = None
 
 
 @dataclass
@@ -730,8 +604,7 @@ def _state(model, optimizer, generator, run, st):
             "budget": {"total": run.budget.total, "used": run.budget.used,
                        "finest": run.budget.finest},
             "history": list(run.history), "skipped": run.skipped,
-            "consecutive": run.consecutive,
-            "balance": None if run.balance is None else run.balance.state()}
+            "consecutive": run.consecutive}
 
 
 def _stop_requested(run, ensemble):
@@ -776,15 +649,10 @@ def train_stage(model, posterior, *, stage, steps, options, run, generator=None,
                                     options.lr_warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        target = posterior
-        if st.surrogate is not None and _beta(st.step, st.planned, options.anneal) < 1:
-            target = AnnealedTarget(posterior, st.surrogate,
-                                    _beta(st.step, st.planned, options.anneal))
-        stats = training_step(model, target, optimizer, batch=batch, generator=generator,
+        stats = training_step(model, posterior, optimizer, batch=batch, generator=generator,
                               options=options, ensemble=ens, pool=st.pool,
                               reverse=st.pool is None or st.step >= options.pool_warmup * st.planned,
-                              surrogate=st.surrogate if options.frozen_proposal else None,
-                              balance=run.balance)
+                              surrogate=st.surrogate if options.frozen_proposal else None)
         st.spent += stats["nfs"]
         info = _record(run, stage, st.step, stats, lr, started)
         st.step += 1
@@ -813,7 +681,7 @@ def _new_stage(model, posterior, stage, steps, options, run, generator, ens, sta
     if pool is not None:
         allowance -= run.budget.used - used_before
     planned = _planned_steps(steps, options.batch, evaluations, allowance)
-    frozen = (options.anneal > 0 or options.frozen_proposal) and pool is None and stage >= 2 \
+    frozen = options.frozen_proposal and pool is None and stage >= 2 \
         and not options.single_stage
     return _StageState(stage, planned, allowance, pool=pool, evaluations=evaluations,
                        surrogate=_frozen_surrogate(model) if frozen else None)
@@ -849,8 +717,6 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens
         what = (f"Laplace pool, {len(result.modes)} modes (masses "
                 f"{[round(float(m), 3) for m in result.mode_mass]}), "
                 f"{result.x.shape[0]} importance samples")
-        if options.balance_modes:
-            run.balance = ModeBalance.from_laplace(stage, result)
     else:
         pool = importance_pool(model, posterior, size, generator, ens)
         solves, what = size, f"importance pool of {size} prior samples"
@@ -879,8 +745,7 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
                 schedule="cosine", lr_min=0.05, lr_warmup=0.0, grad_clip=10.0, max_failures=20,
                 proposal="auto", pool=4096, pool_warmup=0.5, coarse_sampler="importance",
-                pool_levels=1, anneal=0.0, frozen_proposal=False, reverse_weight=1.0,
-                balance_modes=False, comm=None,
+                pool_levels=1, frozen_proposal=False, reverse_weight=1.0, comm=None,
                 checkpoint_every=0, resume=None, stop=None):
     r"""Train an MsIGN stage by stage on the posteriors of its levels.
 
@@ -947,11 +812,6 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
             a good start for q_2: with data more precise than a 2 x 2 field can fit, the modes
             of q_1 lie elsewhere than those of the finer levels (``cases/elliptic_bimodal.yaml``:
             t = +/-6.8 at level 1, +/-38 to 40 at levels 2 to 4).
-        anneal: Fraction of each later stage's steps (l > ``pool_levels``) over which its
-            target moves from the surrogate PC_l(p_{l-1}) to q_l along
-            s^(1 - beta) q^beta, beta linear in the steps (:class:`AnnealedTarget`); 0: q_l
-            from the first step (the MsIGN paper). The loss then estimates D_J to the current
-            pi_beta.
         frozen_proposal: Draw the forward-KL proposal of stages l >= 2 from PC_l(p_{l-1})
             with p_{l-1} frozen at the end of stage l - 1 (as the MsIGN paper defines the
             surrogate) instead of the current coarse flows, which stage l keeps training: a
@@ -959,8 +819,6 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         reverse_weight: Weight lambda of the reverse KL in the Jeffreys gradient of the stages
             without a pool, lambda D_KL(p || q) + D_KL(q || p); 0 trains by the forward KL
             alone (mass-covering: keeps every mode the proposal has, with wider modes).
-        balance_modes: Weight the reverse KL's samples by mode (:class:`ModeBalance`) with the
-            modes and masses found by the last ``coarse_sampler="laplace"`` pool.
         comm: Ensemble communicator: ranks split the batch, each with its own forward models,
             and sum gradients (None: one process).
         checkpoint_every: Steps between checkpoints within a stage (0: stage ends only).
@@ -988,9 +846,8 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
                            max_failures=max_failures,
                            proposal=proposal, single_stage=single_stage, pool=pool,
                            pool_warmup=pool_warmup, coarse_sampler=coarse_sampler,
-                           pool_levels=pool_levels, anneal=anneal,
-                           frozen_proposal=frozen_proposal, reverse_weight=reverse_weight,
-                           balance_modes=balance_modes)
+                           pool_levels=pool_levels, frozen_proposal=frozen_proposal,
+                           reverse_weight=reverse_weight)
     if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
     finest = max(posteriors)
@@ -1035,8 +892,6 @@ def _restore(model, state, run, generator, stages, single_stage, finest):
     run.budget.used, run.budget.finest = int(budget["used"]), float(budget["finest"])
     run.history[:] = state["history"]
     run.skipped, run.consecutive = int(state["skipped"]), int(state["consecutive"])
-    if state.get("balance") is not None:
-        run.balance = ModeBalance(**state["balance"])
     if state["complete"]:
         return list(range(stage + 1, finest + 1)) if not single_stage else [], None
     return list(range(stage, finest + 1)) if not single_stage else [stage], state

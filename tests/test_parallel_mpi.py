@@ -28,7 +28,7 @@ def shared_tmp():
 
 
 @pytest.mark.parametrize("extra", [{}, {"coarse_sampler": "laplace", "pool_levels": 2,
-                                        "balance_modes": True, "frozen_proposal": True}])
+                                        "frozen_proposal": True}])
 def test_training_is_the_same_on_one_and_all_ranks(extra):
     # The Laplace pools' mode search evaluates single points on one rank: every rank must
     # still take the same path and get the same pool.
