@@ -1,4 +1,5 @@
-# geoinvert: `make demo` runs the default case, `make test` runs the test suite.
+# geoinvert: `make demo` runs the default case, `make test` runs the test suite
+# (`make test-fast` leaves out the tests marked slow).
 # Both install what is missing first (Debian packages, .venv, torch, the package).
 
 VENV    ?= .venv
@@ -8,7 +9,7 @@ PYTEST  := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider
 CASE    ?= cases/default.yaml
 OUT     ?= results/default.nc
 
-.PHONY: setup demo test test-serial test-mpi bench clean
+.PHONY: setup demo test test-fast test-serial test-mpi bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +19,9 @@ demo: setup
 
 test: setup
 	$(MAKE) --no-print-directory test-serial test-mpi
+
+test-fast: setup
+	$(PYTEST) -q -m "not slow" tests
 
 test-serial:
 	$(PYTEST) -q tests

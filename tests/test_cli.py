@@ -271,6 +271,7 @@ def test_run_prints_its_verdict(case_file, tmp_path, capsys):
     assert "WARNING: effective sample size" in captured.err
 
 
+@pytest.mark.slow
 def test_a_budget_holds_with_the_correction_and_the_mode_search(tmp_path):
     """Training gets what the budget leaves after the reservation; the mode search's actual
     cost and the correction's trajectories (shortened to fit) keep the total within it."""

@@ -129,6 +129,7 @@ def test_whitened_gradient_equals_autograd_of_the_value():
     torch.testing.assert_close(grad, expected)
 
 
+@pytest.mark.slow
 def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(linear):
     """A flow trained for three steps is far from the posterior (its importance weights are
     unusable); the corrected chains match the exact mean and covariance within Monte-Carlo
@@ -176,6 +177,7 @@ def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(
                                posterior.log_prob(torch.from_numpy(c.flat()[:5])).numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("coordinates", ["flow", "laplace"])
 def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordinates):
     """Bimodal quadratic posterior (modes at t = +-0.14 of width 0.018, symmetric prior: exact

@@ -264,6 +264,7 @@ def test_laplace_kind_refuses_a_correction_section_and_pcn_beta_above_one():
         load_case({**SMALL, "sampler": {"kind": "gpcn", "step_size": 1.5}})
 
 
+@pytest.mark.slow
 def test_laplace_modes_in_the_independence_proposal_restore_a_dropped_mode():
     """Bimodal quadratic (modes t = +-0.14, width 0.018, exact masses 50/50) with a transport
     that covers only the positive mode (the Laplace fit there, standing in for a flow that

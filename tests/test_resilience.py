@@ -77,6 +77,7 @@ def saved_state(path):
     return torch.load(path, weights_only=True)["state"]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(case_file, tmp_path):
     reference = tmp_path / "ref" / "small.nc"
     finish(command(case_file, reference))
@@ -136,6 +137,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
 def test_one_failing_rank_ends_the_whole_job(case_file, tmp_path):
     script = tmp_path / "failing.py"

@@ -74,6 +74,7 @@ def test_whitening_round_trip_and_jacobian(prior):
 # -- recovery of the exact posterior ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", RUNS)
 def test_sampler_recovers_exact_linear_posterior(problem, method):
     """Per-cell mean and variance within 4.5 MC standard errors (ESS-based), R-hat < 1.05.

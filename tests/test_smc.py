@@ -109,6 +109,7 @@ def test_bad_arguments(prior, kwargs, match):
         tempered_smc(posterior.log_likelihood, prior, 1, args.pop("num"), **args)
 
 
+@pytest.mark.slow
 def test_training_with_an_smc_stage_one():
     # The linear test bed of test_train (8x8, 3 levels); stage 1 samples q_1 by SMC with
     # pool // 4 particles, then trains on the pool as with importance sampling.

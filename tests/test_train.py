@@ -113,6 +113,7 @@ def test_loss_decreases(problem):
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
 
 
+@pytest.mark.slow
 def test_multistage_jeffreys_matches_exact_linear_posterior(problem):
     prior, posteriors, exact = problem
     model = new_model(prior)
