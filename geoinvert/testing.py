@@ -1,20 +1,111 @@
-"""Small problems with exact posteriors, for tests and examples.
+"""Small problems with exact posteriors, faulty forward models and small cases, for tests and
+examples.
 
-Each returns a :class:`~geoinvert.posterior.Posterior` and its exact reference, built from the
-package's own priors and test-bed forward models (no mocks): what the statistical tests of the
-samplers and of the correction check against.
+The problems are built from the package's own priors and test-bed forward models (no mocks)
+with their exact posteriors: what the statistical tests of the samplers, of training and of
+the correction check against. The faulty models fail the way a real solve can (a NaN row,
+counted in ``last_failures``) so that the failure paths are exercised for real.
 """
 
+import copy
 import math
 
 import numpy as np
+import torch
 
 from geoinvert.diagnostics import mcmc_ess
-from geoinvert.forward.testbeds import ExactQuadraticPosterior, QuadraticForward
+from geoinvert.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
+                                        LinearForward, QuadraticForward)
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 
-__all__ = ["bimodal_quadratic", "gaussian_kl", "z_scores"]
+__all__ = ["bimodal_quadratic", "linear_gaussian", "small_flow", "flat_parameters",
+           "FlakyForward", "BrokenPosterior", "small_case", "gaussian_kl", "z_scores"]
+
+_CENTRES = [(0.3, 0.3), (0.7, 0.6), (0.5, 0.5)]
+_NOISE = 0.01
+
+
+def linear_gaussian(levels=3):
+    """Linear-Gaussian test bed on a ``2**levels`` lattice: a Matern prior (Dirichlet
+    boundary) and the integrals of three Gaussian bumps, noise 0.01, data from a prior draw.
+
+    Returns:
+        ``(prior, posteriors, exact)``: the prior, ``{level: Posterior}`` for levels
+        1..``levels`` and the :class:`~geoinvert.forward.testbeds.ExactLinearPosterior` of the
+        finest level.
+    """
+    prior = MaternPrior(levels, alpha=2, correlation_length=0.3, std=1.0, boundary="dirichlet")
+    n = 2 ** levels
+    bumps = [lambda x, y, cx=cx, cy=cy: np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.02)
+             for cx, cy in _CENTRES]
+    forward = LinearForward(bumps, (n, n))
+    truth = prior.sample(1, levels, generator=torch.Generator().manual_seed(3))[0].numpy()
+    rng = np.random.default_rng(0)
+    data = forward.matrix @ truth.ravel() + _NOISE * rng.standard_normal(len(_CENTRES))
+    posteriors = {level: Posterior(prior, forward.at_level(level), data, _NOISE, level)
+                  for level in range(1, levels + 1)}
+    exact = ExactLinearPosterior(prior.mean(levels).ravel(), prior.covariance(levels),
+                                 forward.matrix, data, _NOISE, shape=(n, n))
+    return prior, posteriors, exact
+
+
+def small_flow(prior, seed=0, *, blocks=2, hidden=16):
+    """A small float32 :class:`~geoinvert.flows.msign.MsIGN` on ``prior`` whose initial
+    weights come from ``seed``."""
+    from geoinvert.flows.msign import MsIGN
+    torch.manual_seed(seed)
+    return MsIGN(prior, blocks_per_level=blocks, hidden=hidden).to(torch.float32)
+
+
+def flat_parameters(model):
+    """All parameters of ``model`` as one detached vector."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class FlakyForward:
+    """Wraps a forward model so that its solve fails (a NaN row, listed in
+    ``last_failures``) for about one field in five, deterministically in the field."""
+
+    def __init__(self, inner):
+        self.inner, self.shape, self.n_obs = inner, inner.shape, inner.n_obs
+        self.n_solves, self.last_failures = 0, []
+
+    def __call__(self, x):
+        y = self.inner(x)
+        self.n_solves = self.inner.n_solves
+        bad = torch.floor(1e3 * x.detach().reshape(x.shape[0], -1).sum(1)) % 5 == 0
+        self.last_failures = torch.nonzero(bad).ravel().tolist()
+        return torch.where(bad[:, None], torch.full_like(y, math.nan), y)
+
+
+class BrokenPosterior(Posterior):
+    """A posterior whose every evaluation is NaN (a forward model that always fails)."""
+
+    def log_prob(self, x):
+        return super().log_prob(x) * math.nan
+
+
+_SMALL_CASE = {
+    "name": "small",
+    "levels": {"finest": 3},
+    "prior": {"correlation_length": 0.3},
+    "forward": {"kind": "linear"},
+    "observations": {"functions": [{"shape": "gaussian", "center": [0.3, 0.3], "width": 0.15},
+                                   {"shape": "gaussian", "center": [0.7, 0.6], "width": 0.15}]},
+    "data": {"synthetic": {"truth": "prior", "seed": 2}},
+    "noise": {"std": 0.01},
+    "sampler": {"blocks": 1, "hidden": 4, "steps": 2, "batch": 8,
+                "correction": {"chains": 4, "warmup": 20, "draws": 10, "max_draws": 10,
+                               "leapfrog": 3}},
+    "output": {"samples": 40, "direction": "x - 0.5"},
+}
+
+
+def small_case():
+    """A case dictionary that runs end to end in seconds: an 8x8 linear problem with two
+    integral observations, a tiny flow, a short correction (a fresh copy each call)."""
+    return copy.deepcopy(_SMALL_CASE)
 
 
 def bimodal_quadratic(level=2, *, y=0.02, noise=0.005, correlation_length=0.3):

@@ -13,22 +13,10 @@ import yaml
 
 import geoinvert
 from geoinvert import cli
+from geoinvert.testing import small_case
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {
-    "name": "small",
-    "levels": {"finest": 3},
-    "prior": {"correlation_length": 0.3},
-    "forward": {"kind": "linear"},
-    "observations": {"functions": [{"shape": "gaussian", "center": [0.3, 0.3], "width": 0.15},
-                                   {"shape": "gaussian", "center": [0.7, 0.6], "width": 0.15}]},
-    "data": {"synthetic": {"truth": "prior", "seed": 2}},
-    "noise": {"std": 0.01},
-    "sampler": {"blocks": 1, "hidden": 4, "steps": 2, "batch": 8,
-                "correction": {"chains": 4, "warmup": 20, "draws": 10, "max_draws": 10,
-                               "leapfrog": 3}},
-    "output": {"samples": 40, "direction": "x - 0.5"},
-}
+SMALL = small_case()
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ from geoinvert.inference.laplace import EIGENVALUE_CUTOFF, fit_laplace, linearis
 from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.samplers.whitening import prior_whitening
-from geoinvert.testing import bimodal_quadratic, z_scores
-from test_cli import SMALL as CLI_SMALL
+from geoinvert.testing import bimodal_quadratic, small_case, z_scores
+
+CLI_SMALL = small_case()
 
 F64 = torch.float64
 

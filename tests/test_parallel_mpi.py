@@ -15,8 +15,14 @@ from mpi4py import MPI
 from geoinvert.case import load_case
 from geoinvert.app import run
 from geoinvert.parallel import layout
-from test_cli import SMALL
-from test_train import gen, make_problem, new_model, parameters
+from geoinvert.testing import flat_parameters, linear_gaussian, small_case, small_flow
+
+SMALL = small_case()
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
 
 pytestmark = pytest.mark.mpi
 WORLD = MPI.COMM_WORLD
@@ -32,12 +38,12 @@ def shared_tmp():
 def test_training_is_the_same_on_one_and_all_ranks(extra):
     # The Laplace pools' mode search evaluates single points on one rank: every rank must
     # still take the same path and get the same pool.
-    prior, posteriors, _ = make_problem()
+    prior, posteriors, _ = linear_gaussian()
     models = []
     for comm in (None, WORLD):
-        model = new_model(prior).to(torch.float64)
+        model = small_flow(prior).to(torch.float64)
         history = train_msign_small(model, posteriors, comm, **extra)
-        models.append((parameters(model), history))
+        models.append((flat_parameters(model), history))
     (serial, h1), (parallel, h2) = models
     torch.testing.assert_close(parallel, serial, rtol=1e-9, atol=1e-11)
     assert [h["nfs"] for h in h1] == [h["nfs"] for h in h2]

@@ -19,7 +19,9 @@ import torch
 import xarray as xr
 import yaml
 
-from test_cli import SMALL
+from geoinvert.testing import small_case
+
+SMALL = small_case()
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CASE = {**SMALL, "sampler": {"blocks": 1, "hidden": 4, "steps": 12, "batch": 8,

@@ -113,10 +113,10 @@ def test_bad_arguments(prior, kwargs, match):
 def test_training_with_an_smc_stage_one():
     # The linear test bed of test_train (8x8, 3 levels); stage 1 samples q_1 by SMC with
     # pool // 4 particles, then trains on the pool as with importance sampling.
-    from test_train import make_problem, new_model
+    from geoinvert.testing import linear_gaussian, small_flow
     from geoinvert.train import train_msign
-    prior, posteriors, _ = make_problem()
-    model = new_model(prior)
+    prior, posteriors, _ = linear_gaussian()
+    model = small_flow(prior)
     before = sum(p.forward.n_solves for p in posteriors.values())
     history = train_msign(model, posteriors, steps=[10, 4, 4], batch=8, lr=3e-3, pool=256,
                           coarse_sampler="smc", generator=gen(), callback=None, checkpoint=None)
@@ -126,16 +126,16 @@ def test_training_with_an_smc_stage_one():
     assert history[0]["ess"] == pytest.approx(1.0)    # tempered to beta = 1: equal weights
     assert history[-1]["nfs"] == solves == smc + 5 * 8 + 8 * 2 * 8
     budget = 2000
-    history = train_msign(new_model(prior), posteriors, steps=50, batch=8, pool=4096,
+    history = train_msign(small_flow(prior), posteriors, steps=50, batch=8, pool=4096,
                           coarse_sampler="smc", budget=budget, generator=gen(), callback=None,
                           checkpoint=None)
     assert history[-1]["nfs"] <= budget and {h["stage"] for h in history} == {1, 2, 3}
 
 
 def test_unknown_coarse_sampler():
-    from test_train import make_problem, new_model
+    from geoinvert.testing import linear_gaussian, small_flow
     from geoinvert.train import train_msign
-    prior, posteriors, _ = make_problem()
+    prior, posteriors, _ = linear_gaussian()
     with pytest.raises(ValueError, match="coarse_sampler"):
-        train_msign(new_model(prior), posteriors, coarse_sampler="mcmc", callback=None,
+        train_msign(small_flow(prior), posteriors, coarse_sampler="mcmc", callback=None,
                     checkpoint=None)

@@ -12,7 +12,7 @@ from geoinvert.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.svgd import asvgd_loss, median_bandwidth, rbf_kernel, stein_direction
 from geoinvert.train import TrainingError, train_asvgd
-from test_train import BrokenPosterior, FlakyForward
+from geoinvert.testing import BrokenPosterior, FlakyForward
 
 F64 = torch.float64
 NOISE = 0.5

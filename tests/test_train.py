@@ -6,45 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from geoinvert.flows.msign import MsIGN
-from geoinvert.forward.testbeds import ExactLinearPosterior, LinearForward
 from geoinvert.posterior import Posterior
-from geoinvert.prior import MaternPrior
 from geoinvert.train import (TrainingError, importance_pool, jeffreys_loss, level_costs,
                              lr_factor, pool_jeffreys_loss, reverse_kl_loss, train_msign)
+from geoinvert.testing import (BrokenPosterior, FlakyForward, flat_parameters, linear_gaussian,
+                               small_flow as new_model)
 
 LEVELS = 3
-NOISE = 0.01
-CENTRES = [(0.3, 0.3), (0.7, 0.6), (0.5, 0.5)]
-
-
-def gaussian_bump(cx, cy):
-    return lambda x, y: np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.02)
-
-
-def make_problem(levels=LEVELS):
-    """Linear-Gaussian test bed on 8x8: Matern prior, 3 integrals of Gaussian bumps."""
-    prior = MaternPrior(levels, alpha=2, correlation_length=0.3, std=1.0, boundary="dirichlet")
-    n = 2**levels
-    forward = LinearForward([gaussian_bump(*c) for c in CENTRES], (n, n))
-    truth = prior.sample(1, levels, generator=torch.Generator().manual_seed(3))[0].numpy()
-    rng = np.random.default_rng(0)
-    data = forward.matrix @ truth.ravel() + NOISE * rng.standard_normal(len(CENTRES))
-    posteriors = {l: Posterior(prior, forward.at_level(l), data, NOISE, l)
-                  for l in range(1, levels + 1)}
-    exact = ExactLinearPosterior(prior.mean(levels).ravel(), prior.covariance(levels),
-                                 forward.matrix, data, NOISE, shape=(n, n))
-    return prior, posteriors, exact
-
-
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem()
-
-
-def new_model(prior, seed=0):
-    torch.manual_seed(seed)
-    return MsIGN(prior, blocks_per_level=2, hidden=16).to(torch.float32)
 
 
 def gen(seed=0):
@@ -140,7 +108,7 @@ def test_multistage_jeffreys_matches_exact_linear_posterior(problem):
 
 
 def test_budget_is_never_exceeded():
-    prior, posteriors, _ = make_problem()
+    prior, posteriors, _ = linear_gaussian()
     model = new_model(prior)
     budget = 1001
     history = train_msign(model, posteriors, start=1, steps=100, batch=16, lr=1e-3,
@@ -152,21 +120,6 @@ def test_budget_is_never_exceeded():
     costs = {1: 1 / 16, 2: 1 / 4, 3: 1.0}
     stage_nfs = {s: sum(2 * 16 for h in history if h["stage"] == s) for s in costs}
     assert history[-1]["nfs_finest"] <= sum(costs[s] * stage_nfs[s] for s in costs)
-
-
-class FlakyForward:
-    """A forward model whose solve 'fails' (NaN row) for about one field in five."""
-
-    def __init__(self, inner):
-        self.inner, self.shape, self.n_obs = inner, inner.shape, inner.n_obs
-        self.n_solves, self.last_failures = 0, []
-
-    def __call__(self, x):
-        y = self.inner(x)
-        self.n_solves = self.inner.n_solves
-        bad = torch.floor(1e3 * x.detach().reshape(x.shape[0], -1).sum(1)) % 5 == 0
-        self.last_failures = torch.nonzero(bad).ravel().tolist()
-        return torch.where(bad[:, None], torch.full_like(y, math.nan), y)
 
 
 def test_failed_solves_are_excluded(problem):
@@ -183,13 +136,6 @@ def test_failed_solves_are_excluded(problem):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     x, log_p = model.sample(8, generator=gen(1))
     assert torch.isfinite(x).all() and torch.isfinite(log_p).all()
-
-
-class BrokenPosterior(Posterior):
-    """Every target evaluation returns NaN (e.g. a broken forward model)."""
-
-    def log_prob(self, x):
-        return super().log_prob(x) * math.nan
 
 
 def test_non_finite_steps_are_skipped_then_stop(problem):
@@ -279,10 +225,6 @@ RESUMABLE = dict(steps=[4, 5, 6], batch=8, lr=3e-3, objective="jeffreys", pool=6
                  checkpoint_every=2)
 
 
-def parameters(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 def saved_and_loaded(state, tmp_path):
     """A state after a trip through torch.save / torch.load(weights_only=True)."""
     path = tmp_path / "state.pt"
@@ -310,7 +252,7 @@ def test_resume_from_any_checkpoint_gives_the_uninterrupted_model(problem, tmp_p
         resumed = new_model(prior, seed=99)         # other initial weights: all come from the state
         other = train_msign(resumed, posteriors, generator=gen(123), checkpoint=None,
                             resume=saved_and_loaded(state, tmp_path), **RESUMABLE, **extra)
-        assert torch.equal(parameters(resumed), parameters(model))
+        assert torch.equal(flat_parameters(resumed), flat_parameters(model))
         assert [h["loss"] for h in other] == [h["loss"] for h in history]
         assert other[-1]["nfs"] == history[-1]["nfs"]
 
@@ -334,7 +276,7 @@ def test_stop_request_checkpoints_and_raises_at_the_same_step(problem):
     resumed = new_model(prior)
     train_msign(resumed, posteriors, generator=gen(), checkpoint=None, resume=saved[-1],
                 **RESUMABLE)
-    assert torch.equal(parameters(resumed), parameters(reference))
+    assert torch.equal(flat_parameters(resumed), flat_parameters(reference))
 
 
 def test_resume_rejects_a_state_that_does_not_fit(problem):
