@@ -62,18 +62,21 @@ class RepeatFilter(logging.Filter):
 
     def __init__(self, shown=3):
         super().__init__()
-        self.shown, self.counts = shown, {}
+        self.shown, self.counts, self.examples = shown, {}, {}
 
     def filter(self, record):
         if record.levelno >= logging.ERROR:
             return True
         key = (record.name, record.levelname, record.msg)
         self.counts[key] = self.counts.get(key, 0) + 1
+        self.examples.setdefault(key, record.getMessage())
         return self.counts[key] <= self.shown
 
     def summary(self):
-        """One line per template that was held back: how many more times it came."""
-        return [f"{level} {name}: {count - self.shown} more like \"{msg}\" not shown"
+        """One line per template that was held back: how many more times it came, with the
+        first such message as the example."""
+        return [f"{level} {name}: {count - self.shown} more warnings like "
+                f"\"{self.examples[(name, level, msg)]}\" not shown"
                 for (name, level, msg), count in self.counts.items() if count > self.shown]
 
 
