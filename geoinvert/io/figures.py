@@ -13,11 +13,12 @@ __all__ = ['figures']
 logger = logging.getLogger(__name__)
 
 
-def _image(ax, da, title, ds, cmap="viridis"):
+def _image(ax, da, title, ds, cmap="viridis", limits=None):
     x, y = ds["x"].values, ds["y"].values
     dx, dy = (x[1] - x[0]) / 2 if x.size > 1 else 0.5, (y[1] - y[0]) / 2 if y.size > 1 else 0.5
-    im = ax.imshow(np.asarray(da), origin="lower", cmap=cmap, aspect="equal",
-                   extent=(x[0] - dx, x[-1] + dx, y[0] - dy, y[-1] + dy))
+    vmin, vmax = limits if limits is not None else (None, None)
+    im = ax.imshow(np.asarray(da), origin="lower", cmap=cmap, aspect="equal", vmin=vmin,
+                   vmax=vmax, extent=(x[0] - dx, x[-1] + dx, y[0] - dy, y[-1] + dy))
     ax.set_title(title, fontsize=9)
     ax.figure.colorbar(im, ax=ax, shrink=0.8)
     if "obs_x" in ds:
@@ -56,8 +57,12 @@ def _maps_figure(ds, outdir):
     panels = [("truth", "truth")] if "truth" in ds else []
     panels += [("mean", "posterior mean"), ("std", "posterior std")]
     fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fields = [ds[var].values for var, _ in panels if var != "std"]
+    shared = (min(np.nanmin(f) for f in fields), max(np.nanmax(f) for f in fields))
     for ax, (var, title) in zip(axes[0], panels):
-        _image(ax, ds[var].values, title, ds, "magma" if var == "std" else "viridis")
+        # the truth and the mean on one colour scale, so that they can be compared by eye
+        _image(ax, ds[var].values, title, ds, "magma" if var == "std" else "viridis",
+               None if var == "std" else shared)
     return _save(fig, outdir / "mean_std.png", ds)
 
 
