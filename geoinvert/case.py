@@ -511,13 +511,35 @@ def _validate(raw):
     return config
 
 
+SAMPLER_KEY_KINDS = {
+    **{key: FLOW_KINDS for key in ("blocks", "hidden", "upsampling", "steps", "batch", "lr",
+                                   "lr_warmup", "budget", "checkpoint_every", "correction")},
+    **{key: ("msign",) for key in ("objective", "coarse_sampler", "pool_levels",
+                                   "reverse_weight", "frozen_proposal", "pool_warmup")},
+    **{key: MCMC_KINDS for key in ("chains", "draws", "warmup", "thin", "step_size")},
+    "leapfrog": ("hmc",),
+}
+"""The sampler kinds each ``sampler.*`` key applies to (keys not listed apply to all)."""
+
+
+def _rule_keys_of_the_kind(raw, kind):
+    """A ``sampler`` key given for a kind that does not use it is a mistake, not a no-op."""
+    for key, kinds in SAMPLER_KEY_KINDS.items():
+        if kind in kinds or not _lookup(raw, f"sampler.{key}")[1]:
+            continue
+        hint = ""
+        if kind in FLOW_KINDS and key in ("chains", "draws", "warmup", "leapfrog"):
+            hint = f" (the flow's correction has its own: sampler.correction.{key})"
+        raise CaseError(f"sampler.{key}", f"applies to sampler.kind {', '.join(kinds)}, not "
+                        f"to {kind}{hint}")
+
+
 def _rule_correction_for_flows(raw, config):
-    """``sampler.correction`` belongs to flows; a budget must leave room for training."""
+    """Each ``sampler`` key belongs to the kinds that use it (``sampler.correction`` to
+    flows); a budget must leave room for training."""
     s = config["sampler"]
+    _rule_keys_of_the_kind(raw, s["kind"])
     if s["kind"] not in FLOW_KINDS:
-        if _lookup(raw, "sampler.correction")[1]:
-            raise CaseError("sampler.correction", f"applies to flows (msign, asvgd), not to "
-                            f"sampler.kind {s['kind']}")
         return
     reserved = correction_config(config).reserved() + config["output"]["samples"]
     if s["budget"] and s["budget"] <= reserved:
@@ -959,7 +981,8 @@ def reserved_solves(config):
     correction, samples = correction_config(config), config["output"]["samples"]
     if not correction.enabled:
         return samples
-    search = _mode_search_solves(config) if correction.independence and correction.modes else 0
+    searched = (correction.independence and correction.modes) or correction.coordinates == "laplace"
+    search = _mode_search_solves(config) if searched else 0
     return samples + correction.reserved() + samples + search
 
 
@@ -1111,8 +1134,15 @@ def schema_markdown():
         out += ["", title, "", "| key | type | default | meaning | example |",
                 "| --- | --- | --- | --- | --- |"]
         out += [f"| `{k.path}` | {_markdown_type(k)} | {_markdown_default(k)} | "
-                f"{k.doc.replace('|', '/')} | `{k.example}` |" for k in keys]
+                f"{k.doc.replace('|', '/')}{_markdown_kinds(k)} | `{k.example}` |" for k in keys]
     return "\n".join(out).lstrip("\n") + "\n"
+
+
+def _markdown_kinds(key):
+    """`` Kinds: ...`` for the ``sampler`` keys that apply to some kinds only."""
+    parts = key.path.split(".")
+    kinds = SAMPLER_KEY_KINDS.get(parts[1]) if parts[0] == "sampler" and len(parts) > 1 else None
+    return f" Kinds: {', '.join(f'`{k}`' for k in kinds)}." if kinds else ""
 
 
 DOC_START, DOC_END = "<!-- schema:start -->", "<!-- schema:end -->"

@@ -284,10 +284,24 @@ def test_correction_section_defaults_shorthand_and_kind_rules():
     assert reserved_solves(config) == correction_config(config).reserved() + 2 * 500 + search
     no_modes = load_case({**base, "sampler": {**base["sampler"],
                                               "correction": {"modes": False}}}).config
-    assert reserved_solves(no_modes) == correction_config(config).reserved() + 2 * 500
+    assert reserved_solves(no_modes) == reserved_solves(config)    # the Laplace coordinates
+    no_search = load_case({**base, "sampler": {**base["sampler"], "correction": {
+        "modes": False, "coordinates": "flow"}}}).config
+    assert reserved_solves(no_search) == correction_config(config).reserved() + 2 * 500
     with pytest.raises(CaseError, match="sampler.correction.kernel"):
         load_case({**base, "sampler": {"correction": {"kernel": "nuts"}}})
-    with pytest.raises(CaseError, match="sampler.correction: applies to flows"):
+    with pytest.raises(CaseError, match="sampler.correction: applies to sampler.kind msign, "
+                       "asvgd, not to hmc"):
         load_case({**base, "sampler": {"kind": "hmc", "correction": {"draws": 10}}})
+    with pytest.raises(CaseError, match=r"sampler.chains: applies to sampler.kind pcn, .* not "
+                       r"to msign \(the flow's correction has its own: "
+                       r"sampler.correction.chains\)"):
+        load_case({**base, "sampler": {"chains": 8}})
+    with pytest.raises(CaseError, match="sampler.blocks: applies to sampler.kind msign, "
+                       "asvgd, not to pcn"):
+        load_case({**base, "sampler": {"kind": "pcn", "blocks": 3}})
+    with pytest.raises(CaseError, match="sampler.leapfrog: applies to sampler.kind hmc, not "
+                       "to mala"):
+        load_case({**base, "sampler": {"kind": "mala", "leapfrog": 3}})
     with pytest.raises(CaseError, match="sampler.budget"):
         load_case({**base, "sampler": {"budget": 5000}})

@@ -25,7 +25,7 @@ class CorrectionConfig:
     """
 
     kernel: str = _field(
-        "hmc", "Local MCMC move in the flow's latent space: `hmc`, `mala`, `pcn`, or `none` "
+        "hmc", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, `pcn`, or `none` "
         "(no correction: the result holds the flow's own draws).", "mala")
     coordinates: str = _field(
         "laplace", "Coordinates of the local moves: `laplace` (those of the Laplace "
