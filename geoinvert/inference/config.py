@@ -25,8 +25,8 @@ class CorrectionConfig:
     """
 
     kernel: str = _field(
-        "hmc", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, `pcn`, or `none` "
-        "(no correction: the result holds the flow's own draws).", "mala")
+        "hmc", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, "
+        "`pcn`, or `none` (no correction: the result holds the flow's own draws).", "mala")
     coordinates: str = _field(
         "laplace", "Coordinates of the local moves: `laplace` (those of the Laplace "
         "approximation at the MAP point, an affine map found by L-BFGS and the Gauss-Newton "
