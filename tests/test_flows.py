@@ -33,8 +33,36 @@ FACTORIES = {
     "sequence": (lambda: FlowSequence(GlowBlock(2, 8), Squeeze(), GlowBlock(8, 8), Unsqueeze()), IMAGE),
     "field-flow-2x2": (lambda: ChannelAdapter(FieldFlow(2, 3, 8)), (2, 1, 2, 2)),
     "field-flow-4x4": (lambda: ChannelAdapter(FieldFlow(4, 3, 8)), (2, 1, 4, 4)),
+    "coupling-context": (lambda: WithContext(AffineCoupling(2, 8, mask="checkerboard",
+                                                            context_channels=3), (3, 4, 4)),
+                         IMAGE),
+    "glow-block-context": (lambda: WithContext(GlowBlock(2, 8, context_channels=2), (2, 4, 4)),
+                           IMAGE),
+    "field-flow-context": (lambda: ChannelAdapter(WithContext(FieldFlow(4, 3, 8,
+                                                                        context_channels=2),
+                                                              (2, 2, 2))), (2, 1, 4, 4)),
 }
 PERMUTATIONS = ("squeeze", "unsqueeze")
+
+
+class WithContext(torch.nn.Module):
+    """A conditional transform with a fixed random context (the same for every sample, so that
+    the per-sample Jacobian check holds), so that the transform checks below run on it."""
+
+    def __init__(self, flow, shape):
+        super().__init__()
+        self.flow = flow
+        self.register_buffer("context", torch.randn((1, *shape),
+                                                    generator=torch.Generator().manual_seed(5)))
+
+    def _context(self, x):
+        return self.context.expand(x.shape[0], *self.context.shape[1:]).to(x)
+
+    def forward(self, x):
+        return self.flow(x, context=self._context(x))
+
+    def inverse(self, y):
+        return self.flow.inverse(y, context=self._context(y))
 
 
 class ChannelAdapter(torch.nn.Module):
@@ -132,3 +160,25 @@ def test_field_flow_shapes_and_float32(n):
     y, ladj = flow(x)
     assert y.shape == x.shape and y.dtype == torch.float32 and ladj.shape == (3,)
     torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_a_conditional_coupling_depends_on_its_context_and_needs_one():
+    torch.manual_seed(0)
+    t = AffineCoupling(2, 8, mask="channel", context_channels=3).to(torch.float64)
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    c1, c2 = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64)
+    y, logdet = t(x, context=c1)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(4, dtype=torch.float64))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    y1, _ = t(x, context=c1)
+    y2, _ = t(x, context=c2)
+    assert (y1 - y2).abs().max() > 1e-3
+    torch.testing.assert_close(t.inverse(y1, context=c1)[0], x)
+    with pytest.raises(ValueError, match="needs a context of shape"):
+        t(x)
+    with pytest.raises(ValueError, match="needs a context of shape"):
+        t(x, context=c1[:, :2])
+    with pytest.raises(ValueError, match="takes no context"):
+        AffineCoupling(2, 8)(x.float(), context=c1.float())

@@ -44,10 +44,10 @@ class ActNorm(nn.Module):
     def _logdet(self, x: Tensor) -> Tensor:
         return (x.shape[-2] * x.shape[-1] * self.log_scale.sum()).expand(x.shape[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x * self.log_scale.exp() + self.bias, self._logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return (y - self.bias) * torch.exp(-self.log_scale), -self._logdet(y)
 
 
@@ -99,10 +99,10 @@ class InvConv1x1(nn.Module):
     def _logdet(self, x: Tensor) -> Tensor:
         return (x.shape[-2] * x.shape[-1] * self.log_diag.sum()).expand(x.shape[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return torch.einsum("dc,nchw->ndhw", self.weight(), x), self._logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return torch.einsum("dc,nchw->ndhw", self.inverse_weight(), y), -self._logdet(y)
 
 
@@ -144,6 +144,9 @@ class AffineCoupling(nn.Module):
         mask: ``"channel"`` (split channels into halves) or ``"checkerboard"`` (spatial).
         parity: 0 or 1, which half (or colour) is kept.
         bound: The bound beta on the log-scale.
+        context_channels: Channels of an optional context tensor c ``(num, C_c, h, w)`` fed to
+            the conv net beside the kept part, (r, t) = net([m x, c]): a conditional coupling
+            (cINN), e.g. conditioned on an embedding of the data. 0: no context.
 
     References:
         | Density estimation using Real NVP (Dinh et al., 2017)
@@ -153,12 +156,13 @@ class AffineCoupling(nn.Module):
     """
 
     def __init__(self, channels: int, hidden: int = 32, *, mask: str = "channel",
-                 parity: int = 0, bound: float = 2.0):
+                 parity: int = 0, bound: float = 2.0, context_channels: int = 0):
         super().__init__()
         if mask not in ("channel", "checkerboard"):
             raise ValueError(f"mask must be 'channel' or 'checkerboard', got {mask!r}")
         self.mask, self.parity, self.bound = mask, parity, bound
-        self.net = coupling_net(channels, 2 * channels, hidden)
+        self.context_channels = int(context_channels)
+        self.net = coupling_net(channels + self.context_channels, 2 * channels, hidden)
 
     def _mask(self, x: Tensor) -> Tensor:
         if self.mask == "checkerboard":
@@ -168,19 +172,28 @@ class AffineCoupling(nn.Module):
         keep = keep if self.parity == 0 else ~keep
         return keep.to(x)[None, :, None, None]
 
-    def _shift_scale(self, x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-        raw, shift = self.net(m * x).chunk(2, dim=1)
+    def _shift_scale(self, x: Tensor, m: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        inputs = m * x
+        if self.context_channels:
+            expected = (x.shape[0], self.context_channels, *x.shape[2:])
+            if context is None or tuple(context.shape) != expected:
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(f"this coupling needs a context of shape {expected}, got {got}")
+            inputs = torch.cat([inputs, context.to(x)], dim=1)
+        elif context is not None:
+            raise ValueError("this coupling takes no context (context_channels is 0)")
+        raw, shift = self.net(inputs).chunk(2, dim=1)
         log_scale = self.bound * torch.tanh(raw / self.bound)
         return (1 - m) * shift, (1 - m) * log_scale
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         m = self._mask(x)
-        shift, log_scale = self._shift_scale(x, m)
+        shift, log_scale = self._shift_scale(x, m, context)
         return x * log_scale.exp() + shift, log_scale.flatten(1).sum(1)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         m = self._mask(y)
-        shift, log_scale = self._shift_scale(y, m)
+        shift, log_scale = self._shift_scale(y, m, context)
         return (y - shift) * torch.exp(-log_scale), -log_scale.flatten(1).sum(1)
 
 
@@ -208,20 +221,20 @@ class Squeeze(nn.Module):
         | https://arxiv.org/abs/1605.08803
     """
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return squeeze(x), x.new_zeros(x.shape[0])
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return unsqueeze(y), y.new_zeros(y.shape[0])
 
 
 class Unsqueeze(nn.Module):
     r"""Depth-to-space ``(num, 4C, h, w) -> (num, C, 2h, 2w)``, the inverse of :class:`Squeeze`."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return unsqueeze(x), x.new_zeros(x.shape[0])
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return squeeze(y), y.new_zeros(y.shape[0])
 
 
@@ -231,24 +244,26 @@ class FlowSequence(nn.Module):
     .. math:: y = f_k \circ \dots \circ f_1 (x), \qquad \log|\det J| = \sum_i \log|\det J_{f_i}| .
 
     Args:
-        transforms: Transforms with ``forward``/``inverse`` returning ``(tensor, logdet)``.
+        transforms: Transforms with ``forward(x, context=None)``/``inverse(y, context=None)``
+            returning ``(tensor, logdet)``; the context (if any) is handed to each of them,
+            and the conditional ones (couplings with ``context_channels``) use it.
     """
 
     def __init__(self, *transforms: nn.Module):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
         for t in self.transforms:
-            x, ld = t(x)
+            x, ld = t(x, context=context)
             logdet = logdet + ld
         return x, logdet
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = y.new_zeros(y.shape[0])
         for t in reversed(self.transforms):
-            y, ld = t.inverse(y)
+            y, ld = t.inverse(y, context=context)
             logdet = logdet + ld
         return y, logdet
 
@@ -264,6 +279,7 @@ class GlowBlock(FlowSequence):
         mask: Coupling mask, ``"channel"`` or ``"checkerboard"``.
         parity: Which half or colour the coupling keeps.
         bound: Bound on the coupling log-scale.
+        context_channels: Context channels of the coupling (0: unconditional).
 
     References:
         | Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
@@ -271,11 +287,12 @@ class GlowBlock(FlowSequence):
     """
 
     def __init__(self, channels: int, hidden: int = 32, *, mask: str = "channel",
-                 parity: int = 0, bound: float = 2.0):
+                 parity: int = 0, bound: float = 2.0, context_channels: int = 0):
         super().__init__(
             ActNorm(channels),
             InvConv1x1(channels),
-            AffineCoupling(channels, hidden, mask=mask, parity=parity, bound=bound),
+            AffineCoupling(channels, hidden, mask=mask, parity=parity, bound=bound,
+                           context_channels=context_channels),
         )
 
 
@@ -302,26 +319,30 @@ class FieldFlow(nn.Module):
         blocks: Number of Glow blocks K.
         hidden: Hidden channels of the coupling nets.
         bound: Bound on the coupling log-scales.
+        context_channels: Channels of an optional context ``(num, C_c, n/2, n/2)`` (at the
+            squeezed resolution of the blocks) given to every coupling; 0: unconditional.
 
     References:
         | Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
         | https://arxiv.org/abs/1807.03039
     """
 
-    def __init__(self, n: int, blocks: int = 4, hidden: int = 32, *, bound: float = 2.0):
+    def __init__(self, n: int, blocks: int = 4, hidden: int = 32, *, bound: float = 2.0,
+                 context_channels: int = 0):
         super().__init__()
         patterns = [block_pattern(k, n // 2) for k in range(blocks)]
         self.flow = FlowSequence(
             Squeeze(),
-            *(GlowBlock(4, hidden, mask=m, parity=p, bound=bound) for m, p in patterns),
+            *(GlowBlock(4, hidden, mask=m, parity=p, bound=bound,
+                        context_channels=context_channels) for m, p in patterns),
             Unsqueeze(),
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, logdet = self.flow(x[:, None])
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, logdet = self.flow(x[:, None], context=context)
         return y[:, 0], logdet
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x, logdet = self.flow.inverse(y[:, None])
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, logdet = self.flow.inverse(y[:, None], context=context)
         return x[:, 0], logdet
 
