@@ -13,7 +13,7 @@ from geoinvert.forward.testbeds import (
     QuadraticForward,
     paper_phi,
 )
-from geoinvert.posterior import Posterior
+from geoinvert.posterior import GaussianLikelihood, Posterior, Prior
 
 
 def pool_matrix(level):
@@ -248,3 +248,38 @@ def test_real_prior_log_prob_gradcheck(kind):
     x = _samples(prior, 2, level=2).requires_grad_(True)
     # float64 central differences, as above
     assert torch.autograd.gradcheck(post.log_prob, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_a_posterior_from_a_likelihood_is_the_same_posterior(prior):
+    post = _linear(prior)
+    likelihood = GaussianLikelihood(post.forward, post.data, post.noise)
+    again = Posterior(prior, likelihood, level=LEVEL)
+    x = _samples(prior)
+    torch.testing.assert_close(again.log_prob(x), post.log_prob(x), rtol=0, atol=0)
+    assert again.likelihood is likelihood and again.n_obs == post.n_obs == 3
+    with pytest.raises(ValueError, match="not both"):
+        Posterior(prior, likelihood, post.data, post.noise, LEVEL)
+    with pytest.raises(ValueError, match="data and noise"):
+        Posterior(prior, post.forward, level=LEVEL)
+
+
+def test_simulated_data_have_the_noise_of_the_likelihood(prior):
+    """y = F(x) + e: the residuals of 20000 simulations at one field have mean 0 and the noise
+    std per observation (4.5 standard errors: the mean's is std / sqrt(n), the std's about
+    std / sqrt(2 n))."""
+    post = _linear(prior)
+    n = 20000
+    x = _samples(prior, 1).expand(n, -1, -1)
+    y = post.likelihood.simulate(x, torch.Generator().manual_seed(4))
+    residual = (y - post.forward(x[:1]).to(torch.float64)).numpy()
+    se = post.noise / math.sqrt(n)
+    assert np.all(np.abs(residual.mean(0)) < 4.5 * se)
+    assert np.all(np.abs(residual.std(0) - post.noise) < 4.5 * post.noise / math.sqrt(2 * n))
+
+
+def test_the_priors_satisfy_the_prior_protocol(prior):
+    from geoinvert.prior import IIDPrior, MaternPrior
+    assert isinstance(prior, Prior)
+    assert isinstance(MaternPrior(2, correlation_length=0.3), Prior)
+    assert isinstance(IIDPrior(2), Prior)
+    assert not isinstance(object(), Prior)
