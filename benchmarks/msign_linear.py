@@ -51,29 +51,30 @@ def parse_steps(text, levels):
 
 
 def add_training_flags(p):
-    """Flags of the stage-1 sampler and the training variants (``train_msign`` options)."""
-    p.add_argument("--coarse-sampler", default="importance",
-                   choices=["importance", "smc", "laplace"], help="how stage 1 samples q_1")
-    p.add_argument("--pool-levels", type=int, default=1,
+    """Flags of the training recipe and of the options it sets (``train_msign`` options; a
+    flag given overrides the recipe's value)."""
+    p.add_argument("--recipe", default="paper", choices=["paper", "forward_kl"],
+                   help="named training settings (geoinvert.inference.config.RECIPES)")
+    p.add_argument("--coarse-sampler", choices=["importance", "smc", "laplace"],
+                   help="how stage 1 samples q_1")
+    p.add_argument("--pool-levels", type=int,
                    help="stages that start from a pool of their own posterior")
-    p.add_argument("--pool-warmup", type=float, default=0.5,
+    p.add_argument("--pool-warmup", type=float,
                    help="fraction of a pool stage fitting the pool alone (1: no reverse KL)")
-    p.add_argument("--reverse-weight", type=float, default=1.0,
+    p.add_argument("--reverse-weight", type=float,
                    help="weight of the reverse KL in the Jeffreys gradient (stages without a pool)")
-    p.add_argument("--frozen-proposal", action="store_true",
+    p.add_argument("--frozen-proposal", action="store_true", default=None,
                    help="forward-KL proposal from the previous stage's frozen model")
-    p.add_argument("--lr-warmup", type=float, default=0.0,
+    p.add_argument("--lr-warmup", type=float,
                    help="fraction of each stage's steps with a linear lr ramp")
 
 
 def training_kwargs(args):
-    """The ``train_msign`` keywords of :func:`add_training_flags` (defaults where absent)."""
-    return dict(coarse_sampler=getattr(args, "coarse_sampler", "importance"),
-                pool_levels=getattr(args, "pool_levels", 1),
-                pool_warmup=getattr(args, "pool_warmup", 0.5),
-                reverse_weight=getattr(args, "reverse_weight", 1.0),
-                frozen_proposal=getattr(args, "frozen_proposal", False),
-                lr_warmup=getattr(args, "lr_warmup", 0.0))
+    """The ``train_msign`` keywords of :func:`add_training_flags` (None: the recipe's)."""
+    return dict(recipe=getattr(args, "recipe", "paper"),
+                **{key: getattr(args, key, None) for key in
+                   ("coarse_sampler", "pool_levels", "pool_warmup", "reverse_weight",
+                    "frozen_proposal", "lr_warmup")})
 
 
 def bumps(count):

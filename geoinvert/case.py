@@ -14,7 +14,8 @@ import numpy as np
 import yaml
 
 from geoinvert.errors import CaseError
-from geoinvert.inference.config import CORRECTION_COORDINATES, CORRECTION_KERNELS, CorrectionConfig
+from geoinvert.inference.config import (CORRECTION_COORDINATES, CORRECTION_KERNELS, RECIPE_KEYS,
+                                        RECIPES, CorrectionConfig, recipe_options)
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
            "correction_config", "reserved_solves", "training_solves", "schema_markdown",
@@ -227,6 +228,11 @@ SCHEMA = (
     Key("sampler.lr", "float", 1e-3, "Adam learning rate.", "5e-4", _positive),
     Key("sampler.objective", "str", "jeffreys", "Training objective.", "reverse_kl",
         _one_of("jeffreys", "reverse_kl")),
+    Key("sampler.recipe", "str", "paper", "Named training settings: `paper` (the MsIGN paper's "
+        "Jeffreys training) or `forward_kl` (for sharp multimodal posteriors: "
+        "`coarse_sampler: laplace`, `pool_levels: 2`, `pool_warmup: 1`, `reverse_weight: 0`, "
+        "`frozen_proposal: true`, `lr_warmup: 0.2`). Those keys, given beside it, override "
+        "it.", "forward_kl", _one_of(*RECIPES)),
     Key("sampler.reverse_weight", "float", 1.0, "Flows with the Jeffreys objective: weight of "
         "the reverse KL in the gradient of the stages after the pools. 0 trains by the forward "
         "KL alone, which keeps every mode of a sharp multimodal posterior (with wider modes); "
@@ -505,16 +511,24 @@ def _validate(raw):
         if section not in raw:
             raise CaseError(section, "required section missing")
     config = _nest({k.path: _validate_key(raw, k) for k in SCHEMA})
+    _apply_recipe(raw, config)
     for rule in _RULES:
         rule(config)
     _rule_correction_for_flows(raw, config)
     return config
 
 
+def _apply_recipe(raw, config):
+    """The recipe's values for the training keys the case does not give."""
+    s = config["sampler"]
+    given = {key: s[key] if _lookup(raw, f"sampler.{key}")[1] else None for key in RECIPE_KEYS}
+    s.update(recipe_options(s["recipe"], **given))
+
+
 SAMPLER_KEY_KINDS = {
     **{key: FLOW_KINDS for key in ("blocks", "hidden", "upsampling", "steps", "batch", "lr",
                                    "lr_warmup", "budget", "checkpoint_every", "correction")},
-    **{key: ("msign",) for key in ("objective", "coarse_sampler", "pool_levels",
+    **{key: ("msign",) for key in ("objective", "recipe", "coarse_sampler", "pool_levels",
                                    "reverse_weight", "frozen_proposal", "pool_warmup")},
     **{key: MCMC_KINDS for key in ("chains", "draws", "warmup", "thin", "step_size")},
     "leapfrog": ("hmc",),

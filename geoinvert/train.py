@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from geoinvert.flows.msign import standard_normal_log_prob
+from geoinvert.inference.config import (COARSE_SAMPLERS, OBJECTIVES, PROPOSALS, RECIPE_KEYS,
+                                        RECIPES, SCHEDULES, TrainOptions, recipe_options)
 from geoinvert.parallel import Ensemble, draw_noise
 from geoinvert.samplers.laplace import laplace_mixture
 from geoinvert.samplers.smc import tempered_smc
@@ -17,6 +19,9 @@ from geoinvert.svgd import asvgd_loss
 
 __all__ = [
     "OBJECTIVES",
+    "RECIPES",
+    "RECIPE_KEYS",
+    "recipe_options",
     "TrainingError",
     "TrainOptions",
     "reverse_kl_loss",
@@ -40,60 +45,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("jeffreys", "reverse_kl", "asvgd")
-SCHEDULES = ("cosine", "step", "constant")
-PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
-COARSE_SAMPLERS = ("importance", "smc", "laplace")
 _F64 = torch.float64
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. many consecutive steps with a non-finite loss or gradient)."""
-
-
-@dataclass
-class TrainOptions:
-    """Settings shared by every stage (see :func:`train_msign` for their meaning)."""
-
-    objective: str = "jeffreys"
-    batch: int = 64
-    lr: float = 1e-3
-    schedule: str = "cosine"
-    lr_min: float = 0.05
-    lr_warmup: float = 0.0
-    grad_clip: float = 10.0
-    max_failures: int = 20
-    proposal: str = "auto"
-    single_stage: bool = False
-    pool: int = 4096
-    pool_warmup: float = 0.5
-    coarse_sampler: str = "importance"
-    pool_levels: int = 1
-    frozen_proposal: bool = False
-    reverse_weight: float = 1.0
-
-    def __post_init__(self):
-        for name, value, valid in (("objective", self.objective, OBJECTIVES),
-                                   ("schedule", self.schedule, SCHEDULES),
-                                   ("proposal", self.proposal, PROPOSALS),
-                                   ("coarse_sampler", self.coarse_sampler, COARSE_SAMPLERS)):
-            if value not in valid:
-                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
-        if int(self.batch) != self.batch or self.batch < 2:
-            raise ValueError(f"batch must be an integer >= 2, got {self.batch!r}")
-        if int(self.pool_levels) != self.pool_levels or self.pool_levels < 1:
-            raise ValueError(f"pool_levels must be an integer >= 1, got {self.pool_levels!r}")
-        if not self.lr > 0 or not self.grad_clip > 0 or not 0 <= self.lr_min <= 1:
-            raise ValueError("lr and grad_clip must be > 0 and lr_min in [0, 1]")
-        if not 0 <= self.reverse_weight <= 1:
-            raise ValueError(f"reverse_weight must be in [0, 1], got {self.reverse_weight!r}")
-        if not 0 <= self.lr_warmup < 1:
-            raise ValueError(f"lr_warmup must be in [0, 1), got {self.lr_warmup!r}")
-
-    @property
-    def evaluations(self) -> int:
-        """Target evaluations per sample of a step: 2 for Jeffreys (flow + importance samples)."""
-        return 2 if self.objective == "jeffreys" else 1
 
 
 # -- costs ----------------------------------------------------------------------------------------
@@ -743,9 +699,10 @@ def _steps_of(steps, level):
 
 def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, objective="jeffreys",
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
-                schedule="cosine", lr_min=0.05, lr_warmup=0.0, grad_clip=10.0, max_failures=20,
-                proposal="auto", pool=4096, pool_warmup=0.5, coarse_sampler="importance",
-                pool_levels=1, frozen_proposal=False, reverse_weight=1.0, comm=None,
+                schedule="cosine", lr_min=0.05, lr_warmup=None, grad_clip=10.0, max_failures=20,
+                proposal="auto", pool=4096, pool_warmup=None, coarse_sampler=None,
+                pool_levels=None, frozen_proposal=None, reverse_weight=None, recipe="paper",
+                comm=None,
                 checkpoint_every=0, resume=None, stop=None):
     r"""Train an MsIGN stage by stage on the posteriors of its levels.
 
@@ -760,6 +717,9 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         start: First stage to train (later stages follow up to L).
         steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
         batch: Samples per step (flow samples; Jeffreys draws as many importance samples).
+        recipe: A name of :data:`RECIPES` (``paper`` or ``forward_kl``); the options of
+            :data:`RECIPE_KEYS` below that are None take the recipe's values (or their
+            :class:`TrainOptions` defaults).
         lr: Peak Adam learning rate of each stage.
         objective: ``"jeffreys"``, ``"reverse_kl"`` or ``"asvgd"`` (amortized SVGD, the MsIGN
             paper's baseline: :func:`geoinvert.svgd.asvgd_loss`).
@@ -842,12 +802,14 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
         TrainingInterrupted: ``stop()`` asked to stop (after the checkpoint was written).
     """
     options = TrainOptions(objective=objective, batch=batch, lr=lr, schedule=schedule,
-                           lr_min=lr_min, lr_warmup=lr_warmup, grad_clip=grad_clip,
-                           max_failures=max_failures,
+                           lr_min=lr_min, grad_clip=grad_clip, max_failures=max_failures,
                            proposal=proposal, single_stage=single_stage, pool=pool,
-                           pool_warmup=pool_warmup, coarse_sampler=coarse_sampler,
-                           pool_levels=pool_levels, frozen_proposal=frozen_proposal,
-                           reverse_weight=reverse_weight)
+                           **recipe_options(recipe, lr_warmup=lr_warmup,
+                                            pool_warmup=pool_warmup,
+                                            coarse_sampler=coarse_sampler,
+                                            pool_levels=pool_levels,
+                                            frozen_proposal=frozen_proposal,
+                                            reverse_weight=reverse_weight))
     if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
     finest = max(posteriors)

@@ -10,6 +10,7 @@ import yaml
 from geoinvert import cli
 from geoinvert.case import KINDS, REQUIRED, SCHEMA, _Loader, load_case, schema_markdown, update_doc
 from geoinvert.errors import CaseError
+from geoinvert.testing import small_case
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = sorted((ROOT / "cases").glob("*.yaml"))
@@ -305,3 +306,25 @@ def test_correction_section_defaults_shorthand_and_kind_rules():
         load_case({**base, "sampler": {"kind": "mala", "leapfrog": 3}})
     with pytest.raises(CaseError, match="sampler.budget"):
         load_case({**base, "sampler": {"budget": 5000}})
+
+
+def test_a_recipe_sets_the_training_keys_the_case_does_not_give():
+    from geoinvert.inference.config import RECIPES
+    base = small_case()
+    paper = load_case(base).config["sampler"]
+    assert paper["recipe"] == "paper" and paper["reverse_weight"] == 1.0
+    config = small_case()
+    config["sampler"].update(recipe="forward_kl", pool_levels=3)
+    s = load_case(config).config["sampler"]
+    assert {k: s[k] for k in RECIPES["forward_kl"]} == {**RECIPES["forward_kl"], "pool_levels": 3}
+    with pytest.raises(CaseError, match="sampler.recipe"):
+        load_case({**base, "sampler": {"recipe": "fast"}})
+    with pytest.raises(CaseError, match="sampler.recipe: applies to sampler.kind msign"):
+        load_case({**base, "sampler": {"kind": "asvgd", "recipe": "forward_kl"}})
+
+
+def test_the_shipped_bimodal_case_trains_with_the_forward_kl_recipe():
+    s = load_case(ROOT / "cases" / "elliptic_bimodal.yaml").config["sampler"]
+    assert (s["recipe"], s["coarse_sampler"], s["pool_levels"], s["pool_warmup"],
+            s["reverse_weight"], s["frozen_proposal"], s["lr_warmup"]) == (
+        "forward_kl", "laplace", 2, 1.0, 0.0, True, 0.2)

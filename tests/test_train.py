@@ -370,3 +370,20 @@ def test_frozen_proposal_draws_from_the_stage_start(problem):
     torch.testing.assert_close(after, before)
     moved = _propose(model, 2, 8, gen(), "defensive", Ensemble())
     assert not torch.allclose(moved[1], before[1])
+
+
+def test_a_recipe_gives_its_options_unless_they_are_given(problem):
+    from geoinvert.inference.config import RECIPES, TrainOptions, recipe_options
+    assert recipe_options("paper") == {k: getattr(TrainOptions, k) for k in RECIPES["forward_kl"]}
+    assert recipe_options("forward_kl", pool_levels=1) == {**RECIPES["forward_kl"],
+                                                          "pool_levels": 1}
+    with pytest.raises(ValueError, match="recipe"):
+        recipe_options("fast")
+    # train_msign with the recipe is train_msign with its options spelled out
+    prior, posteriors, _ = problem
+    runs = []
+    for kwargs in ({"recipe": "forward_kl"}, dict(RECIPES["forward_kl"])):
+        model = new_model(prior)
+        train_msign(model, posteriors, steps=3, batch=8, pool=64, generator=gen(), **kwargs)
+        runs.append(flat_parameters(model))
+    assert torch.equal(*runs)

@@ -1,8 +1,102 @@
-"""Settings of the correction to exactness, torch-free (the case schema is derived from them)."""
+"""Settings of training and of the correction to exactness, torch-free (the case schema is
+derived from them)."""
 
 import dataclasses
+from dataclasses import dataclass
 
-__all__ = ["CORRECTION_COORDINATES", "CORRECTION_KERNELS", "CorrectionConfig", "metric_windows"]
+__all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "TrainOptions", "RECIPES",
+           "RECIPE_KEYS", "recipe_options", "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
+           "CorrectionConfig", "metric_windows"]
+
+# -- training -----------------------------------------------------------------------------------
+
+OBJECTIVES = ("jeffreys", "reverse_kl", "asvgd")
+SCHEDULES = ("cosine", "step", "constant")
+PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
+COARSE_SAMPLERS = ("importance", "smc", "laplace")
+
+
+@dataclass
+class TrainOptions:
+    """Settings shared by every stage (see :func:`geoinvert.train.train_msign` for their meaning)."""
+
+    objective: str = "jeffreys"
+    batch: int = 64
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    lr_min: float = 0.05
+    lr_warmup: float = 0.0
+    grad_clip: float = 10.0
+    max_failures: int = 20
+    proposal: str = "auto"
+    single_stage: bool = False
+    pool: int = 4096
+    pool_warmup: float = 0.5
+    coarse_sampler: str = "importance"
+    pool_levels: int = 1
+    frozen_proposal: bool = False
+    reverse_weight: float = 1.0
+
+    def __post_init__(self):
+        for name, value, valid in (("objective", self.objective, OBJECTIVES),
+                                   ("schedule", self.schedule, SCHEDULES),
+                                   ("proposal", self.proposal, PROPOSALS),
+                                   ("coarse_sampler", self.coarse_sampler, COARSE_SAMPLERS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        if int(self.batch) != self.batch or self.batch < 2:
+            raise ValueError(f"batch must be an integer >= 2, got {self.batch!r}")
+        if int(self.pool_levels) != self.pool_levels or self.pool_levels < 1:
+            raise ValueError(f"pool_levels must be an integer >= 1, got {self.pool_levels!r}")
+        if not self.lr > 0 or not self.grad_clip > 0 or not 0 <= self.lr_min <= 1:
+            raise ValueError("lr and grad_clip must be > 0 and lr_min in [0, 1]")
+        if not 0 <= self.reverse_weight <= 1:
+            raise ValueError(f"reverse_weight must be in [0, 1], got {self.reverse_weight!r}")
+        if not 0 <= self.lr_warmup < 1:
+            raise ValueError(f"lr_warmup must be in [0, 1), got {self.lr_warmup!r}")
+
+    @property
+    def evaluations(self) -> int:
+        """Target evaluations per sample of a step: 2 for Jeffreys (flow + importance samples)."""
+        return 2 if self.objective == "jeffreys" else 1
+
+
+RECIPES = {
+    "paper": {},
+    "forward_kl": {"coarse_sampler": "laplace", "pool_levels": 2, "pool_warmup": 1.0,
+                   "reverse_weight": 0.0, "frozen_proposal": True, "lr_warmup": 0.2},
+}
+"""Named training recipes: the :class:`TrainOptions` each sets (the others keep their
+defaults).
+
+- ``paper``: the MsIGN paper's training, the Jeffreys divergence at every stage from an
+  importance pool of the first.
+- ``forward_kl``: for sharp multimodal posteriors whose modes the Jeffreys divergence empties
+  (``docs/notes/mode-loss.md``): the first two stages start from Laplace-mixture pools at the
+  modes L-BFGS finds and fit them alone; the later stages train by the forward KL only, from a
+  proposal frozen at each stage's start, with a learning-rate warm-up.
+"""
+
+RECIPE_KEYS = ("coarse_sampler", "pool_levels", "pool_warmup", "reverse_weight",
+               "frozen_proposal", "lr_warmup")
+"""The options a recipe may set."""
+
+
+def recipe_options(recipe, **given):
+    """The recipe's values for :data:`RECIPE_KEYS`, with the ``given`` ones (not None)
+    overriding them and :class:`TrainOptions` defaults for the rest.
+
+    Raises:
+        ValueError: an unknown recipe.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    defaults = {k: getattr(TrainOptions, k) for k in RECIPE_KEYS}
+    chosen = {**defaults, **RECIPES[recipe]}
+    return {k: chosen[k] if given.get(k) is None else given[k] for k in RECIPE_KEYS}
+
+
+# -- the correction ---------------------------------------------------------------------------
 
 CORRECTION_KERNELS = ("hmc", "mala", "pcn", "none")
 """Local kernels of the correction; ``none`` switches the correction off."""
