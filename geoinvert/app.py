@@ -91,23 +91,18 @@ class _Progress:
 
 def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, stop, comm,
            checkpoint_every):
-    """Train every stage with :func:`geoinvert.train.train_msign`; returns the history."""
-    from geoinvert.case import reserved_solves, training_solves
-    from geoinvert.train import train_msign
+    """Train every stage (:class:`geoinvert.train.Trainer`); returns the history."""
+    from geoinvert.case import reserved_solves, train_options, training_solves
+    from geoinvert.train import Trainer
     s = case.config["sampler"]
     done = resume["budget"]["used"] if resume else 0
     budget = s["budget"] - reserved_solves(case.config) if s["budget"] else None
     bar = _Progress(budget or training_solves(case), progress, initial=done)
     try:
-        objective = "asvgd" if s["kind"] == "asvgd" else s["objective"]
-        return train_msign(model, posteriors, start=1, steps=s["steps"], batch=s["batch"],
-                           lr=s["lr"], objective=objective, budget=budget,
-                           generator=generator, callback=bar, checkpoint=checkpoint, comm=comm,
-                           checkpoint_every=checkpoint_every, resume=resume, stop=stop,
-                           coarse_sampler=s["coarse_sampler"], pool_levels=s["pool_levels"],
-                           reverse_weight=s["reverse_weight"],
-                           frozen_proposal=s["frozen_proposal"], pool_warmup=s["pool_warmup"],
-                           lr_warmup=s["lr_warmup"])
+        trainer = Trainer(model, posteriors, train_options(case.config), steps=s["steps"],
+                          budget=budget, comm=comm, callback=bar, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every, stop=stop)
+        return trainer.run(generator=generator, resume=resume)
     finally:
         bar.close()
 

@@ -15,7 +15,7 @@ import yaml
 
 from geoinvert.errors import CaseError
 from geoinvert.inference.config import (CORRECTION_COORDINATES, CORRECTION_KERNELS, RECIPE_KEYS,
-                                        RECIPES, CorrectionConfig, recipe_options)
+                                        RECIPES, CorrectionConfig, TrainOptions, recipe_options)
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
            "correction_config", "reserved_solves", "training_solves", "schema_markdown",
@@ -565,6 +565,15 @@ def _rule_correction_for_flows(raw, config):
 def correction_config(config):
     """The :class:`CorrectionConfig` of a validated config (``case.config``)."""
     return CorrectionConfig(**config["sampler"]["correction"])
+
+
+def train_options(config):
+    """The :class:`~geoinvert.inference.config.TrainOptions` of a flow's validated config
+    (the recipe already applied): the one mapping of the case's training keys."""
+    s = config["sampler"]
+    objective = "asvgd" if s["kind"] == "asvgd" else s["objective"]
+    return TrainOptions(objective=objective, batch=s["batch"], lr=s["lr"],
+                        **{key: s[key] for key in RECIPE_KEYS})
 
 
 # --- cross-key rules ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "train_stage",
     "train_msign",
+    "Trainer",
     "train_asvgd",
     "solve_cost",
     "level_costs",
@@ -810,29 +811,73 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
                                             pool_levels=pool_levels,
                                             frozen_proposal=frozen_proposal,
                                             reverse_weight=reverse_weight))
-    if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
-    finest = max(posteriors)
-    if finest > model.levels:
-        raise ValueError(f"posteriors go up to level {finest}, the model to {model.levels}")
-    stages = [finest] if single_stage else list(range(max(start, 1), finest + 1))
-    if single_stage and start > finest:
-        stages = []
-    run = _StageRun(_Budget(budget), level_costs(posteriors), [], callback,
-                    checkpoint=checkpoint, every=int(checkpoint_every), stop=stop)
-    stage_resume = None
-    if resume is not None:
-        stages, stage_resume = _restore(model, resume, run, generator, stages, single_stage,
-                                        finest)
-    missing = sorted(set(stages) - set(posteriors))
-    if missing:
-        raise ValueError(f"posteriors missing for levels {missing}")
-    ensemble = Ensemble(comm)
-    for k, stage in enumerate(stages):
-        train_stage(model, posteriors[stage], stage=stage, steps=_steps_of(steps, stage),
-                    options=options, run=run, generator=generator, ensemble=ensemble,
-                    stages_left=len(stages) - k, resume=stage_resume if k == 0 else None)
-    return run.history
+    trainer = Trainer(model, posteriors, options, steps=steps, budget=budget, comm=comm,
+                      callback=callback, checkpoint=checkpoint,
+                      checkpoint_every=checkpoint_every, stop=stop)
+    return trainer.run(start=start, generator=generator, resume=resume)
+
+
+class Trainer:
+    """Multi-stage training of an MsIGN: the optimiser of each stage and its learning-rate
+    schedule, skipped steps, the nFS budget, callbacks, checkpoints and resume.
+
+    :func:`train_msign` is this object with the options spelled out as keywords.
+
+    Args:
+        model: :class:`~geoinvert.flows.msign.MsIGN`.
+        posteriors: ``{level: Posterior}`` (see :func:`train_msign`).
+        options: :class:`~geoinvert.inference.config.TrainOptions` (objective, batch, learning
+            rate and schedule, pools; :func:`~geoinvert.inference.config.recipe_options` gives
+            a recipe's).
+        steps: Steps per stage: int, per-level sequence or ``{level: steps}``.
+        budget: Total forward solves over all stages, or None.
+        comm: Ensemble communicator (None: one process).
+        callback: ``callback(info)`` after every step.
+        checkpoint: ``checkpoint(state)`` at stage ends, every ``checkpoint_every`` steps and
+            on a stop request.
+        checkpoint_every: Steps between checkpoints within a stage (0: stage ends only).
+        stop: ``stop() -> bool`` polled after every step.
+    """
+
+    def __init__(self, model, posteriors, options, *, steps=200, budget=None, comm=None,
+                 callback=None, checkpoint=None, checkpoint_every=0, stop=None):
+        if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
+        self.finest = max(posteriors)
+        if self.finest > model.levels:
+            raise ValueError(f"posteriors go up to level {self.finest}, the model to "
+                             f"{model.levels}")
+        self.model, self.posteriors, self.options, self.steps = model, posteriors, options, steps
+        self.ensemble = Ensemble(comm)
+        self.state = _StageRun(_Budget(budget), level_costs(posteriors), [], callback,
+                               checkpoint=checkpoint, every=int(checkpoint_every), stop=stop)
+
+    @property
+    def history(self):
+        """One record per step so far (see :func:`train_msign`)."""
+        return self.state.history
+
+    def stages(self, start=1):
+        """The stages to train from ``start``: ``start..L``, or ``[L]`` single-stage."""
+        if self.options.single_stage:
+            return [self.finest] if start <= self.finest else []
+        return list(range(max(start, 1), self.finest + 1))
+
+    def run(self, *, start=1, generator=None, resume=None):
+        """Train the stages from ``start`` (or from a checkpoint ``resume``); the history."""
+        stages, stage_resume = self.stages(start), None
+        if resume is not None:
+            stages, stage_resume = _restore(self.model, resume, self.state, generator, stages,
+                                            self.options.single_stage, self.finest)
+        missing = sorted(set(stages) - set(self.posteriors))
+        if missing:
+            raise ValueError(f"posteriors missing for levels {missing}")
+        for k, stage in enumerate(stages):
+            train_stage(self.model, self.posteriors[stage], stage=stage,
+                        steps=_steps_of(self.steps, stage), options=self.options,
+                        run=self.state, generator=generator, ensemble=self.ensemble,
+                        stages_left=len(stages) - k, resume=stage_resume if k == 0 else None)
+        return self.state.history
 
 
 def _restore(model, state, run, generator, stages, single_stage, finest):

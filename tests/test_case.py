@@ -328,3 +328,15 @@ def test_the_shipped_bimodal_case_trains_with_the_forward_kl_recipe():
     assert (s["recipe"], s["coarse_sampler"], s["pool_levels"], s["pool_warmup"],
             s["reverse_weight"], s["frozen_proposal"], s["lr_warmup"]) == (
         "forward_kl", "laplace", 2, 1.0, 0.0, True, 0.2)
+
+
+def test_train_options_are_the_case_training_keys():
+    from geoinvert.case import train_options
+    config = small_case()
+    config["sampler"].update(recipe="forward_kl", lr=5e-4, batch=16)
+    options = train_options(load_case(config).config)
+    assert (options.objective, options.lr, options.batch, options.coarse_sampler,
+            options.reverse_weight, options.frozen_proposal) == (
+        "jeffreys", 5e-4, 16, "laplace", 0.0, True)
+    assert train_options(load_case({**small_case(), "sampler": {"kind": "asvgd"}})
+                         .config).objective == "asvgd"

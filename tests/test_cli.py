@@ -21,17 +21,15 @@ SMALL = small_case()
 
 @pytest.fixture
 def trainer(monkeypatch):
-    """Record the calls of the real geoinvert.train.train_msign (tiny sizes keep it fast)."""
+    """Record the runs of the real geoinvert.train.Trainer (tiny sizes keep it fast)."""
     from geoinvert import train
-    calls, real = [], train.train_msign
+    calls, real = [], train.Trainer.run
 
-    def train_msign(model, posteriors, **kwargs):
-        resume = kwargs.get("resume")
-        calls.append({"start": kwargs["start"], "levels": sorted(posteriors),
-                      "steps": kwargs["steps"],
+    def run(self, *, start=1, generator=None, resume=None):
+        calls.append({"start": start, "levels": sorted(self.posteriors), "steps": self.steps,
                       "resume": resume and (resume["stage"], resume["step"])})
-        return real(model, posteriors, **kwargs)
-    monkeypatch.setattr(train, "train_msign", train_msign)
+        return real(self, start=start, generator=generator, resume=resume)
+    monkeypatch.setattr(train.Trainer, "run", run)
     return calls
 
 
@@ -95,7 +93,7 @@ def test_failed_run_leaves_nothing(case_file, tmp_path, monkeypatch, capsys):
 
     def broken(*args, **kwargs):
         raise RuntimeError("training diverged")
-    monkeypatch.setattr(train, "train_msign", broken)
+    monkeypatch.setattr(train.Trainer, "run", broken)
     out = tmp_path / "res" / "small.nc"
     assert cli.main(["run", str(case_file), "--out", str(out), "-q"]) == 1
     assert "training diverged" in capsys.readouterr().err
