@@ -765,8 +765,8 @@ def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, obj
             sharp that the importance ESS is a few samples, at several times the solves) or
             ``"laplace"`` (L-BFGS from 16 prior draws to the modes of q_1, then ``pool`` draws
             of a mixture of their Laplace approximations with importance weights,
-            :func:`laplace_pool`; a few hundred solves more than ``"importance"``, with an ESS
-            near one half where that of ``"importance"`` is 0.001).
+            :func:`laplace_pool`; a few hundred solves more than ``"importance"``, for
+            posteriors too sharp for importance sampling from the prior).
         pool_levels: Stages 1..``pool_levels`` start from a pool of their own posterior drawn
             by ``coarse_sampler`` (and fit it alone for ``pool_warmup`` of their steps), the
             later ones from the surrogate of the stage before. More than 1 where q_1 is not
@@ -919,9 +919,8 @@ def train_asvgd(model, posteriors, **options):
     normalizing flow, so its densities ``log_prob`` remain available for diagnostics.
 
     Like SVGD with ``batch`` particles, A-SVGD underestimates variances, the more so the
-    larger the dimension is against the batch (on 4 x 4 Gaussian test posteriors with 64
-    particles the std comes out ~0.6 of the exact one; see ``tests/test_svgd.py``), and on the
-    bimodal quadratic test bed it keeps one mode (``benchmarks/msign_ablation.py``).
+    larger the dimension is against the batch, and it can keep one mode of a bimodal
+    posterior (measured in ``tests/test_svgd.py`` and ``docs/benchmarks.md``).
 
     nFS are counted as in :func:`train_msign`: one solve per sample per step
     (the adjoint solve of the gradient is not counted), per level and in finest-level

@@ -185,11 +185,11 @@ def laplace_mixture(grad_log_prob, log_prob, starts, num, *, generator=None, inf
     importance weights q / s. The weights correct both each mode's shape and the Laplace mode
     masses pi_k, so the mode masses are estimated from the target, not the approximation.
 
-    A low-dimensional posterior sharp enough that importance sampling from the prior keeps a
-    handful of effective samples, and tempered SMC moves cannot equilibrate within its modes
-    (the 2 x 2 level of ``cases/elliptic_bimodal.yaml``: ESS 0.001 of 4096 prior draws) is
-    sampled here with an ESS near one half per mode. Only modes reached from some start are
-    represented: use enough starts spread over the prior.
+    For a low-dimensional posterior sharp enough that importance sampling from the prior keeps
+    a handful of effective samples and tempered SMC moves cannot equilibrate within its modes
+    (the 2 x 2 level of ``cases/elliptic_bimodal.yaml``; numbers in ``docs/benchmarks.md``).
+    Only modes reached from some start are represented: use enough starts spread over the
+    prior.
 
     Args:
         grad_log_prob: ``f(x) -> (log q, d log q / dx)`` for a batch ``(num, n, n)``.
