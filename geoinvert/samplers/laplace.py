@@ -187,7 +187,7 @@ def laplace_mixture(grad_log_prob, log_prob, starts, num, *, generator=None, inf
 
     For a low-dimensional posterior sharp enough that importance sampling from the prior keeps
     a handful of effective samples and tempered SMC moves cannot equilibrate within its modes
-    (the 2 x 2 level of ``cases/elliptic_bimodal.yaml``; numbers in ``docs/benchmarks.md``).
+    (the 2 x 2 level of ``cases/elliptic_bimodal.yaml``; numbers in ``docs/notes/mode-loss.md``).
     Only modes reached from some start are represented: use enough starts spread over the
     prior.
 
