@@ -462,12 +462,13 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
                diagnostics, map=laplace.x_map.numpy())
     if s["kind"] == "laplace":
         return dataclasses.replace(fit, psis=_psis_estimates(x, log_target, log_prob))
-    config = CorrectionConfig(kernel="pcn", chains=s["chains"], draws=s["draws"],
-                              max_draws=s["draws"], warmup=s["warmup"], independence=False)
-    out = _corrected(fit, case, seed, lay, posterior, config, progress=progress,
-                     transport=laplace.transport, thin=s["thin"],
-                     initial_step=s["step_size"], kind="gpcn")
-    return out
+    from geoinvert.case import chain_config
+    c = chain_config(case.config)
+    config = CorrectionConfig(kernel="pcn", chains=c.chains, draws=c.draws, max_draws=c.draws,
+                              warmup=c.warmup, independence=False)
+    return _corrected(fit, case, seed, lay, posterior, config, progress=progress,
+                      transport=laplace.transport, thin=c.thin, initial_step=c.step_size,
+                      kind="gpcn")
 
 
 def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
@@ -479,22 +480,24 @@ def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
     """
     import torch
     from geoinvert import samplers
+    from geoinvert.case import chain_config
     from geoinvert.parallel import Ensemble
-    s, ens = case.config["sampler"], Ensemble(lay.ensemble)
-    chains = ens.share(s["chains"])
+    kind, c, ens = case.config["sampler"]["kind"], chain_config(case.config), \
+        Ensemble(lay.ensemble)
+    chains = ens.share(c.chains)
     if chains == 0:
         from geoinvert.errors import CaseError
-        raise CaseError("sampler.chains", f"{s['chains']} is fewer than the {ens.size} solve "
+        raise CaseError("sampler.chains", f"{c.chains} is fewer than the {ens.size} solve "
                         "groups of this MPI run: every group needs a chain")
-    step = {"pcn": "beta"}.get(s["kind"], "step_size")
-    options = {"chains": chains, "draws": s["draws"], "warmup": s["warmup"], "thin": s["thin"],
+    step = {"pcn": "beta"}.get(kind, "step_size")
+    options = {"chains": chains, "draws": c.draws, "warmup": c.warmup, "thin": c.thin,
                "generator": torch.Generator().manual_seed(seed + 7919 * ens.rank)}
-    if s["step_size"] is not None:
-        options[step] = s["step_size"]
-    if s["kind"] == "hmc":
-        options["n_leapfrog"] = s["leapfrog"]
+    if c.step_size is not None:
+        options[step] = c.step_size
+    if kind == "hmc":
+        options["n_leapfrog"] = c.leapfrog
     runner = {"pcn": samplers.run_pcn, "mala": samplers.run_mala, "hmc": samplers.run_hmc}
-    bar = _ChainProgress(s["warmup"] + s["draws"] * s["thin"], progress, s["kind"])
+    bar = _ChainProgress(c.warmup + c.draws * c.thin, progress, kind)
 
     def monitor(samples, log_target):       # every group calls it at the same draws
         d = _convergence(ens.gather(torch.from_numpy(np.ascontiguousarray(samples))).numpy(),
@@ -502,7 +505,7 @@ def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
         bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
 
     try:
-        res = runner[s["kind"]](posterior, callback=bar, monitor=monitor if progress or
+        res = runner[kind](posterior, callback=bar, monitor=monitor if progress or
                                 ens.size > 1 else None, **options)
     finally:
         bar.close()

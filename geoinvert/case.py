@@ -14,8 +14,9 @@ import numpy as np
 import yaml
 
 from geoinvert.errors import CaseError
-from geoinvert.inference.config import (CORRECTION_COORDINATES, CORRECTION_KERNELS, RECIPE_KEYS,
-                                        RECIPES, CorrectionConfig, TrainOptions, recipe_options)
+from geoinvert.inference.config import (CHAIN_KINDS, CORRECTION_COORDINATES, CORRECTION_KERNELS,
+                                        RECIPE_KEYS, RECIPES, ChainConfig, CorrectionConfig,
+                                        TrainOptions, recipe_options)
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
            "correction_config", "reserved_solves", "training_solves", "schema_markdown",
@@ -70,7 +71,7 @@ def _between(lo, hi):
 
 
 SAMPLER_KINDS = ("msign", "asvgd", "laplace", "pcn", "mala", "hmc", "gpcn")
-MCMC_KINDS = ("pcn", "mala", "hmc", "gpcn")
+MCMC_KINDS = CHAIN_KINDS
 FLOW_KINDS = ("msign", "asvgd")
 
 
@@ -115,6 +116,19 @@ _CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS),
                       "draws": _between(4, 10**8), "max_draws": _between(4, 10**8),
                       "warmup": _between(0, 10**8),
                       "leapfrog": _between(1, 10**4), "independence": None, "modes": None}
+
+
+_CHAIN_LIMITS = {"chains": _between(1, 10**5), "draws": _between(1, 10**8),
+                 "warmup": _between(0, 10**8), "thin": _between(1, 10**6),
+                 "step_size": _positive, "leapfrog": _between(1, 10**4)}
+
+
+def _chain_keys():
+    """``sampler.chains`` ... ``sampler.leapfrog``, derived from :class:`ChainConfig`."""
+    types = {"step_size": "float"}
+    return tuple(Key(f"sampler.{f.name}", types.get(f.name, "int"), f.default,
+                     f.metadata["doc"], f.metadata["example"], _CHAIN_LIMITS[f.name])
+                 for f in dataclasses.fields(ChainConfig))
 
 
 def _correction_keys():
@@ -250,20 +264,7 @@ SCHEMA = (
     Key("sampler.checkpoint_every", "int", 50, "Training steps between checkpoints within a "
         "stage (0: at stage ends only); CLI `--checkpoint-every` overrides.", "20",
         _between(0, 10**7)),
-    Key("sampler.chains", "int", 4, "MCMC kinds: chains run side by side.", "8",
-        _between(1, 10**5)),
-    Key("sampler.draws", "int", 1000, "MCMC kinds: draws kept per chain after warm-up.", "5000",
-        _between(1, 10**8)),
-    Key("sampler.warmup", "int", 500, "MCMC kinds: adaptation iterations per chain, "
-        "discarded.", "1000", _between(0, 10**8)),
-    Key("sampler.thin", "int", 1, "MCMC kinds: iterations per kept draw.", "10",
-        _between(1, 10**6)),
-    Key("sampler.step_size", "float", None, "MCMC kinds: initial step (pCN and "
-        "gpCN beta in (0, 1]; default 0.2 for pcn and hmc, 0.5 for mala and gpcn), adapted "
-        "during warm-up.", "0.1",
-        _positive),
-    Key("sampler.leapfrog", "int", 10, "HMC: leapfrog steps per transition.", "20",
-        _between(1, 10**4)),
+    *_chain_keys(),
     *_correction_keys(),
     Key("sampler.seed", "int", 0, "Random seed of training and sampling (CLI `--seed` "
         "overrides it).", "42", _non_negative),
@@ -530,8 +531,7 @@ SAMPLER_KEY_KINDS = {
                                    "lr_warmup", "budget", "checkpoint_every", "correction")},
     **{key: ("msign",) for key in ("objective", "recipe", "coarse_sampler", "pool_levels",
                                    "reverse_weight", "frozen_proposal", "pool_warmup")},
-    **{key: MCMC_KINDS for key in ("chains", "draws", "warmup", "thin", "step_size")},
-    "leapfrog": ("hmc",),
+    **{f.name: f.metadata["kinds"] for f in dataclasses.fields(ChainConfig)},
 }
 """The sampler kinds each ``sampler.*`` key applies to (keys not listed apply to all)."""
 
@@ -565,6 +565,12 @@ def _rule_correction_for_flows(raw, config):
 def correction_config(config):
     """The :class:`CorrectionConfig` of a validated config (``case.config``)."""
     return CorrectionConfig(**config["sampler"]["correction"])
+
+
+def chain_config(config):
+    """The :class:`~geoinvert.inference.config.ChainConfig` of a validated config."""
+    s = config["sampler"]
+    return ChainConfig(**{f.name: s[f.name] for f in dataclasses.fields(ChainConfig)})
 
 
 def train_options(config):
@@ -1056,8 +1062,7 @@ def estimate_cost(case):
         solves = laplace + case.config["output"]["samples"]
         return solves, float(solves), solves * per_solve
     if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
-        per_iteration = s["leapfrog"] if s["kind"] == "hmc" else 1
-        solves = laplace + s["chains"] * (s["warmup"] + s["draws"] * s["thin"]) * per_iteration
+        solves = laplace + chain_config(case.config).solves(s["kind"])
         return solves, float(solves), solves * per_solve
     solves, equivalents, flow = _training_cost(case)
     reserved = reserved_solves(case.config)

@@ -340,3 +340,20 @@ def test_train_options_are_the_case_training_keys():
         "jeffreys", 5e-4, 16, "laplace", 0.0, True)
     assert train_options(load_case({**small_case(), "sampler": {"kind": "asvgd"}})
                          .config).objective == "asvgd"
+
+
+def test_the_chain_keys_come_from_the_chain_config():
+    import dataclasses
+    from geoinvert.case import KEYS, SAMPLER_KEY_KINDS, chain_config
+    from geoinvert.inference.config import ChainConfig
+    for f in dataclasses.fields(ChainConfig):
+        key = KEYS[f"sampler.{f.name}"]
+        assert key.default == f.default and key.doc == f.metadata["doc"]
+        assert SAMPLER_KEY_KINDS[f.name] == f.metadata["kinds"]
+    config = load_case({**small_case(), "sampler": {"kind": "hmc", "chains": 3, "draws": 7,
+                                                    "leapfrog": 5}}).config
+    c = chain_config(config)
+    assert (c.chains, c.draws, c.warmup, c.leapfrog) == (3, 7, 500, 5)
+    assert c.solves("hmc") == 3 * (500 + 7) * 5 and c.solves("mala") == 3 * (500 + 7)
+    with pytest.raises(ValueError, match="chains"):
+        ChainConfig(chains=0)

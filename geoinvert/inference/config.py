@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "TrainOptions", "RECIPES",
-           "RECIPE_KEYS", "recipe_options", "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
+           "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
+           "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
            "CorrectionConfig", "metric_windows"]
 
 # -- training -----------------------------------------------------------------------------------
@@ -94,6 +95,50 @@ def recipe_options(recipe, **given):
     defaults = {k: getattr(TrainOptions, k) for k in RECIPE_KEYS}
     chosen = {**defaults, **RECIPES[recipe]}
     return {k: chosen[k] if given.get(k) is None else given[k] for k in RECIPE_KEYS}
+
+
+# -- MCMC kinds -------------------------------------------------------------------------------
+
+CHAIN_KINDS = ("pcn", "mala", "hmc", "gpcn")
+"""Sampler kinds that run chains on the finest level (gpCN in the Laplace coordinates)."""
+
+
+def _chain_field(default, doc, example, kinds=CHAIN_KINDS):
+    return dataclasses.field(default=default, metadata={"doc": doc, "example": example,
+                                                        "kinds": kinds})
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """Settings of the MCMC kinds (the case file's ``sampler.chains`` ... ``sampler.leapfrog``).
+
+    Each field's metadata holds its documentation, an example value and the kinds it applies
+    to, from which the case schema, its validation by kind and docs/case-files.md are derived.
+    """
+
+    chains: int = _chain_field(4, "MCMC kinds: chains run side by side.", "8")
+    draws: int = _chain_field(1000, "MCMC kinds: draws kept per chain after warm-up.", "5000")
+    warmup: int = _chain_field(500, "MCMC kinds: adaptation iterations per chain, discarded.",
+                               "1000")
+    thin: int = _chain_field(1, "MCMC kinds: iterations per kept draw.", "10")
+    step_size: float = _chain_field(
+        None, "MCMC kinds: initial step (pCN and gpCN beta in (0, 1]; default 0.2 for pcn and "
+        "hmc, 0.5 for mala and gpcn), adapted during warm-up.", "0.1")
+    leapfrog: int = _chain_field(10, "HMC: leapfrog steps per transition.", "20", ("hmc",))
+
+    def __post_init__(self):
+        for name, low in (("chains", 1), ("draws", 1), ("warmup", 0), ("thin", 1),
+                          ("leapfrog", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {self.step_size!r}")
+
+    def solves(self, kind):
+        """Forward solves of the chains of ``kind`` (not counting gpCN's Laplace fit)."""
+        per_iteration = self.leapfrog if kind == "hmc" else 1
+        return self.chains * (self.warmup + self.draws * self.thin) * per_iteration
 
 
 # -- the correction ---------------------------------------------------------------------------
