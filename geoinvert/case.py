@@ -51,6 +51,14 @@ class Key(NamedTuple):
     check: Callable | None = None
 
 
+MAX_CASE_BYTES = 1_000_000
+"""Largest case file read (data belong in CSV or netCDF files beside it)."""
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists in a case file."""
+MAX_SEED = 2**32 - 1
+"""Largest random seed (``sampler.seed``, ``--seed``)."""
+
+
 # --- checks: return a message (str) when the value is wrong, None when it is fine -------------
 
 def _positive(v):
@@ -63,9 +71,15 @@ def _non_negative(v):
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
+def _short(value, most=40):
+    """``value`` as text for a message, shortened to ``most`` characters."""
+    text = str(value)
+    return text if len(text) <= most else f"{text[:most - 12]}... ({len(text)} characters)"
+
+
 def _between(lo, hi):
     def check(v):
-        return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {_short(v)}"
     check.__doc__ = f"{lo}..{hi}"
     return check
 
@@ -267,7 +281,7 @@ SCHEMA = (
     *_chain_keys(),
     *_correction_keys(),
     Key("sampler.seed", "int", 0, "Random seed of training and sampling (CLI `--seed` "
-        "overrides it).", "42", _non_negative),
+        "overrides it).", "42", _between(0, MAX_SEED)),
     Key("output.path", "path_out", None, "Result netCDF file (default: "
         "`results/<name>.nc` under the current directory).", "out/aquifer.nc"),
     Key("output.samples", "int", 500, "Posterior samples stored in the result.", "1000",
@@ -401,8 +415,41 @@ KINDS = {
 
 # --- reading and structural checks ---------------------------------------------------------------
 
+class _Refused(yaml.YAMLError):
+    """A YAML construct that case files do not allow, with where it is."""
+
+    def __init__(self, problem, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML loader that also reads ``1e-3`` as a float (YAML 1.2 style)."""
+    """Safe YAML loader that also reads ``1e-3`` as a float (YAML 1.2 style), and refuses
+    duplicate keys (which would otherwise silently keep the last), aliases (``*name``: a few
+    lines of them expand to millions of entries) and nesting deeper than :data:`MAX_DEPTH`."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"YAML aliases (*{event.anchor}) are not allowed in a case file; "
+                           "write the value out", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep",
+                               self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _Refused(f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -481,7 +528,19 @@ def _read_text(path):
     path = Path(path)
     if not path.is_file():
         raise CaseError(str(path), "no such case file")
-    return path.read_text()
+    size = path.stat().st_size
+    if size > MAX_CASE_BYTES:
+        raise CaseError(str(path), f"is {size} bytes; a case file may have at most "
+                        f"{MAX_CASE_BYTES} (put data in a CSV or netCDF file beside it)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CaseError(str(path), f"is not UTF-8 text (byte {err.start}); save the case "
+                        "file as UTF-8") from None
+    if "\x00" in text:
+        raise CaseError(str(path), "is not a text file (it contains NUL bytes)")
+    return text
 
 
 def _parse(text, where):
@@ -491,6 +550,9 @@ def _parse(text, where):
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise CaseError(where, f"invalid YAML{line}: {getattr(err, 'problem', err)}") from None
+    except ValueError as err:        # e.g. an integer of more digits than Python converts
+        what = "a number has too many digits" if "digits" in str(err) else _short(err, 80)
+        raise CaseError(where, f"invalid YAML: {what}") from None
     if not isinstance(raw, dict):
         raise CaseError(where, "a case file must be a mapping of sections")
     return raw

@@ -117,7 +117,7 @@ def _world():
 
 
 def _run(args):
-    from geoinvert.case import load_case
+    from geoinvert.case import MAX_SEED, load_case
     from geoinvert.app import run
     from geoinvert.io import checkpoint_path
     from geoinvert.parallel import StopRequest
@@ -131,6 +131,8 @@ def _run(args):
                              args.ranks_per_solve, 1)):
         if value is not None and value < low:
             raise UserError(f"{flag}: must be >= {low}, got {value}")
+    if args.seed is not None and args.seed > MAX_SEED:
+        raise UserError(f"--seed: must be at most {MAX_SEED}, got {args.seed}")
     size = 1 if world is None else world.Get_size()
     if size % args.ranks_per_solve:
         raise UserError(f"--ranks-per-solve: {args.ranks_per_solve} does not divide the "

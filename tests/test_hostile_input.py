@@ -1,0 +1,88 @@
+"""Malformed and hostile case files: each is refused by `geoinvert check` and `run` with exit
+status 2 and one line naming what is wrong, quickly and without writing anything."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from geoinvert import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = (ROOT / "cases" / "default.yaml").read_text()
+
+
+def _bomb(depth=9, width=9):
+    """The classic alias bomb: each anchor lists the previous one ``width`` times."""
+    lines = ["a0: &a0 [1]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]"
+              for i in range(1, depth + 1)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    "duplicate key": (BASE.replace("noise:\n  std: 0.005", "noise:\n  std: 0.005\n  std: 0.5"),
+                      "duplicate key 'std'"),
+    "duplicate section": (BASE + "noise:\n  std: 0.1\n", "duplicate key 'noise'"),
+    "alias": (BASE.replace("source: 1.0", "source: &s 1.0").replace(
+        "dirichlet: {left: 1.0, right: 0.0}", "dirichlet: {left: *s, right: 0.0}"),
+        "YAML aliases (*s) are not allowed"),
+    "alias bomb": (BASE.replace("forward:\n", "forward:\n  source: *a9\n", 1).replace(
+        "name: default\n", _bomb() + "name: default\n"), "YAML aliases"),
+    "deep nesting": (BASE + "description: " + "[" * 5000 + "]" * 5000 + "\n",
+                     "nested more than 32 levels deep"),
+    "10000-digit integer": (BASE.replace("  batch: 32\n", "  batch: 32\n  seed: " + "9" * 10000
+                                         + "\n"), "a number has too many digits"),
+    "seed too large": (BASE.replace("  batch: 32\n", "  batch: 32\n  seed: "
+                                    "1180591620717411303424\n"),
+                       "sampler.seed: must be between 0 and 4294967295, got 1180591620717"),
+    "not a mapping": ("- just\n- a list\n", "a case file must be a mapping of sections"),
+    "chains for a flow": (BASE.replace("  batch: 32\n", "  batch: 32\n  chains: 8\n"),
+                          "sampler.chains: applies to sampler.kind pcn"),
+}
+
+
+def _write(tmp_path, name, content):
+    path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+def _refused(capsys, args, expected):
+    start = time.monotonic()
+    code = cli.main(args)
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("geoinvert: error: ") and expected in err[0], err
+    return elapsed
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_case_is_refused_in_one_line(name, tmp_path, capsys):
+    content, expected = HOSTILE[name]
+    path = _write(tmp_path, name, content)
+    _refused(capsys, ["check", str(path)], expected)
+    out = tmp_path / "out" / "r.nc"
+    _refused(capsys, ["run", str(path), "--out", str(out), "-q"], expected)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("utf16", BASE.encode("utf-16"), "is not UTF-8 text"),
+    ("binary", bytes(range(256)) * 4, "is not UTF-8 text"),
+    ("nul", (BASE + "\x00").encode(), "is not a text file"),
+    ("too big", (BASE + "#" + "x" * 1_000_001 + "\n").encode(), "a case file may have at most"),
+])
+def test_a_case_file_that_is_not_small_utf8_text_is_refused(name, content, expected, tmp_path,
+                                                            capsys):
+    _refused(capsys, ["check", str(_write(tmp_path, name, content))], expected)
+
+
+def test_a_seed_beyond_the_limit_on_the_command_line_is_refused(tmp_path, capsys):
+    path = _write(tmp_path, "case", BASE)
+    _refused(capsys, ["run", str(path), "--seed", "99999999999999999999999", "--out",
+                      str(tmp_path / "r.nc"), "-q"], "--seed: must be at most 4294967295")
