@@ -175,9 +175,13 @@ def _plot(args):
     try:
         ds = read_result(args.result)
     except (OSError, ValueError) as err:
-        raise UserError(f"{args.result}: cannot read as netCDF ({err})") from None
-    if "samples" not in ds:
-        raise UserError(f"{args.result}: not a geoinvert result (no 'samples' variable)")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = "not a netCDF file" if "IO backends" in first else first[:100]
+        raise UserError(f"{args.result}: cannot read as netCDF ({reason})") from None
+    missing = [v for v in ("samples", "mean", "std") if v not in ds]
+    if missing:
+        raise UserError(f"{args.result}: not a geoinvert result (missing "
+                        f"{', '.join(map(repr, missing))})")
     outdir = args.out or args.result.with_name(args.result.stem + "_figures")
     for path in figures(ds, outdir):
         if not args.quiet:

@@ -86,3 +86,18 @@ def test_a_seed_beyond_the_limit_on_the_command_line_is_refused(tmp_path, capsys
     path = _write(tmp_path, "case", BASE)
     _refused(capsys, ["run", str(path), "--seed", "99999999999999999999999", "--out",
                       str(tmp_path / "r.nc"), "-q"], "--seed: must be at most 4294967295")
+
+
+@pytest.mark.parametrize("name, make, expected", [
+    ("not netcdf", lambda p: p.write_text("not netcdf"), "cannot read as netCDF (not a netCDF "
+                                                         "file)"),
+    ("no mean", lambda p: __import__("xarray").Dataset(
+        {"samples": (("sample", "y", "x"), __import__("numpy").zeros((2, 2, 2)))}).to_netcdf(p),
+     "not a geoinvert result (missing 'mean', 'std')"),
+    ("missing", lambda p: None, "no such result file"),
+])
+def test_plot_of_a_file_that_is_not_a_result_is_refused(name, make, expected, tmp_path, capsys):
+    path = tmp_path / "r.nc"
+    make(path)
+    _refused(capsys, ["plot", str(path)], expected)
+    assert not (tmp_path / "r_figures").exists()
