@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from geoinvert.io import (build_dataset, checkpoint_meta, checkpoint_path, figures, model_path,
-                          read_checkpoint, save_model, write_checkpoint, write_netcdf)
+from geoinvert.io import (acquire_lock, build_dataset, checkpoint_meta, checkpoint_path, figures,
+                          model_path, read_checkpoint, release_lock, save_model,
+                          write_checkpoint, write_netcdf)
 
 __all__ = ["Result", "run", "result_path", "summary_lines"]
 
@@ -540,7 +541,9 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
 
     Under MPI (``comm`` with several ranks) every rank calls :func:`run` with the same
     arguments: batches (or chains) are shared out over solve groups of ``ranks_per_solve``
-    ranks, gradients summed, and rank 0 alone writes files. For flows a seed gives the same
+    ranks, gradients summed, and rank 0 alone writes files. While a run writes ``out`` it
+    holds a lock file beside it (``out.lock``, with its PID); a second run on the same output
+    is refused, and a lock left by a killed run is taken over. For flows a seed gives the same
     result on any number of ranks (up to the rounding of the gradient sums), and a resumed run
     the same as an uninterrupted one on the same ranks.
 
@@ -560,13 +563,29 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     Returns:
         :class:`Result` (``model`` and ``model_path`` are None for MCMC kinds).
     """
-    from geoinvert.case import MCMC_KINDS, Case, load_case
+    from geoinvert.case import Case, load_case
     from geoinvert.parallel import layout
     case = case if isinstance(case, Case) else load_case(case)
     seed = case.seed if seed is None else int(seed)
     lay = layout(comm, ranks_per_solve)
     path, start_time = result_path(case, out), time.perf_counter()
     _check_writable(path, lay)
+    held = acquire_lock(path, case.name) if lay.root else None
+    held = lay.bcast(held)
+    if held:
+        from geoinvert.errors import CaseError
+        raise CaseError(str(path), f"{held}; wait for it to finish or choose another --out")
+    try:
+        return _run_locked(case, seed, lay, path, start_time, progress=progress, resume=resume,
+                           stop=stop, checkpoint_every=checkpoint_every)
+    finally:
+        if lay.root:
+            release_lock(path)
+
+
+def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, checkpoint_every):
+    """:func:`run` once the output's lock is held."""
+    from geoinvert.case import MCMC_KINDS
     if lay.root:
         _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
@@ -612,6 +631,8 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         if case.config["output"]["figures"]:
             figures(ds, path.with_suffix("").with_name(path.stem + "_figures"))
     return Result(ds, fit.model, path, mpath)
+
+
 
 
 def summary_lines(ds):

@@ -101,3 +101,27 @@ def test_plot_of_a_file_that_is_not_a_result_is_refused(name, make, expected, tm
     make(path)
     _refused(capsys, ["plot", str(path)], expected)
     assert not (tmp_path / "r_figures").exists()
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lock_taken_over(tmp_path,
+                                                                                capsys):
+    """A live process holding the output's lock (here: this test process) makes a run fail at
+    once naming it; a lock whose process is gone is taken over and released at the end."""
+    import os
+    import subprocess
+    import sys
+    from geoinvert.io import lock_path
+    from geoinvert.testing import small_case
+    case = tmp_path / "small.yaml"
+    case.write_text(__import__("yaml").safe_dump(small_case()))
+    out = tmp_path / "res" / "small.nc"
+    out.parent.mkdir()
+    lock_path(out).write_text(f"{os.getpid()} {__import__('socket').gethostname()} other\n")
+    _refused(capsys, ["run", str(case), "--out", str(out), "-q"],
+             f"another run (PID {os.getpid()} on")
+    assert not out.exists() and lock_path(out).exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    lock_path(out).write_text(f"{gone} {__import__('socket').gethostname()} killed\n")
+    assert cli.main(["run", str(case), "--out", str(out), "-q"]) == 0
+    assert out.exists() and not lock_path(out).exists()

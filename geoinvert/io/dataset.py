@@ -160,6 +160,62 @@ def atomic_path(path):
         raise
 
 
+def lock_path(path):
+    """The lock file of a run writing ``path``: ``result.nc -> result.nc.lock``."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # a process of another user holds the PID
+        return True
+    return True
+
+
+def acquire_lock(path, owner=""):
+    """Take the lock of the output ``path`` for this process (a ``.lock`` file beside it with
+    the PID, host and ``owner``); a lock left by a process that is gone is taken over.
+
+    Returns:
+        None, or a one-line description of the live run that holds the lock.
+    """
+    import socket
+    lock, host = lock_path(path), socket.gethostname()
+    text = f"{os.getpid()} {host} {owner}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, other, *rest = lock.read_text().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, other = None, host
+            if pid is not None and (other != host or _alive(pid)):
+                return f"another run (PID {pid} on {other}) is writing it"
+            logger.info("removing the lock %s of a run that ended without releasing it", lock)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return None
+    return "its lock file could not be taken"
+
+
+def release_lock(path):
+    """Remove the lock of ``path`` if this process holds it."""
+    lock = lock_path(path)
+    try:
+        if int(lock.read_text().split()[0]) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def write_netcdf(ds, path):
     """Write ``ds`` to ``path`` atomically (see :func:`atomic_path`).
 
