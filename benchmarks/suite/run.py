@@ -155,6 +155,23 @@ def markdown(rows, about, command):
     return "\n".join(lines) + "\n"
 
 
+def headline(rows):
+    """The README's table: the default run on every problem, and the silent-failure count."""
+    lines = ["| problem | nFS | mean error | std error | mass t > 0 (exact) | R-hat | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in rows if r["method"] == "msign"):
+        modes = (f"{100 * r['t_positive']:.1f} % ({100 * r['t_positive_ref']:.1f} %)"
+                 if "t_positive" in r else "-")
+        verdict = "ok" if r["verdict"] == "ok" else "warns"
+        lines.append(f"| {r['problem']} | {r['nfs']:,} | {r['mean_error_rms']:.3f} | "
+                     f"{r['std_error_rms']:.3f} | {modes} | {_fmt(r['rhat'], '.3f')} | "
+                     f"{verdict} |")
+    silent = sum(r["silent_failure"] for r in rows)
+    lines += ["", f"Silent failures (a result outside the targets whose verdict says ok): "
+              f"{silent} of {len(rows)} runs, all methods included."]
+    return "\n".join(lines)
+
+
 def _store(path, row):
     """Replace ``row``'s (problem, method) in ``path`` (locked: several runs may share it) and
     rewrite the markdown; the rows after the update."""
@@ -177,7 +194,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--problems", default="all")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--headline", action="store_true",
+                   help="print the README's table from suite.json and stop")
     args = p.parse_args(argv)
+    if args.headline:
+        print(headline(json.loads((RESULTS / "suite.json").read_text())["rows"]))
+        return
     chosen = [q for q in problems() if args.problems == "all" or q.name in
               args.problems.split(",")]
     methods = args.methods.split(",")
