@@ -6,6 +6,7 @@ MCMC chains), judges the outcome (:func:`geoinvert.diagnostics.verdict`) and wri
 result (:mod:`geoinvert.io`).
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -238,9 +239,11 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
         if lay.root:
             write_checkpoint(ckpt, training_state, meta)
 
-    history = _train(case, model, posteriors, generator=generator,
-                     progress=progress and lay.root, checkpoint=checkpoint, resume=state,
-                     stop=stop, comm=lay.ensemble, checkpoint_every=every)
+    deferring = getattr(stop, "deferring", contextlib.nullcontext)
+    with deferring():          # a signal waits for the next step, which saves a checkpoint
+        history = _train(case, model, posteriors, generator=generator,
+                         progress=progress and lay.root, checkpoint=checkpoint, resume=state,
+                         stop=stop, comm=lay.ensemble, checkpoint_every=every)
     x, log_prob, log_target, predicted, means, drawn = _draw(
         case, model, posteriors[case.finest], generator, lay.ensemble)
     nfs = (history[-1]["nfs"] if history else 0) + drawn

@@ -120,7 +120,7 @@ def _run(args):
     from geoinvert.case import MAX_SEED, load_case
     from geoinvert.app import run
     from geoinvert.io import checkpoint_path
-    from geoinvert.parallel import StopRequest
+    from geoinvert.parallel import StopRequest, Stopped
     from geoinvert.train import TrainingInterrupted
     world = _world()
     root = world is None or world.Get_rank() == 0
@@ -151,6 +151,14 @@ def _run(args):
                    f"geoinvert run {args.case} --out {out} --resume"
                    + (f" --seed {args.seed}" if args.seed is not None else ""))
         return 128 + (15 if stop.received == "SIGTERM" else 2)
+    except Stopped as err:
+        if root:
+            from geoinvert.app import result_path
+            ckpt = checkpoint_path(result_path(case, args.out))
+            kept = (f"; the training checkpoint {ckpt} is kept (continue with --resume)"
+                    if ckpt.exists() else "")
+            _error(f"{err.signal} received: stopped, no result written{kept}")
+        return 128 + (15 if err.signal == "SIGTERM" else 2)
     if root:
         _print_summary(result, quiet=args.quiet)
     return 0

@@ -9,6 +9,7 @@ Every rank holds the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Layout", "layout", "StopRequest", "Ensemble", "draw_noise"]
+__all__ = ["Layout", "layout", "Stopped", "StopRequest", "Ensemble", "draw_noise"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,28 +86,58 @@ def layout(world=None, ranks_per_solve: int = 1) -> Layout:
     return Layout(world, solve, ensemble)
 
 
-class StopRequest:
-    """Records SIGINT and SIGTERM inside a ``with`` block instead of dying at once.
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived outside training (set-up, correction, writing): the run stops
+    at once. ``signal`` is the signal's name."""
 
-    Calling the object tells whether a stop was asked for; training polls it after every step,
-    saves a checkpoint and stops cleanly (:class:`geoinvert.train.TrainingInterrupted`). A second
-    SIGINT while a stop is pending raises :class:`KeyboardInterrupt` at once. The previous
-    handlers come back when the block ends. Outside the main thread it does nothing.
+    def __init__(self, name):
+        super().__init__(f"{name} received")
+        self.signal = name
+
+
+class StopRequest:
+    """SIGINT and SIGTERM inside a ``with`` block: a stop at once, or after a training step.
+
+    During training (inside :meth:`deferring`) a signal is recorded; calling the object tells
+    whether one came, and training polls it after every step, saves a checkpoint and stops
+    cleanly (:class:`geoinvert.train.TrainingInterrupted`); a second SIGINT raises
+    :class:`KeyboardInterrupt` at once. Anywhere else (building the forward models, the
+    correction, writing the result) the handler raises :class:`Stopped` at once: there is
+    nothing a checkpoint could keep, and a scheduler's time limit must not wait for the next
+    training step. The previous handlers come back when the block ends. Outside the main
+    thread it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.received = None
+        self.deferred = False
         self._previous = {}
 
     def __call__(self) -> bool:
         return self.received is not None
 
+    @contextlib.contextmanager
+    def deferring(self):
+        """Within the block a signal waits for the next training step; a stop recorded when
+        the block ends (after the last step's check) is raised then."""
+        self.deferred = True
+        try:
+            yield self
+        finally:
+            self.deferred = False
+        if self.received is not None:
+            raise Stopped(self.received)
+
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.deferred:
+            self.received = name
+            raise Stopped(name)
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = name
         logger.warning("%s received: stopping after this step and saving a checkpoint "
                        "(press Ctrl-C again to abort without one)", self.received)
 

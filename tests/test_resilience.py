@@ -152,3 +152,52 @@ def test_one_failing_rank_ends_the_whole_job(case_file, tmp_path):
     assert done.returncode != 0
     assert "geoinvert: error: rank 1: internal error: RuntimeError: injected failure" in done.stderr
     assert not out.exists()
+
+
+SIGNALLED = """
+import os, signal, sys
+from geoinvert import cli
+import {module} as target
+where, sig = "{name}", int(sys.argv[1])
+real = getattr(target, where)
+def signalled(*args, **kwargs):                # the signal arrives as this step begins
+    os.kill(os.getpid(), sig)
+    return real(*args, **kwargs)
+setattr(target, where, signalled)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module, name, phase", [
+    ("geoinvert.case", "Case.posterior", "set-up"),
+    ("geoinvert.inference.laplace", "fit_laplace", "correction"),
+])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_outside_training_stops_the_run_at_once(case_file, tmp_path, module, name,
+                                                         phase, sig):
+    """SIGTERM or SIGINT while the forward models are built, or when the correction begins
+    (after training), ends the run at once with 143 or 130 and one line, writes no result,
+    and keeps the training checkpoint when there is one (a resumed run then finishes)."""
+    owner, _, attr = name.rpartition(".")
+    script = tmp_path / "signalled.py"
+    if owner:      # a method: patch it on its class
+        text = SIGNALLED.replace("import {module} as target", f"from {module} import {owner} "
+                                 "as target").replace("{name}", attr)
+    else:
+        text = SIGNALLED.replace("{module}", module).replace("{name}", name)
+    script.write_text(text)
+    out = tmp_path / "run" / "small.nc"
+    args = [sys.executable, str(script), str(int(sig)), "run", str(case_file), "--out", str(out),
+            "-q", "--seed", "3"]
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + int(sig), done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"geoinvert: error: {signal.Signals(sig).name} received: "
+                                "stopped, no result written"), lines
+    assert not out.exists() and not list(tmp_path.glob("run/*.tmp*"))
+    ckpt = out.with_suffix(".ckpt")
+    assert ckpt.exists() == (phase == "correction")
+    if phase == "correction":
+        assert "continue with --resume" in lines[-1]
+        finish(command(case_file, out, "--resume"))
+        assert out.exists()
