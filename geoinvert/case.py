@@ -730,7 +730,9 @@ def _read_netcdf(path, key, variable, var_key):
     except CaseError:
         raise
     except Exception as err:  # noqa: BLE001 - unreadable user file
-        raise CaseError(key, f"cannot read netCDF {path}: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = "not a netCDF file" if "IO backends" in first else _short(first, 100)
+        raise CaseError(key, f"cannot read netCDF {path}: {reason}") from None
     return da
 
 
@@ -1049,8 +1051,56 @@ def load_case(source, *, folder=None):
         raw, folder, stem = _parse(text, where), path.resolve().parent, path.stem
     config = _validate(raw)
     observed = _resolve_inputs(config, folder)
-    return Case(config=config, text=text, folder=folder, name=config["name"] or stem,
+    case = Case(config=config, text=text, folder=folder, name=config["name"] or stem,
                 observed=observed)
+    _check_inputs(case)
+    return case
+
+
+def _finite_spec(case, key, spec):
+    """``spec`` evaluated on the finest lattice must be finite."""
+    import warnings
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        try:
+            values = case.evaluate(spec)
+        except (ValueError, TypeError, ArithmeticError) as err:
+            raise CaseError(key, f"cannot be evaluated: {_short(err, 80)}") from None
+    bad = values[~np.isfinite(values)]
+    if bad.size:
+        raise CaseError(key, f"is not finite on the lattice (got {bad[0]} at {bad.size} cell "
+                        "centres)")
+
+
+def _check_inputs(case):
+    """What the schema cannot see: expressions finite on the lattice, an elliptic problem
+    with a Dirichlet boundary, a correlation length of the domain's scale, and a readable
+    synthetic truth (from a file or an expression), so that ``check`` refuses what ``run``
+    could not do."""
+    config = case.config
+    fwd, obs = config["forward"], config["observations"]
+    if fwd["kind"] == "elliptic":
+        if not fwd["dirichlet"]:
+            raise CaseError("forward.dirichlet", "an elliptic problem needs a Dirichlet "
+                            "condition on some boundary (without one the solution is not "
+                            "unique)")
+        _finite_spec(case, "forward.source", fwd["source"])
+        for kind in ("dirichlet", "neumann"):
+            for side, spec in (fwd[kind] or {}).items():
+                _finite_spec(case, f"forward.{kind}.{side}", spec)
+    for i, spec in enumerate(obs["functions"]):
+        _finite_spec(case, f"observations.functions[{i}]", spec)
+    x0, x1, y0, y1 = case.bounds
+    scale = max(x1 - x0, y1 - y0)
+    length = config["prior"]["correlation_length"]
+    if config["prior"]["kind"] == "matern" and not 1e-4 * scale <= length <= 1e4 * scale:
+        raise CaseError("prior.correlation_length", f"{_short(length)} is not of the domain's "
+                        f"scale ({scale:g}): it must lie between 1e-4 and 1e4 times it")
+    synth = config["data"]["synthetic"]
+    if case.synthetic and synth["file"] is not None:
+        case.truth                              # reads and checks the file
+    elif case.synthetic and synth["truth"] not in (None, "prior"):
+        _finite_spec(case, "data.synthetic.truth", synth["truth"])
 
 
 def prior_from_text(text):

@@ -39,6 +39,19 @@ HOSTILE = {
     "not a mapping": ("- just\n- a list\n", "a case file must be a mapping of sections"),
     "chains for a flow": (BASE.replace("  batch: 32\n", "  batch: 32\n  chains: 8\n"),
                           "sampler.chains: applies to sampler.kind pcn"),
+    "overflowing source": (BASE.replace("source: 1.0", 'source: "exp(1e308)"'),
+                           "forward.source: is not finite on the lattice (got inf"),
+    "overflowing measurement": (BASE.replace("observations:\n", "observations:\n  functions: "
+                                             "[\"1/(x-x)\"]\n", 1),
+                                "observations.functions[0]: is not finite"),
+    "tiny correlation length": (BASE.replace("correlation_length: 0.3",
+                                             "correlation_length: 1e-300"),
+                                "prior.correlation_length: 1e-300 is not of the domain's scale"),
+    "no Dirichlet boundary": (BASE.replace("dirichlet: {left: 1.0, right: 0.0}", "dirichlet: {}"),
+                              "forward.dirichlet: an elliptic problem needs a Dirichlet"),
+    "truth file not netCDF": (BASE.replace("truth: {shape: gaussian, center: [0.6, 0.4], width: "
+                                           "0.15, amplitude: -1.5}", "file: truth.nc"),
+                              "data.synthetic.file: cannot read netCDF"),
 }
 
 
@@ -65,6 +78,7 @@ def _refused(capsys, args, expected):
 def test_a_hostile_case_is_refused_in_one_line(name, tmp_path, capsys):
     content, expected = HOSTILE[name]
     path = _write(tmp_path, name, content)
+    (tmp_path / "truth.nc").write_text("not netCDF")
     _refused(capsys, ["check", str(path)], expected)
     out = tmp_path / "out" / "r.nc"
     _refused(capsys, ["run", str(path), "--out", str(out), "-q"], expected)
