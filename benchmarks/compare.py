@@ -18,7 +18,7 @@ Problems:
 
 (a) the quadratic test bed y = <phi, x>^2 of ``msign_quadratic.py`` (Matern prior, Dirichlet
     boundary, phi an eigenvector of the prior precision, noise 0.3 y) on 16 x 16 (L = 4),
-    with the exact posterior (:class:`~geoinvert.forward.testbeds.ExactQuadraticPosterior`):
+    with the exact posterior (:class:`~geoinvert.problem.forward.testbeds.ExactQuadraticPosterior`):
     exact mean and std, exact normalised density (Jeffreys divergence of the flows), modes
     t = <phi, x> > 0 / < 0 of exactly 1/2 each;
 (b) ``cases/elliptic_bimodal.yaml`` (16 x 16 log-permeability, mirror-symmetric, so the two

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from geoinvert.forward.elliptic import EllipticForward, FastSolver
+from geoinvert.problem.forward.elliptic import EllipticForward, FastSolver
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROBLEM = dict(

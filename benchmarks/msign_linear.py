@@ -12,7 +12,7 @@ Full-size run (longer training, bigger flow)::
 Problem: x on 2^L x 2^L cells of the unit square (default L = 5, 32 x 32), Matern prior
 (alpha = 2, correlation length 0.2, std 1, Dirichlet boundary), observations
 y_k = int phi_k x ds of 9 Gaussian bumps on a 3 x 3 grid plus N(0, noise^2) noise. The exact
-posterior is Gaussian (:class:`geoinvert.forward.testbeds.ExactLinearPosterior`). Errors of the
+posterior is Gaussian (:class:`geoinvert.problem.forward.testbeds.ExactLinearPosterior`). Errors of the
 flow's mean and std are divided by the prior std cell by cell and summarised by RMS and max
 over cells, next to the same numbers for the untrained (prior-conditioned) model and for as many
 exact posterior samples (the Monte-Carlo floor). Writes ``benchmarks/results/<name>.json``,
@@ -32,8 +32,8 @@ import torch
 
 from geoinvert.diagnostics import jeffreys_divergence
 from geoinvert.flows.msign import MsIGN
-from geoinvert.forward.testbeds import ExactLinearPosterior, LinearForward
-from geoinvert.posterior import Posterior
+from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward
+from geoinvert.problem.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.train import train_msign
 

@@ -17,7 +17,7 @@ The data are y = (2 s_t)^2 with s_t the prior std of t = <phi, x>, so the two mo
 are well separated, and the noise std is ``--noise`` * y (default 0.3: each mode has a std of
 ~0.3 s_t in t, the density at t = 0 is ~0.4 % of the peaks). With a much smaller noise
 (0.1 or 0.02) the short default training loses one mode (see the report). The exact posterior is
-:class:`~geoinvert.forward.testbeds.ExactQuadraticPosterior` (exact samples and normalised
+:class:`~geoinvert.problem.forward.testbeds.ExactQuadraticPosterior` (exact samples and normalised
 density), giving a Monte-Carlo Jeffreys divergence D_J = E_q[log q - log p] + E_p[log p - log q]
 with its standard error, moment errors, and the fraction of samples in each mode (t > 0 / t < 0;
 exactly 50 % by symmetry). Paper reference at 64 x 64 with 8e5 nFS: D_J = 56.77 +/- 0.15.
@@ -41,8 +41,8 @@ from msign_linear import (_image, _printer, add_training_flags, machine, parse_s
 
 from geoinvert.diagnostics import jeffreys_divergence  # noqa: E402
 from geoinvert.flows.msign import MsIGN  # noqa: E402
-from geoinvert.forward.testbeds import ExactQuadraticPosterior, QuadraticForward  # noqa: E402
-from geoinvert.posterior import Posterior  # noqa: E402
+from geoinvert.problem.forward.testbeds import ExactQuadraticPosterior, QuadraticForward  # noqa: E402
+from geoinvert.problem.posterior import Posterior  # noqa: E402
 from geoinvert.prior import MaternPrior  # noqa: E402
 from geoinvert.train import train_msign  # noqa: E402
 

@@ -30,7 +30,7 @@ def _worker_forward(args):
     import torch
     from mpi4py import MPI
 
-    from geoinvert.forward.elliptic import EllipticForward
+    from geoinvert.problem.forward.elliptic import EllipticForward
     from geoinvert.train import Ensemble
     world = MPI.COMM_WORLD
     n = 64

@@ -885,8 +885,8 @@ class Case:
         return self._cache[key]
 
     def posterior(self, level=None, comm=None):
-        """The unnormalised posterior :class:`geoinvert.posterior.Posterior` on a level."""
-        from geoinvert.posterior import Posterior
+        """The unnormalised posterior :class:`geoinvert.problem.posterior.Posterior` on a level."""
+        from geoinvert.problem.posterior import Posterior
         level = self._level(level)
         return Posterior(self.prior(level), self.forward(level, comm), self.data, self.noise,
                          level)
@@ -934,16 +934,16 @@ def _build_forward(case, level, comm):
     shape = case.lattice_shape(level)
     functions = [compile_spec(s) for s in obs["functions"]]
     if fw["kind"] == "linear":
-        from geoinvert.forward.testbeds import LinearForward
+        from geoinvert.problem.forward.testbeds import LinearForward
         return LinearForward(functions, shape, bounds=case.bounds)
     if fw["kind"] == "quadratic":
-        from geoinvert.forward.testbeds import QuadraticForward
+        from geoinvert.problem.forward.testbeds import QuadraticForward
         return QuadraticForward(shape, phi=functions[0], bounds=case.bounds)
     return _build_elliptic(case, level, comm, shape)
 
 
 def _build_elliptic(case, level, comm, shape):
-    from geoinvert.forward.elliptic import EllipticForward
+    from geoinvert.problem.forward.elliptic import EllipticForward
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_SELF

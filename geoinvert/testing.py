@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from geoinvert.diagnostics import mcmc_ess
-from geoinvert.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
+from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
                                         LinearForward, QuadraticForward)
-from geoinvert.posterior import Posterior
+from geoinvert.problem.posterior import Posterior
 from geoinvert.prior import MaternPrior
 
 __all__ = ["bimodal_quadratic", "linear_gaussian", "small_flow", "flat_parameters",
@@ -32,7 +32,7 @@ def linear_gaussian(levels=3):
 
     Returns:
         ``(prior, posteriors, exact)``: the prior, ``{level: Posterior}`` for levels
-        1..``levels`` and the :class:`~geoinvert.forward.testbeds.ExactLinearPosterior` of the
+        1..``levels`` and the :class:`~geoinvert.problem.forward.testbeds.ExactLinearPosterior` of the
         finest level.
     """
     prior = MaternPrior(levels, alpha=2, correlation_length=0.3, std=1.0, boundary="dirichlet")
@@ -113,8 +113,8 @@ def bimodal_quadratic(level=2, *, y=0.02, noise=0.005, correlation_length=0.3):
     t = <w, x> = +-sqrt(y) of exactly equal mass (at the defaults t = +-0.14, width 0.018).
 
     Returns:
-        ``(posterior, exact, w)``: the :class:`~geoinvert.posterior.Posterior`, its
-        :class:`~geoinvert.forward.testbeds.ExactQuadraticPosterior` and the functional w
+        ``(posterior, exact, w)``: the :class:`~geoinvert.problem.posterior.Posterior`, its
+        :class:`~geoinvert.problem.forward.testbeds.ExactQuadraticPosterior` and the functional w
         ``(n * n,)``.
     """
     prior = MaternPrior(level, correlation_length=correlation_length, std=1.0)

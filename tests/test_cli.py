@@ -195,7 +195,7 @@ def test_temporaries_left_by_a_killed_run_are_removed(case_file, tmp_path):
 
 
 def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch, capsys):
-    from geoinvert.forward.testbeds import LinearForward
+    from geoinvert.problem.forward.testbeds import LinearForward
     real = LinearForward.__call__
 
     def flaky(self, x):       # every fourth field of a batch "fails" (not the truth's solve)
@@ -232,13 +232,13 @@ def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, extra, mes
 def test_repeated_warnings_are_shown_three_times_then_counted():
     import logging
     f = cli.RepeatFilter(shown=3)
-    record = lambda i: logging.LogRecord("geoinvert.forward", logging.WARNING, __file__, 1,  # noqa: E731
+    record = lambda i: logging.LogRecord("geoinvert.problem.forward", logging.WARNING, __file__, 1,  # noqa: E731
                                          "%d of 8 samples failed", (i,), None)
     passed = [f.filter(record(i)) for i in range(10)]
     assert passed == [True] * 3 + [False] * 7
     error = logging.LogRecord("geoinvert", logging.ERROR, __file__, 1, "boom", (), None)
     assert all(f.filter(error) for _ in range(5))
-    assert f.summary() == ['WARNING geoinvert.forward: 7 more warnings like "0 of 8 samples '
+    assert f.summary() == ['WARNING geoinvert.problem.forward: 7 more warnings like "0 of 8 samples '
                            'failed" not shown']
 
 

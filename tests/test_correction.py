@@ -12,11 +12,11 @@ import torch
 
 from geoinvert.diagnostics import mcmc_ess
 from geoinvert.flows.msign import MsIGN
-from geoinvert.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
+from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
                                         LinearForward, QuadraticForward, paper_phi)
 from geoinvert.inference.config import CorrectionConfig
 from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
-from geoinvert.posterior import Posterior
+from geoinvert.problem.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.train import train_msign
 from geoinvert.testing import bimodal_quadratic, gaussian_kl, z_scores

@@ -7,7 +7,7 @@ import ufl
 from dolfinx import fem
 from mpi4py import MPI
 
-from geoinvert.forward.elliptic import EllipticForward
+from geoinvert.problem.forward.elliptic import EllipticForward
 from geoinvert.verify import taylor_test
 
 SELF = MPI.COMM_SELF
@@ -205,7 +205,7 @@ def _solver_answers(solver, m, w):
 def test_interleaved_cholesky_matches_petsc_and_assembly(num):
     """The compiled interleaved Cholesky (lanes 8, 4, 2, 1, padded chunks) against PETSc's
     Cholesky in the same FastSolver and against per-sample assembly, to 1e-10 relative."""
-    from geoinvert.forward.elliptic import AssemblySolver, FastSolver
+    from geoinvert.problem.forward.elliptic import AssemblySolver, FastSolver
 
     model = EllipticForward(SELF, (8, 8), mesh_cells=(24, 20), **OPTIONS)
     interleaved = FastSolver(model.disc, backend="interleaved")
@@ -221,7 +221,7 @@ def test_interleaved_cholesky_matches_petsc_and_assembly(num):
 
 def test_interleaved_cholesky_refactorises_past_the_memory_budget():
     """With no memory for kept factors the backward pass refactorises: same gradients."""
-    from geoinvert.forward.elliptic import FastSolver
+    from geoinvert.problem.forward.elliptic import FastSolver
 
     model = EllipticForward(SELF, (8, 8), mesh_cells=(16, 16), **OPTIONS)
     m = _field(11, num=19).numpy()
@@ -237,7 +237,7 @@ def test_interleaved_cholesky_refactorises_past_the_memory_budget():
 def test_fast_solver_uses_the_compiled_kernels():
     """The default fast path is the interleaved Cholesky (the fallback only without a compiler),
     and its adjoint gradient passes the Taylor test."""
-    from geoinvert.forward.cholesky import InterleavedCholesky
+    from geoinvert.problem.forward.cholesky import InterleavedCholesky
 
     model = EllipticForward(SELF, (8, 8), mesh_cells=(16, 16), solver="fast", **OPTIONS)
     assert isinstance(model.solver.backend, InterleavedCholesky)
@@ -253,7 +253,7 @@ def test_interleaved_cholesky_lanes_are_independent_and_flag_indefinite_matrices
     indefinite lane is flagged and leaves the other untouched."""
     import scipy.sparse as sp
 
-    from geoinvert.forward.cholesky import InterleavedCholesky
+    from geoinvert.problem.forward.cholesky import InterleavedCholesky
 
     n1 = 7
     line = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n1, n1))
@@ -270,8 +270,8 @@ def test_interleaved_cholesky_lanes_are_independent_and_flag_indefinite_matrices
 
 
 def test_fast_solver_falls_back_to_petsc_without_compiled_kernels(monkeypatch):
-    import geoinvert.forward.cholesky as cholesky
-    import geoinvert.forward.elliptic as elliptic
+    import geoinvert.problem.forward.cholesky as cholesky
+    import geoinvert.problem.forward.elliptic as elliptic
 
     def no_compiler():
         raise OSError("no C compiler")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from geoinvert.forward.elliptic import EllipticForward
+from geoinvert.problem.forward.elliptic import EllipticForward
 
 pytestmark = pytest.mark.mpi
 

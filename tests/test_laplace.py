@@ -15,12 +15,12 @@ import torch
 import xarray as xr
 
 from geoinvert.diagnostics import mcmc_ess
-from geoinvert.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
+from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
                                         LinearForward, QuadraticForward, paper_phi)
 from geoinvert.inference.config import CorrectionConfig
 from geoinvert.inference.correction import correct
 from geoinvert.inference.laplace import EIGENVALUE_CUTOFF, fit_laplace, linearise
-from geoinvert.posterior import Posterior
+from geoinvert.problem.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.samplers.whitening import prior_whitening
 from geoinvert.testing import bimodal_quadratic, small_case, z_scores
@@ -64,7 +64,7 @@ def test_tangent_linear_elliptic_model_passes_taylor_and_adjoint_tests(solver):
     """Central differences of F converge to J v at second order, and <J v, w> = <v, J^T w>
     to rounding (the tangent and the adjoint are exact discrete derivatives)."""
     from mpi4py import MPI
-    from geoinvert.forward.elliptic import EllipticForward
+    from geoinvert.problem.forward.elliptic import EllipticForward
     rng = np.random.default_rng(0)
     model = EllipticForward(MPI.COMM_SELF, (8, 8), solver=solver,
                             points=rng.uniform(0.1, 0.9, (5, 2)), functions=["x * y"],

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from geoinvert.forward.testbeds import (
+from geoinvert.problem.forward.testbeds import (
     ExactLinearPosterior,
     ExactQuadraticPosterior,
     LinearForward,
     QuadraticForward,
     paper_phi,
 )
-from geoinvert.posterior import GaussianLikelihood, Posterior, Prior
+from geoinvert.problem.posterior import GaussianLikelihood, Posterior, Prior
 
 
 def pool_matrix(level):

@@ -126,7 +126,8 @@ def test_a_corrupt_or_foreign_checkpoint_is_a_user_error(case_file, tmp_path):
 FAILING_RANK = """
 import sys
 from mpi4py import MPI
-from geoinvert import cli, posterior
+from geoinvert import cli
+from geoinvert.problem import posterior
 if MPI.COMM_WORLD.rank == 1:           # rank 1 alone fails in its third gradient evaluation
     calls, real = [], posterior.Posterior.grad_log_prob
     def failing(self, x):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoinvert.forward.testbeds import ExactLinearPosterior, LinearForward, QuadraticForward
-from geoinvert.posterior import Posterior
+from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward, QuadraticForward
+from geoinvert.problem.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.samplers import tempered_smc
 from geoinvert.train import smc_pool

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from geoinvert.flows.msign import MsIGN
-from geoinvert.forward.testbeds import ExactLinearPosterior, LinearForward
-from geoinvert.posterior import Posterior
+from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward
+from geoinvert.problem.posterior import Posterior
 from geoinvert.prior import MaternPrior
 from geoinvert.svgd import asvgd_loss, median_bandwidth, rbf_kernel, stein_direction
 from geoinvert.train import TrainingError, train_asvgd

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from geoinvert.forward.testbeds import (
+from geoinvert.problem.forward.testbeds import (
     ExactLinearPosterior,
     ExactQuadraticPosterior,
     LinearForward,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geoinvert.posterior import Posterior
+from geoinvert.problem.posterior import Posterior
 from geoinvert.train import (TrainingError, importance_pool, jeffreys_loss, level_costs,
                              lr_factor, pool_jeffreys_loss, reverse_kl_loss, train_msign)
 from geoinvert.testing import (BrokenPosterior, FlakyForward, flat_parameters, linear_gaussian,

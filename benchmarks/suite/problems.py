@@ -3,8 +3,8 @@
 Every problem is a case (the dictionary a user would write as YAML) with no ``sampler``
 section, so that a run uses the package defaults, and a reference posterior:
 
-- ``exact``: linear-Gaussian problems (:class:`~geoinvert.forward.testbeds.ExactLinearPosterior`,
-  exact mean and std) and quadratic ones (:class:`~geoinvert.forward.testbeds.ExactQuadraticPosterior`
+- ``exact``: linear-Gaussian problems (:class:`~geoinvert.problem.forward.testbeds.ExactLinearPosterior`,
+  exact mean and std) and quadratic ones (:class:`~geoinvert.problem.forward.testbeds.ExactQuadraticPosterior`
   for any measurement function: t = <w, x> is the only data direction and x | t is the
   Gaussian prior conditional; mean and std from the conditional moments and 4e6 draws of t);
 - ``reference``: elliptic problems, against a long MCMC run stored in
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import geoinvert
-from geoinvert.forward.testbeds import ExactLinearPosterior, ExactQuadraticPosterior
+from geoinvert.problem.forward.testbeds import ExactLinearPosterior, ExactQuadraticPosterior
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -86,7 +86,7 @@ def linearise(forward, x):
     """The :class:`Linearisation` of ``forward`` at ``x (ny, nx)``.
 
     Models solved outside torch (``solve_batch``, ``jvp_batch``, ``vjp_batch``, e.g.
-    :class:`~geoinvert.forward.elliptic.EllipticForward`) use their tangent-linear and adjoint
+    :class:`~geoinvert.problem.forward.elliptic.EllipticForward`) use their tangent-linear and adjoint
     solves; other (torch) forward models use automatic differentiation.
     """
     x = torch.as_tensor(x, dtype=_F64).detach()
@@ -341,7 +341,7 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
     """The low-rank Laplace approximation of ``posterior`` (module docstring).
 
     Args:
-        posterior: :class:`~geoinvert.posterior.Posterior` with a Gaussian multiscale prior
+        posterior: :class:`~geoinvert.problem.posterior.Posterior` with a Gaussian multiscale prior
             (``prior``, ``level``, ``forward``, ``noise``).
         generator: ``torch.Generator`` of the probe vectors.
         max_iterations: L-BFGS iterations of each MAP search.

@@ -56,7 +56,7 @@ def run_hmc(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.2, n_lea
         Monte Carlo. JMLR 2014 (dual averaging).
 
     Args:
-        posterior: a :class:`~geoinvert.posterior.Posterior` with a differentiable ``log_prob``.
+        posterior: a :class:`~geoinvert.problem.posterior.Posterior` with a differentiable ``log_prob``.
         chains, draws, warmup, thin: as for :func:`~geoinvert.samplers.pcn.run_pcn`.
         step_size: initial (or, with ``warmup=0``, fixed) leapfrog step eps.
         n_leapfrog: leapfrog steps per transition.

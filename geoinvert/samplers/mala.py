@@ -44,7 +44,7 @@ def run_mala(posterior, *, chains=4, draws=1000, warmup=500, step_size=0.5, targ
         Hoffman, Gelman. The No-U-Turn sampler. JMLR 2014 (dual averaging).
 
     Args:
-        posterior: a :class:`~geoinvert.posterior.Posterior` with a differentiable ``log_prob``.
+        posterior: a :class:`~geoinvert.problem.posterior.Posterior` with a differentiable ``log_prob``.
         chains, draws, warmup, thin: as for :func:`~geoinvert.samplers.pcn.run_pcn`.
         step_size: initial (or, with ``warmup=0``, fixed) h.
         target_accept: target mean acceptance probability.

@@ -57,7 +57,7 @@ def run_pcn(posterior, *, chains=4, draws=1000, warmup=500, beta=0.2, target_acc
         make them faster. Statistical Science 2013.
 
     Args:
-        posterior: a :class:`~geoinvert.posterior.Posterior` (or an object with ``log_prob``,
+        posterior: a :class:`~geoinvert.problem.posterior.Posterior` (or an object with ``log_prob``,
             ``prior``, ``level`` and optionally ``log_likelihood``).
         chains: number of chains.
         draws: stored draws per chain after warm-up.

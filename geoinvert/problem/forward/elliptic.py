@@ -31,9 +31,9 @@ from dolfinx import fem, geometry, mesh as dmesh
 from petsc4py import PETSc
 
 from geoinvert.expressions import compile_spec
-from geoinvert.forward.autograd import apply_adjoint_model
-from geoinvert.forward import cholesky
-from geoinvert.forward.cholesky import InterleavedCholesky, PetscCholesky
+from geoinvert.problem.forward.autograd import apply_adjoint_model
+from geoinvert.problem.forward import cholesky
+from geoinvert.problem.forward.cholesky import InterleavedCholesky, PetscCholesky
 
 __all__ = ["EllipticForward", "Discretisation", "FastSolver", "AssemblySolver", "MAX_LOG_COEFFICIENT"]
 

@@ -1,4 +1,4 @@
-"""Sparse Cholesky factorisations for :class:`geoinvert.forward.elliptic.FastSolver`.
+"""Sparse Cholesky factorisations for :class:`geoinvert.problem.forward.elliptic.FastSolver`.
 
 * :class:`InterleavedCholesky`: up to 8 SPD matrices with one pattern factorised at once by a
   small C kernel compiled with cffi (like dolfinx's forms) whose SIMD lanes are the matrices;
