@@ -11,7 +11,8 @@ import torch
 
 from geoinvert.flows.msign import standard_normal_log_prob
 from geoinvert.inference.config import (COARSE_SAMPLERS, OBJECTIVES, PROPOSALS, RECIPE_KEYS,
-                                        RECIPES, SCHEDULES, TrainOptions, recipe_options)
+                                        RECIPES, SCHEDULES, STEPS, TrainOptions,
+                                        recipe_options)
 from geoinvert.parallel import Ensemble, draw_noise
 from geoinvert.samplers.laplace import laplace_mixture
 from geoinvert.samplers.smc import tempered_smc
@@ -698,10 +699,13 @@ def _steps_of(steps, level):
     return int(steps)
 
 
-def train_msign(model, posteriors, *, start=1, steps=200, batch=64, lr=1e-3, objective="jeffreys",
+def train_msign(model, posteriors, *, start=1, steps=STEPS, batch=TrainOptions.batch,
+                lr=TrainOptions.lr, objective=TrainOptions.objective,
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
-                schedule="cosine", lr_min=0.05, lr_warmup=None, grad_clip=10.0, max_failures=20,
-                proposal="auto", pool=4096, pool_warmup=None, coarse_sampler=None,
+                schedule=TrainOptions.schedule, lr_min=TrainOptions.lr_min, lr_warmup=None,
+                grad_clip=TrainOptions.grad_clip, max_failures=TrainOptions.max_failures,
+                proposal=TrainOptions.proposal, pool=TrainOptions.pool, pool_warmup=None,
+                coarse_sampler=None,
                 pool_levels=None, frozen_proposal=None, reverse_weight=None, recipe="paper",
                 comm=None,
                 checkpoint_every=0, resume=None, stop=None):
@@ -839,7 +843,7 @@ class Trainer:
         stop: ``stop() -> bool`` polled after every step.
     """
 
-    def __init__(self, model, posteriors, options, *, steps=200, budget=None, comm=None,
+    def __init__(self, model, posteriors, options, *, steps=STEPS, budget=None, comm=None,
                  callback=None, checkpoint=None, checkpoint_every=0, stop=None):
         if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")

@@ -357,3 +357,20 @@ def test_the_chain_keys_come_from_the_chain_config():
     assert c.solves("hmc") == 3 * (500 + 7) * 5 and c.solves("mala") == 3 * (500 + 7)
     with pytest.raises(ValueError, match="chains"):
         ChainConfig(chains=0)
+
+
+def test_every_training_default_is_written_once():
+    """The case's training keys take their defaults from TrainOptions (and the steps from
+    inference.config.STEPS), as train_msign does."""
+    import inspect
+    from geoinvert.case import KEYS
+    from geoinvert.inference.config import STEPS, TrainOptions
+    from geoinvert.train import train_msign
+    signature = inspect.signature(train_msign).parameters
+    assert KEYS["sampler.steps"].default == STEPS == signature["steps"].default
+    for name in ("batch", "lr", "objective", "coarse_sampler", "pool_levels", "reverse_weight",
+                 "frozen_proposal", "pool_warmup", "lr_warmup"):
+        assert KEYS[f"sampler.{name}"].default == getattr(TrainOptions, name), name
+    for name in ("batch", "lr", "objective", "schedule", "lr_min", "grad_clip", "max_failures",
+                 "proposal", "pool"):
+        assert signature[name].default == getattr(TrainOptions, name), name

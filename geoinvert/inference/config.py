@@ -4,7 +4,8 @@ derived from them)."""
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "TrainOptions", "RECIPES",
+__all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "TrainOptions",
+           "RECIPES",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
            "CorrectionConfig", "metric_windows"]
@@ -15,6 +16,8 @@ OBJECTIVES = ("jeffreys", "reverse_kl", "asvgd")
 SCHEDULES = ("cosine", "step", "constant")
 PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
 COARSE_SAMPLERS = ("importance", "smc", "laplace")
+STEPS = 200
+"""Training steps per stage by default."""
 
 
 @dataclass
