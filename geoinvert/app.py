@@ -63,12 +63,11 @@ def _new_model(case, seed):
     """A new MsIGN whose random initial weights come from ``seed`` alone (not from the global
     torch RNG), so a seed fixes the whole run in any process and on every rank."""
     import torch
+    from geoinvert.case import flow_config
     from geoinvert.flows.msign import MsIGN
-    s = case.config["sampler"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MsIGN(case.prior(), case.finest, blocks_per_level=s["blocks"], hidden=s["hidden"],
-                     upsampling=s["upsampling"])
+        return MsIGN(case.prior(), case.finest, **flow_config(case.config).model_options())
 
 
 class _Progress:

@@ -15,8 +15,9 @@ import yaml
 
 from geoinvert.errors import CaseError
 from geoinvert.inference.config import (CHAIN_KINDS, CORRECTION_COORDINATES, CORRECTION_KERNELS,
-                                        RECIPE_KEYS, RECIPES, STEPS, ChainConfig,
-                                        CorrectionConfig, TrainOptions, recipe_options)
+                                        RECIPE_KEYS, RECIPES, STEPS, UPSAMPLINGS,
+                                        ChainConfig, CorrectionConfig, FlowConfig,
+                                        TrainOptions, recipe_options)
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
            "correction_config", "reserved_solves", "training_solves", "schema_markdown",
@@ -132,6 +133,18 @@ _CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS),
                       "leapfrog": _between(1, 10**4), "independence": None, "modes": None}
 
 
+_FLOW_LIMITS = {"blocks": _between(1, 64), "hidden": _between(2, 1024),
+                "upsampling": _one_of(*UPSAMPLINGS)}
+
+
+def _flow_keys():
+    """``sampler.blocks``, ``.hidden``, ``.upsampling``, derived from :class:`FlowConfig`."""
+    types = {int: "int", str: "str"}
+    return tuple(Key(f"sampler.{f.name}", types[type(f.default)], f.default,
+                     f.metadata["doc"], f.metadata["example"], _FLOW_LIMITS[f.name])
+                 for f in dataclasses.fields(FlowConfig))
+
+
 _CHAIN_LIMITS = {"chains": _between(1, 10**5), "draws": _between(1, 10**8),
                  "warmup": _between(0, 10**8), "thin": _between(1, 10**6),
                  "step_size": _positive, "leapfrog": _between(1, 10**4)}
@@ -230,13 +243,7 @@ SCHEMA = (
         "MAP point with the low-rank Gauss-Newton Hessian, uncorrected), or a reference MCMC "
         "run on the finest level: `pcn`, `mala`, `hmc`, `gpcn` (pCN with the Laplace "
         "covariance as proposal).", "hmc", _one_of(*SAMPLER_KINDS)),
-    Key("sampler.blocks", "int", 4, "Glow blocks per level.", "6", _between(1, 64)),
-    Key("sampler.hidden", "int", 32, "Hidden channels of the coupling networks.", "64",
-        _between(2, 1024)),
-    Key("sampler.upsampling", "str", "prior", "Flows: how a level is refined, `prior` (the "
-        "prior conditioning layer of MsIGN), or the ablations `nearest` (stochastic "
-        "nearest-neighbour upsampling) and `squeeze` (Glow's split/squeeze).", "nearest",
-        _one_of("prior", "nearest", "squeeze")),
+    *_flow_keys(),
     Key("sampler.coarse_sampler", "str", TrainOptions.coarse_sampler, "Flows with the Jeffreys objective: "
         "how the first stage gets samples of the 2x2 posterior, `importance` (4096 prior "
         "draws, importance-weighted), `smc` (tempered sequential Monte Carlo, 1024 particles, "
@@ -627,6 +634,12 @@ def _rule_correction_for_flows(raw, config):
 def correction_config(config):
     """The :class:`CorrectionConfig` of a validated config (``case.config``)."""
     return CorrectionConfig(**config["sampler"]["correction"])
+
+
+def flow_config(config):
+    """The :class:`~geoinvert.inference.config.FlowConfig` of a validated config."""
+    s = config["sampler"]
+    return FlowConfig(**{f.name: s[f.name] for f in dataclasses.fields(FlowConfig)})
 
 
 def chain_config(config):

@@ -374,3 +374,16 @@ def test_every_training_default_is_written_once():
     for name in ("batch", "lr", "objective", "schedule", "lr_min", "grad_clip", "max_failures",
                  "proposal", "pool"):
         assert signature[name].default == getattr(TrainOptions, name), name
+
+
+def test_the_flow_keys_come_from_the_flow_config():
+    import dataclasses
+    from geoinvert.case import KEYS, flow_config
+    from geoinvert.inference.config import FlowConfig
+    for f in dataclasses.fields(FlowConfig):
+        assert KEYS[f"sampler.{f.name}"].default == f.default
+    c = flow_config(load_case({**small_case(), "sampler": {"blocks": 2, "hidden": 8,
+                                                           "upsampling": "nearest"}}).config)
+    assert c.model_options() == {"blocks_per_level": 2, "hidden": 8, "upsampling": "nearest"}
+    with pytest.raises(ValueError, match="upsampling"):
+        FlowConfig(upsampling="bilinear")

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "TrainOptions",
-           "RECIPES",
+           "RECIPES", "UPSAMPLINGS", "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
            "CorrectionConfig", "metric_windows"]
@@ -98,6 +98,43 @@ def recipe_options(recipe, **given):
     defaults = {k: getattr(TrainOptions, k) for k in RECIPE_KEYS}
     chosen = {**defaults, **RECIPES[recipe]}
     return {k: chosen[k] if given.get(k) is None else given[k] for k in RECIPE_KEYS}
+
+
+# -- the flow -----------------------------------------------------------------------------------
+
+UPSAMPLINGS = ("prior", "nearest", "squeeze")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """The MsIGN network of the flow kinds (``sampler.blocks``, ``.hidden``, ``.upsampling``).
+
+    Each field's metadata holds its documentation and an example value, from which the case
+    schema and docs/case-files.md are derived.
+    """
+
+    blocks: int = dataclasses.field(default=4, metadata={
+        "doc": "Glow blocks per level.", "example": "6"})
+    hidden: int = dataclasses.field(default=32, metadata={
+        "doc": "Hidden channels of the coupling networks.", "example": "64"})
+    upsampling: str = dataclasses.field(default="prior", metadata={
+        "doc": "Flows: how a level is refined, `prior` (the prior conditioning layer of MsIGN), "
+               "or the ablations `nearest` (stochastic nearest-neighbour upsampling) and "
+               "`squeeze` (Glow's split/squeeze).", "example": "nearest"})
+
+    def __post_init__(self):
+        for name, low in (("blocks", 1), ("hidden", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got "
+                             f"{self.upsampling!r}")
+
+    def model_options(self):
+        """The keywords of :class:`~geoinvert.flows.msign.MsIGN`."""
+        return {"blocks_per_level": self.blocks, "hidden": self.hidden,
+                "upsampling": self.upsampling}
 
 
 # -- MCMC kinds -------------------------------------------------------------------------------
