@@ -222,6 +222,38 @@ class _Fit:
     psis: dict = None
 
 
+_CHECKPOINT_KEYS = ("version", "stage", "step", "planned", "allowance", "spent", "elapsed",
+                    "evaluations", "pool", "surrogate", "complete", "model", "optimizer",
+                    "generator", "budget", "history", "skipped", "consecutive")
+
+
+def _check_checkpoint(state, model, path):
+    """A checkpoint that matches the case text and seed must also hold a whole training state
+    of this model (its keys, tensor shapes, stage): else a user error, not a crash."""
+    from geoinvert.errors import CaseError
+    from geoinvert.train import CHECKPOINT_VERSION
+    fix = "; delete it to train from the start"
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        raise CaseError(str(path), f"is not a whole training state (missing "
+                        f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}){fix}")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise CaseError(str(path), f"has checkpoint version {state['version']}, this geoinvert "
+                        f"writes {CHECKPOINT_VERSION}{fix}")
+    expected = model.state_dict()
+    saved = state["model"]
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        raise CaseError(str(path), f"holds another network than this case's{fix}")
+    for name, tensor in expected.items():
+        if getattr(saved[name], "shape", None) != tensor.shape:
+            raise CaseError(str(path), f"holds {name} of shape "
+                            f"{tuple(getattr(saved[name], 'shape', ()))}, this case's network "
+                            f"has {tuple(tensor.shape)}{fix}")
+    if not (isinstance(state["stage"], int) and 1 <= state["stage"] <= model.levels):
+        raise CaseError(str(path), f"is at stage {state['stage']!r}, the network has levels "
+                        f"1..{model.levels}{fix}")
+
+
 def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, checkpoint_every):
     """Train the case's flow (MsIGN or A-SVGD), checkpointing beside ``path``, sample it and,
     unless ``sampler.correction.kernel`` is ``none``, correct its draws to exactness."""
@@ -233,6 +265,8 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
     state = read_checkpoint(case, ckpt, seed) if resume else None
     generator = torch.Generator().manual_seed(seed)
     model = _new_model(case, seed)
+    if state is not None:
+        _check_checkpoint(state, model, ckpt)
 
     def checkpoint(training_state):
         if lay.root:

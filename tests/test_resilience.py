@@ -202,3 +202,28 @@ def test_a_signal_outside_training_stops_the_run_at_once(case_file, tmp_path, mo
         assert "continue with --resume" in lines[-1]
         finish(command(case_file, out, "--resume"))
         assert out.exists()
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    (lambda s: s.pop("optimizer"), "is not a whole training state (missing optimizer)"),
+    (lambda s: s["model"].update({k: v[..., :1] for k, v in [next(
+        (k, v) for k, v in s["model"].items() if v.ndim and v.shape[-1] > 1)]}),
+     "this case's network has"),
+    (lambda s: s["model"].pop(next(iter(s["model"]))), "holds another network"),
+    (lambda s: s.update(stage=99), "is at stage 99"),
+    (lambda s: s.update(version=0), "has checkpoint version 0"),
+])
+def test_a_checkpoint_of_the_right_case_but_a_broken_state_is_a_user_error(case_file, tmp_path,
+                                                                           tamper, expected,
+                                                                           capsys):
+    from geoinvert import cli
+    out = tmp_path / "small.nc"
+    assert cli.main(command(case_file, out, python=())[2:]) == 0
+    ckpt = out.with_suffix(".ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    tamper(saved["state"])
+    torch.save(saved, ckpt)
+    capsys.readouterr()
+    assert cli.main(command(case_file, out, "--resume", python=())[2:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "delete it" in err[0], err
