@@ -610,7 +610,9 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
     held = lay.bcast(held)
     if held:
         from geoinvert.errors import CaseError
-        raise CaseError(str(path), f"{held}; wait for it to finish or choose another --out")
+        advice = "wait for it to finish or choose" if held.startswith("another run") else \
+            "choose"
+        raise CaseError(str(path), f"{held}; {advice} another --out")
     try:
         return _run_locked(case, seed, lay, path, start_time, progress=progress, resume=resume,
                            stop=stop, checkpoint_every=checkpoint_every)

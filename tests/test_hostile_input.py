@@ -139,3 +139,12 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lock_taken_over(
     lock_path(out).write_text(f"{gone} {__import__('socket').gethostname()} killed\n")
     assert cli.main(["run", str(case), "--out", str(out), "-q"]) == 0
     assert out.exists() and not lock_path(out).exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    from geoinvert.testing import small_case
+    case = tmp_path / "small.yaml"
+    case.write_text(__import__("yaml").safe_dump(small_case()))
+    elapsed = _refused(capsys, ["run", str(case), "--out", "/proc/geoinvert-test.nc", "-q"],
+                       "/proc/geoinvert-test.nc: ")
+    assert elapsed < 30

@@ -190,19 +190,22 @@ def acquire_lock(path, owner=""):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                pid, other, *rest = lock.read_text().split()
-                pid = int(pid)
-            except (OSError, ValueError):
-                pid, other = None, host
-            if pid is not None and (other != host or _alive(pid)):
-                return f"another run (PID {pid} on {other}) is writing it"
-            logger.info("removing the lock %s of a run that ended without releasing it", lock)
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        return None
+            pass
+        except OSError as err:
+            return f"cannot write beside it ({err.strerror})"
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            return None
+        try:
+            pid, other, *_ = lock.read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            pid, other = None, host
+        if pid is not None and (other != host or _alive(pid)):
+            return f"another run (PID {pid} on {other}) is writing it"
+        logger.info("removing the lock %s of a run that ended without releasing it", lock)
+        lock.unlink(missing_ok=True)
     return "its lock file could not be taken"
 
 
