@@ -167,8 +167,8 @@ def headline(rows):
                      f"{r['std_error_rms']:.3f} | {modes} | {_fmt(r['rhat'], '.3f')} | "
                      f"{verdict} |")
     silent = sum(r["silent_failure"] for r in rows)
-    lines += ["", f"Silent failures (a result outside the targets whose verdict says ok): "
-              f"{silent} of {len(rows)} runs, all methods included."]
+    lines += ["", "Silent failures (a result outside the suite's accuracy criteria whose verdict "
+              f"says ok):\n{silent} of {len(rows)} runs, all methods included."]
     return "\n".join(lines)
 
 
