@@ -244,22 +244,25 @@ SCHEMA = (
         "run on the finest level: `pcn`, `mala`, `hmc`, `gpcn` (pCN with the Laplace "
         "covariance as proposal).", "hmc", _one_of(*SAMPLER_KINDS)),
     *_flow_keys(),
-    Key("sampler.coarse_sampler", "str", TrainOptions.coarse_sampler, "Flows with the Jeffreys objective: "
-        "how the first stage gets samples of the 2x2 posterior, `importance` (4096 prior "
+    Key("sampler.coarse_sampler", "str", TrainOptions.coarse_sampler,
+        "Flows with the Jeffreys objective: how the first stage gets samples of the 2x2 "
+        "posterior, `importance` (4096 prior "
         "draws, importance-weighted), `smc` (tempered sequential Monte Carlo, 1024 particles, "
         "several times the solves) or `laplace` (L-BFGS from 16 prior draws to the modes, then "
         "4096 importance-weighted draws of a mixture of Gaussians fitted at them; for data so "
         "precise that the importance ESS is a few samples: the log shows it).", "laplace",
         _one_of("importance", "smc", "laplace")),
-    Key("sampler.pool_levels", "int", TrainOptions.pool_levels, "Flows with the Jeffreys objective: the first "
-        "`pool_levels` stages start from samples of their own posterior drawn by "
+    Key("sampler.pool_levels", "int", TrainOptions.pool_levels,
+        "Flows with the Jeffreys objective: the first `pool_levels` stages start from samples of "
+        "their own posterior drawn by "
         "`coarse_sampler`, the later ones from the stage before. Raise it when the 2x2 "
         "posterior is no guide to the finer ones (very precise data: the log's per-stage "
         "mode search shows where the modes lie).", "2", _between(1, 16)),
     Key("sampler.steps", "int_or_ints", STEPS, "Training steps per stage: one number, or one per "
         "level from the coarsest (as many as `levels.finest`).", "[300, 1500, 500, 1000]",
         _each_between(1, 10**7)),
-    Key("sampler.batch", "int", TrainOptions.batch, "Samples per training step.", "128", _between(2, 10**5)),
+    Key("sampler.batch", "int", TrainOptions.batch, "Samples per training step.", "128",
+        _between(2, 10**5)),
     Key("sampler.lr", "float", TrainOptions.lr, "Adam learning rate.", "5e-4", _positive),
     Key("sampler.objective", "str", TrainOptions.objective, "Training objective.", "reverse_kl",
         _one_of("jeffreys", "reverse_kl")),
@@ -268,18 +271,22 @@ SCHEMA = (
         "`coarse_sampler: laplace`, `pool_levels: 2`, `pool_warmup: 1`, `reverse_weight: 0`, "
         "`frozen_proposal: true`, `lr_warmup: 0.2`). Those keys, given beside it, override "
         "it.", "forward_kl", _one_of(*RECIPES)),
-    Key("sampler.reverse_weight", "float", TrainOptions.reverse_weight, "Flows with the Jeffreys objective: weight of "
-        "the reverse KL in the gradient of the stages after the pools. 0 trains by the forward "
+    Key("sampler.reverse_weight", "float", TrainOptions.reverse_weight,
+        "Flows with the Jeffreys objective: weight of the reverse KL in the gradient of the "
+        "stages after the pools. 0 trains by the forward "
         "KL alone, which keeps every mode of a sharp multimodal posterior (with wider modes); "
         "1 is the MsIGN paper's Jeffreys divergence.", "0", _between(0, 1)),
-    Key("sampler.frozen_proposal", "bool", TrainOptions.frozen_proposal, "Flows with the Jeffreys objective: draw the "
-        "forward-KL proposal of a stage from the model as it was when the stage began, not "
+    Key("sampler.frozen_proposal", "bool", TrainOptions.frozen_proposal,
+        "Flows with the Jeffreys objective: draw the forward-KL proposal of a stage from the "
+        "model as it was when the stage began, not "
         "from the coarse flows the stage keeps training.", "true"),
-    Key("sampler.pool_warmup", "float", TrainOptions.pool_warmup, "Flows with the Jeffreys objective: fraction of a "
-        "pool stage's steps that fit its pool alone (no solves); 1: no reverse KL there.", "1",
+    Key("sampler.pool_warmup", "float", TrainOptions.pool_warmup,
+        "Flows with the Jeffreys objective: fraction of a pool stage's steps that fit its pool "
+        "alone (no solves); 1: no reverse KL there.", "1",
         _between(0, 1)),
-    Key("sampler.lr_warmup", "float", TrainOptions.lr_warmup, "Fraction of each stage's steps over which the "
-        "learning rate ramps up linearly.", "0.2", _between(0, 0.99)),
+    Key("sampler.lr_warmup", "float", TrainOptions.lr_warmup,
+        "Fraction of each stage's steps over which the learning rate ramps up linearly.", "0.2",
+        _between(0, 0.99)),
     Key("sampler.budget", "int", 0, "Total forward-solve budget nFS over all stages (0: no "
         "limit); training stops when it is used up.", "100000", _non_negative),
     Key("sampler.checkpoint_every", "int", 50, "Training steps between checkpoints within a "
