@@ -81,16 +81,19 @@ class FlowTransport:
         zs = [p.reshape(-1, *s) for p, s in zip(parts, self.shapes)]
         return self.model.decode(zs)
 
+    def _encode(self, x):
+        """``(z (num, d), log|det dz/dx|)`` of fields ``x``."""
+        zs, logdet = self.model.encode(torch.as_tensor(x, dtype=_F64))
+        return torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1), logdet
+
     def to_z(self, x):
         """Latents ``z (num, d)`` of fields ``x``, the inverse of :meth:`to_x`."""
-        zs, _ = self.model.encode(torch.as_tensor(x, dtype=_F64))
-        return torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
+        return self._encode(x)[0]
 
     def log_prob(self, x):
         """Flow log density log q_T of fields ``x (num, n, n)``, float64."""
         with torch.no_grad():
-            zs, logdet = self.model.encode(torch.as_tensor(x, dtype=_F64))
-            z = torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
+            z, logdet = self._encode(x)
             return standard_normal_log_prob(z) + logdet
 
     def sample(self, num, generator=None):
@@ -239,13 +242,13 @@ class ModeMixture:
                                       + torch.log_softmax(masses, 0)))
 
     @property
-    def _latent(self):
+    def latent(self):
         """True when q is the pushforward of N(0, I) by the target's transport."""
         return self.approximation is self.target.transport
 
     def approximation_log_prob(self, u, value, log_post, x):
         """log q at states ``u`` (the flow density at the chains' fields)."""
-        if self._latent:
+        if self.latent:
             return self.target.flow_log_prob(u, value, log_post)
         return self.approximation.log_prob(x).to(_F64)
 
@@ -261,12 +264,12 @@ class ModeMixture:
         t = self.target
         which = torch.multinomial(self.log_weights.exp(), num, replacement=True,
                                   generator=generator)
-        if self._latent:
+        if self.latent:
             u = t.coordinates(torch.randn((num, t.transport.dim), generator=generator,
                                           dtype=_F64))
         else:
             u = torch.empty((num, t.transport.dim), dtype=_F64)
-        components = [None if self._latent else self.approximation, *self.modes]
+        components = [None if self.latent else self.approximation, *self.modes]
         for k, component in enumerate(components):
             pick = which == k
             if component is not None and pick.any():
@@ -397,12 +400,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     windows = metric_windows(config.warmup) if kind != "pcn" else ()
     total, window = config.warmup + config.draws * thin, []
     gradient = kind != "pcn"
-    separate = approximation is not None and approximation is not transport
-    mixture = ModeMixture(target, modes, approximation) \
-        if config.independence and (modes or separate) else None
-    density = (mixture.approximation_log_prob if mixture is not None else
-               (lambda u, value, log_post, x: approximation.log_prob(x).to(_F64)) if separate
-               else (lambda u, value, log_post, x: target.flow_log_prob(u, value, log_post)))
+    proposal = ModeMixture(target, modes, approximation)
+    # the plain independence move draws from the transport itself; any other proposal mixes
+    mixture = proposal if config.independence and (modes or not proposal.latent) else None
+    density = proposal.approximation_log_prob       # the flow's density at the stored draws
     chains = state.z.shape[0]
 
     def affordable(iterations):
