@@ -17,7 +17,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Layout", "layout", "Stopped", "StopRequest", "Ensemble", "draw_noise"]
+__all__ = ["Layout", "layout", "Stopped", "StopRequest", "Ensemble", "draw_noise", "in_chunks",
+           "EVALUATION_CHUNK"]
+
+EVALUATION_CHUNK = 256
+"""Samples evaluated at once where no gradient is needed (importance pools, final draws): the
+solves keep their factorisations and solutions per batch, so a batch of thousands of samples
+on a fine mesh, or with many observations, would need gigabytes at once."""
+
+
+def in_chunks(fn, x, size=EVALUATION_CHUNK):
+    """``fn(x)`` computed on blocks of at most ``size`` samples and concatenated along the
+    first dimension (``fn`` returns a tensor or a tuple of tensors)."""
+    import torch
+    if x.shape[0] <= size:
+        return fn(x)
+    parts = [fn(block) for block in x.split(size)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
 
 logger = logging.getLogger(__name__)
 

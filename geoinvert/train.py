@@ -13,7 +13,7 @@ from geoinvert.flows.msign import standard_normal_log_prob
 from geoinvert.inference.config import (COARSE_SAMPLERS, OBJECTIVES, PROPOSALS, RECIPE_KEYS,
                                         RECIPES, SCHEDULES, STEPS, TrainOptions,
                                         recipe_options)
-from geoinvert.parallel import Ensemble, draw_noise
+from geoinvert.parallel import Ensemble, draw_noise, in_chunks
 from geoinvert.samplers.laplace import laplace_mixture
 from geoinvert.samplers.smc import tempered_smc
 from geoinvert.svgd import asvgd_loss
@@ -293,7 +293,8 @@ def importance_pool(model, posterior, size, generator=None, ensemble=None):
         zs = model.sample_noise(size, posterior.level, generator=generator)
         x, logdet = model.decode(zs, upto=0)
         log_prior = standard_normal_log_prob(zs).to(_F64) - logdet.to(_F64)
-        log_q = ens.map(lambda mine: posterior.log_prob(mine.to(_F64)).to(_F64), x)
+        log_q = ens.map(lambda mine: in_chunks(lambda b: posterior.log_prob(b.to(_F64)).to(_F64),
+                                               mine), x)
     log_w = torch.where(torch.isfinite(log_q), log_q - log_prior, -math.inf)
     if not torch.isfinite(log_w).any():
         raise TrainingError(f"every target evaluation of the level-{posterior.level} "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import ufl
-from dolfinx import fem
+from dolfinx import fem, geometry
 from mpi4py import MPI
 
 from geoinvert.problem.forward.elliptic import EllipticForward
@@ -134,6 +134,29 @@ def test_solve_counter_and_shapes():
     assert model.n_solves == 6
     with pytest.raises(ValueError, match="shape"):
         model(torch.zeros(2, 3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cell, degree", [("quadrilateral", 1), ("triangle", 1),
+                                          ("quadrilateral", 2), ("triangle", 2)])
+def test_point_observations_are_the_solution_evaluated_at_the_points(cell, degree):
+    """The sparse observation rows reproduce dolfinx's own evaluation of u at the points, for
+    many points sharing cells, on vertices and edges (where cells share dofs) and in the
+    interior; each row has at most one cell's dofs."""
+    rng = np.random.default_rng(4)
+    points = np.vstack([rng.uniform(0.01, 0.99, (500, 2)), [[0.25, 0.5], [0.5, 0.5], [0.375, 0.6],
+                                                            [0.0, 0.0], [1.0, 0.3]]])
+    model = EllipticForward(SELF, (4, 4), mesh_cells=(8, 8), cell=cell, degree=degree,
+                            dirichlet={"left": 0.0, "right": 1.0}, points=points)
+    u = model.solution(_field(5, shape=(4, 4), num=1)[0].numpy())
+    observed = model.disc.observation @ u.x.array
+    tree = geometry.BoundingBoxTree(u.function_space.mesh, 2)
+    p3 = np.column_stack([points, np.zeros(len(points))])
+    cells = geometry.compute_colliding_cells(u.function_space.mesh,
+                                             geometry.compute_collisions(tree, p3), p3)
+    first = np.array([cells.links(i)[0] for i in range(len(points))], dtype=np.int32)
+    np.testing.assert_allclose(observed, u.eval(p3, first).ravel(), rtol=0, atol=1e-13)
+    per_row = np.diff(model.disc.observation.indptr)
+    assert per_row.max() <= model.disc.V.dofmap.dof_layout.num_dofs
 
 
 def test_observation_outside_mesh_and_bad_boundary_are_errors():

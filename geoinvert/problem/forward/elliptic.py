@@ -35,7 +35,8 @@ from geoinvert.problem.forward.autograd import apply_adjoint_model
 from geoinvert.problem.forward import cholesky
 from geoinvert.problem.forward.cholesky import InterleavedCholesky, PetscCholesky
 
-__all__ = ["EllipticForward", "Discretisation", "FastSolver", "AssemblySolver", "MAX_LOG_COEFFICIENT"]
+__all__ = ["EllipticForward", "Discretisation", "OutsideMesh", "FastSolver", "AssemblySolver",
+           "MAX_LOG_COEFFICIENT"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,14 @@ def _read_mesh(comm, path):
         except RuntimeError:
             tags = None
     return msh, tags
+
+
+class OutsideMesh(ValueError):
+    """An observation point (number ``index``, at ``point``) that no cell of the mesh holds."""
+
+    def __init__(self, index, point):
+        self.index, self.point = index, point
+        super().__init__(f"observation point {point} lies outside the mesh")
 
 
 class Discretisation:
@@ -181,43 +190,92 @@ class Discretisation:
 
     # -- observations -------------------------------------------------------------------
     def _observation_matrix(self, functions):
-        """Rows of O (n_obs, n_local_dofs) with y = O u: point evaluations, then integrals."""
+        """O (n_obs, n_local_dofs), sparse CSR, with y = O u: point evaluations, then integrals.
+
+        A point's row holds the basis functions of its cell evaluated there (a few entries), on
+        the lowest rank whose local cells hold it; an integral's row is dense over the owned
+        dofs. Built in a fixed number of vectorised evaluations, so memory and time grow with
+        the number of points, not with points x dofs.
+        """
         n_dofs = self.V.dofmap.index_map.size_local + self.V.dofmap.index_map.num_ghosts
-        tree = geometry.BoundingBoxTree(self.msh, self.msh.topology.dim)
         probe = fem.Function(self.V)   # created collectively, before any rank-dependent branch
-        rows = [self._point_row(p, tree, probe) for p in self.obs_points]
+        rows, cols, vals = self._point_entries(probe)
+        points = sp.csr_matrix((vals, (rows, cols)), shape=(len(self.obs_points), n_dofs))
         W = fem.FunctionSpace(self.msh, ("Lagrange", self.degree + 2))
         v = ufl.TestFunction(self.V)
+        dense = []
         for spec in functions:
             vec = fem.assemble_vector(fem.form(_interpolate(W, spec) * v * ufl.dx))
             vec.scatter_reverse(_insert_add())
             row = vec.array.copy()
             row[self.V.dofmap.index_map.size_local:] = 0.0  # count owned dofs only
-            rows.append(row)
-        return np.array(rows).reshape(-1, n_dofs)
+            dense.append(row)
+        integrals = sp.csr_matrix(np.array(dense).reshape(-1, n_dofs))
+        return sp.vstack([points, integrals], format="csr")
 
-    def _point_row(self, point, tree, probe):
-        """Weights w with u(point) = w . u, on the lowest rank whose cell holds the point."""
-        p3 = np.array([[point[0], point[1], 0.0]])
-        candidates = geometry.compute_collisions(tree, p3)
-        cells = geometry.compute_colliding_cells(self.msh, candidates, p3).links(0)
-        owner = self.comm.rank if len(cells) else self.comm.size
-        owner = self.comm.allreduce(owner, op=_MPI_MIN())
-        if owner == self.comm.size:
-            raise ValueError(f"observation point {tuple(point)} lies outside the mesh")
-        row = np.zeros(probe.x.array.size)
-        if owner != self.comm.rank:
-            return row
-        cell = cells[0]
-        for dof in self.V.dofmap.cell_dofs(cell):
-            probe.x.array[:] = 0.0
-            probe.x.array[dof] = 1.0
-            row[dof] = probe.eval(p3, np.array([cell], dtype=np.int32))[0]
-        return row
+    def _point_entries(self, probe):
+        """``(rows, cols, values)`` of the point evaluations owned by this rank.
+
+        Evaluating the probe with one at dof j of a point's cell gives phi_j there. Cells that
+        share no dof are evaluated together: the occupied cells are coloured greedily so that
+        two cells of a colour share no dof, and each (colour, local dof) pair costs one
+        evaluation of the probe at all of its points.
+        """
+        pts = self.obs_points
+        p3 = np.column_stack([pts, np.zeros(len(pts))]) if len(pts) else np.zeros((0, 3))
+        tree = geometry.BoundingBoxTree(self.msh, self.msh.topology.dim)
+        colliding = geometry.compute_colliding_cells(
+            self.msh, geometry.compute_collisions(tree, p3), p3)
+        offsets, found = colliding.offsets, colliding.array
+        here = offsets[1:] > offsets[:-1]
+        owner = np.where(here, self.comm.rank, self.comm.size).astype(np.int64)
+        self.comm.Allreduce(_in_place(), owner, op=_MPI_MIN())
+        outside = np.flatnonzero(owner == self.comm.size)
+        if outside.size:
+            raise OutsideMesh(int(outside[0]), tuple(pts[outside[0]]))
+        mine = np.flatnonzero(owner == self.comm.rank)
+        cells = found[offsets[mine]].astype(np.int32)
+        cell_dofs = self.V.dofmap.list.array.reshape(-1, self.V.dofmap.dof_layout.num_dofs)
+        colours = _colour_cells(np.unique(cells), cell_dofs)
+        rows, cols, vals = [], [], []
+        for colour in np.unique(colours[cells]) if cells.size else []:
+            sel = np.flatnonzero(colours[cells] == colour)
+            dofs = cell_dofs[cells[sel]]
+            for j in range(dofs.shape[1]):
+                probe.x.array[:] = 0.0
+                probe.x.array[dofs[:, j]] = 1.0
+                rows.append(mine[sel])
+                cols.append(dofs[:, j])
+                vals.append(probe.eval(p3[mine[sel]], cells[sel]).ravel())
+        if not rows:
+            return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
     @property
     def n_obs(self):
         return self.observation.shape[0]
+
+
+def _colour_cells(cells, cell_dofs):
+    """Greedy colours of ``cells`` (others get -1) such that two cells of a colour share no dof."""
+    colour = -np.ones(cell_dofs.shape[0], dtype=np.int64)
+    by_dof = {}
+    for c in cells:
+        for d in cell_dofs[c]:
+            by_dof.setdefault(int(d), []).append(int(c))
+    for c in cells:
+        used = {colour[o] for d in cell_dofs[c] for o in by_dof[int(d)]}
+        k = 0
+        while k in used:
+            k += 1
+        colour[c] = k
+    return colour
+
+
+def _in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
 
 
 def _MPI_MIN():
@@ -351,7 +409,7 @@ class FastSolver:
         counts = np.bincount(ff_rows, minlength=self.free.size)
         self.ff_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(PETSc.IntType)
         self.ff_indices = ff_cols.astype(PETSc.IntType)
-        self.obs_free = np.ascontiguousarray(d.observation[:, self.free])
+        self.obs_free = d.observation[:, self.free].tocsr()
         self.obs_fixed = d.observation @ g
 
     def _make_backend(self, name):
@@ -422,7 +480,7 @@ class FastSolver:
             u[:, slot["failed"][: samples.size]] = np.nan
             u_free[samples] = u.T
         u_free[~ok | ~np.all(np.isfinite(u_free), axis=1)] = np.nan
-        y = u_free @ self.obs_free.T + self.obs_fixed
+        y = (self.obs_free @ u_free.T).T + self.obs_fixed
         failed = np.flatnonzero(~np.all(np.isfinite(y), axis=1))
         broken = np.intersect1d(failed, np.flatnonzero(ok)).size
         if broken:
@@ -487,7 +545,7 @@ class FastSolver:
                                           shape=(self.g.size, self.g.size)) @ u[:, b]
                             for b in range(lanes)], axis=1)
             du[samples] = self.backend.solve(slot, -rhs[self.free])[:, : samples.size].T
-        dy = du @ self.obs_free.T
+        dy = (self.obs_free @ du.T).T
         dy[~ok] = np.nan
         return dy
 
