@@ -14,14 +14,15 @@ import numpy as np
 import yaml
 
 from geoinvert.errors import CaseError
+from geoinvert.parallel import EVALUATION_CHUNK
 from geoinvert.inference.config import (CHAIN_KINDS, CORRECTION_COORDINATES, CORRECTION_KERNELS,
                                         RECIPE_KEYS, RECIPES, STEPS, UPSAMPLINGS,
                                         ChainConfig, CorrectionConfig, FlowConfig,
                                         TrainOptions, recipe_options)
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "load_case", "prior_from_text", "estimate_cost",
-           "correction_config", "reserved_solves", "training_solves", "schema_markdown",
-           "update_doc"]
+           "estimate_memory", "machine_memory", "memory_refusal", "correction_config",
+           "reserved_solves", "training_solves", "schema_markdown", "update_doc"]
 
 REQUIRED = object()
 """Marks a key without a default."""
@@ -58,6 +59,13 @@ MAX_DEPTH = 32
 """Deepest nesting of mappings and lists in a case file."""
 MAX_SEED = 2**32 - 1
 """Largest random seed (``sampler.seed``, ``--seed``)."""
+MAX_LOG_CONTRAST = math.log(1e14)
+"""Coefficient contrast (max k / min k, in log units) past which the elliptic solves lose
+their accuracy in double precision: the stiffness matrix's condition number grows with it."""
+MAX_OBSERVATIONS = 1_000_000
+"""Most observations (points and functions) of a case."""
+MAX_MESH_XML_BYTES = 10_000_000
+"""Largest XDMF (XML) mesh description read; the mesh data lie in its HDF5 file."""
 
 
 # --- checks: return a message (str) when the value is wrong, None when it is fine -------------
@@ -75,7 +83,12 @@ def _non_negative(v):
 def _short(value, most=40):
     """``value`` as text for a message, shortened to ``most`` characters."""
     text = str(value)
-    return text if len(text) <= most else f"{text[:most - 12]}... ({len(text)} characters)"
+    if len(text) <= most:
+        return text
+    cut = text[:most - 12]
+    if " " in cut:                       # a message: end at a word, not inside one
+        cut = cut[:cut.rindex(" ")]
+    return f"{cut}... ({len(text)} characters)"
 
 
 def _between(lo, hi):
@@ -368,8 +381,10 @@ def _as_spec(key, v):
         np.asarray(f(np.array([0.5]), np.array([0.5])), dtype=float)
     except CaseError:
         raise
+    except OverflowError:
+        raise CaseError(key, "overflows: a value is beyond the largest double (1.8e308)") from None
     except Exception as err:  # noqa: BLE001 - any failure of a user spec is a user error
-        raise CaseError(key, str(err)) from None
+        raise CaseError(key, _short(err, 120)) from None
     return v
 
 
@@ -723,13 +738,27 @@ def _resolve(folder, key, value, *, must_exist=True):
 def _read_csv(path, key):
     try:
         with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = list(reader)
     except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise CaseError(key, f"cannot read CSV {path}: {err}") from None
-    if not rows or "value" not in rows[0]:
+        raise CaseError(key, f"cannot read CSV {path}: {_short(err, 100)}") from None
+    header = [h.strip() for h in header or []]
+    if "value" not in header:
         raise CaseError(key, f"CSV {path} needs a header with a 'value' column (and optional x, y)")
-    coords = {c: [r[c] for r in rows] for c in ("x", "y") if c in rows[0]}
-    return _numbers(key, [r["value"] for r in rows]), {c: _numbers(key, v) for c, v in coords.items()}
+    twice = sorted({h for h in header if header.count(h) > 1 and h})
+    if twice:
+        raise CaseError(key, f"CSV {path} has the column {twice[0]!r} more than once")
+    if len(rows) > MAX_OBSERVATIONS:
+        raise CaseError(key, f"CSV {path} has {len(rows)} rows; a case may have at most "
+                        f"{MAX_OBSERVATIONS} observations")
+    short = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
+    if short is not None:
+        raise CaseError(key, f"CSV {path} line {short + 2} has {len(rows[short])} fields, the "
+                        f"header {len(header)}")
+    column = {h: [r[i] for r in rows] for i, h in enumerate(header)}
+    coords = {c: _numbers(key, column[c]) for c in ("x", "y") if c in column}
+    return _numbers(key, column["value"]), coords
 
 
 def _numbers(key, values):
@@ -760,10 +789,68 @@ def _read_data_file(path, config):
     key = "data.file"
     if path.suffix.lower() == ".csv":
         return _read_csv(path, key)
-    da = _read_netcdf(path, key, config["data"]["variable"], "data.variable")
-    coords = {c: np.asarray(da[c].values, float) for c in ("x", "y")
-              if c in da.coords and da[c].shape == da.shape}
+    variable = config["data"]["variable"]
+    da = _read_netcdf(path, key, variable, "data.variable")
+    if da.dtype.kind not in "iuf":
+        raise CaseError("data.variable", f"{variable!r} in {path} holds {_dtype_name(da.dtype)}, "
+                        "not numbers")
+    if da.size > MAX_OBSERVATIONS:
+        raise CaseError(key, f"{variable!r} in {path} has {da.size} values; a case may have at "
+                        f"most {MAX_OBSERVATIONS} observations")
+    coords = {}
+    for c in ("x", "y"):
+        if c in da.coords and da[c].shape == da.shape:
+            if da[c].dtype.kind not in "iuf":
+                raise CaseError(key, f"coordinate {c!r} in {path} holds "
+                                f"{_dtype_name(da[c].dtype)}, not numbers")
+            coords[c] = np.asarray(da[c].values, float).ravel()
     return np.asarray(da.values, float).ravel(), coords
+
+
+def _dtype_name(dtype):
+    return {"U": "strings", "S": "strings", "O": "strings or objects", "M": "dates",
+            "m": "time spans", "b": "booleans", "c": "complex numbers"}.get(dtype.kind,
+                                                                           str(dtype))
+
+
+def _check_mesh(path):
+    """``domain.mesh``: an XDMF file with a grid named ``mesh`` (triangles or quadrilaterals,
+    2-D geometry) whose data lie in HDF5 files beside it. Read as XML here, so that ``check``
+    refuses what dolfinx could not read."""
+    import xml.etree.ElementTree as ET
+    key = "domain.mesh"
+    size = path.stat().st_size
+    if size > MAX_MESH_XML_BYTES:
+        raise CaseError(key, f"{path} is {size} bytes; an XDMF file may have at most "
+                        f"{MAX_MESH_XML_BYTES} (its data belong in the HDF5 file)")
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, UnicodeDecodeError, ValueError) as err:
+        raise CaseError(key, f"{path} is not an XDMF mesh (not XML: {_short(err, 60)})") from None
+    if root.tag != "Xdmf":
+        raise CaseError(key, f"{path} is not an XDMF mesh (its root element is "
+                        f"<{_short(root.tag, 30)}>, not <Xdmf>)")
+    grid = next((g for g in root.iter("Grid") if g.get("Name") == "mesh"), None)
+    if grid is None:
+        raise CaseError(key, f"{path} has no grid named 'mesh' (write it with dolfinx's "
+                        "XDMFFile.write_mesh, see meshes/make_meshes.py)")
+    topology, geometry = grid.find("Topology"), grid.find("Geometry")
+    cell = (topology.get("TopologyType", "") if topology is not None else "").lower()
+    if cell not in ("triangle", "quadrilateral"):
+        raise CaseError(key, f"{path}: the mesh's cells must be triangles or quadrilaterals, "
+                        f"got {_short(cell or 'none', 30)!r}")
+    if geometry is None or geometry.get("GeometryType", "XY") not in ("XY", "XYZ"):
+        raise CaseError(key, f"{path}: the mesh needs an XY geometry")
+    for item in grid.iter("DataItem"):
+        if item.get("Format", "XML") != "HDF":
+            continue
+        file = (item.text or "").strip().split(":", 1)[0]
+        h5 = path.parent / file
+        if not h5.is_file():
+            raise CaseError(key, f"{path} refers to {file!r}, which does not exist beside it")
+        with open(h5, "rb") as fh:
+            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise CaseError(key, f"{h5} is not an HDF5 file")
 
 
 def _check_values(key, values, n_obs):
@@ -936,6 +1023,11 @@ class Case:
         """Lines describing the case for ``geoinvert check``."""
         return _summary_lines(self)
 
+    def warnings(self):
+        """Valid settings that will likely go wrong numerically, one line each (see
+        :data:`MAX_LOG_CONTRAST`)."""
+        return _case_warnings(self)
+
 
 def _build_prior(case):
     from geoinvert import prior as priors
@@ -963,18 +1055,28 @@ def _build_forward(case, level, comm):
 
 
 def _build_elliptic(case, level, comm, shape):
-    from geoinvert.problem.forward.elliptic import EllipticForward
+    from geoinvert.problem.forward.elliptic import EllipticForward, OutsideMesh
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_SELF
     fw, dom, obs = case.config["forward"], case.config["domain"], case.config["observations"]
     cells = case.hierarchy().mesh_cells(level)
     mesh = str(_resolve(case.folder, "domain.mesh", dom["mesh"])) if dom["mesh"] else None
-    return EllipticForward(
-        comm, shape, bounds=case.bounds, mesh_cells=None if mesh else (cells, cells), mesh=mesh,
-        cell=dom["cell"], degree=fw["degree"], source=fw["source"], dirichlet=fw["dirichlet"],
-        neumann=fw["neumann"], points=np.asarray(obs["points"], float).reshape(-1, 2) if
-        obs["points"] else None, functions=obs["functions"] or None, solver=fw["solver"])
+    try:
+        return EllipticForward(
+            comm, shape, bounds=case.bounds, mesh_cells=None if mesh else (cells, cells),
+            mesh=mesh, cell=dom["cell"], degree=fw["degree"], source=fw["source"],
+            dirichlet=fw["dirichlet"], neumann=fw["neumann"],
+            points=np.asarray(obs["points"], float).reshape(-1, 2) if obs["points"] else None,
+            functions=obs["functions"] or None, solver=fw["solver"])
+    except OutsideMesh as err:
+        raise CaseError(f"observations.points[{err.index}]", f"{list(err.point)} lies outside "
+                        f"the mesh {mesh or ''}".rstrip()) from None
+    except RuntimeError as err:        # dolfinx could not read the mesh file
+        if mesh is None:
+            raise
+        raise CaseError("domain.mesh", f"cannot read the mesh {mesh}: "
+                        f"{_short(str(err).strip().splitlines()[0], 80)}") from None
 
 
 def _synthetic_truth(case):
@@ -1012,7 +1114,7 @@ def _synthetic_data(case):
 def _resolve_inputs(config, folder):
     """Check files exist and load observed data; returns the observed array or None."""
     if config["domain"]["mesh"]:
-        _resolve(folder, "domain.mesh", config["domain"]["mesh"])
+        _check_mesh(_resolve(folder, "domain.mesh", config["domain"]["mesh"]))
     data = config["data"]
     if data["synthetic"]["file"] is not None:
         _resolve(folder, "data.synthetic.file", data["synthetic"]["file"])
@@ -1034,6 +1136,9 @@ def _resolve_inputs(config, folder):
 def _check_counts(config, n_obs):
     if n_obs == 0:
         raise CaseError("observations", "no observations: give points or functions")
+    if n_obs > MAX_OBSERVATIONS:
+        raise CaseError("observations", f"{n_obs} observations; a case may have at most "
+                        f"{MAX_OBSERVATIONS}")
     std, names = config["noise"]["std"], config["observations"]["names"]
     if isinstance(std, list) and len(std) != n_obs:
         raise CaseError("noise.std", f"has {len(std)} values but there are {n_obs} observations")
@@ -1084,6 +1189,9 @@ def _finite_spec(case, key, spec):
         warnings.simplefilter("ignore")
         try:
             values = case.evaluate(spec)
+        except OverflowError:
+            raise CaseError(key, "overflows on the lattice: a value is beyond the largest "
+                            "double (1.8e308)") from None
         except (ValueError, TypeError, ArithmeticError) as err:
             raise CaseError(key, f"cannot be evaluated: {_short(err, 80)}") from None
     bad = values[~np.isfinite(values)]
@@ -1108,6 +1216,10 @@ def _check_inputs(case):
         for kind in ("dirichlet", "neumann"):
             for side, spec in (fwd[kind] or {}).items():
                 _finite_spec(case, f"forward.{kind}.{side}", spec)
+        if config["domain"]["mesh"]:
+            # dolfinx reads the mesh once: it must load, and hold every observation point
+            level = case.levels[0]
+            _build_elliptic(case, level, None, case.lattice_shape(level))
     for i, spec in enumerate(obs["functions"]):
         _finite_spec(case, f"observations.functions[{i}]", spec)
     x0, x1, y0, y1 = case.bounds
@@ -1189,6 +1301,19 @@ def estimate_cost(case):
     """
     s = case.config["sampler"]
     per_solve = _per_solve_seconds(case)
+    solves, equivalents, seconds = _sampling_cost(case, per_solve)
+    return solves, equivalents, seconds + _setup_seconds(case)
+
+
+def _setup_seconds(case):
+    """Building the observation operators: about 30 us per point and level (elliptic)."""
+    if case.config["forward"]["kind"] != "elliptic":
+        return 0.0
+    return 3e-5 * len(case.config["observations"]["points"]) * len(case.levels)
+
+
+def _sampling_cost(case, per_solve):
+    s = case.config["sampler"]
     laplace = _laplace_solves(case) if s["kind"] in ("laplace", "gpcn") else 0
     if s["kind"] == "laplace":
         solves = laplace + case.config["output"]["samples"]
@@ -1204,6 +1329,119 @@ def estimate_cost(case):
     flow += batches * (0.005 + correction.chains * 2e-3 * scale)
     return (solves + reserved, equivalents + reserved,
             (equivalents + reserved) * per_solve + flow)
+
+
+BASE_BYTES = 600e6
+"""Resident memory of a run before its own arrays: Python, torch, dolfinx, the compiled forms."""
+FACTOR_BYTES_HELD = 2 * 1024**3
+"""Factorisations a solver keeps for its adjoint solves (``FastSolver.max_factor_bytes``)."""
+
+
+def estimate_memory(case):
+    """Rough peak resident memory of a run on one process, in bytes.
+
+    The model, whose terms were measured on 16x16 to 128x128 FE meshes
+    (``benchmarks/memory.py`` compares it with measured peaks):
+
+    * :data:`BASE_BYTES` for the libraries;
+    * elliptic forward models, on every level l: Cholesky factors of
+      ``nnz(L) ~ c n log2 n`` entries for the n free dofs of that level's FE mesh
+      (c = 3 for degree 1, 4.5 for degree 2), kept for at most the batch of the largest
+      evaluation on that level but at most :data:`FACTOR_BYTES_HELD` (at least one slot of
+      8 samples) and one slot more while a batch is factorised; plus, on the level with the
+      largest batch, two copies of its solutions and twelve of its predicted data (the
+      likelihood's temporaries and what the allocator keeps of them, as measured); batches
+      without gradients are evaluated :data:`~geoinvert.parallel.EVALUATION_CHUNK` samples
+      at a time;
+    * dense observation rows of the measurement functions (three copies per level);
+    * a Matern prior's dense Haar conditionals on levels 2..L-1 (25 a^2 doubles for
+      a = 4^(l-1) coarse cells, half as much again while they are built);
+    * the flow's activations in training and the result's arrays.
+
+    The largest evaluation of a level is the training batch (twice, for Jeffreys), the
+    importance pool on the pool levels, and on the finest level the stored draws and the
+    chains.
+    """
+    c = case.config
+    s, L = c["sampler"], case.finest
+    per_cell = 8 * 4 ** L
+    total = BASE_BYTES + per_cell * c["output"]["samples"] * 12
+    options = train_options(c) if s["kind"] in FLOW_KINDS else None
+    if s["kind"] in FLOW_KINDS:
+        flow = flow_config(c)
+        total += 4 * options.batch * 4 ** L * flow.hidden * flow.blocks * 2
+    if c["prior"]["kind"] == "matern":
+        total += sum(1.5 * 8 * 25 * 16 ** (l - 1) for l in range(2, L))
+    if c["forward"]["kind"] != "elliptic":
+        n_obs = len(c["observations"]["points"]) + len(c["observations"]["functions"])
+        return total + 3 * 8 * n_obs * 4 ** L
+    held, transient = 0.0, 0.0
+    n_obs = case.n_obs
+    for level in case.levels:
+        n = _free_dofs(case, level)
+        per_sample = 8 * (3.0 if c["forward"]["degree"] == 1 else 4.5) * n * math.log2(max(n, 2))
+        batch = _largest_batch(case, level, options)
+        held += max(min(FACTOR_BYTES_HELD, batch * per_sample), min(batch, 8) * per_sample)
+        transient = max(transient, min(batch, 8) * per_sample + 8 * batch * (2 * n + 12 * n_obs))
+        total += 3 * 8 * n * len(c["observations"]["functions"])
+    return total + held + transient
+
+
+def _free_dofs(case, level):
+    """Dofs of a level's FE mesh: the structured mesh of the bounds, or the mesh read."""
+    c = case.config
+    degree = c["forward"]["degree"]
+    if c["domain"]["mesh"]:
+        cells = _mesh_cells(_resolve(case.folder, "domain.mesh", c["domain"]["mesh"]))
+        return max(int(cells * degree ** 2), 1)
+    per_side = case.hierarchy().mesh_cells(level) if _has_hierarchy() else 2 ** level
+    return (per_side * degree + 1) ** 2
+
+
+def _mesh_cells(path):
+    import xml.etree.ElementTree as ET
+    topology = next(ET.parse(path).getroot().iter("Topology"), None)
+    try:
+        return int(topology.get("NumberOfElements"))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def _largest_batch(case, level, options):
+    """Samples of the largest batched evaluation on a level (see :func:`estimate_memory`)."""
+    c = case.config
+    kind = c["sampler"]["kind"]
+    finest = level == case.finest
+    if kind in MCMC_KINDS or kind in ("laplace", "gpcn"):
+        return max(chain_config(c).chains,
+                   min(c["output"]["samples"], EVALUATION_CHUNK) if finest else 0, 50)
+    chunk = EVALUATION_CHUNK
+    batch = options.batch * options.evaluations
+    if options.objective == "jeffreys" and level <= options.pool_levels:
+        batch = max(batch, min(options.pool, chunk))
+    if finest:
+        batch = max(batch, min(c["output"]["samples"], chunk), correction_config(c).chains)
+    return batch
+
+
+def machine_memory():
+    """Physical memory of this machine in bytes (0 if unknown)."""
+    import os
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def memory_refusal(case):
+    """The one-line reason to refuse ``case`` on this machine (its estimated memory exceeds
+    the physical memory), or None."""
+    need, have = estimate_memory(case), machine_memory()
+    if not have or need <= have:
+        return None
+    return (f"the run needs an estimated {need / 1e9:.1f} GB of memory, more than the "
+            f"{have / 1e9:.1f} GB of this machine (fewer levels, a coarser levels.min_cells or "
+            "a smaller sampler.batch need less); use --force to try anyway")
 
 
 def _mode_search_solves(config):
@@ -1251,6 +1489,9 @@ def _summary_lines(case):
         lines.append(f"  level {level}: {ny} x {nx} = {ny * nx} unknowns")
     lines.append(f"estimated cost: {solves} forward solves (~{equiv:.0f} finest-level "
                  f"equivalents), roughly {_duration(seconds)} on one core")
+    have = machine_memory()
+    lines.append(f"estimated memory: {estimate_memory(case) / 1e9:.1f} GB per process"
+                 + (f" (this machine has {have / 1e9:.1f} GB)" if have else ""))
     s = case.config["sampler"]
     correction = correction_config(case.config)
     if s["kind"] in FLOW_KINDS and correction.enabled:
@@ -1263,6 +1504,23 @@ def _summary_lines(case):
                          f"{_duration(most * per_solve)}, if its chains need long trajectories "
                          "or more draws to converge)")
     return lines
+
+
+def _case_warnings(case):
+    """A prior whose draws span a coefficient contrast the solver cannot handle: the expected
+    range of n standard normal values, 2 sqrt(2 ln n), times ``prior.std``."""
+    c = case.config
+    if c["forward"]["kind"] != "elliptic":
+        return []
+    std = c["prior"]["std"]
+    spread = 2 * math.sqrt(2 * math.log(4 ** case.finest)) * std
+    if spread <= MAX_LOG_CONTRAST:
+        return []
+    return [f"prior.std: {_short(std)} lets a field of the prior span a permeability contrast "
+            f"of about 1e{spread / math.log(10):.0f}; the solves lose accuracy past about "
+            f"1e{MAX_LOG_CONTRAST / math.log(10):.0f} and fail further out, so many draws "
+            "will be left out or the correction may not start (log-permeabilities of real "
+            "aquifers rarely have std above 3)"]
 
 
 def _duration(seconds):

@@ -45,8 +45,12 @@ def build_parser():
     run.add_argument("--ranks-per-solve", type=int, default=1, metavar="K",
                      help="under mpirun: MPI ranks sharing each PDE solve (default 1: each rank "
                      "solves its own samples)")
+    run.add_argument("--force", action="store_true",
+                     help="run a case whose estimated memory exceeds this machine's")
     check = sub.add_parser("check", help="validate a case file and print a summary")
     check.add_argument("case", type=Path, help="case file (YAML)")
+    check.add_argument("--force", action="store_true",
+                       help="accept a case whose estimated memory exceeds this machine's")
     plot = sub.add_parser("plot", help="write PNG figures of a result file")
     plot.add_argument("result", type=Path, help="result netCDF file")
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: <result>_figures)")
@@ -102,9 +106,22 @@ def _report_repeats(handler):
 def _check(args):
     from geoinvert.case import load_case
     case = load_case(args.case)
+    _check_memory(case, args.force)
     print(f"{args.case}: OK")
     print("\n".join(case.summary()))
+    for warning in case.warnings():
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
+
+
+def _check_memory(case, force):
+    """Refuse a case whose estimated memory exceeds this machine's, unless ``force``."""
+    from geoinvert.case import memory_refusal
+    refusal = memory_refusal(case)
+    if refusal and not force:
+        raise UserError(refusal)
+    if refusal:
+        logger.warning("%s", refusal.replace("; use --force to try anyway", " (--force given)"))
 
 
 def _world():
@@ -138,6 +155,10 @@ def _run(args):
         raise UserError(f"--ranks-per-solve: {args.ranks_per_solve} does not divide the "
                         f"{size} MPI ranks")
     case = load_case(args.case)
+    _check_memory(case, args.force)
+    if root:
+        for warning in case.warnings():
+            logger.warning("%s", warning)
     try:
         with StopRequest() as stop:
             result = run(case, out=args.out, seed=args.seed, comm=world, resume=args.resume,
