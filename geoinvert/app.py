@@ -123,14 +123,14 @@ def _draw(case, model, posterior, generator, ensemble):
     are gathered, so the samples do not depend on the number of ranks.
     """
     import torch
-    from geoinvert.parallel import Ensemble, draw_noise
+    from geoinvert.parallel import Ensemble, draw_noise, in_chunks
     from geoinvert.train import decode
     ens = Ensemble(ensemble)
     n = case.config["output"]["samples"]
     with torch.no_grad():
         x, log_prob = decode(model, draw_noise(model, case.finest, n, generator, ens))
         x = x.to(torch.float64)
-        log_target, pred = posterior.evaluate(x)
+        log_target, pred = in_chunks(posterior.evaluate, x)
         x, log_prob, log_target, pred = (ens.gather(t) for t in (x, log_prob.to(torch.float64),
                                                                  log_target, pred))
         levels, _ = model.sample_levels(n, generator=generator, level=case.finest)
@@ -161,6 +161,31 @@ def _attrs(case, seed, nfs, wall, diagnostics, ranks, resumed):
             "forward_kind": case.config["forward"]["kind"], "finest_level": case.finest,
             "synthetic": int(case.synthetic), "mpi_ranks": ranks, "resumed": int(resumed),
             "diagnostics": diagnostics}
+
+
+def _without_failed_draws(fit):
+    """``fit`` without the draws whose target is not finite (a failed forward solve), their
+    number in ``diagnostics["failed_draws"]``.
+
+    Raises:
+        TrainingError: every draw failed (there is no result to write).
+    """
+    bad = ~np.isfinite(fit.log_target)
+    if not bad.any():
+        return fit
+    from geoinvert.train import TrainingError
+    if bad.all():
+        raise TrainingError(f"the forward solve failed for all {bad.size} draws of the "
+                            "result: the fields this posterior allows are beyond what the "
+                            "solver can do in double precision (see the warning of geoinvert "
+                            "check about the prior)")
+    keep = ~bad
+    pick = lambda a: None if a is None else a[keep]     # noqa: E731
+    return dataclasses.replace(
+        fit, x=fit.x[keep], log_prob=fit.log_prob[keep], log_target=fit.log_target[keep],
+        chain=pick(fit.chain), draw=pick(fit.draw),
+        diagnostics={**fit.diagnostics, "failed_draws": int(bad.sum()),
+                     "drawn": int(bad.size)})
 
 
 def _history(history):
@@ -302,9 +327,17 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
             transport, approximation = laplace.transport, FlowTransport(fit.model)
         fit = dataclasses.replace(fit, nfs=fit.nfs + laplace.nfs,
                                   diagnostics={**fit.diagnostics, **extra})
-    return _corrected(fit, case, seed, lay, posteriors[case.finest], config,
-                      progress=progress and lay.root, modes=modes, transport=transport,
-                      approximation=approximation)
+    from geoinvert.samplers.chains import NonFiniteStart
+    try:
+        return _corrected(fit, case, seed, lay, posteriors[case.finest], config,
+                          progress=progress and lay.root, modes=modes, transport=transport,
+                          approximation=approximation)
+    except NonFiniteStart as err:     # raised on every rank alike (_check_starts)
+        logger.warning("the correction could not start: %d of its %d chains would start where "
+                    "the forward solve fails or the gradient overflows; the result holds the "
+                    "flow's own draws", len(err.chains), config.chains)
+        return dataclasses.replace(fit, diagnostics={
+            **fit.diagnostics, "correction_unstarted": len(err.chains)})
 
 
 def _convergence(samples, log_target):
@@ -369,6 +402,18 @@ def _chain_starts(x, log_target, chains):
     return x[finite[:chains]]
 
 
+def _check_starts(target, starts, ens):
+    """Raise :class:`~geoinvert.samplers.chains.NonFiniteStart` on every solve group alike
+    when some group's chains would start where the target or its gradient is not finite."""
+    import torch
+    from geoinvert.samplers.chains import NonFiniteStart
+    _, value, grad, _ = target.whitened(target.to_z(torch.as_tensor(starts)))
+    bad = ~(torch.isfinite(value) & torch.isfinite(grad.reshape(len(grad), -1)).all(1))
+    total = int(ens.sum(int(bad.sum()))[0])
+    if total:
+        raise NonFiniteStart(range(total))
+
+
 def _thinned(flat_size, samples):
     """Indices of ``samples`` draws spread evenly over ``flat_size`` pooled draws."""
     return np.unique(np.linspace(0, flat_size - 1, min(samples, flat_size)).astype(int))
@@ -402,7 +447,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     """
     import torch
     from geoinvert.errors import CaseError
-    from geoinvert.inference.correction import FlowTransport, correct
+    from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
     from geoinvert.samplers import ChainResult
     from geoinvert.parallel import Ensemble
     ens = Ensemble(lay.ensemble)
@@ -412,6 +457,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         raise CaseError(chains_key, f"{config.chains} is fewer than the {ens.size} solve "
                         "groups of this MPI run: every group needs a chain")
     starts = _chain_starts(fit.x, fit.log_target, config.chains)[ens.part(config.chains)]
+    _check_starts(LatentTarget(posterior, transport or FlowTransport(fit.model)), starts, ens)
     bar = _ChainProgress(config.warmup + config.draws * thin, progress, kind or "correction")
     budget = case.config["sampler"]["budget"] if kind is None else 0
     outputs = case.config["output"]["samples"]
@@ -637,6 +683,7 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
         posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
         fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,
                         stop=stop, checkpoint_every=checkpoint_every)
+    fit = _without_failed_draws(fit)
     from geoinvert.diagnostics import verdict
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
@@ -695,7 +742,10 @@ def summary_lines(ds):
              f"{a.get('wall_time', math.nan):.0f} s"]
     if np.isfinite(get("psis_khat")) or "diagnostics_is_ess" in a:
         what = "Laplace fit" if sampler in ("laplace", "gpcn") else "flow fit"
-        lines.append(f"{what}: {fit_word(get('psis_khat'))} (PSIS k-hat {get('psis_khat'):.2f},"
+        drawn = a.get("diagnostics_drawn",
+                      ds.sizes.get("flow_sample", ds.sizes.get("sample", 0)))
+        word = fit_word(get("psis_khat"), get("is_ess") * drawn)
+        lines.append(f"{what}: {word} (PSIS k-hat {get('psis_khat'):.2f},"
                      f" importance ESS {100 * get('is_ess'):.1f} %)")
     if "diagnostics_laplace_rank" in a:
         lines.append(f"Laplace: MAP found to a gradient {get('laplace_map_gradient'):.1e} of its "
@@ -716,6 +766,9 @@ def summary_lines(ds):
     if failed:
         lines.append(f"{failed} forward solves failed (their proposals were rejected or left "
                      "out of their training steps)")
+    if "diagnostics_failed_draws" in a:
+        lines.append(f"{int(get('failed_draws'))} of {int(get('drawn'))} draws left out (their "
+                     "forward solve failed)")
     verdict = a.get("verdict", "ok")
     warnings = [] if verdict == "ok" else verdict.split(" | ")
     lines.append("verdict: " + ("ok" if not warnings else "NOT RELIABLE, see the warnings"))

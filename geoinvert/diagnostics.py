@@ -438,9 +438,17 @@ RHAT_MAX, ESS_MIN = 1.01, 100.0
 """Chains are trusted with R-hat at most 1.01 and bulk and tail ESS at least 100."""
 
 
-def fit_word(khat):
+MIN_EFFECTIVE_DRAWS = 10
+"""Fewer effective importance draws than this support no estimate, whatever k-hat says (k-hat
+is then fitted to a tail of a handful of weights)."""
+
+
+def fit_word(khat, effective_draws=math.inf):
     """``"good"``, ``"poor"`` or ``"unusable"`` for a flow whose importance weights have
-    PSIS ``khat`` (below 0.5, below 0.7, otherwise)."""
+    PSIS ``khat`` (below 0.5, below 0.7, otherwise) and ``effective_draws`` (importance ESS
+    in draws; below :data:`MIN_EFFECTIVE_DRAWS` the fit is unusable)."""
+    if effective_draws < MIN_EFFECTIVE_DRAWS:
+        return "unusable"
     if not np.isfinite(khat) and khat < 0:
         return "good"
     if khat < KHAT_GOOD:
@@ -453,12 +461,15 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
 
     A warning is due when chains ran (``rhat`` present) and R-hat exceeds :data:`RHAT_MAX` or
     the bulk or tail ESS is below :data:`ESS_MIN`, and when the flow's own draws are the
-    answer (no chains) with k-hat at or above :data:`KHAT_USABLE`, and when a Laplace fit found
-    other local maxima (``other_modes``). Each warning names the key to raise or the sampler
-    to use.
+    answer (no chains) with k-hat at or above :data:`KHAT_USABLE`, when a Laplace fit found
+    other local maxima (``other_modes``), when the correction could not start
+    (``correction_unstarted``) and when draws with a failed forward solve were left out
+    (``failed_draws`` of ``drawn``). Each warning names the key to raise or the sampler to
+    use.
 
     Args:
-        d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``.
+        d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``, ``other_modes``,
+            ``correction_unstarted``, ``failed_draws``.
         raise_draws: key that sets the number of draws (named in the warnings).
         approximation: ``"flow"`` or ``"Laplace approximation"``: what the draws come from
             when no chains ran (the remedy named differs).
@@ -467,6 +478,16 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
         List of warning lines (empty: the result passes every check).
     """
     out = []
+    if d.get("correction_unstarted"):
+        out.append("the correction could not start (its chains' starting points have a failed "
+                   "forward solve or an overflowing gradient): the samples are the flow's own "
+                   "draws, not corrected; the forward model fails for fields this posterior "
+                   "allows (a narrower prior.std, or stronger data, keeps the coefficient "
+                   "within what double precision solves)")
+    if d.get("failed_draws"):
+        out.append(f"the forward solve failed for {d['failed_draws']} of the {d['drawn']} "
+                   "draws, which were left out: the estimates come from the rest and are "
+                   "biased towards fields that solve")
     if d.get("other_modes"):
         n = d["other_modes"]
         out.append(f"the MAP searches ended at {n} other local maxim{'um' if n == 1 else 'a'} (log "

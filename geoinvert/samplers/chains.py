@@ -11,8 +11,8 @@ import torch
 from geoinvert.diagnostics import mcmc_ess, split_rhat
 from geoinvert.samplers.whitening import prior_whitening, standard_normal_log_prob
 
-__all__ = ["BatchedTarget", "ChainResult", "DualAveraging", "RobbinsMonro", "WhitenedState",
-           "initial_states", "metropolis", "require", "run_chains"]
+__all__ = ["BatchedTarget", "ChainResult", "DualAveraging", "NonFiniteStart", "RobbinsMonro",
+           "WhitenedState", "initial_states", "metropolis", "require", "run_chains"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,11 +244,20 @@ def initial_states(target, init, chains, generator):
     return x
 
 
+class NonFiniteStart(ValueError):
+    """Some chains (``chains``, their indices) start where the target or its gradient is not
+    finite: they could never move."""
+
+    def __init__(self, chains):
+        self.chains = list(chains)
+        super().__init__(f"chains {self.chains} start where the log target is not finite")
+
+
 def check_finite_start(log_prob):
-    """Raise ``ValueError`` if some chain starts where the target is not finite."""
+    """Raise :class:`NonFiniteStart` if some chain starts where the target is not finite."""
     bad = torch.nonzero(~torch.isfinite(log_prob)).flatten()
     if bad.numel():
-        raise ValueError(f"chains {bad.tolist()} start where the log target is not finite")
+        raise NonFiniteStart(bad.tolist())
 
 
 class WhitenedState:
@@ -263,7 +272,8 @@ class WhitenedState:
         self.target = target
         self.z = target.to_z(x).detach()
         self.x, self.value, self.grad, self.log_prob = target.whitened(self.z)
-        check_finite_start(self.value)
+        moving = torch.isfinite(self.grad.reshape(self.grad.shape[0], -1)).all(1)
+        check_finite_start(torch.where(moving, self.value, torch.nan))
 
     def accept(self, flags, z, x, value, grad, log_prob):
         """Move the chains with ``flags`` to the proposed state."""
