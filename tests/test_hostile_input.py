@@ -20,6 +20,12 @@ def _bomb(depth=9, width=9):
     return "\n".join(lines) + "\n"
 
 
+def _observed(file):
+    """The demo case with observed data read from ``file`` instead of synthetic data."""
+    return BASE.replace("  synthetic:\n    truth: {shape: gaussian, center: [0.6, 0.4], width: "
+                        "0.15, amplitude: -1.5}\n    seed: 0\n", f"  file: {file}\n")
+
+
 HOSTILE = {
     "duplicate key": (BASE.replace("noise:\n  std: 0.005", "noise:\n  std: 0.005\n  std: 0.5"),
                       "duplicate key 'std'"),
@@ -52,7 +58,75 @@ HOSTILE = {
     "truth file not netCDF": (BASE.replace("truth: {shape: gaussian, center: [0.6, 0.4], width: "
                                            "0.15, amplitude: -1.5}", "file: truth.nc"),
                               "data.synthetic.file: cannot read netCDF"),
+    "alias in functions": (BASE.replace("observations:\n", "observations:\n  functions: &f "
+                                        "[x]\n  names: *f\n", 1), "YAML aliases (*f)"),
+    "NaN noise": (BASE.replace("std: 0.005", "std: .nan"), "noise.std: must be finite, got nan"),
+    "infinite noise": (BASE.replace("std: 0.005", "std: .inf"), "noise.std: must be finite"),
+    "too many levels": (BASE.replace("finest: 3", "finest: 40"),
+                        "levels.finest: must be between 2 and 8, got 40"),
+    "misspelt kind": (BASE.replace("  blocks: 3\n", "  kind: msgin\n  blocks: 3\n"),
+                      "(did you mean 'msign'?)"),
+    "misspelt key": (BASE.replace("  std: 1.0\n", "  stdd: 1.0\n"),
+                     "prior.stdd: unknown key"),
+    "reversed bounds": (BASE.replace("bounds: [0, 1, 0, 1]", "bounds: [1, 0, 0, 1]"),
+                        "domain.bounds: needs x1 > x0"),
+    "unknown function": (BASE.replace("source: 1.0", 'source: "foo(x)"'),
+                         "forward.source: unknown function 'foo'"),
+    "deeply nested expression": (BASE.replace("source: 1.0", 'source: "' + "(" * 5000 + "x"
+                                              + ")" * 5000 + '"'),
+                                 "forward.source: expression longer than 2000 characters"),
+    "overflowing constant": (BASE.replace("source: 1.0", 'source: "2^1e308"'),
+                             "forward.source: overflows"),
+    "no observations": (BASE.replace("  points: [[0.25, 0.25], [0.5, 0.25], [0.75, 0.25],\n"
+                                     "           [0.25, 0.5], [0.5, 0.5], [0.75, 0.5],\n"
+                                     "           [0.25, 0.75], [0.5, 0.75], [0.75, 0.75]]",
+                                     "  points: []"), "observations: no observations"),
+    "point not a pair": (BASE.replace("[0.25, 0.25], [0.5, 0.25]", "[0.25], [0.5, 0.25]"),
+                         "observations.points[0]: must be a pair [x, y]"),
+    "a number as text": (BASE.replace("std: 0.005", "std: lots"),
+                         "noise.std: must be a number, got 'lots'"),
+    "tab indentation": (BASE.replace("noise:\n  std", "noise:\n\tstd"),
+                        "invalid YAML at line"),
+    "mesh not XDMF": (BASE.replace("  units: \"1\"\n", "  units: \"1\"\n  mesh: text.xdmf\n"),
+                      "domain.mesh: "),
+    "mesh without its HDF5 file": (BASE.replace("  units: \"1\"\n",
+                                                "  units: \"1\"\n  mesh: orphan.xdmf\n"),
+                                   "refers to 'orphan.h5', which does not exist"),
+    "point outside the mesh": (BASE.replace("  units: \"1\"\n", "  units: \"1\"\n  mesh: "
+                                            "lshape.xdmf\n").replace(
+        "dirichlet: {left: 1.0, right: 0.0}", "dirichlet: {all: 0.0}").replace(
+        "[0.25, 0.25], [0.5, 0.25]", "[0.9, 0.9], [0.5, 0.25]"),
+        "observations.points[0]: [0.9, 0.9] lies outside the mesh"),
+    "netCDF data of strings": (_observed("strings.nc"), "data.variable: 'value' in "),
+    "CSV with a column twice": (_observed("twice.csv"), "has the column 'value' more than once"),
+    "CSV with a short row": (_observed("ragged.csv"), "line 3 has 1 fields, the header 2"),
+    "CSV with text values": (_observed("words.csv"), "data.file: non-numeric entry"),
+    "CSV of the wrong length": (_observed("ten.csv"),
+                                "data.file: has 10 values but there are 9 observations"),
+    "data file is a folder": (_observed("folder.nc"), "data.file: no such file"),
 }
+
+
+def _files(folder):
+    """The input files the hostile cases refer to, written into ``folder``."""
+    import numpy as np
+    import xarray as xr
+    (folder / "truth.nc").write_text("not netCDF")
+    (folder / "text.xdmf").write_text("hello, this is not XML\n")
+    (folder / "orphan.xdmf").write_text(
+        '<?xml version="1.0"?>\n<Xdmf><Domain><Grid Name="mesh"><Topology TopologyType='
+        '"Triangle"><DataItem Format="HDF">orphan.h5:/Mesh/topology</DataItem></Topology>'
+        '<Geometry GeometryType="XY"><DataItem Format="HDF">orphan.h5:/Mesh/geometry'
+        '</DataItem></Geometry></Grid></Domain></Xdmf>\n')
+    for suffix in ("xdmf", "h5"):
+        (folder / f"lshape.{suffix}").write_bytes((ROOT / "meshes" / f"lshape.{suffix}")
+                                                  .read_bytes())
+    xr.Dataset({"value": (("obs",), np.array(["a"] * 9))}).to_netcdf(folder / "strings.nc")
+    (folder / "twice.csv").write_text("value,value\n" + "1,2\n" * 9)
+    (folder / "ragged.csv").write_text("value,note\n1,a\n2\n" + "3,c\n" * 7)
+    (folder / "words.csv").write_text("value\n" + "one\n" * 9)
+    (folder / "ten.csv").write_text("value\n" + "0.5\n" * 10)
+    (folder / "folder.nc").mkdir()
 
 
 def _write(tmp_path, name, content):
@@ -64,13 +138,28 @@ def _write(tmp_path, name, content):
     return path
 
 
+MAX_SECONDS = 30
+"""Time bound of a refusal (they take well under a second; set-up-time checks a few)."""
+MAX_PYTHON_BYTES = 300e6
+"""Bound on the Python and numpy allocations of a refusal (tracemalloc's peak)."""
+
+
 def _refused(capsys, args, expected):
+    """``geoinvert ARGS`` exits with status 2 and one error line containing ``expected``,
+    within :data:`MAX_SECONDS` and :data:`MAX_PYTHON_BYTES`."""
+    import tracemalloc
+    tracemalloc.start()
     start = time.monotonic()
-    code = cli.main(args)
+    try:
+        code = cli.main(args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("geoinvert: error: ") and expected in err[0], err
+    assert elapsed < MAX_SECONDS and peak < MAX_PYTHON_BYTES, (elapsed, peak)
     return elapsed
 
 
@@ -78,7 +167,7 @@ def _refused(capsys, args, expected):
 def test_a_hostile_case_is_refused_in_one_line(name, tmp_path, capsys):
     content, expected = HOSTILE[name]
     path = _write(tmp_path, name, content)
-    (tmp_path / "truth.nc").write_text("not netCDF")
+    _files(tmp_path)
     _refused(capsys, ["check", str(path)], expected)
     out = tmp_path / "out" / "r.nc"
     _refused(capsys, ["run", str(path), "--out", str(out), "-q"], expected)
@@ -148,3 +237,62 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     elapsed = _refused(capsys, ["run", str(case), "--out", "/proc/geoinvert-test.nc", "-q"],
                        "/proc/geoinvert-test.nc: ")
     assert elapsed < 30
+
+
+@pytest.mark.parametrize("name, edit, machine", [
+    ("levels beyond the machine", lambda c: c.replace("finest: 3\n  min_cells: 16",
+                                                     "finest: 8\n  min_cells: 1024"), 8e9),
+    ("200,000 observation points", None, 2e9),
+])
+def test_a_case_beyond_the_machine_is_refused_unless_forced(name, edit, machine, tmp_path,
+                                                            capsys, monkeypatch):
+    """On a machine of ``machine`` bytes (the test's), a case whose estimated memory exceeds
+    it is refused by check and run, naming --force; with --force, check accepts it."""
+    import geoinvert.case
+    monkeypatch.setattr(geoinvert.case, "machine_memory", lambda: machine)
+    expected = "the run needs an estimated"
+    if edit is None:
+        rng = __import__("numpy").random.default_rng(0)
+        points = rng.uniform(0.01, 0.99, (200_000, 2))
+        (tmp_path / "wells.csv").write_text("x,y,value\n" + "".join(
+            f"{x:.5f},{y:.5f},0.5\n" for x, y in points))
+        content = _observed("wells.csv").replace(
+            BASE[BASE.index("  points:"):BASE.index("data:")], "")
+    else:
+        content = edit(BASE)
+    path = _write(tmp_path, name, content)
+    _refused(capsys, ["check", str(path)], expected)
+    out = tmp_path / "out" / "r.nc"
+    _refused(capsys, ["run", str(path), "--out", str(out), "-q"], "use --force")
+    assert not out.parent.exists()
+    assert cli.main(["check", str(path), "--force"]) == 0
+    assert "estimated memory" in capsys.readouterr().out
+
+
+def test_a_prior_too_wide_for_the_solver_is_reported_not_hidden(tmp_path, capsys):
+    """prior.std 100 makes exp(m) span 1e250: most solves fail. The run still ends, but check
+    warns beforehand, the failed draws are left out of the result and counted, the
+    correction that cannot start says so, the verdict is NOT RELIABLE, and the thousands of
+    failed solves give a handful of lines, not one each."""
+    import numpy as np
+    from geoinvert.io import read_result
+    content = BASE.replace("  std: 1.0\n", "  std: 100\n").replace(
+        "  steps: 100\n  batch: 32\n", "  steps: 20\n  batch: 16\n").replace(
+        "  samples: 300\n  figures: true", "  samples: 64\n  figures: false")
+    path = _write(tmp_path, "wide", content)
+    assert cli.main(["check", str(path)]) == 0
+    assert "prior.std: 100.0 lets a field of the prior span" in capsys.readouterr().err
+    out = tmp_path / "wide.nc"
+    assert cli.main(["run", str(path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    left_out = [l for l in captured.out.splitlines() if "draws left out" in l]
+    assert len(left_out) == 1 and "verdict: NOT RELIABLE" in captured.out, captured.out
+    err = [l for l in captured.err.replace("\r", "\n").splitlines()
+           if l.strip() and "nFS/s" not in l and "it/s" not in l]
+    assert len(err) < 15, err
+    assert any("the correction could not start" in l for l in err), err
+    ds = read_result(out)
+    failed, drawn = ds.attrs["diagnostics_failed_draws"], ds.attrs["diagnostics_drawn"]
+    assert 0 < failed < drawn == 64 and ds.sizes["sample"] == drawn - failed
+    assert np.isfinite(ds["log_target"]).all() and np.isfinite(ds["mean"]).all()
+    assert "forward solve failed for" in ds.attrs["verdict"]
