@@ -31,10 +31,10 @@ Problems:
 Methods, every one with the same total forward-solve budget nFS per problem (a solve of level
 l counts 1, as in the MsIGN paper; finest-level equivalents are reported too):
 
-- ``MsIGN``: multi-stage, Jeffreys divergence (:func:`~geoinvert.train.train_msign`);
+- ``MsIGN``: multi-stage, Jeffreys divergence (:func:`~geoinvert.inference.trainer.train_msign`);
 - ``MsIGN reverse-KL``: multi-stage, reverse KL only;
 - ``A-SVGD``: the same network trained multi-stage along the Stein variational direction
-  (:func:`geoinvert.train.train_asvgd`), as the paper's baseline;
+  (:func:`geoinvert.inference.trainer.train_asvgd`), as the paper's baseline;
 - ``Laplace``: the low-rank Gauss-Newton Laplace approximation at the MAP point
   (:func:`geoinvert.inference.laplace.fit_laplace`), its draws importance-weighted like a
   flow's (its fit uses far less than the budget);
@@ -79,7 +79,7 @@ from geoinvert.diagnostics import (importance_ess, jeffreys_divergence, mcmc_ess
                                    moment_errors, psis_khat)
 from geoinvert.flows.msign import MsIGN  # noqa: E402
 from geoinvert.samplers import run_hmc, run_mala, run_pcn  # noqa: E402
-from geoinvert.train import train_msign  # noqa: E402
+from geoinvert.inference.trainer import train_msign  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -162,7 +162,7 @@ def run_flow(problem, method, budget, args, seed):
                   generator=gen)
     start = time.perf_counter()
     if method == "asvgd":
-        from geoinvert.train import train_asvgd
+        from geoinvert.inference.trainer import train_asvgd
         history = train_asvgd(model, problem.posteriors, **common)
     else:
         objective = "jeffreys" if method == "msign" else "reverse_kl"

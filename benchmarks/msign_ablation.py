@@ -23,7 +23,7 @@ evaluated like ``msign_quadratic.py``: Monte-Carlo Jeffreys divergence to the ex
 - ``squeeze``: as ``jeffreys`` with Glow's squeeze/split (``upsampling="squeeze"``). For these
   two the "prior" half of the defensive proposal is the untrained model (every F = identity),
   which is no longer the prior above level 1 (still a valid importance proposal);
-- ``asvgd``: amortized SVGD (:func:`geoinvert.train.train_asvgd`) on the same network,
+- ``asvgd``: amortized SVGD (:func:`geoinvert.inference.trainer.train_asvgd`) on the same network,
   multi-stage, one solve per sample per step; the MsIGN paper's baseline.
 
 Writes ``benchmarks/results/<name>.json``, ``<name>.md`` and ``<name>.png``.
@@ -45,7 +45,7 @@ from msign_quadratic import (HEADER, RESULTS, evaluate, projections, setup,  # n
                              train)
 
 from geoinvert.flows.msign import MsIGN  # noqa: E402
-from geoinvert.train import train_asvgd  # noqa: E402
+from geoinvert.inference.trainer import train_asvgd  # noqa: E402
 
 _JEFFREYS = dict(objective="jeffreys", single_stage=False, proposal="defensive")
 VARIANTS = {

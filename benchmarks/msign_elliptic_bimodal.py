@@ -46,7 +46,7 @@ import geoinvert  # noqa: E402
 from geoinvert.diagnostics import (importance_ess_fraction, moment_errors,  # noqa: E402
                                    psis_khat, two_means)
 from geoinvert.flows.msign import MsIGN  # noqa: E402
-from geoinvert.train import train_msign  # noqa: E402
+from geoinvert.inference.trainer import train_msign  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -34,8 +34,8 @@ from geoinvert.diagnostics import jeffreys_divergence
 from geoinvert.flows.msign import MsIGN
 from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import MaternPrior
-from geoinvert.train import train_msign
+from geoinvert.priors import MaternPrior
+from geoinvert.inference.trainer import train_msign
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

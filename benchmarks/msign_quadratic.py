@@ -43,8 +43,8 @@ from geoinvert.diagnostics import jeffreys_divergence  # noqa: E402
 from geoinvert.flows.msign import MsIGN  # noqa: E402
 from geoinvert.problem.forward.testbeds import ExactQuadraticPosterior, QuadraticForward  # noqa: E402
 from geoinvert.problem.posterior import Posterior  # noqa: E402
-from geoinvert.prior import MaternPrior  # noqa: E402
-from geoinvert.train import train_msign  # noqa: E402
+from geoinvert.priors import MaternPrior  # noqa: E402
+from geoinvert.inference.trainer import train_msign  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_DJ = (56.77, 0.15)

@@ -31,7 +31,7 @@ def _worker_forward(args):
     from mpi4py import MPI
 
     from geoinvert.problem.forward.elliptic import EllipticForward
-    from geoinvert.train import Ensemble
+    from geoinvert.parallel import Ensemble
     world = MPI.COMM_WORLD
     n = 64
     pts = [[(i + 0.5) / 5, (j + 0.5) / 5] for i in range(5) for j in range(5)]

@@ -43,7 +43,7 @@ def run_one(levels, batch, kind):
     """Set up every layer of one hierarchy and time it; returns a dict."""
     import torch
 
-    from geoinvert.prior import IIDPrior, MaternPrior
+    from geoinvert.priors import IIDPrior, MaternPrior
 
     start = time.perf_counter()
     prior = (MaternPrior(levels, alpha=2, correlation_length=0.1, boundary="dirichlet")

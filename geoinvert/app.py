@@ -92,9 +92,9 @@ class _Progress:
 
 def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, stop, comm,
            checkpoint_every):
-    """Train every stage (:class:`geoinvert.train.Trainer`); returns the history."""
+    """Train every stage (:class:`geoinvert.inference.trainer.Trainer`); returns the history."""
     from geoinvert.case import reserved_solves, train_options, training_solves
-    from geoinvert.train import Trainer
+    from geoinvert.inference.trainer import Trainer
     s = case.config["sampler"]
     done = resume["budget"]["used"] if resume else 0
     budget = s["budget"] - reserved_solves(case.config) if s["budget"] else None
@@ -124,7 +124,7 @@ def _draw(case, model, posterior, generator, ensemble):
     """
     import torch
     from geoinvert.parallel import Ensemble, draw_noise, in_chunks
-    from geoinvert.train import decode
+    from geoinvert.inference.objectives import decode
     ens = Ensemble(ensemble)
     n = case.config["output"]["samples"]
     with torch.no_grad():
@@ -173,7 +173,7 @@ def _without_failed_draws(fit):
     bad = ~np.isfinite(fit.log_target)
     if not bad.any():
         return fit
-    from geoinvert.train import TrainingError
+    from geoinvert.errors import TrainingError
     if bad.all():
         raise TrainingError(f"the forward solve failed for all {bad.size} draws of the "
                             "result: the fields this posterior allows are beyond what the "
@@ -256,7 +256,7 @@ def _check_checkpoint(state, model, path):
     """A checkpoint that matches the case text and seed must also hold a whole training state
     of this model (its keys, tensor shapes, stage): else a user error, not a crash."""
     from geoinvert.errors import CaseError
-    from geoinvert.train import CHECKPOINT_VERSION
+    from geoinvert.inference.trainer import CHECKPOINT_VERSION
     fix = "; delete it to train from the start"
     if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
         missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
@@ -393,7 +393,7 @@ class _ChainProgress:
 
 def _chain_starts(x, log_target, chains):
     """The first ``chains`` flow draws with a finite target (the chains' starts)."""
-    from geoinvert.train import TrainingError
+    from geoinvert.errors import TrainingError
     finite = np.flatnonzero(np.isfinite(log_target))
     if finite.size < chains:
         raise TrainingError(f"only {finite.size} of {len(log_target)} flow draws have a finite "
@@ -640,7 +640,7 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
         checkpoint_every: Steps between checkpoints (default ``sampler.checkpoint_every``).
         stop: ``stop() -> bool`` polled after every training step (see
             :class:`geoinvert.parallel.StopRequest`); when true, a checkpoint is written and
-            :class:`geoinvert.train.TrainingInterrupted` raised.
+            :class:`geoinvert.inference.trainer.TrainingInterrupted` raised.
 
     Returns:
         :class:`Result` (``model`` and ``model_path`` are None for MCMC kinds).

@@ -1030,7 +1030,7 @@ class Case:
 
 
 def _build_prior(case):
-    from geoinvert import prior as priors
+    from geoinvert import priors
     p = case.config["prior"]
     mean = case.evaluate(p["mean"])
     if p["kind"] == "iid":

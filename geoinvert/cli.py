@@ -138,7 +138,7 @@ def _run(args):
     from geoinvert.app import run
     from geoinvert.io import checkpoint_path
     from geoinvert.parallel import StopRequest, Stopped
-    from geoinvert.train import TrainingInterrupted
+    from geoinvert.inference.trainer import TrainingInterrupted
     world = _world()
     root = world is None or world.Get_rank() == 0
     if not root:
@@ -279,7 +279,7 @@ def main(argv=None):
         _abort_others(130)
         return 130
     except Exception as err:  # noqa: BLE001 - last resort: one line unless --debug
-        from geoinvert.train import TrainingError
+        from geoinvert.errors import TrainingError
         if isinstance(err, TrainingError):     # decided on every rank alike
             if _is_root():
                 _error(f"training failed: {err}")

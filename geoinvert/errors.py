@@ -1,6 +1,6 @@
 """User-facing errors that name the offending case-file key or path."""
 
-__all__ = ["CaseError"]
+__all__ = ["CaseError", "TrainingError"]
 
 
 class CaseError(ValueError):
@@ -22,3 +22,9 @@ class CaseError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.key, self.message))
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. many consecutive steps with a non-finite loss or gradient,
+    or every target evaluation of a stage's start failed). Raised on every rank alike; the
+    command line prints it in one line and exits with status 1."""

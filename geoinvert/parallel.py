@@ -118,7 +118,7 @@ class StopRequest:
 
     During training (inside :meth:`deferring`) a signal is recorded; calling the object tells
     whether one came, and training polls it after every step, saves a checkpoint and stops
-    cleanly (:class:`geoinvert.train.TrainingInterrupted`); a second SIGINT raises
+    cleanly (:class:`geoinvert.inference.trainer.TrainingInterrupted`); a second SIGINT raises
     :class:`KeyboardInterrupt` at once. Anywhere else (building the forward models, the
     correction, writing the result) the handler raises :class:`Stopped` at once: there is
     nothing a checkpoint could keep, and a scheduler's time limit must not wait for the next

@@ -17,7 +17,7 @@ from geoinvert.diagnostics import mcmc_ess
 from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
                                         LinearForward, QuadraticForward)
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import MaternPrior
+from geoinvert.priors import MaternPrior
 
 __all__ = ["bimodal_quadratic", "linear_gaussian", "small_flow", "flat_parameters",
            "FlakyForward", "BrokenPosterior", "small_case", "gaussian_kl", "z_scores"]

@@ -365,7 +365,7 @@ def test_every_training_default_is_written_once():
     import inspect
     from geoinvert.case import KEYS
     from geoinvert.inference.config import STEPS, TrainOptions
-    from geoinvert.train import train_msign
+    from geoinvert.inference.trainer import train_msign
     signature = inspect.signature(train_msign).parameters
     assert KEYS["sampler.steps"].default == STEPS == signature["steps"].default
     for name in ("batch", "lr", "objective", "coarse_sampler", "pool_levels", "reverse_weight",

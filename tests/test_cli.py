@@ -21,8 +21,8 @@ SMALL = small_case()
 
 @pytest.fixture
 def trainer(monkeypatch):
-    """Record the runs of the real geoinvert.train.Trainer (tiny sizes keep it fast)."""
-    from geoinvert import train
+    """Record the runs of the real geoinvert.inference.trainer.Trainer (tiny sizes keep it fast)."""
+    from geoinvert.inference import trainer as train
     calls, real = [], train.Trainer.run
 
     def run(self, *, start=1, generator=None, resume=None):
@@ -89,7 +89,7 @@ def test_resume_of_a_finished_run_trains_no_more(case_file, tmp_path, trainer):
 
 
 def test_failed_run_leaves_nothing(case_file, tmp_path, monkeypatch, capsys):
-    from geoinvert import train
+    from geoinvert.inference import trainer as train
 
     def broken(*args, **kwargs):
         raise RuntimeError("training diverged")
@@ -222,7 +222,7 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
 def test_coarse_sampler_from_the_case_file(tmp_path, caplog, sampler, extra, message):
     from geoinvert.app import run
     config = {**SMALL, "sampler": {**SMALL["sampler"], "coarse_sampler": sampler, **extra}}
-    with caplog.at_level("INFO", logger="geoinvert.train"):
+    with caplog.at_level("INFO", logger="geoinvert.inference.trainer"):
         result = run(config, out=tmp_path / "smc.nc", progress=False, seed=1)
     assert message in caplog.text
     with xr.open_dataset(result.path) as ds:

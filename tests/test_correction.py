@@ -17,8 +17,8 @@ from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadr
 from geoinvert.inference.config import CorrectionConfig
 from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import MaternPrior
-from geoinvert.train import train_msign
+from geoinvert.priors import MaternPrior
+from geoinvert.inference.trainer import train_msign
 from geoinvert.testing import bimodal_quadratic, gaussian_kl, z_scores
 from geoinvert.verify import taylor_test
 

@@ -21,7 +21,7 @@ from geoinvert.inference.config import CorrectionConfig
 from geoinvert.inference.correction import correct
 from geoinvert.inference.laplace import EIGENVALUE_CUTOFF, fit_laplace, linearise
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import MaternPrior
+from geoinvert.priors import MaternPrior
 from geoinvert.samplers.whitening import prior_whitening
 from geoinvert.testing import bimodal_quadratic, small_case, z_scores
 

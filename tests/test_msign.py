@@ -12,7 +12,7 @@ import torch
 
 from geoinvert.flows.msign import UPSAMPLINGS, MsIGN, noise_shape
 from geoinvert.hierarchy import haar, pool
-from geoinvert.prior import MaternPrior
+from geoinvert.priors import MaternPrior
 
 F64 = torch.float64
 

@@ -51,7 +51,7 @@ def test_training_is_the_same_on_one_and_all_ranks(extra):
 
 
 def train_msign_small(model, posteriors, comm, **extra):
-    from geoinvert.train import train_msign
+    from geoinvert.inference.trainer import train_msign
     return train_msign(model, posteriors, steps=[3, 3, 4], batch=7, lr=3e-3, pool=33,
                        generator=gen(), comm=comm, **extra)
 

@@ -210,7 +210,7 @@ def test_scalar_and_array_noise_agree(prior):
 # ---------------------------------------------------------------- with the real priors
 
 def _matern(level=LEVEL):
-    from geoinvert.prior import MaternPrior
+    from geoinvert.priors import MaternPrior
     return MaternPrior(level, alpha=2, correlation_length=0.3, std=1.0, mean=0.2,
                        boundary="neumann")
 
@@ -242,7 +242,7 @@ def test_matern_quadratic_posterior_on_a_coarse_level():
 
 @pytest.mark.parametrize("kind", ["matern", "iid"])
 def test_real_prior_log_prob_gradcheck(kind):
-    from geoinvert.prior import IIDPrior
+    from geoinvert.priors import IIDPrior
     prior = _matern(2) if kind == "matern" else IIDPrior(2, mean=0.1, std=0.5)
     post = _quadratic(prior, level=2)
     x = _samples(prior, 2, level=2).requires_grad_(True)
@@ -278,7 +278,7 @@ def test_simulated_data_have_the_noise_of_the_likelihood(prior):
 
 
 def test_the_priors_satisfy_the_prior_protocol(prior):
-    from geoinvert.prior import IIDPrior, MaternPrior
+    from geoinvert.priors import IIDPrior, MaternPrior
     assert isinstance(prior, Prior)
     assert isinstance(MaternPrior(2, correlation_length=0.3), Prior)
     assert isinstance(IIDPrior(2), Prior)

@@ -8,8 +8,8 @@ import torch
 from scipy.stats import multivariate_normal
 
 from geoinvert.hierarchy import pool, pool_matrix
-from geoinvert.prior import (GaussianPrior, IIDPrior, MaternPrior, _haar_blocks,
-                             stationary_variance)
+from geoinvert.priors import GaussianPrior, IIDPrior, MaternPrior, stationary_variance
+from geoinvert.priors.conditioning import haar_blocks
 
 EPS = np.finfo(np.float64).eps
 L = 3
@@ -74,7 +74,7 @@ def test_matern_haar_blocks_match_the_dense_transform(name):
     """The block-by-block spectral Haar covariance equals H Sigma H^T of the dense covariance."""
     prior = PRIORS[name]()
     for level in (2, L):
-        blocks = zip(prior._haar_covariance(level), _haar_blocks(prior.covariance(level)))
+        blocks = zip(prior._haar_covariance(level), haar_blocks(prior.covariance(level)))
         for fast, dense in blocks:
             np.testing.assert_allclose(fast, dense, rtol=0, atol=1e-13)
 

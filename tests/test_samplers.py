@@ -12,7 +12,7 @@ from scipy import stats
 from geoinvert.diagnostics import mcmc_ess
 from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward, paper_phi
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import IIDPrior, MaternPrior
+from geoinvert.priors import IIDPrior, MaternPrior
 from geoinvert.samplers import (ChainResult, DualAveraging, RobbinsMonro, prior_whitening,
                                 run_hmc, run_mala, run_pcn)
 from geoinvert.testing import z_scores

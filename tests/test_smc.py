@@ -8,9 +8,9 @@ import torch
 
 from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward, QuadraticForward
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import MaternPrior
+from geoinvert.priors import MaternPrior
 from geoinvert.samplers import tempered_smc
-from geoinvert.train import smc_pool
+from geoinvert.inference.starts import smc_pool
 
 
 def gen(seed=0):
@@ -114,7 +114,7 @@ def test_training_with_an_smc_stage_one():
     # The linear test bed of test_train (8x8, 3 levels); stage 1 samples q_1 by SMC with
     # pool // 4 particles, then trains on the pool as with importance sampling.
     from geoinvert.testing import linear_gaussian, small_flow
-    from geoinvert.train import train_msign
+    from geoinvert.inference.trainer import train_msign
     prior, posteriors, _ = linear_gaussian()
     model = small_flow(prior)
     before = sum(p.forward.n_solves for p in posteriors.values())
@@ -134,7 +134,7 @@ def test_training_with_an_smc_stage_one():
 
 def test_unknown_coarse_sampler():
     from geoinvert.testing import linear_gaussian, small_flow
-    from geoinvert.train import train_msign
+    from geoinvert.inference.trainer import train_msign
     prior, posteriors, _ = linear_gaussian()
     with pytest.raises(ValueError, match="coarse_sampler"):
         train_msign(small_flow(prior), posteriors, coarse_sampler="mcmc", callback=None,

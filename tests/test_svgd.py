@@ -1,4 +1,5 @@
-"""Tests for geoinvert.svgd: the Stein variational direction and amortized SVGD training."""
+"""Tests for the Stein variational direction and amortized SVGD training
+(geoinvert.inference.objectives)."""
 
 import math
 
@@ -9,9 +10,10 @@ import torch
 from geoinvert.flows.msign import MsIGN
 from geoinvert.problem.forward.testbeds import ExactLinearPosterior, LinearForward
 from geoinvert.problem.posterior import Posterior
-from geoinvert.prior import MaternPrior
-from geoinvert.svgd import asvgd_loss, median_bandwidth, rbf_kernel, stein_direction
-from geoinvert.train import TrainingError, train_asvgd
+from geoinvert.priors import MaternPrior
+from geoinvert.inference.objectives import asvgd_loss, median_bandwidth, rbf_kernel, stein_direction
+from geoinvert.errors import TrainingError
+from geoinvert.inference.trainer import train_asvgd
 from geoinvert.testing import BrokenPosterior, FlakyForward
 
 F64 = torch.float64

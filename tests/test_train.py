@@ -1,4 +1,5 @@
-"""Tests for geoinvert.train: objectives, multi-stage training, budgets, robustness, options."""
+"""Tests for training: objectives, stage starts, multi-stage training, budgets, robustness and
+options."""
 
 import math
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from geoinvert.problem.posterior import Posterior
-from geoinvert.train import (TrainingError, importance_pool, jeffreys_loss, level_costs,
-                             lr_factor, pool_jeffreys_loss, reverse_kl_loss, train_msign)
+from geoinvert.errors import TrainingError
+from geoinvert.inference.starts import importance_pool
+from geoinvert.inference.objectives import jeffreys_loss, pool_jeffreys_loss, reverse_kl_loss
+from geoinvert.inference.trainer import level_costs, lr_factor, train_msign
 from geoinvert.testing import (BrokenPosterior, FlakyForward, flat_parameters, linear_gaussian,
                                small_flow as new_model)
 
@@ -258,7 +261,7 @@ def test_resume_from_any_checkpoint_gives_the_uninterrupted_model(problem, tmp_p
 
 
 def test_stop_request_checkpoints_and_raises_at_the_same_step(problem):
-    from geoinvert.train import TrainingInterrupted
+    from geoinvert.inference.trainer import TrainingInterrupted
     prior, posteriors, _ = problem
     reference = new_model(prior)
     train_msign(reference, posteriors, generator=gen(), checkpoint=None, **RESUMABLE)
@@ -297,13 +300,13 @@ def test_resume_rejects_a_state_that_does_not_fit(problem):
 def test_frozen_surrogate_does_not_follow_the_model(problem):
     # The frozen proposal of a stage is a float64 copy with no trainable parameters; training
     # the model on does not move it.
-    from geoinvert.train import _frozen_surrogate
+    from geoinvert.inference.objectives import frozen_surrogate
     prior, posteriors, _ = problem
     model = new_model(prior)
     train_msign(model, {1: posteriors[1]}, steps=3, batch=8, lr=1e-2, pool=64, generator=gen(),
                 callback=None, checkpoint=None)
     model.set_stage(2)
-    frozen = _frozen_surrogate(model)
+    frozen = frozen_surrogate(model)
     assert not any(p.requires_grad for p in frozen.parameters())
     x = model.sample(5, generator=gen(1))[0].detach().to(torch.float64)
     before = frozen.surrogate_log_prob(x, 2)
@@ -354,21 +357,21 @@ def test_frozen_proposal_draws_from_the_stage_start(problem):
     # The defensive proposal's surrogate half comes from the frozen copy: changing the model
     # afterwards changes neither the draws nor their proposal density.
     from geoinvert.parallel import Ensemble
-    from geoinvert.train import _frozen_surrogate, _propose
+    from geoinvert.inference.objectives import frozen_surrogate, propose
     prior, _, _ = problem
     model = new_model(prior)
     model.set_stage(2)
     with torch.no_grad():
         for p in model.flows[0].parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen(4)))
-    frozen = _frozen_surrogate(model)
-    before = _propose(model, 2, 8, gen(), "defensive", Ensemble(), frozen)
+    frozen = frozen_surrogate(model)
+    before = propose(model, 2, 8, gen(), "defensive", Ensemble(), frozen)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
-    after = _propose(model, 2, 8, gen(), "defensive", Ensemble(), frozen)
+    after = propose(model, 2, 8, gen(), "defensive", Ensemble(), frozen)
     torch.testing.assert_close(after, before)
-    moved = _propose(model, 2, 8, gen(), "defensive", Ensemble())
+    moved = propose(model, 2, 8, gen(), "defensive", Ensemble())
     assert not torch.allclose(moved[1], before[1])
 
 

@@ -50,7 +50,7 @@ def check_level(x: Tensor, level: int | None) -> int:
 # -- upsampling layers between levels (ablations of the prior conditioning layer) ---------------
 #
 # Each maps (x_{l-1} (num, m, m), z_l (num, 3, m, m)) -> x~_l (num, 2m, 2m) bijectively, with the
-# interface of geoinvert.prior.PriorConditioning: forward(x_coarse, z) -> (x_fine, logdet) and
+# interface of geoinvert.priors.PriorConditioning: forward(x_coarse, z) -> (x_fine, logdet) and
 # inverse(x_fine) -> (x_coarse, z, logdet of the inverse), log-determinants constant floats.
 
 
@@ -167,7 +167,7 @@ class MsIGN(nn.Module):
     F_l = identity is no longer the prior.
 
     Args:
-        prior: A :class:`~geoinvert.prior.GaussianPrior` (``coarsest``, ``coarsest_inverse``,
+        prior: A :class:`~geoinvert.priors.GaussianPrior` (``coarsest``, ``coarsest_inverse``,
             ``conditioning(level)``).
         levels: Finest level L (fields of 2**L x 2**L cells); the prior's finest by default.
         blocks_per_level: Glow blocks in each F_l.

@@ -22,7 +22,8 @@ STEPS = 200
 
 @dataclass
 class TrainOptions:
-    """Settings shared by every stage (see :func:`geoinvert.train.train_msign` for their meaning)."""
+    """Settings shared by every stage (see :func:`geoinvert.inference.trainer.train_msign` for
+    their meaning)."""
 
     objective: str = "jeffreys"
     batch: int = 64

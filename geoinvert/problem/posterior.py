@@ -1,7 +1,7 @@
 """The inverse problem on one level: a prior, a Gaussian likelihood, and their posterior.
 
 :class:`Posterior` = prior x :class:`GaussianLikelihood`; any prior with the :class:`Prior`
-interface (the Gaussian multiscale priors of :mod:`geoinvert.prior`, or a learned one) can be
+interface (the Gaussian multiscale priors of :mod:`geoinvert.priors`, or a learned one) can be
 used.
 """
 
@@ -23,7 +23,7 @@ class Prior(Protocol):
 
     ``sample(num, level, *, generator=None) -> Tensor (num, n, n)`` draws fields of a level,
     and ``log_prob(x, level) -> Tensor (num,)`` is their normalised log density,
-    differentiable in ``x``. :class:`~geoinvert.prior.GaussianPrior` implements it (and more:
+    differentiable in ``x``. :class:`~geoinvert.priors.GaussianPrior` implements it (and more:
     exact covariances, whitening, the prior conditioning layers, which MsIGN and the Laplace
     approximation use).
     """
