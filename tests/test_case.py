@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from geoinvert import cli
-from geoinvert.case import KINDS, REQUIRED, SCHEMA, _Loader, load_case, schema_markdown, update_doc
+from geoinvert.case import KINDS, REQUIRED, SCHEMA, load_case, schema_markdown, update_doc
+from geoinvert.case.load import CaseLoader
 from geoinvert.errors import CaseError
 from geoinvert.testing import small_case
 
@@ -162,7 +163,7 @@ def test_defaults_filled_in():
 
 def test_schema_defaults_and_examples_are_valid():
     for key in SCHEMA:
-        values = [yaml.load(key.example, Loader=_Loader)]
+        values = [yaml.load(key.example, Loader=CaseLoader)]
         values += [] if key.default is REQUIRED or key.default is None else [key.default]
         for value in values:
             value = KINDS[key.kind][0](key.path, value)

@@ -248,8 +248,8 @@ def test_a_case_beyond_the_machine_is_refused_unless_forced(name, edit, machine,
                                                             capsys, monkeypatch):
     """On a machine of ``machine`` bytes (the test's), a case whose estimated memory exceeds
     it is refused by check and run, naming --force; with --force, check accepts it."""
-    import geoinvert.case
-    monkeypatch.setattr(geoinvert.case, "machine_memory", lambda: machine)
+    import geoinvert.case.cost
+    monkeypatch.setattr(geoinvert.case.cost, "machine_memory", lambda: machine)
     expected = "the run needs an estimated"
     if edit is None:
         rng = __import__("numpy").random.default_rng(0)
