@@ -310,34 +310,85 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
                    "skipped_steps": int(history[-1]["skipped"]) if history else 0}
     fit = _Fit(x, log_prob, log_target, predicted, means, history, nfs, diagnostics, model,
                state is not None)
+    return _correct_fit(fit, case, seed, lay, posteriors[case.finest], progress=progress)
+
+
+def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=None):
+    """Correct the draws of a trained network (``fit.model``, or ``approximation`` when it is
+    not an MsIGN) unless ``sampler.correction.kernel`` is ``none``: the mode search and the
+    Laplace fit first when the correction needs them, then :func:`_corrected`; a correction
+    that cannot start leaves the network's own draws, flagged."""
+    import torch
+    from geoinvert.case import correction_config
+    from geoinvert.inference.correction import FlowTransport
+    from geoinvert.samplers.chains import NonFiniteStart
     config = correction_config(case.config)
     if not config.enabled:
         return fit
-    modes, transport, approximation = (), None, None
+    own = approximation if approximation is not None else FlowTransport(fit.model)
+    modes, transport = (), None if approximation is None else approximation
     use_modes = config.independence and config.modes
     if use_modes or config.coordinates == "laplace":
-        from geoinvert.inference.correction import FlowTransport
         from geoinvert.inference.laplace import fit_laplace
-        laplace = fit_laplace(posteriors[case.finest], all_modes=True,
+        laplace = fit_laplace(posterior, all_modes=True,
                               generator=torch.Generator().manual_seed(seed + 31))
         extra = {"mode_search_nfs": laplace.nfs}
         if use_modes:
             modes, extra["modes_found"] = laplace.modes, len(laplace.modes)
         if config.coordinates == "laplace":
-            transport, approximation = laplace.transport, FlowTransport(fit.model)
+            transport = laplace.transport
         fit = dataclasses.replace(fit, nfs=fit.nfs + laplace.nfs,
                                   diagnostics={**fit.diagnostics, **extra})
-    from geoinvert.samplers.chains import NonFiniteStart
     try:
-        return _corrected(fit, case, seed, lay, posteriors[case.finest], config,
-                          progress=progress and lay.root, modes=modes, transport=transport,
-                          approximation=approximation)
+        return _corrected(fit, case, seed, lay, posterior, config, progress=progress and lay.root,
+                          modes=modes, transport=transport or own, approximation=own)
     except NonFiniteStart as err:     # raised on every rank alike (_check_starts)
         logger.warning("the correction could not start: %d of its %d chains would start where "
-                    "the forward solve fails or the gradient overflows; the result holds the "
-                    "flow's own draws", len(err.chains), config.chains)
+                       "the forward solve fails or the gradient overflows; the result holds the "
+                       "flow's own draws", len(err.chains), config.chains)
         return dataclasses.replace(fit, diagnostics={
             **fit.diagnostics, "correction_unstarted": len(err.chains)})
+
+
+def _fit_vi(case, seed, lay, posterior, *, progress):
+    """Train the case's variational family (``iaf`` or ``meanfield``) on the finest level by
+    the reverse KL, draw from it and correct its draws like a flow's."""
+    import torch
+    from geoinvert.case import reserved_solves
+    from geoinvert.flows.autoregressive import IAF, MeanField
+    from geoinvert.inference.vi import train_vi
+    from geoinvert.parallel import Ensemble, in_chunks
+    s, ens = case.config["sampler"], Ensemble(lay.ensemble)
+    with torch.random.fork_rng():            # the MADE's initial weights, from the seed
+        torch.manual_seed(seed)
+        model = IAF(case.prior(), case.finest, transforms=s["blocks"], hidden=s["hidden"]) \
+            if s["kind"] == "iaf" else MeanField(case.prior(), case.finest)
+    generator = torch.Generator().manual_seed(seed)
+    total = s["steps"]
+    bar = _Progress(total * s["batch"], progress and lay.root)
+    budget = s["budget"] - reserved_solves(case.config) if s["budget"] else None
+    try:
+        history = train_vi(model, posterior, steps=total, batch=s["batch"], lr=s["lr"],
+                           generator=generator, comm=lay.ensemble, budget=budget,
+                           callback=lambda r: bar({"nfs": r["nfs"], "stage": r["stage"],
+                                                   "loss": r["loss"], "ess": r["ess"]}))
+    finally:
+        bar.close()
+    n = case.config["output"]["samples"]
+    with torch.no_grad():
+        z = torch.randn((n, model.dim), generator=generator, dtype=torch.float64)[ens.part(n)]
+        x, logdet = model.to_x(z)
+        log_prob = -0.5 * (z * z).sum(1) - 0.5 * model.dim * math.log(2 * math.pi) - logdet
+        log_target, pred = in_chunks(posterior.evaluate, x)
+        x, log_prob, log_target, pred = (ens.gather(t) for t in (x, log_prob, log_target, pred))
+    nfs = (history[-1]["nfs"] if history else 0) + n
+    diagnostics = {**_importance_diagnostics(log_target.numpy(), log_prob.numpy()),
+                   "failed_solves": int(sum(h["failed"] for h in history)),
+                   "skipped_steps": int(history[-1]["skipped"]) if history else 0}
+    fit = _Fit(x.numpy(), log_prob.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
+               {case.finest: x.mean(0).numpy()}, history, nfs, diagnostics, model, False)
+    model.requires_grad_(False)          # trained: the correction only evaluates it
+    return _correct_fit(fit, case, seed, lay, posterior, progress=progress, approximation=model)
 
 
 def _convergence(samples, log_target):
@@ -669,7 +720,7 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
 
 def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, checkpoint_every):
     """:func:`run` once the output's lock is held."""
-    from geoinvert.case import MCMC_KINDS
+    from geoinvert.case import MCMC_KINDS, VI_KINDS
     if lay.root:
         _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
@@ -679,6 +730,8 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
     elif kind in MCMC_KINDS:
         fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve),
                         progress=progress and lay.root)
+    elif kind in VI_KINDS:
+        fit = _fit_vi(case, seed, lay, case.posterior(case.finest, lay.solve), progress=progress)
     else:
         posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
         fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,

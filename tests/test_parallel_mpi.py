@@ -126,3 +126,22 @@ def test_laplace_kinds_under_mpi_share_draws_and_chains(kind):
     else:
         assert sorted(set(b["chain"].values.tolist())) == [0, 1]
         assert np.isfinite(b["log_target"]).all()
+
+
+@pytest.mark.parametrize("kind", ["iaf", "meanfield"])
+def test_variational_training_is_the_same_on_one_and_all_ranks(kind):
+    from geoinvert.flows.autoregressive import IAF, MeanField
+    from geoinvert.inference.vi import train_vi
+    prior, posteriors, _ = linear_gaussian(2)
+
+    def trained(comm):
+        torch.manual_seed(0)
+        model = IAF(prior, 2, transforms=1) if kind == "iaf" else MeanField(prior, 2)
+        history = train_vi(model, posteriors[2], steps=15, batch=8, lr=1e-2, generator=gen(3),
+                           comm=comm)
+        return flat_parameters(model), history[-1]["loss"]
+
+    alone, loss_alone = trained(None)
+    shared, loss_shared = trained(WORLD)
+    torch.testing.assert_close(shared, alone, rtol=1e-9, atol=1e-11)
+    assert loss_shared == pytest.approx(loss_alone, rel=1e-9)

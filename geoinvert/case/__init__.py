@@ -19,11 +19,12 @@ from geoinvert.case.cost import (estimate_cost, estimate_memory, machine_memory,
 from geoinvert.case.docs import schema_markdown, update_doc
 from geoinvert.case.load import load_case, prior_from_text
 from geoinvert.case.schema import (FLOW_KINDS, KEYS, KINDS, MAX_SEED, MCMC_KINDS, REQUIRED,
-                                   SAMPLER_KEY_KINDS, SAMPLER_KINDS, SCHEMA, SECTIONS, Key,
+                                   SAMPLER_KEY_KINDS, SAMPLER_KINDS, SCHEMA, SECTIONS,
+                                   TRAINED_KINDS, VI_KINDS, Key,
                                    chain_config, correction_config, flow_config, train_options)
 
 __all__ = ["Case", "Key", "SCHEMA", "SECTIONS", "KEYS", "KINDS", "REQUIRED", "MAX_SEED",
-           "SAMPLER_KINDS", "MCMC_KINDS", "FLOW_KINDS", "SAMPLER_KEY_KINDS", "load_case",
-           "prior_from_text", "estimate_cost", "estimate_memory", "machine_memory",
+           "SAMPLER_KINDS", "MCMC_KINDS", "FLOW_KINDS", "VI_KINDS", "TRAINED_KINDS",
+           "SAMPLER_KEY_KINDS", "load_case", "prior_from_text", "estimate_cost", "estimate_memory", "machine_memory",
            "memory_refusal", "reserved_solves", "training_solves", "correction_config",
            "flow_config", "chain_config", "train_options", "schema_markdown", "update_doc"]

@@ -6,8 +6,9 @@ the warnings about settings that will likely go wrong numerically.
 import math
 
 from geoinvert.case.inputs import mesh_cells, resolve
-from geoinvert.case.schema import (FLOW_KINDS, MCMC_KINDS, chain_config, correction_config,
-                                   flow_config, short, train_options)
+from geoinvert.case.schema import (FLOW_KINDS, MCMC_KINDS, TRAINED_KINDS, VI_KINDS, chain_config,
+                                   correction_config, flow_config, short, train_options)
+from geoinvert.inference.config import made_width
 from geoinvert.parallel import EVALUATION_CHUNK
 
 __all__ = ["MAX_LOG_CONTRAST", "reserved_solves", "training_solves", "estimate_cost", "BASE_BYTES",
@@ -97,7 +98,13 @@ def _sampling_cost(case, per_solve):
     if s["kind"] in MCMC_KINDS:      # every iteration of every chain solves on the finest level
         solves = laplace + chain_config(case.config).solves(s["kind"])
         return solves, float(solves), solves * per_solve
-    solves, equivalents, flow = _training_cost(case)
+    if s["kind"] in VI_KINDS:       # one level: steps x batch solves, about 5 ms a step
+        solves = s["steps"] * s["batch"]
+        if s["budget"]:
+            solves = min(solves, max(s["budget"] - reserved_solves(case.config), 0))
+        equivalents, flow = float(solves), 5e-3 * s["steps"] * max(4 ** case.finest / 64, 1)
+    else:
+        solves, equivalents, flow = _training_cost(case)
     reserved = reserved_solves(case.config)
     correction = correction_config(case.config)
     batches = correction.reserved() / correction.chains if correction.enabled else 0
@@ -143,10 +150,13 @@ def estimate_memory(case):
     s, L = c["sampler"], case.finest
     per_cell = 8 * 4 ** L
     total = BASE_BYTES + per_cell * c["output"]["samples"] * 12
-    options = train_options(c) if s["kind"] in FLOW_KINDS else None
+    options = train_options(c) if s["kind"] in TRAINED_KINDS else None
     if s["kind"] in FLOW_KINDS:
         flow = flow_config(c)
         total += 4 * options.batch * 4 ** L * flow.hidden * flow.blocks * 2
+    elif s["kind"] == "iaf":          # MADE weights (two layers) and their Adam moments
+        width = made_width(4 ** L, s["hidden"])
+        total += 4 * 8 * s["blocks"] * (2 * width * 4 ** L + width ** 2)
     if c["prior"]["kind"] == "matern":
         total += sum(1.5 * 8 * 25 * 16 ** (l - 1) for l in range(2, L))
     if c["forward"]["kind"] != "elliptic":
@@ -158,6 +168,8 @@ def estimate_memory(case):
         n = _free_dofs(case, level)
         per_sample = 8 * (3.0 if c["forward"]["degree"] == 1 else 4.5) * n * math.log2(max(n, 2))
         batch = _largest_batch(case, level, options)
+        if batch == 0:                     # no model on this level
+            continue
         held += max(min(FACTOR_BYTES_HELD, batch * per_sample), min(batch, 8) * per_sample)
         transient = max(transient, min(batch, 8) * per_sample + 8 * batch * (2 * n + 12 * n_obs))
         total += 3 * 8 * n * len(c["observations"]["functions"])
@@ -183,6 +195,9 @@ def _largest_batch(case, level, options):
     if kind in MCMC_KINDS or kind in ("laplace", "gpcn"):
         return max(chain_config(c).chains,
                    min(c["output"]["samples"], EVALUATION_CHUNK) if finest else 0, 50)
+    if kind in VI_KINDS:               # one level only
+        return max(c["sampler"]["batch"], min(c["output"]["samples"], EVALUATION_CHUNK),
+                   correction_config(c).chains, 50) if finest else 0
     chunk = EVALUATION_CHUNK
     batch = options.batch * options.evaluations
     if options.objective == "jeffreys" and level <= options.pool_levels:
@@ -262,7 +277,7 @@ def summary_lines(case):
                  + (f" (this machine has {have / 1e9:.1f} GB)" if have else ""))
     s = case.config["sampler"]
     correction = correction_config(case.config)
-    if s["kind"] in FLOW_KINDS and correction.enabled:
+    if s["kind"] in TRAINED_KINDS and correction.enabled:
         most = correction.most_solves() - correction.reserved()
         if s["budget"]:
             most = max(min(most, s["budget"] - solves), 0)

@@ -13,12 +13,10 @@ from geoinvert.errors import CaseError
 from geoinvert.inference.config import RECIPE_KEYS, recipe_options
 from geoinvert.case.build import Case, build_elliptic
 from geoinvert.case.inputs import check_mesh, read_data_file, resolve
-from geoinvert.case.schema import (FLOW_KINDS, KEYS, KINDS, MAX_CASE_BYTES, MAX_DEPTH,
-                                   MAX_OBSERVATIONS, REQUIRED,
-                                   REQUIRED_SECTIONS,
-                                   SAMPLER_KEY_KINDS, SCHEMA,
-                                   correction_config, short,
-                                   suggest, type_error)
+from geoinvert.case.schema import (KEYS, KINDS, MAX_CASE_BYTES, MAX_DEPTH, MAX_OBSERVATIONS,
+                                   REQUIRED, REQUIRED_SECTIONS, SAMPLER_KEY_KINDS, SCHEMA,
+                                   TRAINED_KINDS, VI_KINDS, correction_config, short, suggest,
+                                   type_error)
 
 __all__ = ["CaseLoader", "load_case", "prior_from_text"]
 
@@ -199,7 +197,7 @@ def _rule_keys_of_the_kind(raw, kind):
         if kind in kinds or not _lookup(raw, f"sampler.{key}")[1]:
             continue
         hint = ""
-        if kind in FLOW_KINDS and key in ("chains", "draws", "warmup", "leapfrog"):
+        if kind in TRAINED_KINDS and key in ("chains", "draws", "warmup", "leapfrog"):
             hint = f" (the flow's correction has its own: sampler.correction.{key})"
         raise CaseError(f"sampler.{key}", f"applies to sampler.kind {', '.join(kinds)}, not "
                         f"to {kind}{hint}")
@@ -210,7 +208,10 @@ def _rule_correction_for_flows(raw, config):
     flows); a budget must leave room for training."""
     s = config["sampler"]
     _rule_keys_of_the_kind(raw, s["kind"])
-    if s["kind"] not in FLOW_KINDS:
+    if s["kind"] in VI_KINDS and isinstance(s["steps"], list):
+        raise CaseError("sampler.steps", f"{s['kind']} trains one level: give one number of "
+                        "steps")
+    if s["kind"] not in TRAINED_KINDS:
         return
     reserved = correction_config(config).reserved() + config["output"]["samples"]
     if s["budget"] and s["budget"] <= reserved:

@@ -23,7 +23,7 @@ from geoinvert.inference.config import (CHAIN_KINDS, CORRECTION_COORDINATES, COR
 
 __all__ = ["REQUIRED", "SECTIONS", "REQUIRED_SECTIONS", "BOUNDARIES", "Key", "MAX_CASE_BYTES",
            "MAX_DEPTH", "MAX_SEED", "MAX_OBSERVATIONS", "MAX_MESH_XML_BYTES", "short",
-           "SAMPLER_KINDS", "MCMC_KINDS", "FLOW_KINDS", "SCHEMA", "KEYS", "type_error",
+           "SAMPLER_KINDS", "MCMC_KINDS", "FLOW_KINDS", "VI_KINDS", "TRAINED_KINDS", "SCHEMA", "KEYS", "type_error",
            "KINDS", "suggest", "SAMPLER_KEY_KINDS", "correction_config", "flow_config",
            "chain_config", "train_options"]
 
@@ -106,11 +106,15 @@ def _between(lo, hi):
     return check
 
 
-SAMPLER_KINDS = ("msign", "asvgd", "laplace", "pcn", "mala", "hmc", "gpcn")
+SAMPLER_KINDS = ("msign", "asvgd", "iaf", "meanfield", "laplace", "pcn", "mala", "hmc", "gpcn")
 
 MCMC_KINDS = CHAIN_KINDS
 
 FLOW_KINDS = ("msign", "asvgd")
+VI_KINDS = ("iaf", "meanfield")
+"""Single-level variational families trained by the reverse KL (no stages, no checkpoints)."""
+TRAINED_KINDS = FLOW_KINDS + VI_KINDS
+"""The kinds that train a network and then correct its draws."""
 
 
 def _one_of(*choices):
@@ -262,7 +266,9 @@ SCHEMA = (
     Key("noise.std", "float_or_floats", REQUIRED, "Standard deviation of the Gaussian "
         "observation noise: one number or one per observation.", "0.01", _each_positive),
     Key("sampler.kind", "str", "msign", "Sampler: `msign` (the flow, trained stage by stage), "
-        "`asvgd` (the same network trained by amortized SVGD), `laplace` (the Gaussian at the "
+        "`asvgd` (the same network trained by amortized SVGD), `iaf` (an inverse "
+        "autoregressive flow on the finest level, `sampler.blocks` MADE maps, trained by the "
+        "reverse KL), `meanfield` (a mean-field Gaussian, likewise), `laplace` (the Gaussian at the "
         "MAP point with the low-rank Gauss-Newton Hessian, uncorrected), or a reference MCMC "
         "run on the finest level: `pcn`, `mala`, `hmc`, `gpcn` (pCN with the Laplace "
         "covariance as proposal).", "hmc", _one_of(*SAMPLER_KINDS)),
@@ -459,8 +465,9 @@ def suggest(word, choices):
 
 
 SAMPLER_KEY_KINDS = {
-    **{key: FLOW_KINDS for key in ("blocks", "hidden", "upsampling", "steps", "batch", "lr",
-                                   "lr_warmup", "budget", "checkpoint_every", "correction")},
+    **{key: TRAINED_KINDS for key in ("steps", "batch", "lr", "budget", "correction")},
+    **{key: FLOW_KINDS + ("iaf",) for key in ("blocks", "hidden")},
+    **{key: FLOW_KINDS for key in ("upsampling", "lr_warmup", "checkpoint_every")},
     **{key: ("msign",) for key in ("objective", "recipe", "coarse_sampler", "pool_levels",
                                    "reverse_weight", "frozen_proposal", "pool_warmup")},
     **{f.name: f.metadata["kinds"] for f in dataclasses.fields(ChainConfig)},

@@ -8,7 +8,7 @@ __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "
            "RECIPES", "UPSAMPLINGS", "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
-           "CorrectionConfig", "metric_windows"]
+           "CorrectionConfig", "metric_windows", "made_width"]
 
 # -- training -----------------------------------------------------------------------------------
 
@@ -291,3 +291,10 @@ def metric_windows(warmup):
     if warmup < 40:
         return ()
     return (int(0.15 * warmup), int(0.4 * warmup)), (int(0.4 * warmup), int(0.85 * warmup))
+
+
+def made_width(dim, hidden):
+    """Hidden units of each MADE layer of an IAF on ``dim`` parameters: at least twice the
+    dimension (a MADE narrower than its input cannot let every output depend on all its
+    predecessors), at least ``hidden``, at most 1024 (memory grows with width x dimension)."""
+    return int(min(max(2 * dim, hidden), 1024))

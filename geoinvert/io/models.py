@@ -88,12 +88,17 @@ def load_model(path):
         path: The ``.pt`` file, or the result ``.nc`` beside it.
 
     Returns:
-        :class:`~geoinvert.flows.msign.MsIGN` with ``.sample(n)`` and ``.log_prob(x)``.
+        :class:`~geoinvert.flows.msign.MsIGN` (or, for ``iaf`` and ``meanfield`` runs, a
+        :class:`~geoinvert.flows.autoregressive.WhitenedFlow`) with ``.sample(n)`` and
+        ``.log_prob(x)``.
     """
     import json
     from geoinvert.case import prior_from_text
     from geoinvert.flows.msign import MsIGN
     path = model_path(path)
-    meta = json.loads(path.with_suffix(".json").read_text()).get("metadata", {})
-    prior = prior_from_text(meta["case"])
+    info = json.loads(path.with_suffix(".json").read_text())
+    prior = prior_from_text(info.get("metadata", {})["case"])
+    if info.get("kind") in ("iaf", "meanfield"):
+        from geoinvert.flows.autoregressive import WhitenedFlow
+        return WhitenedFlow.load(path, prior)
     return MsIGN.load(path, prior)
