@@ -75,16 +75,26 @@ def _samples_figure(ds, outdir, count=4):
 
 
 def _training_figure(ds, outdir):
-    fig, (ax1, ax2) = _subplots(1, 2, figsize=(9, 3.4))
+    """The loss per stage against nFS and, when training measured one (Jeffreys), the
+    importance ESS; a variational run (one stage, ELBO) shows its loss as -ELBO."""
+    ess = ds["train_ess"].values if "train_ess" in ds else None
+    with_ess = ess is not None and np.isfinite(ess).any()
+    fig, axes = _subplots(1, 2 if with_ess else 1, figsize=(9, 3.4) if with_ess else (5, 3.4),
+                          squeeze=False)
+    ax1 = axes[0][0]
     nfs = ds["train_nfs"].values
+    variational = ds.attrs.get("sampler") in ("iaf", "meanfield")
     for stage in np.unique(ds["train_stage"].values):
         sel = ds["train_stage"].values == stage
-        ax1.plot(nfs[sel], ds["train_loss"].values[sel], label=f"stage {stage}")
-        if "train_ess" in ds:
-            ax2.plot(nfs[sel], ds["train_ess"].values[sel], label=f"stage {stage}")
-    ax1.set(xlabel="forward solves (nFS)", ylabel="loss", title="training loss")
-    ax2.set(xlabel="forward solves (nFS)", ylabel="ESS / n", title="importance-sampling ESS",
-            ylim=(0, 1.05))
+        label = f"level {stage}" if variational else f"stage {stage}"
+        ax1.plot(nfs[sel], ds["train_loss"].values[sel], label=label)
+        if with_ess:
+            axes[0][1].plot(nfs[sel], ess[sel], label=label)
+    ylabel = "-ELBO (reverse KL - log Z)" if variational else "loss"
+    ax1.set(xlabel="forward solves (nFS)", ylabel=ylabel, title="training loss")
+    if with_ess:
+        axes[0][1].set(xlabel="forward solves (nFS)", ylabel="ESS / n",
+                       title="importance-sampling ESS", ylim=(0, 1.05))
     ax1.legend(fontsize=7)
     return _save(fig, outdir / "training.png", ds)
 
