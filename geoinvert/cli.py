@@ -54,7 +54,13 @@ def build_parser():
     plot = sub.add_parser("plot", help="write PNG figures of a result file")
     plot.add_argument("result", type=Path, help="result netCDF file")
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: <result>_figures)")
-    for p in (run, check, plot):
+    sim = sub.add_parser("simulate", help="draw (field, data) pairs from a case's prior and "
+                         "forward model, for amortized inference")
+    sim.add_argument("case", type=Path, help="case file (YAML)")
+    sim.add_argument("--n", type=int, required=True, metavar="N", help="simulations to draw")
+    sim.add_argument("--out", type=Path, required=True, help="netCDF file to write")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the fields and the noise")
+    for p in (run, check, plot, sim):
         _common(p)
     return parser
 
@@ -218,7 +224,53 @@ def _plot(args):
     return 0
 
 
-COMMANDS = {"run": _run, "check": _check, "plot": _plot}
+def _simulate(args):
+    from geoinvert.case import MAX_SEED, load_case
+    from geoinvert.io import acquire_lock, release_lock
+    from geoinvert.simulate import simulate
+    if not 1 <= args.n <= 10**8:
+        raise UserError(f"--n: must be between 1 and 100000000, got {args.n}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    case = load_case(args.case)
+    world = _world()
+    root = world is None or world.Get_rank() == 0
+    problem = _writable(args.out) if root else None
+    if root and problem is None:
+        held = acquire_lock(args.out, case.name)
+        advice = "; wait for it to finish or choose another --out" if held and \
+            held.startswith("another run") else ""
+        problem = f"{held}{advice}" if held else None
+    if world is not None:
+        problem = world.bcast(problem)
+    if problem:
+        raise UserError(f"{args.out}: {problem}")
+    try:
+        written, failed = simulate(case, args.n, args.out, seed=args.seed, comm=world,
+                                   progress=not args.quiet)
+    finally:
+        if root:
+            release_lock(args.out)
+    if root and not args.quiet:
+        print(f"wrote {args.out}: {written} simulations of {case.name}"
+              + (f" ({failed} draws with a failed solve left out)" if failed else ""))
+    return 0
+
+
+def _writable(path):
+    """What prevents writing ``path`` (a message), or None; creates its folder."""
+    import os
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create its folder ({err.strerror})"
+    return None if os.access(path.parent, os.W_OK) else "its folder is not writable"
+
+
+COMMANDS = {"run": _run, "check": _check, "plot": _plot, "simulate": _simulate}
 
 
 def _error(message):

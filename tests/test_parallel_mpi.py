@@ -145,3 +145,18 @@ def test_variational_training_is_the_same_on_one_and_all_ranks(kind):
     shared, loss_shared = trained(WORLD)
     torch.testing.assert_close(shared, alone, rtol=1e-9, atol=1e-11)
     assert loss_shared == pytest.approx(loss_alone, rel=1e-9)
+
+
+def test_simulations_are_the_same_on_one_and_all_ranks():
+    from geoinvert.io import read_simulations
+    from geoinvert.simulate import simulate
+    case = load_case(small_case())
+    folder = shared_tmp()
+    simulate(case, 50, folder / "all.nc", seed=1, chunk=16, comm=WORLD)
+    if WORLD.rank == 0:
+        simulate(case, 50, folder / "one.nc", seed=1, chunk=16)
+        for (f1, d1), (f2, d2) in zip(read_simulations(folder / "all.nc"),
+                                      read_simulations(folder / "one.nc")):
+            np.testing.assert_array_equal(f1, f2)
+            np.testing.assert_allclose(d1, d2, rtol=0, atol=1e-12)
+    WORLD.Barrier()
