@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from geoinvert.flows.glow import FieldFlow, squeeze, unsqueeze
 from geoinvert.hierarchy import haar, inverse_haar
 
-__all__ = ["MsIGN", "NearestUpsampling", "SqueezeSplit", "UPSAMPLINGS",
+__all__ = ["MsIGN", "ContextEmbedding", "NearestUpsampling", "SqueezeSplit", "UPSAMPLINGS",
            "standard_normal_log_prob"]
 
 UPSAMPLINGS = ("prior", "nearest", "squeeze")
@@ -134,6 +134,30 @@ def upsampling_layer(kind: str, prior, level: int):
     return SqueezeSplit(level)
 
 
+class ContextEmbedding(nn.Module):
+    """Maps a condition vector c ``(num, k)`` to one context tensor per level, ``(num, C,
+    m, m)`` with m = 2**(l-1) the squeezed side of level l: a shared two-layer MLP (tanh)
+    then a linear read-out per level. The read-outs start at zero, so a conditional MsIGN
+    starts as the unconditional one (the identity flows, i.e. the prior)."""
+
+    def __init__(self, features: int, levels: int, channels: int, hidden: int):
+        super().__init__()
+        width = max(2 * hidden, 32)
+        self.channels = channels
+        self.trunk = nn.Sequential(nn.Linear(features, width), nn.Tanh(),
+                                   nn.Linear(width, width), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(width, channels * 4 ** (level - 1))
+                                   for level in range(1, levels + 1))
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, c: Tensor) -> list[Tensor]:
+        h = self.trunk(c)
+        return [head(h).reshape(c.shape[0], self.channels, 2 ** (level - 1), 2 ** (level - 1))
+                for level, head in enumerate(self.heads, start=1)]
+
+
 class MsIGN(nn.Module):
     r"""Multiscale invertible generative network (MsIGN) over the levels of a Gaussian prior.
 
@@ -176,6 +200,11 @@ class MsIGN(nn.Module):
         stage: Initially active stage s, 1 <= s <= L.
         upsampling: Layer between levels, ``"prior"`` (PC_l, the default), ``"nearest"`` or
             ``"squeeze"`` (see above).
+        context_features: Length of a condition vector c (e.g. standardised data y); with
+            it every coupling of F_l sees ``context_channels`` maps of the lattice of level l
+            computed from c by a :class:`ContextEmbedding` (cINN-style), and the model is the
+            conditional density p(x | c). 0: unconditional.
+        context_channels: Channels of those maps.
 
     References:
         | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
@@ -188,7 +217,8 @@ class MsIGN(nn.Module):
 
     def __init__(self, prior, levels: int | None = None, *, blocks_per_level: int = 4,
                  hidden: int = 32, bound: float = 2.0, stage: int = 1,
-                 upsampling: str = "prior"):
+                 upsampling: str = "prior", context_features: int = 0,
+                 context_channels: int = 4):
         super().__init__()
         if upsampling not in UPSAMPLINGS:
             raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {upsampling!r}")
@@ -196,10 +226,17 @@ class MsIGN(nn.Module):
         self.prior = prior
         self.config = dict(levels=levels, blocks_per_level=blocks_per_level, hidden=hidden,
                            bound=bound, upsampling=upsampling)
+        channels = context_channels if context_features else 0
+        if context_features:
+            self.config.update(context_features=context_features,
+                               context_channels=context_channels)
         self.flows = nn.ModuleList(
-            FieldFlow(2**level, blocks_per_level, hidden, bound=bound)
+            FieldFlow(2**level, blocks_per_level, hidden, bound=bound,
+                      context_channels=channels)
             for level in range(1, levels + 1)
         )
+        self.embedding = ContextEmbedding(context_features, levels, channels, hidden) \
+            if context_features else None
         self.register_buffer("_stage", torch.tensor(0))
         self._conditionings = {}
         self.set_stage(stage)
@@ -251,44 +288,64 @@ class MsIGN(nn.Module):
     def _to_prior(self, t: Tensor) -> Tensor:
         return t.to(self.prior_dtype)
 
-    def _flow(self, level: int, x: Tensor, upto: int) -> tuple[Tensor, Tensor]:
+    def _flow(self, level: int, x: Tensor, upto: int, maps=None) -> tuple[Tensor, Tensor]:
         if level > upto:
             return x, x.new_zeros(x.shape[0])
-        return self.flows[level - 1](x)
+        return self.flows[level - 1](x, None if maps is None else maps[level - 1])
 
-    def _flow_inverse(self, level: int, x: Tensor, upto: int) -> tuple[Tensor, Tensor]:
+    def _flow_inverse(self, level: int, x: Tensor, upto: int, maps=None
+                      ) -> tuple[Tensor, Tensor]:
         if level > upto:
             return x, x.new_zeros(x.shape[0])
-        return self.flows[level - 1].inverse(x)
+        return self.flows[level - 1].inverse(x, None if maps is None else maps[level - 1])
 
-    def _decode_levels(self, zs: list[Tensor], upto: int):
+    def _maps(self, context, num):
+        """Context maps of every level from ``context (num, k)`` (or one row for all), or
+        None for an unconditional model."""
+        if self.embedding is None:
+            if context is not None:
+                raise ValueError("this MsIGN takes no context (context_features = 0)")
+            return None
+        if context is None:
+            raise ValueError("this MsIGN is conditional: give the context (the data)")
+        context = torch.as_tensor(context, dtype=self.dtype)
+        if context.ndim == 1:
+            context = context.expand(num, -1)
+        return self.embedding(context)
+
+    def _decode_levels(self, zs: list[Tensor], upto: int, context=None):
         """Yield (x_l, log|det dx_l/dz_{1:l}|) for l = 1..len(zs)."""
+        maps = self._maps(context, zs[0].shape[0])
         x1, logdet = self.prior.coarsest(self._to_prior(zs[0]))
-        x, ld = self._flow(1, x1.to(self.dtype), upto)
+        x, ld = self._flow(1, x1.to(self.dtype), upto, maps)
         logdet = logdet + ld
         yield x, logdet
         for level, z in enumerate(zs[1:], start=2):
             pc = self.conditioning(level)
             x, ld_pc = pc.forward(self._to_prior(x), self._to_prior(z))
-            x, ld = self._flow(level, x.to(self.dtype), upto)
+            x, ld = self._flow(level, x.to(self.dtype), upto, maps)
             logdet = logdet + ld_pc + ld
             yield x, logdet
 
-    def decode(self, zs: list[Tensor], *, upto: int | None = None) -> tuple[Tensor, Tensor]:
-        r"""Map noises to a field, x_l = G(z_1, ..., z_l).
+    def decode(self, zs: list[Tensor], *, upto: int | None = None, context=None
+               ) -> tuple[Tensor, Tensor]:
+        r"""Map noises to a field, x_l = G(z_1, ..., z_l) (given ``context``, for a conditional
+        model).
 
         Args:
             zs: Noises z_1 ``(num, 2, 2)``, z_k ``(num, 3, 2**(k-1), 2**(k-1))``, k = 2..l.
             upto: Apply F_k only for k <= upto (default: the stage); others are the identity.
+            context: ``(num, context_features)`` or one row for all (conditional models).
 
         Returns:
             The field ``(num, 2**l, 2**l)`` and log|det dx/dz| ``(num,)``.
         """
         upto = self.stage if upto is None else upto
-        *_, (x, logdet) = self._decode_levels(zs, upto)
+        *_, (x, logdet) = self._decode_levels(zs, upto, context)
         return x, logdet
 
-    def encode(self, x: Tensor, *, upto: int | None = None) -> tuple[list[Tensor], Tensor]:
+    def encode(self, x: Tensor, *, upto: int | None = None, context=None
+               ) -> tuple[list[Tensor], Tensor]:
         r"""Map a field back to its noises, (z_1, ..., z_l) = G^{-1}(x_l), the inverse of :meth:`decode`.
 
         Args:
@@ -300,13 +357,14 @@ class MsIGN(nn.Module):
         """
         upto = self.stage if upto is None else upto
         x = x.to(self.dtype)
+        maps = self._maps(context, x.shape[0])
         zs, logdet = [], x.new_zeros(x.shape[0])
         for level in range(level_of(x), 1, -1):
-            x, ld = self._flow_inverse(level, x, upto)
+            x, ld = self._flow_inverse(level, x, upto, maps)
             coarse, z, ld_pc = self.conditioning(level).inverse(self._to_prior(x))
             x, logdet = coarse.to(self.dtype), logdet + ld + ld_pc
             zs.append(z.to(self.dtype))
-        x, ld = self._flow_inverse(1, x, upto)
+        x, ld = self._flow_inverse(1, x, upto, maps)
         z1, ld_c = self.prior.coarsest_inverse(self._to_prior(x))
         zs.append(z1.to(self.dtype))
         return zs[::-1], logdet + ld + ld_c
@@ -321,7 +379,7 @@ class MsIGN(nn.Module):
         ]
 
     def sample(self, num: int, *, generator: torch.Generator | None = None,
-               level: int | None = None) -> tuple[Tensor, Tensor]:
+               level: int | None = None, context=None) -> tuple[Tensor, Tensor]:
         r"""Reparameterised samples x ~ p and their log densities log p(x).
 
         Both outputs are differentiable in the parameters (reverse KL training).
@@ -330,26 +388,28 @@ class MsIGN(nn.Module):
             num: Number of samples.
             generator: Source of the noise.
             level: Level of the samples (default: the stage; above it F_l = identity).
+            context: The condition of a conditional model (see :meth:`decode`).
 
         Returns:
             x ``(num, 2**level, 2**level)`` and log p(x) ``(num,)``.
         """
         zs = self.sample_noise(num, level or self.stage, generator=generator)
-        x, logdet = self.decode(zs)
+        x, logdet = self.decode(zs, context=context)
         return x, standard_normal_log_prob(zs) - logdet
 
-    def log_prob(self, x: Tensor, level: int | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, level: int | None = None, context=None) -> Tensor:
         r"""log p(x) by inversion down the levels, differentiable in the parameters and in x.
 
         Args:
             x: Fields ``(num, n, n)``, n = 2**level.
             level: Level of x; checked against its shape when given.
+            context: The condition of a conditional model (see :meth:`decode`).
 
         Returns:
             log p(x) ``(num,)`` in :attr:`dtype`.
         """
         check_level(x, level)
-        zs, logdet = self.encode(x)
+        zs, logdet = self.encode(x, context=context)
         return standard_normal_log_prob(zs) + logdet
 
     def sample_levels(self, num: int, *, generator: torch.Generator | None = None,
