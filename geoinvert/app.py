@@ -23,7 +23,7 @@ from geoinvert.io import (acquire_lock, build_dataset, checkpoint_meta, checkpoi
                           model_path, read_checkpoint, release_lock, save_model,
                           write_checkpoint, write_netcdf)
 
-__all__ = ["Result", "run", "result_path", "summary_lines"]
+__all__ = ["Result", "run", "result_path", "summary_lines", "amortize", "infer", "load_amortized"]
 
 logger = logging.getLogger(__name__)
 
@@ -736,13 +736,20 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
         posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
         fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,
                         stop=stop, checkpoint_every=checkpoint_every)
+    return _finish(case, fit, seed, lay, path, start_time, kind)
+
+
+def _finish(case, fit, seed, lay, path, start_time, kind):
+    """The verdict, the result Dataset, the saved model and figures of a fit; rank 0 writes."""
+    from geoinvert.case import MCMC_KINDS
     fit = _without_failed_draws(fit)
     from geoinvert.diagnostics import verdict
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
     warnings = verdict(fit.diagnostics, raise_draws="sampler.draws" if kind in MCMC_KINDS
                        else "sampler.correction.draws",
-                       approximation="Laplace approximation" if kind == "laplace" else "flow")
+                       approximation={"laplace": "Laplace approximation",
+                                      "amortized": "amortized posterior"}.get(kind, "flow"))
     attrs["verdict"] = " | ".join(warnings) if warnings else "ok"
     ds = build_dataset(
         fit.x, log_prob=fit.log_prob, log_target=fit.log_target, bounds=case.bounds,
@@ -760,9 +767,9 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
     for name, value in (fit.psis or {}).items():
         ds[name] = (("y", "x"), value, {"long_name": f"PSIS-reweighted estimate of the "
                                         f"posterior {name[5:]} from the samples"})
-    mpath = model_path(path) if fit.model is not None else None
+    mpath = model_path(path) if fit.model is not None and kind != "amortized" else None
     if lay.root:
-        if fit.model is not None:
+        if mpath is not None:
             save_model(fit.model, mpath, {**checkpoint_meta(case, seed),
                                            "completed_stage": case.finest})
         write_netcdf(ds, path)
@@ -771,6 +778,123 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
     return Result(ds, fit.model, path, mpath)
 
 
+
+
+# -- amortized inversion ------------------------------------------------------------------
+
+def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=False):
+    """Train the amortized posterior of ``case`` on a ``geoinvert simulate`` file and save it
+    to ``out`` (.pt and .json, with the case text, so that :func:`infer` can rebuild the
+    case).
+
+    Raises:
+        CaseError: the simulations were made on another lattice or with other observations.
+    """
+    import torch
+    from geoinvert.errors import CaseError
+    from geoinvert.inference.amortized import train_amortized
+    from geoinvert.io import read_simulations
+    field, data = next(read_simulations(simulations, stop=1))
+    shape = case.lattice_shape(case.finest)
+    if field.shape[1:] != shape or data.shape[1] != case.n_obs:
+        raise CaseError(str(simulations), f"holds fields {field.shape[1:]} and {data.shape[1]} "
+                        f"observations; the case has {shape} and {case.n_obs}")
+    from tqdm.auto import tqdm
+    bar = tqdm(total=epochs, unit="epoch", disable=not progress, desc="amortized training")
+
+    def step(record):
+        bar.set_postfix(nll=f"{record['loss']:.4f}", held_out=f"{record['held_out']:.4f}")
+        bar.update(1)
+
+    try:
+        post, history = train_amortized(case.prior(), simulations, epochs=epochs, batch=batch,
+                                        generator=torch.Generator().manual_seed(int(seed)),
+                                        callback=step)
+    finally:
+        bar.close()
+    adapter = _Saver(post, {**checkpoint_meta(case, seed), "simulations": str(simulations),
+                            "history": history})
+    save_model(adapter, out, {})
+    return post, history
+
+
+class _Saver:
+    """``save(path, metadata)`` of an amortized posterior, for :func:`~geoinvert.io.save_model`."""
+
+    def __init__(self, post, metadata):
+        self.post, self.metadata = post, metadata
+
+    def save(self, path, *, metadata=None):
+        self.post.save(path, metadata={**self.metadata, **(metadata or {})})
+
+
+def load_amortized(path):
+    """``(AmortizedPosterior, case)`` of a model saved by :func:`amortize` (the case rebuilt
+    from the text stored with it)."""
+    import json
+    import yaml
+    from geoinvert.case import load_case
+    from geoinvert.inference.amortized import AmortizedPosterior
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text()).get("metadata", {})
+    case = load_case(yaml.safe_load(meta["case"]), folder=Path(meta.get("folder", ".")))
+    return AmortizedPosterior.load(path, case.prior()), case
+
+
+def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=False):
+    """Posterior of each data set in ``data`` from the amortized model at ``path``, written as
+    the standard result (one file per set: ``out``, or ``out`` with ``_k`` before the suffix
+    for several sets).
+
+    The draws of q(x | y) are evaluated against the case's posterior at y (one solve each), so
+    the result carries the importance diagnostics of the amortized fit (PSIS k-hat: how far
+    q(x | y) is from the exact posterior of this y) and the verdict; with ``correct`` they are
+    corrected to exactness (``sampler.correction`` of the case), at the cost of a correction.
+
+    Args:
+        path: The model (.pt).
+        data: ``(n_obs,)`` or ``(sets, n_obs)``.
+        out: Result file (.nc).
+        samples: Stored draws (default ``output.samples`` of the case).
+        correct: Correct the draws.
+
+    Returns:
+        List of :class:`~geoinvert.app.Result`.
+    """
+    import torch
+    import yaml
+    from geoinvert.case import load_case
+    from geoinvert.inference.amortized import AtData
+    from geoinvert.parallel import in_chunks, layout
+    post, case = load_amortized(path)
+    data = np.atleast_2d(np.asarray(data, float))
+    if data.shape[1] != case.n_obs:
+        from geoinvert.errors import CaseError
+        raise CaseError("--data", f"has {data.shape[1]} values per data set, the case "
+                        f"{case.n_obs} observations")
+    lay = layout(None)
+    results = []
+    for k, y in enumerate(data):
+        start = time.perf_counter()
+        config = yaml.safe_load(case.text)
+        config["data"] = {"values": y.tolist()}
+        if samples:
+            config.setdefault("output", {})["samples"] = int(samples)
+        here = load_case(config, folder=case.folder)
+        n = here.config["output"]["samples"]
+        posterior = here.posterior(here.finest)
+        x, log_q = post.sample(n, y, generator=torch.Generator().manual_seed(int(seed) + k))
+        log_target, pred = in_chunks(posterior.evaluate, x)
+        fit = _Fit(x.numpy(), log_q.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
+                   {here.finest: x.mean(0).numpy()}, [], n,
+                   _importance_diagnostics(log_target.numpy(), log_q.numpy()), post.model)
+        if correct:
+            fit = _correct_fit(fit, here, int(seed) + k, lay, posterior, progress=progress,
+                               approximation=AtData(post, y))
+        target = Path(out) if len(data) == 1 else Path(out).with_name(
+            f"{Path(out).stem}_{k}{Path(out).suffix}")
+        results.append(_finish(here, fit, int(seed) + k, lay, target, start, "amortized"))
+    return results
 
 
 def summary_lines(ds):

@@ -60,7 +60,24 @@ def build_parser():
     sim.add_argument("--n", type=int, required=True, metavar="N", help="simulations to draw")
     sim.add_argument("--out", type=Path, required=True, help="netCDF file to write")
     sim.add_argument("--seed", type=int, default=0, help="seed of the fields and the noise")
-    for p in (run, check, plot, sim):
+    am = sub.add_parser("amortize", help="train an amortized posterior q(x | y) on simulations")
+    am.add_argument("case", type=Path, help="case file (YAML)")
+    am.add_argument("--simulations", type=Path, required=True, help="file of geoinvert simulate")
+    am.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    am.add_argument("--epochs", type=int, default=20, help="passes over the simulations")
+    am.add_argument("--seed", type=int, default=0, help="seed of the weights and shuffles")
+    inf = sub.add_parser("infer", help="posterior of new data from an amortized model")
+    inf.add_argument("model", type=Path, help="model file of geoinvert amortize (.pt)")
+    inf.add_argument("--data", type=Path, required=True,
+                     help="CSV with a 'value' column, or netCDF with 'data (set, observation)'"
+                     " or 'value (observation)'")
+    inf.add_argument("--out", type=Path, required=True, help="result file (.nc); several data "
+                     "sets give OUT_0.nc, OUT_1.nc, ...")
+    inf.add_argument("--samples", type=int, help="stored draws (default: output.samples)")
+    inf.add_argument("--correct", action="store_true",
+                     help="correct the draws to the exact posterior of each data set")
+    inf.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    for p in (run, check, plot, sim, am, inf):
         _common(p)
     return parser
 
@@ -270,7 +287,85 @@ def _writable(path):
     return None if os.access(path.parent, os.W_OK) else "its folder is not writable"
 
 
-COMMANDS = {"run": _run, "check": _check, "plot": _plot, "simulate": _simulate}
+def _amortize(args):
+    from geoinvert.app import amortize
+    from geoinvert.case import MAX_SEED, load_case
+    if not 1 <= args.epochs <= 10**5:
+        raise UserError(f"--epochs: must be between 1 and 100000, got {args.epochs}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    case = load_case(args.case)
+    if not args.simulations.is_file():
+        raise UserError(f"{args.simulations}: no such simulations file")
+    problem = _writable(args.out)
+    if problem:
+        raise UserError(f"{args.out}: {problem}")
+    try:
+        _, history = amortize(case, args.simulations, args.out, epochs=args.epochs,
+                              seed=args.seed, progress=not args.quiet)
+    except ValueError as err:
+        from geoinvert.errors import CaseError
+        if isinstance(err, CaseError):
+            raise
+        raise UserError(str(err)) from None
+    if not args.quiet:
+        print(f"wrote {args.out}: held-out negative log likelihood per dimension "
+              f"{history[-1]['held_out']:.4f} after {len(history)} epochs")
+    return 0
+
+
+def _infer_data(path):
+    """Data sets ``(sets, n_obs)`` from a CSV ``value`` column or a netCDF ``data``/``value``."""
+    import numpy as np
+    if not path.is_file():
+        raise UserError(f"{path}: no such data file")
+    if path.suffix.lower() == ".csv":
+        from geoinvert.case.inputs import read_data_file
+        config = {"data": {"variable": "value"}}
+        values, _ = read_data_file(path, config)
+        return values[None]
+    import xarray as xr
+    try:
+        with xr.open_dataset(path) as ds:
+            name = "data" if "data" in ds else "value" if "value" in ds else None
+            if name is None:
+                raise UserError(f"{path}: has no variable 'data' (set, observation) or 'value'")
+            values = np.asarray(ds[name].values, float)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unreadable user file
+        raise UserError(f"{path}: cannot read as netCDF ({str(err).splitlines()[0][:80]})") \
+            from None
+    if not np.isfinite(values).all():
+        raise UserError(f"{path}: the data must be finite")
+    return np.atleast_2d(values)
+
+
+def _infer(args):
+    from geoinvert.app import infer
+    if args.samples is not None and not 2 <= args.samples <= 10**6:
+        raise UserError(f"--samples: must be between 2 and 1000000, got {args.samples}")
+    if not args.model.is_file() or not args.model.with_suffix(".json").is_file():
+        raise UserError(f"{args.model}: no such amortized model (.pt with its .json)")
+    data = _infer_data(args.data)
+    problem = _writable(args.out)
+    if problem:
+        raise UserError(f"{args.out}: {problem}")
+    try:
+        results = infer(args.model, data, args.out, samples=args.samples, seed=args.seed,
+                        correct=args.correct, progress=not args.quiet)
+    except ValueError as err:
+        from geoinvert.errors import CaseError
+        if isinstance(err, CaseError):
+            raise
+        raise UserError(str(err)) from None
+    for result in results:
+        _print_summary(result, quiet=args.quiet)
+    return 0
+
+
+COMMANDS = {"run": _run, "check": _check, "plot": _plot, "simulate": _simulate,
+            "amortize": _amortize, "infer": _infer}
 
 
 def _error(message):

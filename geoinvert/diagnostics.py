@@ -471,8 +471,9 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
         d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``, ``other_modes``,
             ``correction_unstarted``, ``failed_draws``.
         raise_draws: key that sets the number of draws (named in the warnings).
-        approximation: ``"flow"`` or ``"Laplace approximation"``: what the draws come from
-            when no chains ran (the remedy named differs).
+        approximation: ``"flow"``, ``"amortized posterior"`` or ``"Laplace
+            approximation"``: what the draws come from when no chains ran (the remedy named
+            differs).
 
     Returns:
         List of warning lines (empty: the result passes every check).
@@ -504,9 +505,11 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
             out.append(f"effective sample size {ess:.0f} < {ESS_MIN:.0f}: means and "
                        f"quantiles are noisy; raise {raise_draws}")
     elif d.get("psis_khat") is not None and d["psis_khat"] >= KHAT_USABLE:
-        remedy = ("set sampler.correction.kernel (e.g. hmc) or raise sampler.steps"
-                  if approximation == "flow" else
-                  "the posterior is not Gaussian: use sampler.kind gpcn (corrected) or msign")
+        remedy = {"flow": "set sampler.correction.kernel (e.g. hmc) or raise sampler.steps",
+                  "amortized posterior": "infer with --correct, or amortize on more "
+                  "simulations or epochs"}.get(
+            approximation, "the posterior is not Gaussian: use sampler.kind gpcn (corrected) "
+            "or msign")
         out.append(f"PSIS k-hat {d['psis_khat']:.2f} >= {KHAT_USABLE}: the {approximation}'s "
                    f"draws do not represent the posterior and no correction ran; {remedy}")
     return out

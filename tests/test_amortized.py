@@ -112,3 +112,44 @@ def test_save_and_load_round_trip(trained, tmp_path):
     torch.testing.assert_close(again.log_prob(x, y), log_q, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="must have 2 observations"):
         post.sample(3, np.zeros(5))
+
+
+def test_amortize_and_infer_from_the_command_line(tmp_path, capsys):
+    """simulate -> amortize -> infer writes one standard result per data set (uncorrected:
+    the importance diagnostics of q(x | y) against the posterior of y; with --correct: the
+    corrected chains); mismatched inputs are refused in one line."""
+    import xarray as xr
+    import yaml
+    from geoinvert import cli
+    from geoinvert.io import read_result
+    config = small_case()
+    config["levels"] = {"finest": 2}
+    config["output"] = {"samples": 200, "figures": False}
+    case = tmp_path / "c.yaml"
+    case.write_text(yaml.safe_dump(config))
+    sims, model = tmp_path / "s.nc", tmp_path / "q.pt"
+    assert cli.main(["simulate", str(case), "--n", "1500", "--out", str(sims), "-q"]) == 0
+    assert cli.main(["amortize", str(case), "--simulations", str(sims), "--out", str(model),
+                     "--epochs", "1", "-q"]) == 0
+    data = tmp_path / "d.nc"
+    xr.Dataset({"data": (("set", "observation"), np.array([[0.1, -0.2], [0.3, 0.0]]))}) \
+        .to_netcdf(data)
+    assert cli.main(["infer", str(model), "--data", str(data), "--out",
+                     str(tmp_path / "r.nc"), "-q"]) == 0
+    for k in (0, 1):
+        ds = read_result(tmp_path / f"r_{k}.nc")
+        assert ds.attrs["sampler"] == "amortized" and ds.sizes["sample"] == 200
+        assert np.isfinite(ds.attrs["diagnostics_psis_khat"])
+        np.testing.assert_allclose(ds["observed"].values, [[0.1, -0.2], [0.3, 0.0]][k])
+    capsys.readouterr()
+    bad = tmp_path / "bad.nc"
+    xr.Dataset({"data": (("set", "observation"), np.zeros((1, 3)))}).to_netcdf(bad)
+    assert cli.main(["infer", str(model), "--data", str(bad), "--out",
+                     str(tmp_path / "x.nc"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 3 values per data set, the case 2 observations" in err[0]
+    other = small_case()
+    case.write_text(yaml.safe_dump(other))             # an 8x8 case: the 4x4 simulations differ
+    assert cli.main(["amortize", str(case), "--simulations", str(sims), "--out",
+                     str(tmp_path / "q2.pt"), "-q"]) == 2
+    assert "holds fields (4, 4)" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import torch
 from geoinvert.flows.msign import MsIGN
 from geoinvert.inference.trainer import lr_factor
 
-__all__ = ["AmortizedPosterior", "train_amortized", "FORMAT_VERSION"]
+__all__ = ["AmortizedPosterior", "AtData", "train_amortized", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,3 +180,18 @@ def _held_out_nll(posterior, simulations, start, dim):
         for field, data in read_simulations(simulations, chunk=1024, start=start):
             values.append(-posterior.log_prob(field, data).numpy() / dim)
     return float(np.mean(np.concatenate(values))) if values else math.nan
+
+
+class AtData:
+    """The amortized posterior at one data set: ``sample(num, generator) -> (x, log q)`` and
+    ``log_prob(x)``, the interface of a correction's independence proposal."""
+
+    def __init__(self, post, y):
+        self.post, self.y = post, np.asarray(y, float)
+
+    def sample(self, num, generator=None):
+        return self.post.sample(num, self.y, generator=generator)
+
+    def log_prob(self, x):
+        with torch.no_grad():
+            return self.post.log_prob(x, self.y)
