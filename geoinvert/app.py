@@ -885,9 +885,12 @@ def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=Fals
         posterior = here.posterior(here.finest)
         x, log_q = post.sample(n, y, generator=torch.Generator().manual_seed(int(seed) + k))
         log_target, pred = in_chunks(posterior.evaluate, x)
+        diagnostics = _importance_diagnostics(log_target.numpy(), log_q.numpy())
+        outside = post.outside(y)
+        if outside.size:
+            diagnostics["outside_simulations"] = int(outside.size)
         fit = _Fit(x.numpy(), log_q.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
-                   {here.finest: x.mean(0).numpy()}, [], n,
-                   _importance_diagnostics(log_target.numpy(), log_q.numpy()), post.model)
+                   {here.finest: x.mean(0).numpy()}, [], n, diagnostics, post.model)
         if correct:
             fit = _correct_fit(fit, here, int(seed) + k, lay, posterior, progress=progress,
                                approximation=AtData(post, y))

@@ -463,7 +463,8 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     the bulk or tail ESS is below :data:`ESS_MIN`, and when the flow's own draws are the
     answer (no chains) with k-hat at or above :data:`KHAT_USABLE`, when a Laplace fit found
     other local maxima (``other_modes``), when the correction could not start
-    (``correction_unstarted``) and when draws with a failed forward solve were left out
+    (``correction_unstarted``), when data lie outside the simulations of an amortized posterior
+    (``outside_simulations``) and when draws with a failed forward solve were left out
     (``failed_draws`` of ``drawn``). Each warning names the key to raise or the sampler to
     use.
 
@@ -485,6 +486,10 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
                    "draws, not corrected; the forward model fails for fields this posterior "
                    "allows (a narrower prior.std, or stronger data, keeps the coefficient "
                    "within what double precision solves)")
+    if d.get("outside_simulations"):
+        out.append(f"{d['outside_simulations']} observations lie outside the range of the "
+                   "simulated data: the amortized posterior extrapolates (the model may be "
+                   "misspecified, or the simulations too few); infer with --correct")
     if d.get("failed_draws"):
         out.append(f"the forward solve failed for {d['failed_draws']} of the {d['drawn']} "
                    "draws, which were left out: the estimates come from the rest and are "

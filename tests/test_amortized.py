@@ -153,3 +153,16 @@ def test_amortize_and_infer_from_the_command_line(tmp_path, capsys):
     assert cli.main(["amortize", str(case), "--simulations", str(sims), "--out",
                      str(tmp_path / "q2.pt"), "-q"]) == 2
     assert "holds fields (4, 4)" in capsys.readouterr().err
+
+
+def test_data_outside_the_simulations_are_flagged(trained, tmp_path):
+    """Data beyond the range of every simulated data set make the verdict say that the
+    amortized posterior extrapolates; data inside do not."""
+    from geoinvert.diagnostics import verdict
+    case, post, _ = trained
+    _, y, _ = _new_data(case, 7)
+    assert post.outside(y).size == 0
+    far = y + 100 * post.data_std
+    assert list(post.outside(far)) == [0, 1]
+    warnings = verdict({"outside_simulations": 2}, approximation="amortized posterior")
+    assert len(warnings) == 1 and "extrapolates" in warnings[0]

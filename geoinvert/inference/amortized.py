@@ -37,12 +37,22 @@ class AmortizedPosterior:
     Args:
         model: The conditional MsIGN (``context_features`` = number of observations).
         data_mean, data_std: ``(n_obs,)`` arrays.
+        data_range: ``(2, n_obs)`` smallest and largest simulated value of each observation.
     """
 
-    def __init__(self, model, data_mean, data_std):
+    def __init__(self, model, data_mean, data_std, data_range=None):
         self.model = model
         self.data_mean = np.asarray(data_mean, float)
         self.data_std = np.asarray(data_std, float)
+        self.data_range = None if data_range is None else np.asarray(data_range, float)
+
+    def outside(self, y):
+        """Indices of the observations of ``y`` outside the range of the simulated data (the
+        network extrapolates there: misspecified model or too few simulations)."""
+        if self.data_range is None:
+            return np.zeros(0, int)
+        y = np.asarray(y, float)
+        return np.flatnonzero((y < self.data_range[0]) | (y > self.data_range[1]))
 
     def context(self, y):
         """Standardised data ``(num, n_obs)`` or ``(n_obs,)`` as a tensor of the model's dtype."""
@@ -71,6 +81,8 @@ class AmortizedPosterior:
         self.model.save(path, metadata={"format_version": FORMAT_VERSION, "amortized": True,
                                         "data_mean": self.data_mean.tolist(),
                                         "data_std": self.data_std.tolist(),
+                                        "data_range": None if self.data_range is None
+                                        else self.data_range.tolist(),
                                         **(metadata or {})})
 
     @classmethod
@@ -87,19 +99,21 @@ class AmortizedPosterior:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: saved with format version {meta.get('format_version')}, "
                              f"this geoinvert reads {FORMAT_VERSION}")
-        return cls(MsIGN.load(path, prior), meta["data_mean"], meta["data_std"])
+        return cls(MsIGN.load(path, prior), meta["data_mean"], meta["data_std"],
+                   meta.get("data_range"))
 
 
 def _moments(path):
-    """Mean and std of the data of a simulations file, in one pass over its chunks."""
+    """Mean, std and range ``(2, n_obs)`` of the data of a simulations file, in one pass."""
     from geoinvert.io import read_simulations
-    total, square, count = 0.0, 0.0, 0
+    total, square, count, low, high = 0.0, 0.0, 0, np.inf, -np.inf
     for _, data in read_simulations(path):
         total = total + data.sum(0)
         square = square + (data ** 2).sum(0)
+        low, high = np.minimum(low, data.min(0)), np.maximum(high, data.max(0))
         count += len(data)
     mean = total / count
-    return mean, np.sqrt(np.maximum(square / count - mean ** 2, 1e-300))
+    return mean, np.sqrt(np.maximum(square / count - mean ** 2, 1e-300)), np.stack([low, high])
 
 
 def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks=4,
@@ -132,12 +146,12 @@ def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks
     if split < batch:
         raise ValueError(f"{simulations}: {total} simulations, fewer than a batch of {batch} "
                          "to train on")
-    mean, std = _moments(simulations)
+    mean, std, data_range = _moments(simulations)
     first = next(read_simulations(simulations, stop=1))[1]
     model = MsIGN(prior, blocks_per_level=blocks, hidden=hidden, stage=prior.levels,
                   context_features=first.shape[1], context_channels=context_channels)
     model = model.to(torch.float32)
-    posterior = AmortizedPosterior(model, mean, std)
+    posterior = AmortizedPosterior(model, mean, std, data_range)
     dim = 4 ** prior.levels
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = max(1, split // batch)
