@@ -15,7 +15,7 @@ from geoinvert.errors import CaseError
 from geoinvert.inference.config import (CHAIN_KINDS, CORRECTION_COORDINATES, CORRECTION_KERNELS,
                                         RECIPE_KEYS,
                                         RECIPES, STEPS,
-                                        UPSAMPLINGS,
+                                        UPSAMPLINGS, FLOW_BLOCKS,
                                         ChainConfig,
                                         CorrectionConfig,
                                         FlowConfig,
@@ -161,7 +161,7 @@ _CORRECTION_LIMITS = {"kernel": _one_of(*CORRECTION_KERNELS),
 
 
 _FLOW_LIMITS = {"blocks": _between(1, 64), "hidden": _between(2, 1024),
-                "upsampling": _one_of(*UPSAMPLINGS)}
+                "upsampling": _one_of(*UPSAMPLINGS), "flow": _one_of(*FLOW_BLOCKS)}
 
 
 def _flow_keys():
@@ -467,7 +467,7 @@ def suggest(word, choices):
 SAMPLER_KEY_KINDS = {
     **{key: TRAINED_KINDS for key in ("steps", "batch", "lr", "budget", "correction")},
     **{key: FLOW_KINDS + ("iaf",) for key in ("blocks", "hidden")},
-    **{key: FLOW_KINDS for key in ("upsampling", "lr_warmup", "checkpoint_every")},
+    **{key: FLOW_KINDS for key in ("upsampling", "flow", "lr_warmup", "checkpoint_every")},
     **{key: ("msign",) for key in ("objective", "recipe", "coarse_sampler", "pool_levels",
                                    "reverse_weight", "frozen_proposal", "pool_warmup")},
     **{f.name: f.metadata["kinds"] for f in dataclasses.fields(ChainConfig)},

@@ -26,7 +26,8 @@ from torch import nn
 from geoinvert.inference.config import made_width
 from geoinvert.samplers.whitening import prior_whitening, standard_normal_log_prob
 
-__all__ = ["WhitenedFlow", "IAF", "MeanField", "VI_FAMILIES", "made_width"]
+__all__ = ["WhitenedFlow", "IAF", "MeanField", "VI_FAMILIES", "made_width",
+           "AutoregressiveFieldFlow"]
 
 _F64 = torch.float64
 FORMAT_VERSION = 1
@@ -141,20 +142,9 @@ class IAF(WhitenedFlow):
     kind = "iaf"
 
     def __init__(self, prior, level, *, transforms=4, hidden=32):
-        from zuko.flows.autoregressive import MaskedAutoregressiveTransform
         super().__init__(prior, level)
         self.transforms_, self.hidden = int(transforms), int(hidden)
-        width = made_width(self.dim, hidden)
-        ascending = torch.arange(self.dim)
-        self.maps = nn.ModuleList([
-            MaskedAutoregressiveTransform(self.dim, order=ascending if i % 2 == 0
-                                          else ascending.flip(0), hidden_features=(width, width))
-            for i in range(self.transforms_)])
-        for made in self.maps:                  # zero last layer: every map is the identity
-            last = made.hyper[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-        self.to(_F64)
+        self.maps = _identity_mades(self.dim, self.transforms_, hidden, _F64)
 
     @property
     def config(self):
@@ -177,3 +167,57 @@ class IAF(WhitenedFlow):
 
 VI_FAMILIES = {"iaf": IAF, "meanfield": MeanField}
 """The variational families by ``sampler.kind``."""
+
+
+def _identity_mades(dim, transforms, hidden, dtype=None):
+    """``transforms`` zuko MADE maps on R^dim, orders alternating, each the identity (zero
+    last layer)."""
+    from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+    width = made_width(dim, hidden)
+    ascending = torch.arange(dim)
+    maps = nn.ModuleList([
+        MaskedAutoregressiveTransform(dim, order=ascending if i % 2 == 0 else ascending.flip(0),
+                                      hidden_features=(width, width))
+        for i in range(transforms)])
+    for made in maps:
+        nn.init.zeros_(made.hyper[-1].weight)
+        nn.init.zeros_(made.hyper[-1].bias)
+    return maps if dtype is None else maps.to(dtype)
+
+
+class AutoregressiveFieldFlow(nn.Module):
+    """A flow F_l of the MsIGN made of MADE maps in the IAF direction on the flattened field
+    (row-major cells), in place of :class:`~geoinvert.flows.glow.FieldFlow`'s Glow blocks:
+    ``forward(x) -> (y, log|det|)`` in one pass per map (the sampling direction), ``inverse``
+    in n^2 sequential passes per map. The identity at initialisation; no context.
+
+    Args:
+        n: Side of the field.
+        transforms: MADE maps.
+        hidden: Lower bound of their width (:func:`made_width`).
+    """
+
+    def __init__(self, n, transforms=4, hidden=32, **_):
+        super().__init__()
+        self.n = int(n)
+        self.maps = _identity_mades(self.n ** 2, transforms, hidden)
+
+    def forward(self, x, context=None):
+        if context is not None:
+            raise ValueError("the autoregressive flows take no context")
+        z = x.reshape(x.shape[0], -1)
+        logdet = z.new_zeros(z.shape[0])
+        for made in self.maps:
+            z, ladj = made().call_and_ladj(z)
+            logdet = logdet + ladj
+        return z.reshape(x.shape), logdet
+
+    def inverse(self, y, context=None):
+        if context is not None:
+            raise ValueError("the autoregressive flows take no context")
+        u = y.reshape(y.shape[0], -1)
+        logdet = u.new_zeros(u.shape[0])
+        for made in reversed(self.maps):
+            u, ladj = made().inv.call_and_ladj(u)
+            logdet = logdet + ladj
+        return u.reshape(y.shape), logdet

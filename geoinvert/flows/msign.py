@@ -205,6 +205,9 @@ class MsIGN(nn.Module):
             computed from c by a :class:`ContextEmbedding` (cINN-style), and the model is the
             conditional density p(x | c). 0: unconditional.
         context_channels: Channels of those maps.
+        flow: The flows F_l: ``"glow"`` (:class:`~geoinvert.flows.glow.FieldFlow`) or
+            ``"iaf"`` (:class:`~geoinvert.flows.autoregressive.AutoregressiveFieldFlow`, MADE
+            maps in the IAF direction: fast draws, slow densities of given fields).
 
     References:
         | Multiscale Invertible Generative Networks for High-Dimensional Bayesian Inference
@@ -218,10 +221,12 @@ class MsIGN(nn.Module):
     def __init__(self, prior, levels: int | None = None, *, blocks_per_level: int = 4,
                  hidden: int = 32, bound: float = 2.0, stage: int = 1,
                  upsampling: str = "prior", context_features: int = 0,
-                 context_channels: int = 4):
+                 context_channels: int = 4, flow: str = "glow"):
         super().__init__()
         if upsampling not in UPSAMPLINGS:
             raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {upsampling!r}")
+        if flow not in ("glow", "iaf") or (flow == "iaf" and context_features):
+            raise ValueError(f"flow must be 'glow' or, without a context, 'iaf'; got {flow!r}")
         levels = prior.levels if levels is None else levels
         self.prior = prior
         self.config = dict(levels=levels, blocks_per_level=blocks_per_level, hidden=hidden,
@@ -230,11 +235,14 @@ class MsIGN(nn.Module):
         if context_features:
             self.config.update(context_features=context_features,
                                context_channels=context_channels)
-        self.flows = nn.ModuleList(
-            FieldFlow(2**level, blocks_per_level, hidden, bound=bound,
-                      context_channels=channels)
-            for level in range(1, levels + 1)
-        )
+        if flow != "glow":
+            self.config["flow"] = flow
+            from geoinvert.flows.autoregressive import AutoregressiveFieldFlow
+            make = lambda n: AutoregressiveFieldFlow(n, blocks_per_level, hidden)  # noqa: E731
+        else:
+            make = lambda n: FieldFlow(n, blocks_per_level, hidden, bound=bound,  # noqa: E731
+                                       context_channels=channels)
+        self.flows = nn.ModuleList(make(2**level) for level in range(1, levels + 1))
         self.embedding = ContextEmbedding(context_features, levels, channels, hidden) \
             if context_features else None
         self.register_buffer("_stage", torch.tensor(0))

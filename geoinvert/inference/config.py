@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "TrainOptions",
-           "RECIPES", "UPSAMPLINGS", "FlowConfig",
+           "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS", "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
            "CorrectionConfig", "metric_windows", "made_width"]
@@ -104,6 +104,8 @@ def recipe_options(recipe, **given):
 # -- the flow -----------------------------------------------------------------------------------
 
 UPSAMPLINGS = ("prior", "nearest", "squeeze")
+FLOW_BLOCKS = ("glow", "iaf")
+"""The kinds of flow F_l inside the MsIGN: Glow blocks, or MADE maps in the IAF direction."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ class FlowConfig:
         "doc": "Flows: how a level is refined, `prior` (the prior conditioning layer of MsIGN), "
                "or the ablations `nearest` (stochastic nearest-neighbour upsampling) and "
                "`squeeze` (Glow's split/squeeze).", "example": "nearest"})
+    flow: str = dataclasses.field(default="glow", metadata={
+        "doc": "Flows F_l of the MsIGN: `glow` (affine-coupling Glow blocks) or `iaf` (`blocks` "
+               "MADE maps in the inverse autoregressive direction on each level's field: fast "
+               "draws, d sequential passes for the density of a given field).",
+        "example": "iaf"})
 
     def __post_init__(self):
         for name, low in (("blocks", 1), ("hidden", 2)):
@@ -131,11 +138,13 @@ class FlowConfig:
         if self.upsampling not in UPSAMPLINGS:
             raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got "
                              f"{self.upsampling!r}")
+        if self.flow not in FLOW_BLOCKS:
+            raise ValueError(f"flow must be one of {FLOW_BLOCKS}, got {self.flow!r}")
 
     def model_options(self):
         """The keywords of :class:`~geoinvert.flows.msign.MsIGN`."""
         return {"blocks_per_level": self.blocks, "hidden": self.hidden,
-                "upsampling": self.upsampling}
+                "upsampling": self.upsampling, "flow": self.flow}
 
 
 # -- MCMC kinds -------------------------------------------------------------------------------
