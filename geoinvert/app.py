@@ -23,7 +23,8 @@ from geoinvert.io import (acquire_lock, build_dataset, checkpoint_meta, checkpoi
                           model_path, read_checkpoint, release_lock, save_model,
                           write_checkpoint, write_netcdf)
 
-__all__ = ["Result", "run", "result_path", "summary_lines", "amortize", "infer", "load_amortized"]
+__all__ = ["Result", "run", "result_path", "summary_lines", "amortize", "infer", "load_amortized",
+           "calibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -898,6 +899,94 @@ def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=Fals
             f"{Path(out).stem}_{k}{Path(out).suffix}")
         results.append(_finish(here, fit, int(seed) + k, lay, target, start, "amortized"))
     return results
+
+
+def calibrate(path, simulations, out, *, sets=200, draws=99, seed=0):
+    """Calibration of an amortized posterior over simulated data sets it was not trained on:
+    SBC ranks of the truth (the domain mean and eight cells on a regular sub-grid) and TARP
+    expected coverage with references drawn from the prior. Writes ``out/calibration.json``
+    and ``out/sbc.png``, ``out/tarp.png``.
+
+    Returns:
+        dict with ``sbc_p`` (per summary), ``sbc_ok`` (smallest p above 0.01 / summaries),
+        ``tarp_levels``, ``tarp_coverage``, ``tarp_deviation`` (largest |coverage - level|),
+        ``tarp_bound`` (4 binomial standard errors at level 0.5) and ``tarp_ok``.
+    """
+    import json
+    import torch
+    from geoinvert.diagnostics import rank_uniformity, sbc_ranks, tarp_coverage
+    from geoinvert.io import read_simulations
+    post, case = load_amortized(path)
+    fields, data = [], []
+    for f, d in read_simulations(simulations, stop=sets):
+        fields.append(f)
+        data.append(d)
+    fields, data = np.concatenate(fields), np.concatenate(data)
+    if len(fields) < 20:
+        raise ValueError(f"{simulations}: {len(fields)} simulations; calibration needs at "
+                         "least 20 (200 or more for a sharp test)")
+    n = fields.shape[1]
+    cells = np.linspace(0, n - 1, 4).round().astype(int)
+    picks = [(i, j) for i in cells[1:3] for j in cells] + [(cells[0], cells[1]),
+                                                         (cells[3], cells[2])]
+
+    def summaries(x):
+        x = np.asarray(x)
+        return np.column_stack([x.mean((1, 2))] + [x[:, i, j] for i, j in picks[:8]])
+
+    samples = np.stack([post.sample(draws, y, generator=torch.Generator().manual_seed(seed + k))
+                        [0].numpy() for k, y in enumerate(data)])
+    ranks = sbc_ranks(samples, fields, summaries)
+    stat, p = rank_uniformity(ranks, draws)
+    refs = case.prior().sample(len(fields), case.finest,
+                               generator=torch.Generator().manual_seed(seed + 7)).numpy()
+    levels, coverage = tarp_coverage(samples, fields, refs)
+    bound = 4 * 0.5 / np.sqrt(len(fields))
+    result = {"sets": int(len(fields)), "draws": int(draws),
+              "sbc_summaries": ["domain mean"] + [f"cell ({i}, {j})" for i, j in picks[:8]],
+              "sbc_statistic": stat.tolist(), "sbc_p": p.tolist(),
+              "sbc_ok": bool(p.min() > 0.01 / len(p)),
+              "tarp_levels": levels.tolist(), "tarp_coverage": coverage.tolist(),
+              "tarp_deviation": float(np.abs(coverage - levels).max()),
+              "tarp_bound": float(bound)}
+    result["tarp_ok"] = bool(result["tarp_deviation"] <= bound)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(result, indent=1))
+    _calibration_figures(ranks, draws, result, out)
+    return result
+
+
+def _calibration_figures(ranks, draws, result, out):
+    from matplotlib.figure import Figure
+    k = ranks.shape[1]
+    cols = min(k, 5)
+    rows = -(-k // cols)
+    fig = Figure(figsize=(2.3 * cols, 2.2 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[k:]:
+        ax.set_visible(False)
+    for ax, r, name, p in zip(axes, ranks.T, result["sbc_summaries"], result["sbc_p"]):
+        ax.hist(r, bins=10, range=(0, draws + 1), color="C0", alpha=0.8)
+        ax.axhline(len(r) / 10, color="k", lw=0.8)
+        ax.set_title(f"{name}\np = {p:.2f}", fontsize=7)
+        ax.set_yticks([])
+    fig.suptitle(f"SBC ranks of the truth among {draws} draws ({len(ranks)} data sets)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "sbc.png", dpi=110)
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
+    levels = np.asarray(result["tarp_levels"])
+    ax.plot(levels, result["tarp_coverage"], label="amortized posterior")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
+    ax.fill_between(levels, levels - result["tarp_bound"], levels + result["tarp_bound"],
+                    color="0.85", label="4 standard errors")
+    ax.set(xlabel="credibility level", ylabel="expected coverage",
+           title=f"TARP ({result['sets']} data sets)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tarp.png", dpi=110)
 
 
 def summary_lines(ds):

@@ -77,7 +77,15 @@ def build_parser():
     inf.add_argument("--correct", action="store_true",
                      help="correct the draws to the exact posterior of each data set")
     inf.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    for p in (run, check, plot, sim, am, inf):
+    cal = sub.add_parser("calibrate",
+                         help="SBC and TARP of an amortized model on simulations")
+    cal.add_argument("model", type=Path, help="model file of geoinvert amortize (.pt)")
+    cal.add_argument("--simulations", type=Path, required=True,
+                     help="simulations the model was not trained on (geoinvert simulate with "
+                     "another seed)")
+    cal.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNGs")
+    cal.add_argument("--sets", type=int, default=200, help="data sets used (default 200)")
+    for p in (run, check, plot, sim, am, inf, cal):
         _common(p)
     return parser
 
@@ -364,8 +372,35 @@ def _infer(args):
     return 0
 
 
+def _calibrate(args):
+    from geoinvert.app import calibrate
+    if not 20 <= args.sets <= 10**5:
+        raise UserError(f"--sets: must be between 20 and 100000, got {args.sets}")
+    for path in (args.model, args.simulations):
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+    try:
+        result = calibrate(args.model, args.simulations, args.out, sets=args.sets)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not args.quiet:
+        print(f"wrote {args.out}/calibration.json, sbc.png, tarp.png ({result['sets']} data "
+              "sets)")
+        uniform = "uniform" if result["sbc_ok"] else "NOT uniform"
+        calibrated = "calibrated" if result["tarp_ok"] else "NOT calibrated"
+        print(f"SBC: smallest p {min(result['sbc_p']):.3f} over {len(result['sbc_p'])} "
+              f"summaries ({uniform})")
+        print(f"TARP: largest coverage error {result['tarp_deviation']:.3f} (bound "
+              f"{result['tarp_bound']:.3f}: {calibrated})")
+    if not (result["sbc_ok"] and result["tarp_ok"]):
+        print("WARNING: the amortized posterior is not calibrated on these simulations; "
+              "amortize on more simulations or epochs, or infer with --correct",
+              file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": _run, "check": _check, "plot": _plot, "simulate": _simulate,
-            "amortize": _amortize, "infer": _infer}
+            "amortize": _amortize, "infer": _infer, "calibrate": _calibrate}
 
 
 def _error(message):

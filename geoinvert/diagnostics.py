@@ -25,6 +25,9 @@ __all__ = [
     "psis_log_weights",
     "fit_word",
     "verdict",
+    "sbc_ranks",
+    "rank_uniformity",
+    "tarp_coverage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -441,6 +444,75 @@ RHAT_MAX, ESS_MIN = 1.01, 100.0
 MIN_EFFECTIVE_DRAWS = 10
 """Fewer effective importance draws than this support no estimate, whatever k-hat says (k-hat
 is then fitted to a tail of a handful of weights)."""
+
+
+# ---------------------------------------------------------------- calibration over simulations
+
+
+def sbc_ranks(draws, truths, summaries):
+    """Simulation-based calibration ranks (Talts et al. 2018).
+
+    For each simulated data set k, the rank of ``summaries(truths[k])`` among
+    ``summaries(draws[k])``, per summary: uniform on 0..L for a calibrated posterior, with L
+    the draws per set.
+
+    Args:
+        draws: ``(sets, L, ...)`` posterior draws of each data set.
+        truths: ``(sets, ...)`` the true parameters behind each data set.
+        summaries: ``f(x (n, ...)) -> (n, k)`` scalar summaries (e.g. cell values, projections).
+
+    Returns:
+        int array ``(sets, k)``.
+    """
+    out = []
+    for x, truth in zip(draws, truths):
+        s, t = np.asarray(summaries(x)), np.asarray(summaries(truth[None]))[0]
+        out.append((s < t).sum(0))
+    return np.asarray(out)
+
+
+def rank_uniformity(ranks, draws, *, bins=10):
+    """Chi-square statistics and p-values of the uniformity of SBC ``ranks (sets, k)`` (ranks
+    of 0..``draws``) in ``bins`` equal bins, one per summary: ``(statistic (k,), p (k,))``.
+    Under calibration each statistic follows chi-square with ``bins - 1`` degrees of freedom;
+    with k summaries, compare the smallest p with 0.01 / k (Bonferroni)."""
+    from scipy.stats import chi2
+    ranks = np.atleast_2d(np.asarray(ranks))
+    if ranks.ndim == 2 and ranks.shape[0] == 1 and ranks.shape[1] > 1:
+        ranks = ranks.T
+    counts = np.stack([np.bincount(np.asarray(r) * bins // (draws + 1), minlength=bins)
+                       for r in ranks.T])
+    expected = ranks.shape[0] / bins
+    stat = ((counts - expected) ** 2 / expected).sum(1)
+    return stat, chi2.sf(stat, bins - 1)
+
+
+def tarp_coverage(draws, truths, references, *, levels=None):
+    """Expected coverage probability of TARP (Lemos et al. 2023, "Sampling-based accuracy
+    testing of posterior estimators").
+
+    For data set k with reference point r_k (drawn independently of the data, e.g. from the
+    prior), f_k is the fraction of draws closer to r_k than the truth is; the expected coverage
+    at credibility a is the fraction of sets with f_k < a. A calibrated posterior gives
+    coverage a at every a; an over-confident one lies below the diagonal at high a, an
+    under-confident one above.
+
+    Args:
+        draws: ``(sets, L, ...)``; truths: ``(sets, ...)``; references: ``(sets, ...)``.
+        levels: Credibilities (default 0.01..0.99).
+
+    Returns:
+        ``(levels (m,), coverage (m,))``.
+    """
+    levels = np.linspace(0.01, 0.99, 99) if levels is None else np.asarray(levels, float)
+    f = []
+    for x, truth, ref in zip(draws, truths, references):
+        x = np.asarray(x).reshape(len(x), -1)
+        d_draws = np.linalg.norm(x - np.ravel(ref), axis=1)
+        d_truth = np.linalg.norm(np.ravel(truth) - np.ravel(ref))
+        f.append(float((d_draws < d_truth).mean()))
+    f = np.asarray(f)
+    return levels, (f[:, None] < levels[None, :]).mean(0)
 
 
 def fit_word(khat, effective_draws=math.inf):
