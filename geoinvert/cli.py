@@ -85,7 +85,18 @@ def build_parser():
                      "another seed)")
     cal.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNGs")
     cal.add_argument("--sets", type=int, default=200, help="data sets used (default 200)")
-    for p in (run, check, plot, sim, am, inf, cal):
+    ens = sub.add_parser("ensemble", help="write an ensemble of fields (the training data of a "
+                         "learned prior)")
+    ens.add_argument("generator", choices=("channels", "gaussian"),
+                     help="channels: sinuous high-permeability channels (docs/priors.md); "
+                     "gaussian: draws of a case's prior")
+    ens.add_argument("case", type=Path, nargs="?", help="case file (gaussian only)")
+    ens.add_argument("--n", type=int, required=True, metavar="N", help="fields to draw")
+    ens.add_argument("--size", type=int, default=64, help="cells per side (channels; a power "
+                     "of two, default 64)")
+    ens.add_argument("--out", type=Path, required=True, help="netCDF file to write")
+    ens.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    for p in (run, check, plot, sim, am, inf, cal, ens):
         _common(p)
     return parser
 
@@ -399,8 +410,41 @@ def _calibrate(args):
     return 0
 
 
+def _ensemble(args):
+    from geoinvert import ensembles
+    from geoinvert.case import MAX_SEED
+    if not 1 <= args.n <= 10**6:
+        raise UserError(f"--n: must be between 1 and 1000000, got {args.n}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    problem = _writable(args.out)
+    if problem:
+        raise UserError(f"{args.out}: {problem}")
+    if args.generator == "channels":
+        if args.case is not None:
+            raise UserError("ensemble channels takes no case file")
+        if not 4 <= args.size <= 1024 or args.size & (args.size - 1):
+            raise UserError(f"--size: must be a power of two from 4 to 1024, got {args.size}")
+        fields, _ = ensembles.channel_fields(args.n, args.size, seed=args.seed)
+        parameters, bounds = {**ensembles.CHANNEL_DEFAULTS, "seed": args.seed}, None
+    else:
+        from geoinvert.case import load_case
+        if args.case is None:
+            raise UserError("ensemble gaussian needs a case file (its prior is drawn)")
+        case = load_case(args.case)
+        fields = ensembles.gaussian_fields(case, args.n, seed=args.seed)
+        parameters, bounds = {"case": case.text, "seed": args.seed}, case.bounds
+    ensembles.write_ensemble(args.out, fields, generator=args.generator,
+                             parameters=parameters, **({"bounds": bounds} if bounds else {}))
+    if not args.quiet:
+        print(f"wrote {args.out}: {len(fields)} {args.generator} fields of "
+              f"{fields.shape[1]} x {fields.shape[2]}")
+    return 0
+
+
 COMMANDS = {"run": _run, "check": _check, "plot": _plot, "simulate": _simulate,
-            "amortize": _amortize, "infer": _infer, "calibrate": _calibrate}
+            "amortize": _amortize, "infer": _infer, "calibrate": _calibrate,
+            "ensemble": _ensemble}
 
 
 def _error(message):
