@@ -96,7 +96,14 @@ def build_parser():
                      "of two, default 64)")
     ens.add_argument("--out", type=Path, required=True, help="netCDF file to write")
     ens.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    for p in (run, check, plot, sim, am, inf, cal, ens):
+    pri = sub.add_parser("prior", help="learn a prior from an ensemble of fields")
+    pri.add_argument("action", choices=("fit",), help="fit: train an MsIGN by maximum "
+                     "likelihood on the ensemble")
+    pri.add_argument("ensemble", type=Path, help="netCDF with field (sample, y, x)")
+    pri.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    pri.add_argument("--epochs", type=int, default=30, help="passes over the fields")
+    pri.add_argument("--seed", type=int, default=0, help="seed of the weights and the split")
+    for p in (run, check, plot, sim, am, inf, cal, ens, pri):
         _common(p)
     return parser
 
@@ -442,9 +449,42 @@ def _ensemble(args):
     return 0
 
 
+def _prior(args):
+    from geoinvert.ensembles import read_ensemble
+    from geoinvert.priors.learned import fit_prior
+    if not 1 <= args.epochs <= 10**5:
+        raise UserError(f"--epochs: must be between 1 and 100000, got {args.epochs}")
+    if not args.ensemble.is_file():
+        raise UserError(f"{args.ensemble}: no such ensemble file")
+    problem = _writable(args.out)
+    if problem:
+        raise UserError(f"{args.out}: {problem}")
+    try:
+        fields = read_ensemble(args.ensemble)
+        learned = fit_prior(fields, epochs=args.epochs, seed=args.seed)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    from geoinvert.io import save_model
+    save_model(_PriorSaver(learned), args.out, {})
+    r = learned.report
+    if not args.quiet:
+        print(f"wrote {args.out}: held-out {r['held_out']} fields, negative log likelihood "
+              f"per dimension {r['learned_nll']:.4f} nats ({r['learned_bits']:.4f} bits); the "
+              f"fitted Gaussian's {r['gaussian_nll']:.4f} ({r['gaussian_bits']:.4f} bits)")
+    return 0
+
+
+class _PriorSaver:
+    def __init__(self, learned):
+        self.learned = learned
+
+    def save(self, path, *, metadata=None):
+        self.learned.save(path)
+
+
 COMMANDS = {"run": _run, "check": _check, "plot": _plot, "simulate": _simulate,
             "amortize": _amortize, "infer": _infer, "calibrate": _calibrate,
-            "ensemble": _ensemble}
+            "ensemble": _ensemble, "prior": _prior}
 
 
 def _error(message):

@@ -385,6 +385,7 @@ def test_the_flow_keys_come_from_the_flow_config():
         assert KEYS[f"sampler.{f.name}"].default == f.default
     c = flow_config(load_case({**small_case(), "sampler": {"blocks": 2, "hidden": 8,
                                                            "upsampling": "nearest"}}).config)
-    assert c.model_options() == {"blocks_per_level": 2, "hidden": 8, "upsampling": "nearest"}
+    assert c.model_options() == {"blocks_per_level": 2, "hidden": 8, "upsampling": "nearest",
+                                 "flow": "glow"}
     with pytest.raises(ValueError, match="upsampling"):
         FlowConfig(upsampling="bilinear")
