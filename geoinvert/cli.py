@@ -350,18 +350,11 @@ def _infer_data(path):
         config = {"data": {"variable": "value"}}
         values, _ = read_data_file(path, config)
         return values[None]
-    import xarray as xr
+    from geoinvert.io import read_variable
     try:
-        with xr.open_dataset(path) as ds:
-            name = "data" if "data" in ds else "value" if "value" in ds else None
-            if name is None:
-                raise UserError(f"{path}: has no variable 'data' (set, observation) or 'value'")
-            values = np.asarray(ds[name].values, float)
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - an unreadable user file
-        raise UserError(f"{path}: cannot read as netCDF ({str(err).splitlines()[0][:80]})") \
-            from None
+        _, values = read_variable(path, ("data", "value"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if not np.isfinite(values).all():
         raise UserError(f"{path}: the data must be finite")
     return np.atleast_2d(values)

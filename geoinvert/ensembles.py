@@ -105,18 +105,8 @@ def read_ensemble(path, variable="field"):
     Raises:
         ValueError: not readable, no such variable, or not square power-of-two fields.
     """
-    import xarray as xr
-    try:
-        with xr.open_dataset(path) as ds:
-            if variable not in ds:
-                raise ValueError(f"{path}: no variable {variable!r} (it has "
-                                 f"{', '.join(map(str, ds.data_vars)) or 'none'})")
-            fields = np.asarray(ds[variable].values, float)
-    except ValueError:
-        raise
-    except Exception as err:  # noqa: BLE001 - an unreadable user file
-        raise ValueError(f"{path}: cannot read as netCDF ({str(err).splitlines()[0][:80]})") \
-            from None
+    from geoinvert.io import read_variable
+    _, fields = read_variable(path, (variable,))
     if fields.ndim != 3 or fields.shape[1] != fields.shape[2] or \
             fields.shape[1] & (fields.shape[1] - 1):
         raise ValueError(f"{path}: {variable!r} must be (sample, n, n) with n a power of two, "

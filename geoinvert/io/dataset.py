@@ -252,3 +252,27 @@ def marginal_direction(ds):
         centred = centred - centred.mean(axis=0)
         d = np.linalg.svd(centred, full_matrices=False)[2][0].reshape(ds["mean"].shape)
     return d / (np.linalg.norm(d) or 1.0)
+
+
+def read_variable(path, names):
+    """``(name, values)`` of the first of ``names`` that the netCDF file ``path`` holds, as a
+    float64 array.
+
+    Raises:
+        ValueError: one line: the file is not readable netCDF, or holds none of ``names``.
+    """
+    try:
+        with xr.open_dataset(path) as ds:
+            name = next((n for n in names if n in ds), None)
+            if name is None:
+                raise ValueError(f"{path}: no variable {' or '.join(map(repr, names))} (it has "
+                                 f"{', '.join(map(str, ds.data_vars)) or 'none'})")
+            return name, np.asarray(ds[name].values, float)
+    except ValueError as err:
+        if str(err).startswith(f"{path}: no variable"):
+            raise
+        raise ValueError(f"{path}: cannot read as netCDF ({str(err).splitlines()[0][:80]})") \
+            from None
+    except Exception as err:  # noqa: BLE001 - an unreadable user file
+        raise ValueError(f"{path}: cannot read as netCDF ({str(err).splitlines()[0][:80]})") \
+            from None
