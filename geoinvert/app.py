@@ -982,7 +982,7 @@ def _calibration_figures(ranks, draws, result, out):
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="calibrated")
     ax.fill_between(levels, levels - result["tarp_bound"], levels + result["tarp_bound"],
                     color="0.85", label="4 standard errors")
-    ax.set(xlabel="credibility level", ylabel="expected coverage",
+    ax.set(xlabel="credibility level", ylabel="expected coverage", xlim=(0, 1), ylim=(0, 1),
            title=f"TARP ({result['sets']} data sets)")
     ax.legend(fontsize=7)
     fig.tight_layout()
