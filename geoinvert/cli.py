@@ -300,6 +300,13 @@ def _simulate(args):
     return 0
 
 
+def _one_process(args):
+    """The commands that run on one process refuse an MPI start of several ranks."""
+    if _world() is not None:
+        raise UserError(f"geoinvert {args.command} runs on one process: start it without "
+                        "mpirun")
+
+
 def _writable(path):
     """What prevents writing ``path`` (a message), or None; creates its folder."""
     import os
@@ -314,6 +321,7 @@ def _writable(path):
 
 
 def _amortize(args):
+    _one_process(args)
     from geoinvert.app import amortize
     from geoinvert.case import MAX_SEED, load_case
     if not 1 <= args.epochs <= 10**5:
@@ -361,6 +369,7 @@ def _infer_data(path):
 
 
 def _infer(args):
+    _one_process(args)
     from geoinvert.app import infer
     if args.samples is not None and not 2 <= args.samples <= 10**6:
         raise UserError(f"--samples: must be between 2 and 1000000, got {args.samples}")
@@ -384,6 +393,7 @@ def _infer(args):
 
 
 def _calibrate(args):
+    _one_process(args)
     from geoinvert.app import calibrate
     if not 20 <= args.sets <= 10**5:
         raise UserError(f"--sets: must be between 20 and 100000, got {args.sets}")
@@ -411,6 +421,7 @@ def _calibrate(args):
 
 
 def _ensemble(args):
+    _one_process(args)
     from geoinvert import ensembles
     from geoinvert.case import MAX_SEED
     if not 1 <= args.n <= 10**6:
@@ -443,6 +454,7 @@ def _ensemble(args):
 
 
 def _prior(args):
+    _one_process(args)
     from geoinvert.ensembles import read_ensemble
     from geoinvert.priors.learned import fit_prior
     if not 1 <= args.epochs <= 10**5:
