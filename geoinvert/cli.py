@@ -271,10 +271,8 @@ def _simulate(args):
     from geoinvert.case import MAX_SEED, load_case
     from geoinvert.io import acquire_lock, release_lock
     from geoinvert.simulate import simulate
-    if not 1 <= args.n <= 10**8:
-        raise UserError(f"--n: must be between 1 and 100000000, got {args.n}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    _bounded("--n", args.n, 1, 10**8)
+    _bounded("--seed", args.seed, 0, MAX_SEED)
     case = load_case(args.case)
     world = _world()
     root = world is None or world.Get_rank() == 0
@@ -307,6 +305,18 @@ def _one_process(args):
                         "mpirun")
 
 
+def _bounded(flag, value, low, high):
+    """Refuse ``value`` of the option ``flag`` outside ``low..high`` (None passes)."""
+    if value is not None and not low <= value <= high:
+        raise UserError(f"{flag}: must be between {low} and {high}, got {value}")
+
+
+def _writable_out(path):
+    problem = _writable(path)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+
+
 def _writable(path):
     """What prevents writing ``path`` (a message), or None; creates its folder."""
     import os
@@ -324,16 +334,12 @@ def _amortize(args):
     _one_process(args)
     from geoinvert.app import amortize
     from geoinvert.case import MAX_SEED, load_case
-    if not 1 <= args.epochs <= 10**5:
-        raise UserError(f"--epochs: must be between 1 and 100000, got {args.epochs}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    _bounded("--epochs", args.epochs, 1, 10**5)
+    _bounded("--seed", args.seed, 0, MAX_SEED)
     case = load_case(args.case)
     if not args.simulations.is_file():
         raise UserError(f"{args.simulations}: no such simulations file")
-    problem = _writable(args.out)
-    if problem:
-        raise UserError(f"{args.out}: {problem}")
+    _writable_out(args.out)
     try:
         _, history = amortize(case, args.simulations, args.out, epochs=args.epochs,
                               seed=args.seed, progress=not args.quiet)
@@ -371,14 +377,11 @@ def _infer_data(path):
 def _infer(args):
     _one_process(args)
     from geoinvert.app import infer
-    if args.samples is not None and not 2 <= args.samples <= 10**6:
-        raise UserError(f"--samples: must be between 2 and 1000000, got {args.samples}")
+    _bounded("--samples", args.samples, 2, 10**6)
     if not args.model.is_file() or not args.model.with_suffix(".json").is_file():
         raise UserError(f"{args.model}: no such amortized model (.pt with its .json)")
     data = _infer_data(args.data)
-    problem = _writable(args.out)
-    if problem:
-        raise UserError(f"{args.out}: {problem}")
+    _writable_out(args.out)
     try:
         results = infer(args.model, data, args.out, samples=args.samples, seed=args.seed,
                         correct=args.correct, progress=not args.quiet)
@@ -395,8 +398,7 @@ def _infer(args):
 def _calibrate(args):
     _one_process(args)
     from geoinvert.app import calibrate
-    if not 20 <= args.sets <= 10**5:
-        raise UserError(f"--sets: must be between 20 and 100000, got {args.sets}")
+    _bounded("--sets", args.sets, 20, 10**5)
     for path in (args.model, args.simulations):
         if not path.is_file():
             raise UserError(f"{path}: no such file")
@@ -424,13 +426,9 @@ def _ensemble(args):
     _one_process(args)
     from geoinvert import ensembles
     from geoinvert.case import MAX_SEED
-    if not 1 <= args.n <= 10**6:
-        raise UserError(f"--n: must be between 1 and 1000000, got {args.n}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
-    problem = _writable(args.out)
-    if problem:
-        raise UserError(f"{args.out}: {problem}")
+    _bounded("--n", args.n, 1, 10**6)
+    _bounded("--seed", args.seed, 0, MAX_SEED)
+    _writable_out(args.out)
     if args.generator == "channels":
         if args.case is not None:
             raise UserError("ensemble channels takes no case file")
@@ -457,13 +455,10 @@ def _prior(args):
     _one_process(args)
     from geoinvert.ensembles import read_ensemble
     from geoinvert.priors.learned import fit_prior
-    if not 1 <= args.epochs <= 10**5:
-        raise UserError(f"--epochs: must be between 1 and 100000, got {args.epochs}")
+    _bounded("--epochs", args.epochs, 1, 10**5)
     if not args.ensemble.is_file():
         raise UserError(f"{args.ensemble}: no such ensemble file")
-    problem = _writable(args.out)
-    if problem:
-        raise UserError(f"{args.out}: {problem}")
+    _writable_out(args.out)
     try:
         fields = read_ensemble(args.ensemble)
         learned = fit_prior(fields, epochs=args.epochs, seed=args.seed)
