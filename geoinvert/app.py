@@ -359,6 +359,7 @@ def _fit_vi(case, seed, lay, posterior, *, progress):
     from geoinvert.flows.autoregressive import IAF, MeanField
     from geoinvert.inference.vi import train_vi
     from geoinvert.parallel import Ensemble, in_chunks
+    from geoinvert.samplers.whitening import standard_normal_log_prob
     s, ens = case.config["sampler"], Ensemble(lay.ensemble)
     with torch.random.fork_rng():            # the MADE's initial weights, from the seed
         torch.manual_seed(seed)
@@ -379,7 +380,7 @@ def _fit_vi(case, seed, lay, posterior, *, progress):
     with torch.no_grad():
         z = torch.randn((n, model.dim), generator=generator, dtype=torch.float64)[ens.part(n)]
         x, logdet = model.to_x(z)
-        log_prob = -0.5 * (z * z).sum(1) - 0.5 * model.dim * math.log(2 * math.pi) - logdet
+        log_prob = standard_normal_log_prob(z) - logdet
         log_target, pred = in_chunks(posterior.evaluate, x)
         x, log_prob, log_target, pred = (ens.gather(t) for t in (x, log_prob, log_target, pred))
     nfs = (history[-1]["nfs"] if history else 0) + n
@@ -866,6 +867,7 @@ def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=Fals
     import yaml
     from geoinvert.case import load_case
     from geoinvert.inference.amortized import AtData
+    from geoinvert.problem.posterior import Posterior
     from geoinvert.parallel import in_chunks, layout
     post, case = load_amortized(path)
     data = np.atleast_2d(np.asarray(data, float))
@@ -883,7 +885,9 @@ def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=Fals
             config.setdefault("output", {})["samples"] = int(samples)
         here = load_case(config, folder=case.folder)
         n = here.config["output"]["samples"]
-        posterior = here.posterior(here.finest)
+        # the stored case's prior and forward model serve every data set (built once)
+        posterior = Posterior(case.prior(), case.forward(case.finest), here.data, case.noise,
+                              case.finest)
         x, log_q = post.sample(n, y, generator=torch.Generator().manual_seed(int(seed) + k))
         log_target, pred = in_chunks(posterior.evaluate, x)
         diagnostics = _importance_diagnostics(log_target.numpy(), log_q.numpy())

@@ -198,12 +198,12 @@ def _largest_batch(case, level, options):
     if kind in VI_KINDS:               # one level only
         return max(c["sampler"]["batch"], min(c["output"]["samples"], EVALUATION_CHUNK),
                    correction_config(c).chains, 50) if finest else 0
-    chunk = EVALUATION_CHUNK
     batch = options.batch * options.evaluations
     if options.objective == "jeffreys" and level <= options.pool_levels:
-        batch = max(batch, min(options.pool, chunk))
+        batch = max(batch, min(options.pool, EVALUATION_CHUNK))
     if finest:
-        batch = max(batch, min(c["output"]["samples"], chunk), correction_config(c).chains)
+        batch = max(batch, min(c["output"]["samples"], EVALUATION_CHUNK),
+                    correction_config(c).chains)
     return batch
 
 

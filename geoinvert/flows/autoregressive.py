@@ -197,7 +197,7 @@ class AutoregressiveFieldFlow(nn.Module):
         hidden: Lower bound of their width (:func:`made_width`).
     """
 
-    def __init__(self, n, transforms=4, hidden=32, **_):
+    def __init__(self, n, transforms=4, hidden=32):
         super().__init__()
         self.n = int(n)
         self.maps = _identity_mades(self.n ** 2, transforms, hidden)

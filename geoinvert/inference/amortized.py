@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from geoinvert.flows.msign import MsIGN
-from geoinvert.inference.trainer import lr_factor
+from geoinvert.inference.trainer import likelihood_step, lr_factor
 
 __all__ = ["AmortizedPosterior", "AtData", "train_amortized", "FORMAT_VERSION"]
 
@@ -164,16 +164,10 @@ def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks
             for rows in order.split(batch):
                 if len(rows) < 2:
                     continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_factor(step, epochs * steps_per_epoch, "cosine", 0.05)
                 log_q = posterior.log_prob(field[rows.numpy()], data[rows.numpy()])
-                loss = -log_q.mean() / dim
-                optimizer.zero_grad()
-                if torch.isfinite(loss):
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    optimizer.step()
-                losses.append(float(loss.detach()))
+                rate = lr * lr_factor(step, epochs * steps_per_epoch, "cosine", 0.05)
+                losses.append(likelihood_step(optimizer, -log_q.mean() / dim, lr=rate,
+                                              grad_clip=grad_clip))
                 step += 1
         record = {"epoch": epoch, "loss": float(np.mean(losses)),
                   "held_out": _held_out_nll(posterior, simulations, split, dim),

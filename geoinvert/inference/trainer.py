@@ -19,7 +19,8 @@ from geoinvert.inference.starts import (ImportancePool, importance_pool, laplace
 from geoinvert.parallel import Ensemble
 
 __all__ = ["TrainingError", "TrainingInterrupted", "CHECKPOINT_VERSION", "Trainer",
-           "train_msign", "train_asvgd", "train_stage", "training_step", "solve_cost",
+           "train_msign", "train_asvgd", "train_stage", "training_step", "likelihood_step",
+           "solve_cost",
            "level_costs", "lr_factor"]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,21 @@ def lr_factor(step: int, steps: int, schedule: str, floor: float, warmup: float 
     if schedule == "cosine":
         return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
     return ramp * max(floor, 0.3 ** ((t >= 0.5) + (t >= 0.75)))
+
+
+def likelihood_step(optimizer, loss, *, lr, grad_clip=10.0):
+    """One optimiser step on a maximum-likelihood ``loss`` (no solves: amortized posteriors,
+    learned priors) at learning rate ``lr``, gradient norm clipped to ``grad_clip``; a loss
+    that is not finite leaves the parameters untouched. Returns the loss value."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad()
+    if torch.isfinite(loss):
+        loss.backward()
+        params = [q for group in optimizer.param_groups for q in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+    return float(loss.detach())
 
 
 def training_step(model, posterior, optimizer, *, batch, generator, options, ensemble=None,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from geoinvert.flows.msign import MsIGN
+from geoinvert.inference.trainer import likelihood_step, lr_factor
 from geoinvert.priors.gaussian import MaternPrior
 
 __all__ = ["fit_gaussian", "fit_prior", "LearnedPrior", "FORMAT_VERSION"]
@@ -148,21 +149,14 @@ def fit_prior(fields, *, epochs=30, batch=64, lr=2e-3, blocks=4, hidden=32, held
     history, start = [], time.perf_counter()
     steps = max(1, len(train) // batch) * epochs
     step = 0
-    from geoinvert.inference.trainer import lr_factor
     for epoch in range(epochs):
         losses = []
         for rows in torch.randperm(len(train), generator=generator).split(batch):
             if len(rows) < 2:
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(step, steps, "cosine", 0.05)
             loss = -model.log_prob(data[rows]).mean() / train[0].size
-            optimizer.zero_grad()
-            if torch.isfinite(loss):
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(likelihood_step(optimizer, loss,
+                                          lr=lr * lr_factor(step, steps, "cosine", 0.05)))
             step += 1
         record = {"epoch": epoch, "loss": float(np.mean(losses)),
                   "held_out": _nll_per_dim(model.log_prob, test),
