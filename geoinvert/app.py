@@ -92,13 +92,14 @@ class _Progress:
 
 
 def _train(case, model, posteriors, *, generator, progress, checkpoint, resume, stop, comm,
-           checkpoint_every):
-    """Train every stage (:class:`geoinvert.inference.trainer.Trainer`); returns the history."""
+           checkpoint_every, spent=0):
+    """Train every stage (:class:`geoinvert.inference.trainer.Trainer`); returns the history.
+    ``spent`` solves of the budget went before the training."""
     from geoinvert.case import reserved_solves, train_options, training_solves
     from geoinvert.inference.trainer import Trainer
     s = case.config["sampler"]
     done = resume["budget"]["used"] if resume else 0
-    budget = s["budget"] - reserved_solves(case.config) if s["budget"] else None
+    budget = max(s["budget"] - reserved_solves(case.config) - spent, 1) if s["budget"] else None
     bar = _Progress(budget or training_solves(case), progress, initial=done)
     try:
         trainer = Trainer(model, posteriors, train_options(case.config), steps=s["steps"],
@@ -298,20 +299,37 @@ def _fit_flow(case, seed, lay, posteriors, path, *, progress, resume, stop, chec
         if lay.root:
             write_checkpoint(ckpt, training_state, meta)
 
+    posteriors, errors, error_nfs = _coarse_posteriors(posteriors, seed, lay)
     deferring = getattr(stop, "deferring", contextlib.nullcontext)
     with deferring():          # a signal waits for the next step, which saves a checkpoint
         history = _train(case, model, posteriors, generator=generator,
                          progress=progress and lay.root, checkpoint=checkpoint, resume=state,
-                         stop=stop, comm=lay.ensemble, checkpoint_every=every)
+                         stop=stop, comm=lay.ensemble, checkpoint_every=every, spent=error_nfs)
     x, log_prob, log_target, predicted, means, drawn = _draw(
         case, model, posteriors[case.finest], generator, lay.ensemble)
-    nfs = (history[-1]["nfs"] if history else 0) + drawn
-    diagnostics = {**_importance_diagnostics(log_target, log_prob),
+    nfs = (history[-1]["nfs"] if history else 0) + drawn + error_nfs
+    diagnostics = {**_importance_diagnostics(log_target, log_prob), **errors,
                    "failed_solves": int(sum(h["failed"] for h in history)),
                    "skipped_steps": int(history[-1]["skipped"]) if history else 0}
     fit = _Fit(x, log_prob, log_target, predicted, means, history, nfs, diagnostics, model,
                state is not None)
     return _correct_fit(fit, case, seed, lay, posteriors[case.finest], progress=progress)
+
+
+def _coarse_posteriors(posteriors, seed, lay):
+    """The coarse levels' posteriors with their discretisation error allowed for
+    (:mod:`geoinvert.problem.approximation`), that error in noise units per level (for the
+    diagnostics) and the solves this took on all ranks. The draws come from ``seed`` alone,
+    so a resumed run trains on the same posteriors."""
+    import torch
+    from geoinvert.parallel import Ensemble
+    from geoinvert.problem.approximation import approximation_errors, with_approximation_errors
+    errors, solves = approximation_errors(
+        posteriors, generator=torch.Generator().manual_seed(seed + 53), ensemble=lay.ensemble)
+    noise = posteriors[max(posteriors)].noise
+    ratios = {f"coarse_error_level{l}": e.ratio(noise) for l, e in sorted(errors.items())}
+    return (with_approximation_errors(posteriors, errors), ratios,
+            int(Ensemble(lay.ensemble).sum(solves)[0]))
 
 
 def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=None):
