@@ -143,11 +143,11 @@ def _draw(case, model, posterior, generator, ensemble):
 
 def _observations(case, predicted):
     obs = case.config["observations"]
-    pts = np.asarray(obs["points"], float).reshape(-1, 2)
-    pad = np.full(len(obs["functions"]), np.nan)
+    # points, then functions (no location), then hard data
+    pts = np.concatenate([np.asarray(obs["points"], float).reshape(-1, 2),
+                          np.full((len(obs["functions"]), 2), np.nan), case.hard_points])
     out = {"name": case.observation_names(), "value": case.data, "noise": case.noise,
-           "x": np.concatenate([pts[:, 0], pad]), "y": np.concatenate([pts[:, 1], pad]),
-           "predicted": predicted}
+           "x": pts[:, 0], "y": pts[:, 1], "predicted": predicted}
     if case.truth is not None:
         import torch
         with torch.no_grad():
@@ -327,9 +327,11 @@ def _coarse_posteriors(posteriors, seed, lay):
     errors, solves = approximation_errors(
         posteriors, generator=torch.Generator().manual_seed(seed + 53), ensemble=lay.ensemble)
     noise = posteriors[max(posteriors)].noise
-    ratios = {f"coarse_error_level{l}": e.ratio(noise) for l, e in sorted(errors.items())}
-    return (with_approximation_errors(posteriors, errors), ratios,
-            int(Ensemble(lay.ensemble).sum(solves)[0]))
+    solves = int(Ensemble(lay.ensemble).sum(solves)[0])
+    report = {f"coarse_error_level{l}": e.ratio(noise) for l, e in sorted(errors.items())}
+    if solves:
+        report["coarse_error_nfs"] = solves
+    return with_approximation_errors(posteriors, errors), report, solves
 
 
 def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=None):
@@ -381,8 +383,9 @@ def _fit_vi(case, seed, lay, posterior, *, progress):
     s, ens = case.config["sampler"], Ensemble(lay.ensemble)
     with torch.random.fork_rng():            # the MADE's initial weights, from the seed
         torch.manual_seed(seed)
-        model = IAF(case.prior(), case.finest, transforms=s["blocks"], hidden=s["hidden"]) \
-            if s["kind"] == "iaf" else MeanField(case.prior(), case.finest)
+        prior = posterior.prior            # the latent N(0, I) with a learned prior
+        model = IAF(prior, case.finest, transforms=s["blocks"], hidden=s["hidden"]) \
+            if s["kind"] in ("iaf", "composed") else MeanField(prior, case.finest)
     generator = torch.Generator().manual_seed(seed)
     total = s["steps"]
     bar = _Progress(total * s["batch"], progress and lay.root)
@@ -744,19 +747,64 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
     if lay.root:
         _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
+    latent = _latent_problem(case, lay) if case.learned_prior else None
+    finest = latent[0] if latent else case.posterior(case.finest, lay.solve)
     if kind in ("laplace", "gpcn"):
-        fit = _fit_laplace(case, seed, lay, case.posterior(case.finest, lay.solve),
-                           progress=progress and lay.root)
+        fit = _fit_laplace(case, seed, lay, finest, progress=progress and lay.root)
     elif kind in MCMC_KINDS:
-        fit = _fit_mcmc(case, seed, lay, case.posterior(case.finest, lay.solve),
-                        progress=progress and lay.root)
+        fit = _fit_mcmc(case, seed, lay, finest, progress=progress and lay.root)
     elif kind in VI_KINDS:
-        fit = _fit_vi(case, seed, lay, case.posterior(case.finest, lay.solve), progress=progress)
+        fit = _fit_vi(case, seed, lay, finest, progress=progress)
     else:
         posteriors = {l: case.posterior(l, lay.solve) for l in case.levels}
         fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,
                         stop=stop, checkpoint_every=checkpoint_every)
+    if latent:
+        fit = _to_fields(fit, latent[0].forward)
     return _finish(case, fit, seed, lay, path, start_time, kind)
+
+
+def _latent_problem(case, lay):
+    """The posterior of a learned prior's case pulled back to the prior's latent space
+    (Whang et al.'s composed flows): an iid N(0, 1) prior on latent fields z and the forward
+    model F(G(z)) (:class:`~geoinvert.priors.learned.LatentForward`), on which every sampler
+    runs unchanged; :func:`_to_fields` takes its result back to the fields x = G(z)."""
+    from geoinvert.inference.correction import FlowTransport
+    from geoinvert.priors import IIDPrior
+    from geoinvert.priors.learned import LatentForward
+    from geoinvert.problem.posterior import Posterior
+    forward = LatentForward(case.forward(case.finest, lay.solve),
+                            FlowTransport(case.prior().model))
+    prior = IIDPrior(case.finest, case.bounds, mean=0.0, std=1.0)
+    return Posterior(prior, forward, case.data, case.noise, case.finest), prior
+
+
+def _to_fields(fit, forward):
+    """A fit in the latent space of a learned prior G taken to the fields x = G(z): draws,
+    the MAP point and the flow's draws mapped, and their densities changed by
+    log|det dG/dz| (the importance weights, ratios of the two, are unchanged)."""
+    import torch
+    from geoinvert.parallel import in_chunks
+
+    def mapped(z):
+        with torch.no_grad():
+            x, logdet = in_chunks(forward.fields, torch.as_tensor(np.asarray(z, float)))
+        return x.numpy(), logdet.numpy()
+
+    x, logdet = mapped(fit.x)
+    flow = fit.flow
+    if flow is not None:
+        fx, fdet = mapped(flow["x"])
+        flow = {"x": fx, "log_prob": flow["log_prob"] - fdet,
+                "log_target": flow["log_target"] - fdet}
+        flow.update(_psis_estimates(fx, flow["log_target"], flow["log_prob"]))
+    log_prob, log_target = fit.log_prob - logdet, fit.log_target - logdet
+    psis = _psis_estimates(x, log_target, log_prob) if fit.psis else fit.psis
+    return dataclasses.replace(
+        fit, x=x, log_prob=log_prob, log_target=log_target, flow=flow, psis=psis,
+        level_means={max(fit.level_means): x.mean(0)} if fit.level_means else {},
+        map=None if fit.map is None else mapped(fit.map[None])[0][0],
+        diagnostics={**fit.diagnostics, "latent": "learned prior"})
 
 
 def _finish(case, fit, seed, lay, path, start_time, kind):
@@ -814,6 +862,10 @@ def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=F
     from geoinvert.errors import CaseError
     from geoinvert.inference.amortized import train_amortized
     from geoinvert.io import read_simulations
+    if case.learned_prior:
+        raise CaseError("prior.kind", "amortized inversion trains a conditional MsIGN on the "
+                        "conditioning layers of a Gaussian prior; a learned prior has none "
+                        "(run the case with sampler.kind composed instead)")
     field, data = next(read_simulations(simulations, stop=1))
     shape = case.lattice_shape(case.finest)
     if field.shape[1:] != shape or data.shape[1] != case.n_obs:

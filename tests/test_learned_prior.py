@@ -40,7 +40,7 @@ def test_learned_prior_on_gaussian_fields_stays_the_gaussian(known):
     learned = fit_prior(fields, epochs=2, batch=64)
     r = learned.report
     assert abs(r["learned_nll"] - r["gaussian_nll"]) < 0.02
-    x, _ = learned.sample(4000, torch.Generator().manual_seed(1))
+    x, _ = learned.draw(4000, torch.Generator().manual_seed(1))
     var = x.reshape(4000, -1).var(0).numpy()
     exact = np.diag(prior.covariance(3))
     assert np.max(np.abs(var / exact - 1)) < 0.1
@@ -61,5 +61,5 @@ def test_learned_prior_beats_the_gaussian_on_channels(tmp_path, capsys):
     learned = LearnedPrior.load(out)
     r = learned.report
     assert r["learned_nll"] < r["gaussian_nll"] - 0.04, r
-    x, log_p = learned.sample(10, torch.Generator().manual_seed(3))
+    x, log_p = learned.draw(10, torch.Generator().manual_seed(3))
     torch.testing.assert_close(learned.log_prob(x), log_p, rtol=0, atol=1e-3)

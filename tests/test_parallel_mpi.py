@@ -91,7 +91,8 @@ def test_corrected_run_shares_its_chains_over_the_ranks():
     training = int(ds["train_nfs"][-1])
     search = int(ds.attrs["diagnostics_mode_search_nfs"])      # once, though every group ran it
     correction = int(ds.attrs["diagnostics_correction_nfs"])    # chains' solves + predictions
-    assert ds.attrs["nfs"] == training + search + correction + 12
+    errors = int(ds.attrs["diagnostics_coarse_error_nfs"])      # the coarse levels' error model
+    assert ds.attrs["nfs"] == training + search + correction + errors + 12
     assert 12 < correction <= c.solves() + 12
 
 

@@ -57,9 +57,15 @@ class Case:
 
     @property
     def n_obs(self):
-        """Number of observations (points first, then functions)."""
+        """Number of observations (points first, then functions, then hard data)."""
         obs = self.config["observations"]
-        return len(obs["points"]) + len(obs["functions"])
+        return len(obs["points"]) + len(obs["functions"]) + len(obs["hard_data"]["points"])
+
+    @property
+    def hard_points(self):
+        """``(k, 2)`` locations of the hard data (field values at known cells)."""
+        return np.asarray(self.config["observations"]["hard_data"]["points"],
+                          float).reshape(-1, 2)
 
     @property
     def synthetic(self):
@@ -68,8 +74,11 @@ class Case:
 
     @property
     def noise(self):
-        """Observation noise std, ndarray ``(n_obs,)``."""
-        return np.broadcast_to(np.asarray(self.config["noise"]["std"], float), (self.n_obs,)).copy()
+        """Observation noise std, ndarray ``(n_obs,)`` (the hard data's last)."""
+        hard = self.config["observations"]["hard_data"]
+        k = len(hard["points"])
+        own = np.broadcast_to(np.asarray(self.config["noise"]["std"], float), (self.n_obs - k,))
+        return np.concatenate([own, np.full(k, float(hard["noise"]))])
 
     @property
     def seed(self):
@@ -110,8 +119,14 @@ class Case:
                 self.finest, self.bounds, refine=lv["refine"], min_cells=lv["min_cells"])
         return self._cache["hierarchy"]
 
+    @property
+    def learned_prior(self):
+        """Whether the prior is a learned flow (``prior.kind: learned``)."""
+        return self.config["prior"]["kind"] == "learned"
+
     def prior(self, level=None):
-        """The Gaussian prior (defined on the finest level, exact on every coarser one).
+        """The prior: Gaussian (defined on the finest level, exact on every coarser one), or
+        the :class:`~geoinvert.priors.learned.LearnedPrior` of ``prior.model``.
 
         Args:
             level: Accepted for symmetry with :meth:`forward`; the returned prior serves all levels.
@@ -144,9 +159,13 @@ class Case:
     @functools.cached_property
     def data(self):
         """Observed values ``(n_obs,)``: as given, or synthetic ``F_L(truth) + noise``."""
+        hard = self.config["observations"]["hard_data"]["values"]
         if not self.synthetic:
-            return self.observed
-        return _synthetic_data(self)
+            return np.concatenate([self.observed, np.asarray(hard or [], float)])
+        data = _synthetic_data(self)
+        if hard is not None:
+            data[self.n_obs - len(hard):] = hard
+        return data
 
     def observation_names(self):
         """One name per observation."""
@@ -155,7 +174,8 @@ class Case:
             return list(names)
         obs = self.config["observations"]
         return ([f"point{i}" for i in range(len(obs["points"]))]
-                + [f"function{i}" for i in range(len(obs["functions"]))])
+                + [f"function{i}" for i in range(len(obs["functions"]))]
+                + [f"hard{i}" for i in range(len(obs["hard_data"]["points"]))])
 
     def summary(self):
         """Lines describing the case for ``geoinvert check``."""
@@ -170,6 +190,9 @@ class Case:
 def _build_prior(case):
     from geoinvert import priors
     p = case.config["prior"]
+    if p["kind"] == "learned":
+        from geoinvert.priors.learned import LearnedPrior
+        return LearnedPrior.load(resolve(case.folder, "prior.model", p["model"]))
     mean = case.evaluate(p["mean"])
     if p["kind"] == "iid":
         return priors.IIDPrior(case.finest, case.bounds, mean=mean, std=p["std"])
@@ -179,6 +202,11 @@ def _build_prior(case):
 
 
 def _build_forward(case, level, comm):
+    from geoinvert.problem.forward.hard import with_hard_data
+    return with_hard_data(_own_forward(case, level, comm), case.hard_points, case.bounds)
+
+
+def _own_forward(case, level, comm):
     from geoinvert.expressions import compile_spec
     fw, obs = case.config["forward"], case.config["observations"]
     shape = case.lattice_shape(level)

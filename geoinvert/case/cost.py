@@ -154,7 +154,7 @@ def estimate_memory(case):
     if s["kind"] in FLOW_KINDS:
         flow = flow_config(c)
         total += 4 * options.batch * 4 ** L * flow.hidden * flow.blocks * 2
-    elif s["kind"] == "iaf":          # MADE weights (two layers) and their Adam moments
+    elif s["kind"] in ("iaf", "composed"):          # MADE weights (two layers) and their Adam moments
         width = made_width(4 ** L, s["hidden"])
         total += 4 * 8 * s["blocks"] * (2 * width * 4 ** L + width ** 2)
     if c["prior"]["kind"] == "matern":
@@ -266,7 +266,9 @@ def summary_lines(case):
              f"prior {case.config['prior']['kind']}, data "
              f"{'synthetic' if case.synthetic else 'observed'}",
              f"observations: {case.n_obs} ({len(obs['points'])} points, "
-             f"{len(obs['functions'])} functions)"]
+             f"{len(obs['functions'])} functions"
+             + (f", {len(obs['hard_data']['points'])} hard data)" if obs["hard_data"]["points"]
+                else ")")]
     for level in case.levels:
         ny, nx = case.lattice_shape(level)
         lines.append(f"  level {level}: {ny} x {nx} = {ny * nx} unknowns")
@@ -293,7 +295,7 @@ def case_warnings(case):
     """A prior whose draws span a coefficient contrast the solver cannot handle: the expected
     range of n standard normal values, 2 sqrt(2 ln n), times ``prior.std``."""
     c = case.config
-    if c["forward"]["kind"] != "elliptic":
+    if c["forward"]["kind"] != "elliptic" or case.learned_prior:
         return []
     std = c["prior"]["std"]
     spread = 2 * math.sqrt(2 * math.log(4 ** case.finest)) * std

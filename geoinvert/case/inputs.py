@@ -10,7 +10,8 @@ import numpy as np
 from geoinvert.errors import CaseError
 from geoinvert.case.schema import MAX_MESH_XML_BYTES, MAX_OBSERVATIONS, short, suggest
 
-__all__ = ["resolve", "read_netcdf", "read_data_file", "check_mesh", "mesh_cells"]
+__all__ = ["resolve", "read_netcdf", "read_data_file", "check_mesh", "mesh_cells",
+           "check_learned_prior"]
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -149,3 +150,34 @@ def mesh_cells(path):
         return int(topology.get("NumberOfElements"))
     except (AttributeError, TypeError, ValueError):
         return 0
+
+
+def check_learned_prior(path, config):
+    """``prior.model``: a learned prior written by ``geoinvert prior fit`` (its .json beside
+    the .pt, of the format this version reads), on the case's finest lattice and bounds.
+    Only the small .json is read here; the weights load when the case runs."""
+    import json
+    key = "prior.model"
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise CaseError(key, f"{side.name} is missing beside {path.name} (geoinvert prior fit "
+                        "writes both)")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8")).get("metadata", {})
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise CaseError(key, f"{side} is not a model description ({short(err, 60)})") from None
+    from geoinvert.priors.learned import FORMAT_VERSION
+    if not isinstance(meta, dict) or meta.get("learned_prior") != FORMAT_VERSION:
+        raise CaseError(key, f"{path} is not a learned prior of format version "
+                        f"{FORMAT_VERSION} (write it with geoinvert prior fit)")
+    g = meta.get("gaussian", {})
+    level, finest = g.get("level"), config["levels"]["finest"]
+    if level != finest:
+        n = 2 ** level if isinstance(level, int) else "?"
+        raise CaseError(key, f"holds {n}x{n} fields (level {level}), but levels.finest is "
+                        f"{finest}: set levels.finest to {level}")
+    bounds = np.asarray(g.get("bounds", []), float)
+    want = np.asarray(config["domain"]["bounds"], float)
+    if bounds.shape != want.shape or not np.allclose(bounds, want):
+        raise CaseError(key, f"was fitted on the bounds {bounds.tolist()}, but domain.bounds "
+                        f"is {want.tolist()}")

@@ -12,7 +12,7 @@ import yaml
 from geoinvert.errors import CaseError
 from geoinvert.inference.config import RECIPE_KEYS, recipe_options
 from geoinvert.case.build import Case, build_elliptic
-from geoinvert.case.inputs import check_mesh, read_data_file, resolve
+from geoinvert.case.inputs import check_learned_prior, check_mesh, read_data_file, resolve
 from geoinvert.case.schema import (KEYS, KINDS, MAX_CASE_BYTES, MAX_DEPTH, MAX_OBSERVATIONS,
                                    REQUIRED, REQUIRED_SECTIONS, SAMPLER_KEY_KINDS, SCHEMA,
                                    TRAINED_KINDS, VI_KINDS, correction_config, short, suggest,
@@ -203,11 +203,64 @@ def _rule_keys_of_the_kind(raw, kind):
                         f"to {kind}{hint}")
 
 
+_GAUSSIAN_PRIOR_KEYS = ("mean", "std", "correlation_length", "alpha", "boundary")
+_NEEDS_GAUSSIAN = {"msign": "trains on the coarse levels of a Gaussian prior",
+                   "asvgd": "trains on the coarse levels of a Gaussian prior",
+                   "iaf": "runs in the prior's whitened coordinates"}
+
+
+def _rule_learned_prior(raw, config):
+    """A learned prior has its model and none of the Gaussian's keys, and the kinds that
+    need a Gaussian prior are refused with it; ``composed`` needs it."""
+    p, kind = config["prior"], config["sampler"]["kind"]
+    if p["kind"] != "learned":
+        if p["model"] is not None:
+            raise CaseError("prior.model", f"is read only with prior.kind learned, not "
+                            f"{p['kind']}")
+        if kind == "composed":
+            raise CaseError("sampler.kind", "composed trains in the latent space of a learned "
+                            "prior: set prior.kind learned and prior.model")
+        return
+    if p["model"] is None:
+        raise CaseError("prior.model", "prior.kind learned needs the model written by "
+                        "geoinvert prior fit")
+    for key in _GAUSSIAN_PRIOR_KEYS:
+        if _lookup(raw, f"prior.{key}")[1]:
+            raise CaseError(f"prior.{key}", "applies to the Gaussian priors (matern, iid), "
+                            "not to a learned one, whose model holds its own")
+    if kind in _NEEDS_GAUSSIAN:
+        raise CaseError("sampler.kind", f"{kind} {_NEEDS_GAUSSIAN[kind]}; with a learned prior "
+                        "use composed (an IAF in the prior's latent space), meanfield, "
+                        "laplace or an MCMC kind, which run in that latent space")
+
+
+def _rule_hard_data(config):
+    """Hard data lie in the domain and have one value each (or, with synthetic data, take
+    the truth's)."""
+    hard, x0, x1, y0, y1 = (config["observations"]["hard_data"], *config["domain"]["bounds"])
+    for i, (px, py) in enumerate(hard["points"]):
+        if not (x0 <= px <= x1 and y0 <= py <= y1):
+            raise CaseError(f"observations.hard_data.points[{i}]",
+                            f"point ({px}, {py}) lies outside the domain {[x0, x1, y0, y1]}")
+    values, synthetic = hard["values"], any(
+        config["data"]["synthetic"][k] is not None for k in ("truth", "file"))
+    if values is None and hard["points"] and not synthetic:
+        raise CaseError("observations.hard_data.values", "give one value per hard-data point "
+                        "(only synthetic data take them from the truth)")
+    if values is not None and len(values) != len(hard["points"]):
+        raise CaseError("observations.hard_data.values", f"has {len(values)} values but there "
+                        f"are {len(hard['points'])} hard-data points")
+    bad = [i for i, v in enumerate(values or []) if not np.isfinite(v)]
+    if bad:
+        raise CaseError(f"observations.hard_data.values[{bad[0]}]", "must be finite")
+
+
 def _rule_correction_for_flows(raw, config):
     """Each ``sampler`` key belongs to the kinds that use it (``sampler.correction`` to
     flows); a budget must leave room for training."""
     s = config["sampler"]
     _rule_keys_of_the_kind(raw, s["kind"])
+    _rule_learned_prior(raw, config)
     if s["kind"] in VI_KINDS and isinstance(s["steps"], list):
         raise CaseError("sampler.steps", f"{s['kind']} trains one level: give one number of "
                         "steps")
@@ -263,7 +316,8 @@ def _rule_beta(config):
                         f"(0, 1], got {s['step_size']}")
 
 
-_RULES = (_rule_points_inside, _rule_forward_observations, _rule_one_data_source, _rule_beta)
+_RULES = (_rule_points_inside, _rule_forward_observations, _rule_one_data_source, _rule_beta,
+          _rule_hard_data)
 
 
 def _check_values(key, values, n_obs):
@@ -295,6 +349,8 @@ def _resolve_inputs(config, folder):
     """Check files exist and load observed data; returns the observed array or None."""
     if config["domain"]["mesh"]:
         check_mesh(resolve(folder, "domain.mesh", config["domain"]["mesh"]))
+    if config["prior"]["model"] is not None:
+        check_learned_prior(resolve(folder, "prior.model", config["prior"]["model"]), config)
     data = config["data"]
     if data["synthetic"]["file"] is not None:
         resolve(folder, "data.synthetic.file", data["synthetic"]["file"])

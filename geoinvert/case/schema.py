@@ -106,12 +106,13 @@ def _between(lo, hi):
     return check
 
 
-SAMPLER_KINDS = ("msign", "asvgd", "iaf", "meanfield", "laplace", "pcn", "mala", "hmc", "gpcn")
+SAMPLER_KINDS = ("msign", "asvgd", "iaf", "meanfield", "composed", "laplace", "pcn", "mala",
+                 "hmc", "gpcn")
 
 MCMC_KINDS = CHAIN_KINDS
 
 FLOW_KINDS = ("msign", "asvgd")
-VI_KINDS = ("iaf", "meanfield")
+VI_KINDS = ("iaf", "meanfield", "composed")
 """Single-level variational families trained by the reverse KL (no stages, no checkpoints)."""
 TRAINED_KINDS = FLOW_KINDS + VI_KINDS
 """The kinds that train a network and then correct its draws."""
@@ -212,9 +213,14 @@ SCHEMA = (
         "1", _between(0, 4)),
     Key("levels.min_cells", "int", 8, "Minimum FE cells per side on any level.", "16",
         _between(1, 1024)),
-    Key("prior.kind", "str", "matern", "Gaussian prior family: `matern` (precision "
-        "(tau^2 I - Laplacian)^alpha) or `iid` (independent cells).", "iid",
-        _one_of("matern", "iid")),
+    Key("prior.kind", "str", "matern", "Prior family: the Gaussians `matern` (precision "
+        "(tau^2 I - Laplacian)^alpha) or `iid` (independent cells), or `learned` (an MsIGN "
+        "trained on an ensemble of fields by `geoinvert prior fit`, read from `prior.model`; "
+        "inference then runs in its latent space).", "iid",
+        _one_of("matern", "iid", "learned")),
+    Key("prior.model", "path", None, "prior.kind learned: the model written by `geoinvert "
+        "prior fit` (the .pt file, with its .json beside it), on the finest lattice and the "
+        "domain's bounds.", "prior.pt"),
     Key("prior.mean", "spec", 0.0, "Prior mean of the log-coefficient: number, expression or "
         "shape.", "-0.5 + 0.2 * x"),
     Key("prior.std", "float", 1.0, "Marginal standard deviation (approximately, for matern).",
@@ -247,7 +253,15 @@ SCHEMA = (
         "(elliptic) or int phi_k x (linear, quadratic).",
         "[\"sin(pi*x)*sin(2*pi*y)\"]"),
     Key("observations.names", "strs", None, "Optional names, one per observation (points "
-        "first, then functions).", "[W1, W2]"),
+        "first, then functions, then hard data).", "[W1, W2]"),
+    Key("observations.hard_data.points", "points", [], "Hard data: `[x, y]` locations where "
+        "the log-coefficient itself is known (e.g. measured at wells); each conditions the "
+        "lattice cell holding it.", "[[0.3, 0.5], [0.7, 0.5]]"),
+    Key("observations.hard_data.values", "floats", None, "Hard data: the known values, one "
+        "per point (synthetic data: default the truth's values in those cells).",
+        "[1.2, -0.4]"),
+    Key("observations.hard_data.noise", "float", 0.01, "Hard data: standard deviation of "
+        "their measurement error.", "0.05", _positive),
     Key("data.values", "floats", None, "Observed values inline, one per observation.",
         "[0.31, 0.27]"),
     Key("data.file", "path", None, "Observed values from a netCDF file (variable "
@@ -268,7 +282,9 @@ SCHEMA = (
     Key("sampler.kind", "str", "msign", "Sampler: `msign` (the flow, trained stage by stage), "
         "`asvgd` (the same network trained by amortized SVGD), `iaf` (an inverse "
         "autoregressive flow on the finest level, `sampler.blocks` MADE maps, trained by the "
-        "reverse KL), `meanfield` (a mean-field Gaussian, likewise), `laplace` (the Gaussian at the "
+        "reverse KL), `meanfield` (a mean-field Gaussian, likewise), `composed` (with "
+        "`prior.kind: learned`: the same IAF trained in the learned prior's latent space, "
+        "so that prior and IAF compose into one flow), `laplace` (the Gaussian at the "
         "MAP point with the low-rank Gauss-Newton Hessian, uncorrected), or a reference MCMC "
         "run on the finest level: `pcn`, `mala`, `hmc`, `gpcn` (pCN with the Laplace "
         "covariance as proposal).", "hmc", _one_of(*SAMPLER_KINDS)),
@@ -466,7 +482,7 @@ def suggest(word, choices):
 
 SAMPLER_KEY_KINDS = {
     **{key: TRAINED_KINDS for key in ("steps", "batch", "lr", "budget", "correction")},
-    **{key: FLOW_KINDS + ("iaf",) for key in ("blocks", "hidden")},
+    **{key: FLOW_KINDS + ("iaf", "composed") for key in ("blocks", "hidden")},
     **{key: FLOW_KINDS for key in ("upsampling", "flow", "lr_warmup", "checkpoint_every")},
     **{key: ("msign",) for key in ("objective", "recipe", "coarse_sampler", "pool_levels",
                                    "reverse_weight", "frozen_proposal", "pool_warmup")},
@@ -477,7 +493,7 @@ SAMPLER_KEY_KINDS = {
 
 def correction_config(config):
     """The :class:`CorrectionConfig` of a validated config (``case.config``)."""
-    return CorrectionConfig(**config["sampler"]["correction"])
+    return CorrectionConfig(**config["sampler"]["correction"]).resolved(config["sampler"]["kind"])
 
 
 def flow_config(config):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "TrainOptions",
            "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS", "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
-           "CORRECTION_COORDINATES", "CORRECTION_KERNELS",
+           "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "AUTOREGRESSIVE_KINDS",
            "CorrectionConfig", "metric_windows", "made_width"]
 
 # -- training -----------------------------------------------------------------------------------
@@ -194,9 +194,12 @@ class ChainConfig:
 # -- the correction ---------------------------------------------------------------------------
 
 CORRECTION_KERNELS = ("hmc", "mala", "pcn", "none")
+
+AUTOREGRESSIVE_KINDS = ("iaf", "composed")
+"""Kinds whose approximation is an IAF (its density of a given field: one pass per parameter)."""
 """Local kernels of the correction; ``none`` switches the correction off."""
 
-CORRECTION_COORDINATES = ("laplace", "flow")
+CORRECTION_COORDINATES = ("auto", "laplace", "flow")
 """Coordinates of the correction's local moves: the Laplace approximation at the MAP point (an
 affine map) or the trained flow's latent space (NeuTra)."""
 
@@ -217,10 +220,13 @@ class CorrectionConfig:
         "hmc", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, "
         "`pcn`, or `none` (no correction: the result holds the flow's own draws).", "mala")
     coordinates: str = _field(
-        "laplace", "Coordinates of the local moves: `laplace` (those of the Laplace "
+        "auto", "Coordinates of the local moves: `laplace` (those of the Laplace "
         "approximation at the MAP point, an affine map found by L-BFGS and the Gauss-Newton "
-        "Hessian) or `flow` (the trained flow's latent space); the flow proposes the "
-        "independence moves either way.", "flow")
+        "Hessian), `flow` (the trained flow's latent space), or `auto`: `laplace`, except for "
+        "the autoregressive kinds (`iaf`, `composed`), whose density at a field it did not "
+        "draw costs one pass per parameter, so that independence moves after Laplace-"
+        "coordinate moves would cost hundreds of passes: `flow` for them. The flow proposes "
+        "the independence moves either way.", "flow")
     chains: int = _field(
         8, "Chains of the correction, started from flow draws (shared out over MPI solve "
         "groups: at least one per group).", "16")
@@ -242,6 +248,13 @@ class CorrectionConfig:
         "eight prior draws) and add a Laplace approximation at each to the "
         "independence proposal (half of the proposals), so that chains reach modes the flow "
         "misses.", "false")
+
+    def resolved(self, kind):
+        """This config with ``auto`` coordinates resolved for sampler ``kind``."""
+        if self.coordinates != "auto":
+            return self
+        auto = "flow" if kind in AUTOREGRESSIVE_KINDS else "laplace"
+        return dataclasses.replace(self, coordinates=auto)
 
     def __post_init__(self):
         if self.kernel not in CORRECTION_KERNELS:

@@ -27,7 +27,7 @@ from geoinvert.flows.msign import MsIGN
 from geoinvert.inference.trainer import likelihood_step, lr_factor
 from geoinvert.priors.gaussian import MaternPrior
 
-__all__ = ["fit_gaussian", "fit_prior", "LearnedPrior", "FORMAT_VERSION"]
+__all__ = ["fit_gaussian", "fit_prior", "LearnedPrior", "LatentForward", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 """Version of the files written by :meth:`LearnedPrior.save`."""
@@ -64,9 +64,13 @@ def fit_gaussian(fields, bounds=(0.0, 1.0, 0.0, 1.0)):
 
 
 class LearnedPrior:
-    """A trained MsIGN over the fields of one lattice, with the Gaussian it started from:
-    ``sample(num, generator)`` and ``log_prob(x)`` on the finest level, and the held-out
-    numbers of its fit (``report``)."""
+    """A trained MsIGN G: z -> x over the fields of one lattice, with the Gaussian it started
+    from, and the held-out numbers of its fit (``report``).
+
+    It has the :class:`~geoinvert.problem.posterior.Prior` interface on its lattice
+    (``sample(num, level)``, ``log_prob(x, level)``), so a posterior in the fields can be
+    formed with it; inference runs in its latent space instead (:class:`LatentForward`).
+    """
 
     def __init__(self, model, gaussian, report=None):
         self.model, self.gaussian, self.report = model, gaussian, report or {}
@@ -75,13 +79,30 @@ class LearnedPrior:
     def level(self):
         return self.gaussian.levels
 
-    def sample(self, num, generator=None):
+    @property
+    def bounds(self):
+        return tuple(self.gaussian.bounds)
+
+    def _check_level(self, level):
+        if level is not None and level != self.level:
+            raise ValueError(f"a learned prior holds fields of level {self.level} only, "
+                             f"not {level}")
+
+    def draw(self, num, generator=None):
+        """``(x (num, n, n), log p (num,))`` of ``num`` draws, float64."""
         with torch.no_grad():
             x, log_p = self.model.sample(num, generator=generator)
         return x.to(torch.float64), log_p.to(torch.float64)
 
-    def log_prob(self, x):
-        return self.model.log_prob(torch.as_tensor(x, dtype=self.model.dtype)).to(torch.float64)
+    def sample(self, num, level=None, *, generator=None, dtype=torch.float64):
+        """``num`` fields ``(num, n, n)`` (the prior interface)."""
+        self._check_level(level)
+        return self.draw(num, generator)[0].to(dtype)
+
+    def log_prob(self, x, level=None):
+        """Log density ``(num,)`` of fields ``x``, differentiable (the prior interface)."""
+        self._check_level(level)
+        return self.model.log_prob(torch.as_tensor(x).to(self.model.dtype)).to(torch.float64)
 
     def save(self, path):
         """The network to ``path`` (.pt, .json) with the Gaussian's parameters and the report."""
@@ -173,3 +194,31 @@ def fit_prior(fields, *, epochs=30, batch=64, lr=2e-3, blocks=4, hidden=32, held
                            float(gaussian.correlation_length)},
               "train": int(len(train)), "held_out": int(len(test)), "history": history}
     return LearnedPrior(model.eval(), gaussian, report)
+
+
+class LatentForward:
+    """F(G(z)): a forward model of the fields composed with the learned prior's map, on its
+    latent fields ``z (num, n, n)`` (the concatenated level noises in row-major order, which
+    are N(0, I) under the prior), differentiable in ``z``.
+
+    A posterior with an iid N(0, 1) prior and this forward model is the posterior pulled back
+    to the latent space, where samplers see a Gaussian prior (Whang et al.'s composed flows).
+
+    Args:
+        forward: forward model of the fields, ``(num, n, n) -> (num, n_obs)``.
+        transport: :class:`~geoinvert.inference.correction.FlowTransport` of the prior's MsIGN.
+    """
+
+    def __init__(self, forward, transport):
+        self.inner, self.transport = forward, transport
+        self.shape, self.n_obs = forward.shape, forward.n_obs
+
+    n_solves = property(lambda self: self.inner.n_solves)
+    last_failures = property(lambda self: self.inner.last_failures)
+
+    def fields(self, z):
+        """``(x, log|det dG/dz|)`` of latent fields ``z (num, n, n)``, float64."""
+        return self.transport.to_x(torch.as_tensor(z).reshape(z.shape[0], -1))
+
+    def __call__(self, z):
+        return self.inner(self.fields(z)[0])
