@@ -850,10 +850,12 @@ def _finish(case, fit, seed, lay, path, start_time, kind):
 
 # -- amortized inversion ------------------------------------------------------------------
 
-def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=False):
+def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=False,
+             method="msign"):
     """Train the amortized posterior of ``case`` on a ``geoinvert simulate`` file and save it
     to ``out`` (.pt and .json, with the case text, so that :func:`infer` can rebuild the
-    case).
+    case). ``method``: the conditional MsIGN (``msign``) or the single-loss joint flow
+    (``joint``, :class:`~geoinvert.inference.joint.JointFlow`).
 
     Raises:
         CaseError: the simulations were made on another lattice or with other observations.
@@ -871,6 +873,10 @@ def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=F
     if field.shape[1:] != shape or data.shape[1] != case.n_obs:
         raise CaseError(str(simulations), f"holds fields {field.shape[1:]} and {data.shape[1]} "
                         f"observations; the case has {shape} and {case.n_obs}")
+    if method == "joint" and case.n_obs >= 4 ** case.finest:
+        raise CaseError("--method", f"joint maps the {4 ** case.finest} parameters onto the "
+                        f"{case.n_obs} data and a latent rest: it needs fewer observations "
+                        "than parameters; use msign")
     from tqdm.auto import tqdm
     bar = tqdm(total=epochs, unit="epoch", disable=not progress, desc="amortized training")
 
@@ -881,7 +887,7 @@ def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=F
     try:
         post, history = train_amortized(case.prior(), simulations, epochs=epochs, batch=batch,
                                         generator=torch.Generator().manual_seed(int(seed)),
-                                        callback=step)
+                                        callback=step, method=method)
     finally:
         bar.close()
     adapter = _Saver(post, {**checkpoint_meta(case, seed), "simulations": str(simulations),

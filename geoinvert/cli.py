@@ -66,6 +66,9 @@ def build_parser():
     am.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
     am.add_argument("--epochs", type=int, default=20, help="passes over the simulations")
     am.add_argument("--seed", type=int, default=0, help="seed of the weights and shuffles")
+    am.add_argument("--method", choices=("msign", "joint"), default="msign",
+                    help="msign: the conditional MsIGN (default); joint: the single-loss joint "
+                    "flow of Xiao, Yan and Amit (fewer observations than parameters)")
     inf = sub.add_parser("infer", help="posterior of new data from an amortized model")
     inf.add_argument("model", type=Path, help="model file of geoinvert amortize (.pt)")
     inf.add_argument("--data", type=Path, required=True,
@@ -342,7 +345,7 @@ def _amortize(args):
     _writable_out(args.out)
     try:
         _, history = amortize(case, args.simulations, args.out, epochs=args.epochs,
-                              seed=args.seed, progress=not args.quiet)
+                              seed=args.seed, progress=not args.quiet, method=args.method)
     except ValueError as err:
         from geoinvert.errors import CaseError
         if isinstance(err, CaseError):

@@ -1,5 +1,6 @@
-"""Amortized inversion: a conditional MsIGN trained on simulations of the linear-Gaussian test
-bed, checked against the exact posterior of new data sets and by simulation-based calibration."""
+"""Amortized inversion: a conditional MsIGN and the single-loss joint flow trained on
+simulations of the linear-Gaussian test bed, checked against the exact posterior of new data
+sets and by simulation-based calibration."""
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def trained_path(case):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def simulations(tmp_path_factory):
     config = small_case()
     config["levels"] = {"finest": 2}
     config["noise"] = {"std": NOISE}
@@ -28,8 +29,17 @@ def trained(tmp_path_factory):
     path = tmp_path_factory.mktemp("amortized") / "sims.nc"
     _PATHS[case.name] = path
     simulate(case, 6000, path, seed=1)
+    return case, path
+
+
+@pytest.fixture(scope="module", params=["msign", "joint"])
+def trained(simulations, request):
+    """The conditional MsIGN and the single-loss joint flow, on the same simulations."""
+    case, path = simulations
     post, history = train_amortized(case.prior(), path, epochs=4, batch=128,
-                                    generator=torch.Generator().manual_seed(0))
+                                    generator=torch.Generator().manual_seed(0),
+                                    method=request.param)
+    assert post.method == request.param
     return case, post, history
 
 

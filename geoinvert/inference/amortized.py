@@ -1,6 +1,8 @@
-"""Amortized inversion: a conditional MsIGN q(x | y) trained once on simulations (x from the
+"""Amortized inversion: a conditional flow q(x | y) trained once on simulations (x from the
 prior, y = F(x) + e) by maximum likelihood, then sampled for any new data in a fraction of a
-second.
+second. Two networks (``method``): the conditional MsIGN below (default), or the single-loss
+joint flow of Xiao, Yan and Amit (:class:`~geoinvert.inference.joint.JointFlow`: one bijection
+of the field onto [data, latent], no context network).
 
 The conditional MsIGN keeps the coarse-to-fine structure and the exact prior conditioning
 layers; every coupling of F_l also sees maps of the lattice of level l computed from the
@@ -22,7 +24,11 @@ import torch
 from geoinvert.flows.msign import MsIGN
 from geoinvert.inference.trainer import likelihood_step, lr_factor
 
-__all__ = ["AmortizedPosterior", "AtData", "train_amortized", "FORMAT_VERSION"]
+__all__ = ["AmortizedPosterior", "AtData", "train_amortized", "FORMAT_VERSION",
+           "AMORTIZED_METHODS"]
+
+AMORTIZED_METHODS = ("msign", "joint")
+"""Networks of an amortized posterior: the conditional MsIGN, or the single-loss joint flow."""
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ class AmortizedPosterior:
 
     def __init__(self, model, data_mean, data_std, data_range=None):
         self.model = model
+        self.method = getattr(model, "kind", None) or "msign"
         self.data_mean = np.asarray(data_mean, float)
         self.data_std = np.asarray(data_std, float)
         self.data_range = None if data_range is None else np.asarray(data_range, float)
@@ -79,6 +86,7 @@ class AmortizedPosterior:
         """The network to ``path`` (.pt, .json) and the standardisation beside it."""
         path = Path(path)
         self.model.save(path, metadata={"format_version": FORMAT_VERSION, "amortized": True,
+                                        "method": self.method,
                                         "data_mean": self.data_mean.tolist(),
                                         "data_std": self.data_std.tolist(),
                                         "data_range": None if self.data_range is None
@@ -99,8 +107,24 @@ class AmortizedPosterior:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: saved with format version {meta.get('format_version')}, "
                              f"this geoinvert reads {FORMAT_VERSION}")
-        return cls(MsIGN.load(path, prior), meta["data_mean"], meta["data_std"],
-                   meta.get("data_range"))
+        method = meta.get("method", "msign")
+        if method not in AMORTIZED_METHODS:
+            raise ValueError(f"{path}: an amortized posterior of unknown method {method!r}")
+        if method == "joint":
+            from geoinvert.inference.joint import JointFlow
+            model = JointFlow.load(path, prior)
+        else:
+            model = MsIGN.load(path, prior)
+        return cls(model, meta["data_mean"], meta["data_std"], meta.get("data_range"))
+
+    def surrogate(self, x):
+        """The joint flow's learned forward model: predicted data ``(num, n_obs)`` of fields
+        ``x`` (only ``method`` joint has one)."""
+        if self.method != "joint":
+            raise ValueError("only the joint flow has a surrogate of the forward model")
+        with torch.no_grad():
+            y = self.model.surrogate(torch.as_tensor(x)).numpy()
+        return y * self.data_std + self.data_mean
 
 
 def _moments(path):
@@ -118,8 +142,9 @@ def _moments(path):
 
 def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks=4,
                     hidden=32, context_channels=4, generator=None, callback=None,
-                    held_out=0.1, grad_clip=10.0):
-    """Train a conditional MsIGN on a simulations file by maximum likelihood.
+                    held_out=0.1, grad_clip=10.0, method="msign"):
+    """Train a conditional MsIGN (or the joint flow) on a simulations file by maximum
+    likelihood.
 
     The last ``held_out`` fraction of the simulations is kept apart: its mean negative log
     likelihood per dimension is recorded after every epoch (it must fall as the fit improves,
@@ -131,7 +156,9 @@ def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks
         simulations: Path of a ``geoinvert simulate`` file.
         epochs, batch, lr: Passes over the training simulations, batch size, Adam's rate
             (cosine schedule to 5 % of it).
-        blocks, hidden, context_channels: The network (see :class:`MsIGN`).
+        blocks, hidden, context_channels: The network (see :class:`MsIGN`; for the joint
+            flow ``blocks`` RealNVP couplings with MLPs of width ``4 * hidden``).
+        method: ``msign`` or ``joint`` (:data:`AMORTIZED_METHODS`).
         generator: For the initial weights' draw order and the shuffles.
         callback: ``callback(record)`` after every epoch.
 
@@ -147,10 +174,22 @@ def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks
         raise ValueError(f"{simulations}: {total} simulations, fewer than a batch of {batch} "
                          "to train on")
     mean, std, data_range = _moments(simulations)
+    if method not in AMORTIZED_METHODS + ("inn",):
+        raise ValueError(f"method must be one of {AMORTIZED_METHODS}, got {method!r}")
     first = next(read_simulations(simulations, stop=1))[1]
-    model = MsIGN(prior, blocks_per_level=blocks, hidden=hidden, stage=prior.levels,
-                  context_features=first.shape[1], context_channels=context_channels)
-    model = model.to(torch.float32)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        if method in ("joint", "inn"):
+            from geoinvert.inference.joint import INN, JointFlow
+            from geoinvert.io import simulation_noise
+            shape = {"transforms": max(2 * blocks, 2), "hidden": 4 * hidden}
+            model = JointFlow(prior, prior.levels, first.shape[1],
+                              eps=simulation_noise(simulations) / std, **shape) \
+                if method == "joint" else INN(prior, prior.levels, first.shape[1], **shape)
+        else:
+            model = MsIGN(prior, blocks_per_level=blocks, hidden=hidden, stage=prior.levels,
+                          context_features=first.shape[1], context_channels=context_channels)
+            model = model.to(torch.float32)
     posterior = AmortizedPosterior(model, mean, std, data_range)
     dim = 4 ** prior.levels
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -164,10 +203,10 @@ def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks
             for rows in order.split(batch):
                 if len(rows) < 2:
                     continue
-                log_q = posterior.log_prob(field[rows.numpy()], data[rows.numpy()])
+                loss = _loss(posterior, field[rows.numpy()], data[rows.numpy()], dim,
+                             generator)
                 rate = lr * lr_factor(step, epochs * steps_per_epoch, "cosine", 0.05)
-                losses.append(likelihood_step(optimizer, -log_q.mean() / dim, lr=rate,
-                                              grad_clip=grad_clip))
+                losses.append(likelihood_step(optimizer, loss, lr=rate, grad_clip=grad_clip))
                 step += 1
         record = {"epoch": epoch, "loss": float(np.mean(losses)),
                   "held_out": _held_out_nll(posterior, simulations, split, dim),
@@ -181,13 +220,23 @@ def train_amortized(prior, simulations, *, epochs=20, batch=128, lr=2e-3, blocks
     return posterior, history
 
 
+def _loss(posterior, field, data, dim, generator=None):
+    """The training loss of a batch: the negative log likelihood per dimension, or the INN's
+    weighted losses (:class:`~geoinvert.inference.joint.INN`, which has no likelihood)."""
+    if posterior.method == "inn":
+        return posterior.model.loss(torch.as_tensor(field), posterior.context(data), generator)
+    return -posterior.log_prob(field, data).mean() / dim
+
+
 def _held_out_nll(posterior, simulations, start, dim):
+    """The held-out loss (:func:`_loss`): its mean over the simulations from ``start``."""
     from geoinvert.io import read_simulations
-    values = []
+    total, count = 0.0, 0
     with torch.no_grad():
         for field, data in read_simulations(simulations, chunk=1024, start=start):
-            values.append(-posterior.log_prob(field, data).numpy() / dim)
-    return float(np.mean(np.concatenate(values))) if values else math.nan
+            loss = _loss(posterior, field, data, dim, torch.Generator().manual_seed(0))
+            total, count = total + float(loss) * len(field), count + len(field)
+    return total / count if count else math.nan
 
 
 class AtData:

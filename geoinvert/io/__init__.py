@@ -8,10 +8,10 @@ from geoinvert.io.figures import figures
 from geoinvert.io.models import (checkpoint_meta, checkpoint_path, load_model, model_path,
                                  read_checkpoint, save_model, write_checkpoint)
 from geoinvert.io.simulations import (SIMULATION_CHUNK, SimulationWriter, read_simulations,
-                                      simulation_count)
+                                      simulation_count, simulation_noise)
 
 __all__ = ["build_dataset", "write_netcdf", "atomic_path", "read_result", "marginal_direction",
            "lock_path", "acquire_lock", "release_lock", "read_variable",
            "figures", "model_path", "checkpoint_path", "checkpoint_meta", "write_checkpoint",
            "read_checkpoint", "save_model", "load_model", "SimulationWriter", "read_simulations",
-           "simulation_count", "SIMULATION_CHUNK"]
+           "simulation_count", "simulation_noise", "SIMULATION_CHUNK"]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SimulationWriter", "read_simulations", "simulation_count", "SIMULATION_CHUNK"]
+__all__ = ["SimulationWriter", "read_simulations", "simulation_count", "simulation_noise",
+           "SIMULATION_CHUNK"]
 
 SIMULATION_CHUNK = 256
 """Simulations drawn, solved and written at a time."""
@@ -99,3 +100,12 @@ def simulation_count(path):
     import netCDF4
     with netCDF4.Dataset(path, "r") as handle:
         return handle.dimensions["simulation"].size
+
+
+def simulation_noise(path):
+    """The noise std ``(n_obs,)`` the simulations of ``path`` were made with."""
+    import netCDF4
+    with netCDF4.Dataset(path, "r") as handle:
+        if "noise" not in handle.variables:
+            raise ValueError(f"{path}: not a geoinvert simulations file (missing noise)")
+        return np.asarray(handle["noise"][:], float)
