@@ -5,11 +5,12 @@ the Gaussian check.
 Three parts, each from the package's own generators (no download):
 
 1. **Gaussian check.** A learned prior fitted to 2000 draws of a known Matern prior is nearly
-   that Gaussian, so the composed posterior of an elliptic case (16x16, nine heads) on it must
+   that Gaussian, so the composed posterior of an elliptic case (8x8, nine heads) on it must
    match the posterior on the Gaussian prior itself (the default MsIGN run, corrected to
    exactness): mean and std errors in that posterior's std units.
-2. **Channels.** A learned prior fitted to 2000 channel fields (``geoinvert ensemble
-   channels``); the truth is a fresh channel field, observed through nine heads and four
+2. **Channels.** A learned prior fitted to 2000 channel fields of 16x16 (``geoinvert ensemble
+   channels``; MsIGN with 2 blocks of width 16 a level, whose evaluation, not the PDE solve,
+   dominates a run's time at this size); the truth is a fresh channel field, observed through nine heads and four
    hard data (wells). The composed run and HMC in the prior's latent space at the same nFS:
    R-hat, ESS, the hard data's residuals in noise units, and their difference in posterior
    std units; a figure of the truth, draws, mean and std.
@@ -45,18 +46,19 @@ from geoinvert.priors import MaternPrior  # noqa: E402
 from geoinvert.priors.learned import fit_prior  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-LEVEL, N = 4, 16
+LEVEL, N = 4, 16                 # the channels' lattice; the Gaussian check runs on 8x8
+PRIOR_NET = {"blocks": 2, "hidden": 16}
 HEADS = [[x, y] for y in (0.25, 0.5, 0.75) for x in (0.25, 0.5, 0.75)]
 WELLS = [[0.1, 0.1], [0.1, 0.9], [0.9, 0.1], [0.9, 0.9]]
 MATERN = {"std": 1.0, "correlation_length": 0.3}
 ENSEMBLE, EPOCHS = 2000, 15
 
 
-def _case(prior, sampler, data, hard=None, noise=0.01):
+def _case(prior, sampler, data, hard=None, noise=0.01, level=LEVEL):
     obs = {"points": HEADS}
     if hard is not None:
         obs["hard_data"] = {"points": WELLS, "noise": 0.05}
-    return {"name": "composed-bench", "levels": {"finest": LEVEL, "min_cells": 16},
+    return {"name": "composed-bench", "levels": {"finest": level, "min_cells": 16},
             "prior": prior, "forward": {"kind": "elliptic", "source": 1.0,
                                         "dirichlet": {"left": 1.0, "right": 0.0}},
             "observations": obs, "data": data, "noise": {"std": noise}, "sampler": sampler,
@@ -85,7 +87,7 @@ def _errors(ds, ref):
 
 def _fit(fields, folder, name):
     start = time.perf_counter()
-    learned = fit_prior(fields, epochs=EPOCHS, seed=0)
+    learned = fit_prior(fields, epochs=EPOCHS, seed=0, **PRIOR_NET)
     path = folder / f"{name}.pt"
     learned.save(path)
     r = learned.report
@@ -102,17 +104,18 @@ def _hmc_like(nfs):
             "draws": iterations - warmup}
 
 
-def gaussian_check(folder):
-    gaussian = MaternPrior(LEVEL, alpha=2, boundary="neumann", **MATERN)
-    fields = gaussian.sample(ENSEMBLE, LEVEL, generator=torch.Generator().manual_seed(0))
+def gaussian_check(folder, level=3):
+    gaussian = MaternPrior(level, alpha=2, boundary="neumann", **MATERN)
+    fields = gaussian.sample(ENSEMBLE, level, generator=torch.Generator().manual_seed(0))
     path, fit = _fit(fields.numpy(), folder, "gaussian_prior")
     data = {"synthetic": {"truth": "prior", "seed": 11}}
     exact_prior = {"kind": "matern", "boundary": "neumann", **MATERN}
-    ref, ref_row = _run(_case(exact_prior, {}, data), folder, "gaussian_reference")
+    ref, ref_row = _run(_case(exact_prior, {}, data, level=level), folder,
+                        "gaussian_reference")
     # the same truth and data for the learned prior: the reference case's data as values
     values = ref["observed"].values.tolist()
     composed, row = _run(_case({"kind": "learned", "model": str(path)}, {"kind": "composed"},
-                               {"values": values}), folder, "gaussian_composed")
+                               {"values": values}, level=level), folder, "gaussian_composed")
     return {"fit": fit, "reference": ref_row, "composed": {**row, **_errors(composed, ref)}}
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -106,6 +107,9 @@ def build_parser():
     pri.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
     pri.add_argument("--epochs", type=int, default=30, help="passes over the fields")
     pri.add_argument("--seed", type=int, default=0, help="seed of the weights and the split")
+    pri.add_argument("--bounds", type=float, nargs=4, metavar=("X0", "X1", "Y0", "Y1"),
+                     default=(0.0, 1.0, 0.0, 1.0), help="the domain the fields cover (a case "
+                     "using the prior must have these domain.bounds; default the unit square)")
     for p in (run, check, plot, sim, am, inf, cal, ens, pri):
         _common(p)
     return parser
@@ -462,18 +466,34 @@ def _prior(args):
     if not args.ensemble.is_file():
         raise UserError(f"{args.ensemble}: no such ensemble file")
     _writable_out(args.out)
+    x0, x1, y0, y1 = args.bounds
+    if not (x1 > x0 and y1 > y0) or not all(map(math.isfinite, args.bounds)):
+        raise UserError(f"--bounds: need x0 < x1 and y0 < y1, got {list(args.bounds)}")
+    from tqdm.auto import tqdm
+    bar = tqdm(total=args.epochs, unit="epoch", disable=args.quiet, desc="prior fit")
+
+    def step(record):
+        bar.set_postfix(nll=f"{record['loss']:.4f}", held_out=f"{record['held_out']:.4f}")
+        bar.update(1)
+
     try:
         fields = read_ensemble(args.ensemble)
-        learned = fit_prior(fields, epochs=args.epochs, seed=args.seed)
+        learned = fit_prior(fields, epochs=args.epochs, seed=args.seed,
+                            bounds=tuple(args.bounds), callback=step)
     except ValueError as err:
         raise UserError(str(err)) from None
+    finally:
+        bar.close()
     from geoinvert.io import save_model
+    from geoinvert.priors.learned import fit_figure
     save_model(_PriorSaver(learned), args.out, {})
+    figure = fit_figure(learned, fields, args.out.with_suffix(".png"))
     r = learned.report
     if not args.quiet:
-        print(f"wrote {args.out}: held-out {r['held_out']} fields, negative log likelihood "
-              f"per dimension {r['learned_nll']:.4f} nats ({r['learned_bits']:.4f} bits); the "
-              f"fitted Gaussian's {r['gaussian_nll']:.4f} ({r['gaussian_bits']:.4f} bits)")
+        print(f"wrote {args.out} and {figure.name}: held-out {r['held_out']} fields, negative "
+              f"log likelihood per dimension {r['learned_nll']:.4f} nats "
+              f"({r['learned_bits']:.4f} bits); the fitted Gaussian's {r['gaussian_nll']:.4f} "
+              f"({r['gaussian_bits']:.4f} bits)")
     return 0
 
 

@@ -27,7 +27,8 @@ from geoinvert.flows.msign import MsIGN
 from geoinvert.inference.trainer import likelihood_step, lr_factor
 from geoinvert.priors.gaussian import MaternPrior
 
-__all__ = ["fit_gaussian", "fit_prior", "LearnedPrior", "LatentForward", "FORMAT_VERSION"]
+__all__ = ["fit_gaussian", "fit_prior", "LearnedPrior", "LatentForward", "FORMAT_VERSION",
+           "fit_figure"]
 
 FORMAT_VERSION = 1
 """Version of the files written by :meth:`LearnedPrior.save`."""
@@ -222,3 +223,43 @@ class LatentForward:
 
     def __call__(self, z):
         return self.inner(self.fields(z)[0])
+
+
+def fit_figure(learned, fields, path, count=4):
+    """A figure of a learned prior's fit to ``path`` (PNG): the training and held-out negative
+    log likelihood per dimension by epoch against the fitted Gaussian's, and ``count``
+    training fields beside as many draws of the learned prior and of the fitted Gaussian
+    (same colour scale), so that a user sees whether the draws look like the ensemble."""
+    from matplotlib.figure import Figure
+    r = learned.report
+    history = r.get("history", [])
+    fig = Figure(figsize=(2.2 * count + 4.2, 6.6))
+    grid = fig.add_gridspec(3, count + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    epochs = [h["epoch"] + 1 for h in history]
+    ax.plot(epochs, [h["loss"] for h in history], "o-", ms=3, label="learned, training")
+    ax.plot(epochs, [h["held_out"] for h in history], "s-", ms=3, label="learned, held out")
+    ax.axhline(r["gaussian_nll"], color="k", ls="--", lw=0.8, label="fitted Gaussian, held out")
+    ax.set(xlabel="epoch", ylabel="negative log likelihood per dimension (nats)",
+           title="maximum-likelihood training")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    gen = torch.Generator().manual_seed(0)
+    rows = [("training field", np.asarray(fields[:count])),
+            ("learned prior", learned.draw(count, gen)[0].numpy()),
+            ("fitted Gaussian", learned.gaussian.sample(count, learned.level,
+                                                        generator=gen).numpy())]
+    lo, hi = np.percentile(np.asarray(fields[:64]), [1, 99])
+    for i, (name, xs) in enumerate(rows):
+        for j, x in enumerate(xs):
+            a = fig.add_subplot(grid[i, 2 + j])
+            a.imshow(x, origin="lower", cmap="viridis", vmin=lo, vmax=hi)
+            a.set_xticks([]), a.set_yticks([])
+            if j == 0:
+                a.set_ylabel(name, fontsize=8)
+    fig.suptitle(f"held-out NLL per dimension: learned {r['learned_nll']:.3f}, fitted "
+                 f"Gaussian {r['gaussian_nll']:.3f} nats ({r['held_out']} fields)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
