@@ -293,14 +293,14 @@ def test_correction_section_defaults_shorthand_and_kind_rules():
     with pytest.raises(CaseError, match="sampler.correction.kernel"):
         load_case({**base, "sampler": {"correction": {"kernel": "nuts"}}})
     with pytest.raises(CaseError, match="sampler.correction: applies to sampler.kind msign, "
-                       "asvgd, iaf, meanfield, not to hmc"):
+                       "asvgd, iaf, meanfield, composed, not to hmc"):
         load_case({**base, "sampler": {"kind": "hmc", "correction": {"draws": 10}}})
     with pytest.raises(CaseError, match=r"sampler.chains: applies to sampler.kind pcn, .* not "
                        r"to msign \(the flow's correction has its own: "
                        r"sampler.correction.chains\)"):
         load_case({**base, "sampler": {"chains": 8}})
     with pytest.raises(CaseError, match="sampler.blocks: applies to sampler.kind msign, "
-                       "asvgd, iaf, not to pcn"):
+                       "asvgd, iaf, composed, not to pcn"):
         load_case({**base, "sampler": {"kind": "pcn", "blocks": 3}})
     with pytest.raises(CaseError, match="sampler.leapfrog: applies to sampler.kind hmc, not "
                        "to mala"):
