@@ -81,6 +81,9 @@ def build_parser():
     inf.add_argument("--correct", action="store_true",
                      help="correct the draws to the exact posterior of each data set")
     inf.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    inf.add_argument("--fine-tune", type=int, default=0, metavar="STEPS",
+                     help="refine the network on each data set by STEPS reverse-KL steps "
+                     "(32 forward solves each) before drawing")
     cal = sub.add_parser("calibrate",
                          help="SBC and TARP of an amortized model on simulations")
     cal.add_argument("model", type=Path, help="model file of geoinvert amortize (.pt)")
@@ -385,13 +388,15 @@ def _infer(args):
     _one_process(args)
     from geoinvert.app import infer
     _bounded("--samples", args.samples, 2, 10**6)
+    _bounded("--fine-tune", args.fine_tune, 0, 10**6)
     if not args.model.is_file() or not args.model.with_suffix(".json").is_file():
         raise UserError(f"{args.model}: no such amortized model (.pt with its .json)")
     data = _infer_data(args.data)
     _writable_out(args.out)
     try:
         results = infer(args.model, data, args.out, samples=args.samples, seed=args.seed,
-                        correct=args.correct, progress=not args.quiet)
+                        correct=args.correct, progress=not args.quiet,
+                        fine_tune=args.fine_tune)
     except ValueError as err:
         from geoinvert.errors import CaseError
         if isinstance(err, CaseError):
