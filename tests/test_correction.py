@@ -256,3 +256,19 @@ def test_flow_transport_density_is_the_flow_density():
     np.testing.assert_allclose(flow.log_prob(x).numpy(), log_q.numpy(), rtol=1e-9, atol=1e-8)
     np.testing.assert_allclose(model.log_prob(x).detach().numpy(), log_q.numpy(), rtol=1e-9,
                                atol=1e-8)
+
+
+def test_a_dense_metric_that_cannot_be_factorised_falls_back_to_the_diagonal():
+    """Warm-up draws of chains stuck far apart (six directions of variance 1e24 beside unit
+    ones, and one direction a combination of them) give a covariance estimate that no
+    Cholesky factorisation survives in double precision; the metric is then the diagonal one,
+    finite and positive."""
+    from geoinvert.inference import correction
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 12, generator=g, dtype=F64)
+    z[:, :6] *= 1e12
+    z[:, 6] = z[:, :6].sum(1) / 3
+    factor = correction._metric(z, dense=True)
+    assert factor.ndim == 1 and torch.isfinite(factor).all() and (factor > 0).all()
+    ok = correction._metric(torch.randn(400, 12, generator=g, dtype=F64), dense=True)
+    assert ok.ndim == 2

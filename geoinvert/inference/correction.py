@@ -313,13 +313,19 @@ def _new_state(kind, target, x, config):
 
 def _metric(z, dense):
     """Regularised factor S of the covariance of latent draws ``z (n, d)``: diagonal std or
-    the Cholesky factor, shrunk towards 1e-3 I as Stan does."""
+    the Cholesky factor, shrunk towards 1e-3 I as Stan does. A dense estimate too ill-
+    conditioned to factorise (chains stuck far apart, so that some directions have a variance
+    beyond 1e13 times the shrinkage) falls back to the diagonal one, with a log line."""
     n = z.shape[0]
     keep = n / (n + _SHRINK)
     if dense:
         cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
         cov = keep * cov + (1 - keep) * 1e-3 * torch.eye(z.shape[1], dtype=_F64)
-        return torch.linalg.cholesky(cov)
+        factor, info = torch.linalg.cholesky_ex(cov)
+        if int(info) == 0 and torch.isfinite(factor).all():
+            return factor
+        logger.info("the correction's dense metric estimate cannot be factorised (largest "
+                    "variance %.3g); a diagonal metric is used", float(cov.diagonal().max()))
     return torch.sqrt(keep * z.var(0) + (1 - keep) * 1e-3)
 
 
@@ -481,9 +487,10 @@ def _rescale(state, z, kind):
     """Adopt the metric estimated from the window's latent draws ``z (n, d)`` and re-evaluate
     the chains in the new coordinates (one solve per chain)."""
     target = state.target
-    dense = z.shape[0] >= _DENSE_DRAWS * z.shape[1]
     latent = target.latent(state.z)
-    target.set_metric(_metric(z, dense))
+    factor = _metric(z, z.shape[0] >= _DENSE_DRAWS * z.shape[1])
+    dense = factor.ndim == 2
+    target.set_metric(factor)
     u = target.coordinates(latent)
     state.z = u
     state.x, state.value, state.grad, state.log_prob = target.whitened(u, grad=kind != "pcn")
