@@ -94,15 +94,24 @@ def build_parser():
     cal.add_argument("--sets", type=int, default=200, help="data sets used (default 200)")
     ens = sub.add_parser("ensemble", help="write an ensemble of fields (the training data of a "
                          "learned prior)")
-    ens.add_argument("generator", choices=("channels", "gaussian"),
+    ens.add_argument("generator", choices=("channels", "gaussian", "gstools"),
                      help="channels: sinuous high-permeability channels (docs/priors.md); "
-                     "gaussian: draws of a case's prior")
+                     "gaussian: draws of a case's prior; gstools: Gaussian random fields of "
+                     "a GSTools covariance model, optionally truncated into two facies")
     ens.add_argument("case", type=Path, nargs="?", help="case file (gaussian only)")
     ens.add_argument("--n", type=int, required=True, metavar="N", help="fields to draw")
     ens.add_argument("--size", type=int, default=64, help="cells per side (channels; a power "
                      "of two, default 64)")
     ens.add_argument("--out", type=Path, required=True, help="netCDF file to write")
     ens.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    ens.add_argument("--model", choices=("gaussian", "exponential", "matern"), default="matern",
+                     help="gstools: covariance model (default matern)")
+    ens.add_argument("--var", type=float, default=1.0, help="gstools: variance (default 1)")
+    ens.add_argument("--len-scale", type=float, default=0.2,
+                     help="gstools: length scale, in units of the side (default 0.2)")
+    ens.add_argument("--nu", type=float, default=1.5, help="gstools: Matern smoothness")
+    ens.add_argument("--truncate", type=float, metavar="T",
+                     help="gstools: two facies, -1 below T standard deviations, 2 above")
     pri = sub.add_parser("prior", help="learn a prior from an ensemble of fields")
     pri.add_argument("action", choices=("fit",), help="fit: train an MsIGN by maximum "
                      "likelihood on the ensemble")
@@ -441,13 +450,25 @@ def _ensemble(args):
     _bounded("--n", args.n, 1, 10**6)
     _bounded("--seed", args.seed, 0, MAX_SEED)
     _writable_out(args.out)
-    if args.generator == "channels":
+    if args.generator in ("channels", "gstools"):
         if args.case is not None:
-            raise UserError("ensemble channels takes no case file")
+            raise UserError(f"ensemble {args.generator} takes no case file")
         if not 4 <= args.size <= 1024 or args.size & (args.size - 1):
             raise UserError(f"--size: must be a power of two from 4 to 1024, got {args.size}")
+    if args.generator == "channels":
         fields, _ = ensembles.channel_fields(args.n, args.size, seed=args.seed)
         parameters, bounds = {**ensembles.CHANNEL_DEFAULTS, "seed": args.seed}, None
+    elif args.generator == "gstools":
+        for flag, value in (("--var", args.var), ("--len-scale", args.len_scale),
+                            ("--nu", args.nu)):
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"{flag}: must be a positive number, got {value}")
+        if args.truncate is not None and not math.isfinite(args.truncate):
+            raise UserError(f"--truncate: must be a finite number, got {args.truncate}")
+        parameters = {"model": args.model, "var": args.var, "len_scale": args.len_scale,
+                      "nu": args.nu, "truncate": args.truncate, "seed": args.seed}
+        fields = ensembles.gstools_fields(args.n, args.size, **parameters)
+        bounds = None
     else:
         from geoinvert.case import load_case
         if args.case is None:

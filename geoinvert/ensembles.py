@@ -16,7 +16,11 @@ lattice of the unit square:
    Gaussian filter of ``smoothing`` cells, plus white noise of std ``noise``.
 
 :func:`gaussian_fields` draws an ensemble from a case's own prior (the test of a learned prior:
-its covariance must match the analytic one). :func:`write_ensemble` and
+its covariance must match the analytic one). :func:`gstools_fields` draws Gaussian random
+fields of a covariance model of the maintained geostatistics package GSTools (Gaussian,
+exponential or Matern, by its randomisation method), optionally truncated into two facies
+(a truncated Gaussian field: ``low`` where the field is below ``threshold`` standard
+deviations, ``high`` above), an alternative source to the channel generator. :func:`write_ensemble` and
 :func:`read_ensemble` store an ensemble as netCDF: variable ``field (sample, y, x)`` with the
 generator and its parameters as attributes.
 """
@@ -26,8 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CHANNEL_DEFAULTS", "channel_fields", "gaussian_fields", "write_ensemble",
-           "read_ensemble"]
+__all__ = ["CHANNEL_DEFAULTS", "channel_fields", "gaussian_fields", "gstools_fields",
+           "GSTOOLS_MODELS", "write_ensemble", "read_ensemble"]
+
+GSTOOLS_MODELS = ("gaussian", "exponential", "matern")
+"""Covariance models of :func:`gstools_fields` (GSTools' ``Gaussian``, ``Exponential`` and
+``Matern`` with smoothness ``nu``)."""
 
 CHANNEL_DEFAULTS = {"channels": (2, 5), "width": (0.04, 0.10), "amplitude": (0.02, 0.12),
                     "wavelength": (0.3, 1.0), "channel": 2.0, "background": -1.0,
@@ -78,6 +86,36 @@ def gaussian_fields(case, num, *, seed=0):
     import torch
     x = case.prior().sample(num, case.finest, generator=torch.Generator().manual_seed(seed))
     return x.numpy()
+
+
+def gstools_fields(num, size, *, model="matern", var=1.0, len_scale=0.2, nu=1.5, mean=0.0,
+                   truncate=None, low=-1.0, high=2.0, seed=0):
+    """``num`` fields ``(num, size, size)`` on the unit square's cell centres, drawn with
+    GSTools: a stationary Gaussian random field of covariance ``model`` (variance ``var``,
+    length scale ``len_scale``, Matern smoothness ``nu``) and mean ``mean``; with ``truncate``
+    (a threshold in standard deviations) the two facies ``low`` / ``high`` instead.
+
+    Raises:
+        ValueError: an unknown model, or a non-positive variance or length scale.
+    """
+    import gstools as gs
+    if model not in GSTOOLS_MODELS:
+        raise ValueError(f"model must be one of {GSTOOLS_MODELS}, got {model!r}")
+    if not (var > 0 and len_scale > 0 and nu > 0):
+        raise ValueError("var, len_scale and nu must be positive")
+    kinds = {"gaussian": gs.Gaussian, "exponential": gs.Exponential, "matern": gs.Matern}
+    extra = {"nu": nu} if model == "matern" else {}
+    cov = kinds[model](dim=2, var=var, len_scale=len_scale, **extra)
+    srf = gs.SRF(cov, mean=mean)
+    centres = (np.arange(size) + 0.5) / size
+    fields = np.empty((num, size, size))
+    rng = np.random.default_rng(seed)
+    for k in range(num):
+        # GSTools indexes structured fields [x, y]; the lattice is [y, x]
+        fields[k] = srf.structured([centres, centres], seed=int(rng.integers(2**31))).T
+    if truncate is not None:
+        fields = np.where(fields > mean + truncate * np.sqrt(var), high, low)
+    return fields
 
 
 def write_ensemble(path, fields, *, generator, parameters, bounds=(0.0, 1.0, 0.0, 1.0)):
