@@ -8,9 +8,9 @@ Three parts, each from the package's own generators (no download):
    that Gaussian, so the composed posterior of an elliptic case (8x8, nine heads) on it must
    match the posterior on the Gaussian prior itself (the default MsIGN run, corrected to
    exactness): mean and std errors in that posterior's std units.
-2. **Channels.** A learned prior fitted to 2000 channel fields of 16x16 (``geoinvert ensemble
+2. **Channels.** A learned prior fitted to 2000 channel fields of 8x8 (``geoinvert ensemble
    channels``; MsIGN with 2 blocks of width 16 a level, whose evaluation, not the PDE solve,
-   dominates a run's time at this size); the truth is a fresh channel field, observed through nine heads and four
+   dominates a run's time at this size, with the IAF's sequential density); the truth is a fresh channel field, observed through nine heads and four
    hard data (wells). The composed run and HMC in the prior's latent space at the same nFS:
    R-hat, ESS, the hard data's residuals in noise units, and their difference in posterior
    std units; a figure of the truth, draws, mean and std.
@@ -47,7 +47,7 @@ from geoinvert.priors import MaternPrior  # noqa: E402
 from geoinvert.priors.learned import fit_prior  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-LEVEL, N = 4, 16                 # the channels' lattice; the Gaussian check runs on 8x8
+LEVEL, N = 3, 8                  # the channels' lattice, as the Gaussian check's
 PRIOR_NET = {"blocks": 2, "hidden": 16}
 HEADS = [[x, y] for y in (0.25, 0.5, 0.75) for x in (0.25, 0.5, 0.75)]
 WELLS = [[0.1, 0.1], [0.1, 0.9], [0.9, 0.1], [0.9, 0.9]]

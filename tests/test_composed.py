@@ -198,7 +198,7 @@ def test_composed_run_writes_fields_of_the_learned_prior_with_their_densities(le
     case = load_case(_learned_case(learned, COMPOSED))
     ds = run(case, out=tmp_path / "composed.nc", progress=False).dataset
     assert ds.attrs["sampler"] == "composed" and ds.attrs["diagnostics_latent"]
-    assert ds.attrs["diagnostics_coordinates"] == "flow"
+    assert ds.attrs["diagnostics_coordinates"] == "laplace"      # 64 parameters: auto
     x = torch.from_numpy(ds["samples"].values)
     posterior = case.posterior()            # in the fields: the learned prior's density
     with torch.no_grad():

@@ -493,7 +493,8 @@ SAMPLER_KEY_KINDS = {
 
 def correction_config(config):
     """The :class:`CorrectionConfig` of a validated config (``case.config``)."""
-    return CorrectionConfig(**config["sampler"]["correction"]).resolved(config["sampler"]["kind"])
+    return CorrectionConfig(**config["sampler"]["correction"]).resolved(
+        config["sampler"]["kind"], 4 ** config["levels"]["finest"])
 
 
 def flow_config(config):
