@@ -224,7 +224,14 @@ def markdown(out, command):
              f"| learned prior, composed | {g['composed']['nfs']} | "
              f"{g['composed']['wall_s']:.0f} | {g['composed']['rhat']:.3f} | "
              f"{g['composed']['mean_error_rms']:.3f} | {g['composed']['std_error_rms']:.3f} | "
-             f"{g['composed']['verdict']} |", "",
+             f"{g['composed']['verdict']} |"]
+    if "composed_flow_coordinates" in g:
+        f = g["composed_flow_coordinates"]
+        lines.append(f"| learned prior, composed, correction in the IAF's latent space | "
+                     f"{f['nfs']} | {f['wall_s']:.0f} | {f['rhat']:.3f} | "
+                     f"{f['mean_error_rms']:.3f} | {f['std_error_rms']:.3f} | "
+                     f"{f['verdict'][:60]} |")
+    lines += ["",
              "## Channels (nine heads, four hard data)", "",
              f"Held-out NLL per dimension: fitted Gaussian {c['fit']['gaussian_nll']:.4f}, "
              f"learned prior {c['fit']['learned_nll']:.4f} nats.", "",
