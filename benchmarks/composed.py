@@ -197,7 +197,7 @@ def _figure(truth, ds, path):
     for ax, (title, field) in zip(axes, panels):
         im = ax.imshow(field, origin="lower", extent=(0, 1, 0, 1), cmap="viridis",
                        vmin=None if "std" in title else lo, vmax=None if "std" in title else hi)
-        ax.plot(*np.asarray(HEADS).T, "w^", ms=5, label="heads")
+        ax.plot(*np.asarray(HEADS).T, "w^", ms=5, mec="k", mew=0.5, label="heads")
         ax.plot(*np.asarray(WELLS).T, "rs", ms=5, label="hard data")
         ax.set_title(title)
         ax.set_xticks([]), ax.set_yticks([])
