@@ -748,7 +748,7 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
         _remove_stale_temporaries(path)
     kind = case.config["sampler"]["kind"]
     latent = _latent_problem(case, lay) if case.learned_prior else None
-    finest = latent[0] if latent else case.posterior(case.finest, lay.solve)
+    finest = latent or case.posterior(case.finest, lay.solve)
     if kind in ("laplace", "gpcn"):
         fit = _fit_laplace(case, seed, lay, finest, progress=progress and lay.root)
     elif kind in MCMC_KINDS:
@@ -760,7 +760,7 @@ def _run_locked(case, seed, lay, path, start_time, *, progress, resume, stop, ch
         fit = _fit_flow(case, seed, lay, posteriors, path, progress=progress, resume=resume,
                         stop=stop, checkpoint_every=checkpoint_every)
     if latent:
-        fit = _to_fields(fit, latent[0].forward)
+        fit = _to_fields(fit, latent.forward)
     return _finish(case, fit, seed, lay, path, start_time, kind)
 
 
@@ -776,7 +776,7 @@ def _latent_problem(case, lay):
     forward = LatentForward(case.forward(case.finest, lay.solve),
                             FlowTransport(case.prior().model))
     prior = IIDPrior(case.finest, case.bounds, mean=0.0, std=1.0)
-    return Posterior(prior, forward, case.data, case.noise, case.finest), prior
+    return Posterior(prior, forward, case.data, case.noise, case.finest)
 
 
 def _to_fields(fit, forward):

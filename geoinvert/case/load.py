@@ -181,6 +181,7 @@ def _validate(raw):
     for rule in _RULES:
         rule(config)
     _rule_correction_for_flows(raw, config)
+    _rule_learned_prior(raw, config)
     return config
 
 
@@ -260,7 +261,6 @@ def _rule_correction_for_flows(raw, config):
     flows); a budget must leave room for training."""
     s = config["sampler"]
     _rule_keys_of_the_kind(raw, s["kind"])
-    _rule_learned_prior(raw, config)
     if s["kind"] in VI_KINDS and isinstance(s["steps"], list):
         raise CaseError("sampler.steps", f"{s['kind']} trains one level: give one number of "
                         "steps")

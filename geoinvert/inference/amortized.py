@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from geoinvert.flows.msign import MsIGN
+from geoinvert.inference.objectives import pulled_back_terms
 from geoinvert.inference.trainer import likelihood_step, lr_factor
 
 __all__ = ["AmortizedPosterior", "AtData", "train_amortized", "fine_tune", "FORMAT_VERSION",
@@ -273,20 +274,16 @@ def fine_tune(post, posterior, y, *, steps, batch=32, lr=2e-4, generator=None, c
     history, nfs = [], 0
     for step in range(int(steps)):
         x, log_q = tuned.rsample(batch, y, generator=generator)
-        log_p, grad = posterior.grad_log_prob(x.detach())
-        ok = torch.isfinite(log_p) & torch.isfinite(grad).flatten(1).all(1)
+        term, value, ok = pulled_back_terms(x, log_q, posterior)
         nfs += batch
         if not ok.any():
             history.append({"step": step, "elbo": math.nan, "nfs": nfs, "failed": batch})
             continue
-        grad = torch.where(ok[:, None, None], grad, torch.zeros_like(grad))
-        term = log_q - (grad * x).flatten(1).sum(1)
-        loss = term[ok].mean()
         optimizer.zero_grad()
-        loss.backward()
+        term[ok].mean().backward()
         optimizer.step()
-        record = {"step": step, "elbo": float((log_p - log_q.detach())[ok].mean()),
-                  "nfs": nfs, "failed": int((~ok).sum())}
+        record = {"step": step, "elbo": float(-value[ok].mean()), "nfs": nfs,
+                  "failed": int((~ok).sum())}
         history.append(record)
         if callback is not None:
             callback(record)

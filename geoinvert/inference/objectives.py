@@ -16,7 +16,8 @@ import torch
 from geoinvert.flows.msign import standard_normal_log_prob
 from geoinvert.parallel import Ensemble, draw_noise
 
-__all__ = ["decode", "reverse_kl_loss", "jeffreys_loss", "pool_jeffreys_loss", "asvgd_loss",
+__all__ = ["decode", "pulled_back_terms", "reverse_kl_loss", "jeffreys_loss",
+           "pool_jeffreys_loss", "asvgd_loss",
            "propose", "frozen_surrogate", "median_bandwidth", "rbf_kernel", "stein_direction",
            "ReverseKL", "Jeffreys", "ForwardKL", "PoolJeffreys", "ASVGD", "objective"]
 
@@ -32,23 +33,31 @@ def decode(model, zs, upto=None):
     return x, standard_normal_log_prob(zs) - logdet
 
 
-def _reverse_terms(model, posterior, batch, generator, ens):
-    r"""Reparameterised samples x = G(z) (this rank's block of ``batch``) and the per-sample
-    terms of D_KL(p || q).
+def pulled_back_terms(x, log_flow, posterior):
+    r"""Per-sample terms of the reverse KL for reparameterised draws ``x`` of a flow with log
+    density ``log_flow`` (both differentiable in the flow's parameters).
 
-    The target is evaluated (float64) outside the flow's graph; its gradient g = d log q / dx is
-    pulled back through x = G(z): d/dtheta [log p(x) - log q(x)] = d/dtheta [log p(x) - g . x].
+    The target is evaluated (float64) outside the flow's graph; its gradient g = d log p / dx
+    is pulled back through the draws: d/dtheta [log q(x) - log p(x)] = d/dtheta [log q(x) -
+    g . x]. Draws whose target or gradient is not finite (failed solves) are masked.
 
     Returns:
-        ``(term, value, ok)``: differentiable ``log p - g . x`` ``(num,)``, the detached
-        ``log p - log q`` (float64) and the mask of finite target values and gradients.
+        ``(term, value, ok)``: differentiable ``log q - g . x`` ``(num,)``, the detached
+        ``log q - log p`` (float64) and the mask of finite target values and gradients.
     """
-    x, log_p = decode(model, draw_noise(model, posterior.level, batch, generator, ens))
-    log_q, grad = posterior.grad_log_prob(x.detach().to(_F64))
-    ok = torch.isfinite(log_q) & torch.isfinite(grad).flatten(1).all(1)
+    log_target, grad = posterior.grad_log_prob(x.detach().to(_F64))
+    ok = torch.isfinite(log_target) & torch.isfinite(grad).flatten(1).all(1)
     grad = torch.where(ok[:, None, None], grad, torch.zeros_like(grad)).to(x.dtype)
-    term = log_p - (grad * x).flatten(1).sum(1)
-    return term, log_p.detach().to(_F64) - log_q, ok, x.detach()
+    term = log_flow - (grad * x).flatten(1).sum(1)
+    return term, log_flow.detach().to(_F64) - log_target, ok
+
+
+def _reverse_terms(model, posterior, batch, generator, ens):
+    """Reparameterised samples x = G(z) (this rank's block of ``batch``) and their
+    :func:`pulled_back_terms`; returns ``(term, value, ok, x)``."""
+    x, log_p = decode(model, draw_noise(model, posterior.level, batch, generator, ens))
+    term, value, ok = pulled_back_terms(x, log_p, posterior)
+    return term, value, ok, x.detach()
 
 
 def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):

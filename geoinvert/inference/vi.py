@@ -17,6 +17,7 @@ import time
 import torch
 
 from geoinvert.errors import TrainingError
+from geoinvert.inference.objectives import pulled_back_terms
 from geoinvert.inference.trainer import lr_factor
 from geoinvert.parallel import Ensemble
 from geoinvert.samplers.whitening import standard_normal_log_prob
@@ -36,12 +37,8 @@ def elbo_step(model, posterior, batch, generator, ensemble=None):
     ens = ensemble or Ensemble()
     z = torch.randn((batch, model.dim), generator=generator, dtype=_F64)[ens.part(batch)]
     x, logdet = model.to_x(z)
-    log_q = standard_normal_log_prob(z) - logdet
-    log_p, grad = posterior.grad_log_prob(x.detach())
-    ok = torch.isfinite(log_p) & torch.isfinite(grad).flatten(1).all(1)
-    grad = torch.where(ok[:, None, None], grad, torch.zeros_like(grad))
-    term = log_q - (grad * x).flatten(1).sum(1)
-    n_ok, total = ens.sum(float(ok.sum()), float((log_q.detach() - log_p)[ok].sum()))
+    term, value, ok = pulled_back_terms(x, standard_normal_log_prob(z) - logdet, posterior)
+    n_ok, total = ens.sum(float(ok.sum()), float(value[ok].sum()))
     loss = term[ok].sum() / n_ok if n_ok else term.sum() * math.nan
     return loss, {"loss": total / n_ok if n_ok else math.nan, "nfs": batch,
                   "failed": int(batch - n_ok)}
