@@ -80,10 +80,6 @@ class LearnedPrior:
     def level(self):
         return self.gaussian.levels
 
-    @property
-    def bounds(self):
-        return tuple(self.gaussian.bounds)
-
     def _check_level(self, level):
         if level is not None and level != self.level:
             raise ValueError(f"a learned prior holds fields of level {self.level} only, "
