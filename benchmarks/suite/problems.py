@@ -119,6 +119,20 @@ def problems():
                       {"functions": _bumps(_grid(4), 0.1)},
                       {"synthetic": {"truth": "prior", "seed": 5}}, 0.002),
                 str(REFERENCES / "elliptic-iid-16.nc")),
+        Problem("elliptic-iid-8-heads", "elliptic, 8x8 iid prior (std 2), 169 point heads on "
+                "a 13x13 grid, noise 0.05, zero heads on the boundary (the layout of Aristoff "
+                "and Bangerth's benchmark, with a truth of its own)",
+                _base("elliptic-iid-8-heads", 3, {"kind": "iid", "std": 2.0},
+                      {"kind": "elliptic", "source": 10.0, "dirichlet": {"all": 0.0}},
+                      {"points": [[i / 14, j / 14] for j in range(1, 14)
+                                  for i in range(1, 14)]},
+                      {"synthetic": {"truth": [
+                          {"shape": "box", "x": [0.125, 0.5], "y": [0.5, 0.875],
+                           "value": -2.3},
+                          {"shape": "box", "x": [0.625, 0.875], "y": [0.125, 0.375],
+                           "value": 2.3}], "seed": 6}}, 0.05,
+                      levels={"min_cells": 32}),
+                str(REFERENCES / "elliptic-iid-8-heads.nc")),
         Problem("elliptic-bimodal", "elliptic, 16x16, mirror-symmetric, two halves of equal "
                 "mass (cases/elliptic_bimodal.yaml)", plain(bimodal),
                 str(ROOT / "benchmarks" / "results" / "reference_elliptic.nc"), True),

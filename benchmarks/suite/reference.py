@@ -9,7 +9,7 @@ Sampler: HMC in the coordinates of the problem's low-rank Laplace approximation 
 and the Gauss-Newton Hessian, :mod:`geoinvert.inference.laplace`), with a dense metric learnt
 in the warm-up windows (:func:`geoinvert.inference.correction.correct`, no independence
 moves). Exactness does not depend on the Laplace fit: it only preconditions the chains.
-Chains start from Laplace draws with 1.5 times its spread (over-dispersed, so that R-hat can
+Chains start from Laplace draws with 1.5 times its spread (``--spread``) (over-dispersed, so that R-hat can
 see chains that have not forgotten their starts).
 
 A reference is accepted when the largest split R-hat (over cells, principal components and the
@@ -50,6 +50,8 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=2000)
     p.add_argument("--leapfrog", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spread", type=float, default=1.5,
+                   help="spread of the starts in Laplace standard deviations")
     args = p.parse_args(argv)
     problem = by_name(args.problem)
     case = problem.case()
@@ -57,7 +59,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     laplace = fit_laplace(posterior, generator=gen)
-    u = 1.5 * torch.randn((args.chains, laplace.transport.dim), generator=gen,
+    u = args.spread * torch.randn((args.chains, laplace.transport.dim), generator=gen,
                           dtype=torch.float64)
     starts, _ = laplace.transport.to_x(u)
     config = CorrectionConfig(kernel="hmc", chains=args.chains, warmup=args.warmup,
