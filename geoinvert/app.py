@@ -1100,15 +1100,19 @@ def summary_lines(ds):
         a.get("diagnostics_coordinates"), "")
     method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric" \
         f"{where})" if correction else sampler
-    lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves; "
+    share = f" ({int(a['diagnostics_correction_nfs'])} in the correction)" \
+        if "diagnostics_correction_nfs" in a else ""
+    lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves{share}; "
              f"{a.get('wall_time', math.nan):.0f} s"]
     if np.isfinite(get("psis_khat")) or "diagnostics_is_ess" in a:
         what = "Laplace fit" if sampler in ("laplace", "gpcn") else "flow fit"
         drawn = a.get("diagnostics_drawn",
                       ds.sizes.get("flow_sample", ds.sizes.get("sample", 0)))
         word = fit_word(get("psis_khat"), get("is_ess") * drawn)
+        after = "; the corrected draws do not depend on it, only their cost does" \
+            if correction and word != "good" else ""
         lines.append(f"{what}: {word} (PSIS k-hat {get('psis_khat'):.2f},"
-                     f" importance ESS {100 * get('is_ess'):.1f} %)")
+                     f" importance ESS {100 * get('is_ess'):.1f} %){after}")
     if "diagnostics_laplace_rank" in a:
         lines.append(f"Laplace: MAP found to a gradient {get('laplace_map_gradient'):.1e} of its "
                      f"start; Gauss-Newton Hessian of rank {int(get('laplace_rank'))}; "

@@ -252,6 +252,13 @@ def test_run_prints_its_verdict(case_file, tmp_path, capsys):
         verdict = ds.attrs["verdict"]
         assert {"flow_samples", "flow_log_weight", "chain", "draw"} <= set(ds.variables)
         assert ds.attrs["diagnostics_correction_nfs"] > 0
+        share = f"{ds.attrs['nfs']} forward solves ({ds.attrs['diagnostics_correction_nfs']} in " \
+            "the correction)"
+        fit = [line for line in captured.out.splitlines() if line.startswith("flow fit:")][0]
+    assert share in captured.out      # where the solves went
+    # a poor flow fit is no defect of the corrected draws, only of their cost: the line says so
+    assert fit.startswith("flow fit: good") != fit.endswith("do not depend on it, only their "
+                                                            "cost does")
     # tiny chains (4 x 10 draws) cannot reach an ESS of 100: the verdict says so, loudly
     assert verdict != "ok" and "effective sample size" in verdict
     assert "verdict: NOT RELIABLE" in captured.out

@@ -135,7 +135,7 @@ def problems():
                 str(REFERENCES / "elliptic-iid-8-heads.nc")),
         Problem("elliptic-bimodal", "elliptic, 16x16, mirror-symmetric, two halves of equal "
                 "mass (cases/elliptic_bimodal.yaml)", plain(bimodal),
-                str(ROOT / "benchmarks" / "results" / "reference_elliptic.nc"), True),
+                str(REFERENCES / "elliptic-bimodal.nc"), True),
     ]
 
 

@@ -12,6 +12,14 @@ moves). Exactness does not depend on the Laplace fit: it only preconditions the 
 Chains start from Laplace draws with 1.5 times its spread (``--spread``) (over-dispersed, so that R-hat can
 see chains that have not forgotten their starts).
 
+A mirror-symmetric bimodal problem (``--mirror``: ``elliptic-bimodal``, whose posterior is
+invariant under the mirror M: s2 -> 1 - s2, ``x[::-1, :]``) is sampled within one mode: the
+chains start at the MAP point's Laplace draws, every draw is folded to the MAP's side of the
+case's mirror-antisymmetric ``output.direction`` (x -> M x where <d, x> has the other sign),
+the diagnostics are those of the folded draws, and the reference is the folded draws plus
+their mirror images. Its mode masses are then exactly 1/2 by symmetry, and what MCMC has to
+get right is the shape of one mode (see ``benchmarks/reference_elliptic.py`` for the argument).
+
 A reference is accepted when the largest split R-hat (over cells, principal components and the
 log target) is below 1.01 and the smallest bulk ESS above 2000; the script says whether it
 is, and stores the numbers either way. Writes ``benchmarks/suite/references/<name>.nc``
@@ -42,6 +50,20 @@ from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 RHAT_MAX, ESS_MIN = 1.01, 2000
 
 
+def _mirror(x):
+    """The mirror s2 -> 1 - s2 of fields ``(..., ny, nx)`` (rows run along y)."""
+    return np.flip(x, axis=-2)
+
+
+def _folded(samples, case, x_map):
+    """Draws ``(chains, draws, ny, nx)`` mapped to the side of ``x_map`` along the case's
+    mirror-antisymmetric ``output.direction``."""
+    d = case.evaluate(case.config["output"]["direction"])
+    side = np.sign(float((x_map * d).sum()))
+    t = np.einsum("cdij,ij->cd", samples, d)
+    return np.where((t * side < 0)[..., None, None], _mirror(samples), samples)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("problem")
@@ -52,6 +74,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spread", type=float, default=1.5,
                    help="spread of the starts in Laplace standard deviations")
+    p.add_argument("--mirror", action="store_true",
+                   help="mirror-symmetric bimodal problem: sample one mode, fold, mirror")
     args = p.parse_args(argv)
     problem = by_name(args.problem)
     case = problem.case()
@@ -75,6 +99,8 @@ def main(argv=None):
                   callback=progress)
     chains = res.chains
     wall = time.perf_counter() - start
+    if args.mirror:
+        chains.samples = _folded(chains.samples, case, laplace.x_map.numpy())
     x = chains.samples                                     # (chains, draws, n, n)
     cells = x.reshape(*x.shape[:2], -1)
     summaries = chains.summaries()
@@ -86,6 +112,12 @@ def main(argv=None):
     flat = cells.reshape(-1, cells.shape[2])
     mean, std = flat.mean(0), flat.std(0, ddof=1)
     mcse = std / np.sqrt(cell_ess)
+    if args.mirror:          # the reference: every draw and its mirror image
+        shape = x.shape[2:]
+        flat = np.concatenate([flat, _mirror(flat.reshape(-1, *shape)).reshape(len(flat), -1)])
+        mean, std = flat.mean(0), flat.std(0, ddof=1)
+        se = (mcse.reshape(shape) + _mirror(mcse.reshape(shape))) / 2
+        mcse = se.ravel()
     accepted = rhat < RHAT_MAX and ess > ESS_MIN
     keep = np.unique(np.linspace(0, len(flat) - 1, min(4000, len(flat))).astype(int))
     shape = x.shape[2:]
@@ -94,7 +126,9 @@ def main(argv=None):
         {"samples": (("sample", "y", "x"), flat[keep].reshape(-1, *shape).astype(np.float32)),
          "mean": (("y", "x"), mean.reshape(shape)), "std": (("y", "x"), std.reshape(shape)),
          "mean_se": (("y", "x"), mcse.reshape(shape))},
-        attrs={"method": "Laplace-preconditioned HMC, dense metric", "problem": problem.name,
+        attrs={"method": "Laplace-preconditioned HMC, dense metric"
+               + (", one mode folded and mirrored" if args.mirror else ""),
+               "problem": problem.name,
                "nfs": int(laplace.nfs + chains.nfs), "rhat": float(rhat), "ess": float(ess),
                "ess_tail": float(ess_tail), "acceptance": float(chains.acceptance.mean()),
                "step_size": float(chains.step_size), "chains": args.chains,

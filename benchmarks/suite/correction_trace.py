@@ -1,0 +1,120 @@
+"""The correction's convergence block by block: R-hat, ESS and errors against the solves.
+
+Usage (one problem, three variants of the correction's settings)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/correction_trace.py elliptic-demo
+
+The correction (:func:`geoinvert.inference.correction.correct`) runs alone, without a flow: HMC
+in the coordinates of the problem's Laplace fit, from Laplace draws, with the package's
+warm-up (step and dense-metric adaptation) and no independence moves, for ``--max-draws``
+draws per chain, in three variants: the package's settings (8 chains, at most 32 leapfrog
+steps), at most 16 leapfrog steps, and 4 chains. After every block of ``--block`` draws it records the solves so far (the
+Laplace fit included), the largest split R-hat and smallest bulk and tail ESS (the package's
+stopping rule wants R-hat <= 1.01 and both ESS >= 400), and the mean and std errors against
+the suite reference. This shows which criterion binds and what each costs.
+
+Writes ``benchmarks/results/correction_trace.json`` and ``.md``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from problems import ROOT, by_name, reference, scores  # noqa: E402
+
+from geoinvert.app import _convergence  # noqa: E402
+from geoinvert.inference.config import CorrectionConfig  # noqa: E402
+from geoinvert.inference.correction import correct  # noqa: E402
+from geoinvert.inference.laplace import fit_laplace  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+VARIANTS = {"default": {}, "leapfrog16": {"leapfrog": 16}, "chains4": {"chains": 4}}
+
+
+def trace(problem, ref, settings, args):
+    """The block-by-block rows and the summary of one variant."""
+    case = problem.case()
+    posterior = case.posterior(case.finest)
+    gen = torch.Generator().manual_seed(args.seed)
+    laplace = fit_laplace(posterior, generator=gen)
+    chains = settings.get("chains", CorrectionConfig.chains)
+    u = torch.randn((chains, laplace.transport.dim), generator=gen, dtype=torch.float64)
+    starts, _ = laplace.transport.to_x(u)
+    config = CorrectionConfig(kernel="hmc", chains=chains, warmup=args.warmup,
+                              draws=args.block, max_draws=args.max_draws,
+                              leapfrog=settings.get("leapfrog", CorrectionConfig.leapfrog),
+                              independence=False)
+    rows, begin = [], time.perf_counter()
+
+    def until(samples, log_target, nfs):
+        d = _convergence(samples, log_target)
+        s = scores(ref, samples.reshape(-1, *samples.shape[2:]))
+        rows.append({"draws": samples.shape[1], "nfs": int(nfs + laplace.nfs),
+                     "rhat": d["rhat"], "ess": d["ess"], "ess_tail": d["ess_tail"],
+                     "mean_error_rms": s["mean_error_rms"], "std_error_rms": s["std_error_rms"],
+                     "wall_s": time.perf_counter() - begin})
+        print(json.dumps(rows[-1]), flush=True)
+        return False
+
+    res = correct(posterior, laplace.transport, starts, config, generator=gen, until=until)
+    return {"chains": chains, "leapfrog_cap": config.leapfrog, "leapfrog": res.leapfrog,
+            "step": float(res.chains.step_size),
+            "acceptance": float(res.chains.acceptance.mean()), "failed": int(res.failed),
+            "rows": rows}
+
+
+def markdown(problem, runs, args, command):
+    lines = [f"# The correction block by block: {problem}", "",
+             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python {command}`", "",
+             f"HMC in the Laplace coordinates from Laplace draws, no independence moves, warm-up "
+             f"{args.warmup}; R-hat and ESS after every {args.block} draws per chain. Solves "
+             "include the Laplace fit; errors in reference-std units, RMS over cells.", ""]
+    for name, r in runs.items():
+        lines += [f"## {name}: {r['chains']} chains, at most {r['leapfrog_cap']} leapfrog steps",
+                  "", f"After warm-up {r['leapfrog']} leapfrog steps, step {r['step']:.3g}, "
+                  f"acceptance {r['acceptance']:.2f}, {r['failed']} failed solves.", "",
+                  "| draws / chain | nFS | R-hat | ESS bulk / tail | mean err | std err | "
+                  "wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {b['draws']} | {b['nfs']} | {b['rhat']:.4f} | {b['ess']:.0f} / "
+                  f"{b['ess_tail']:.0f} | {b['mean_error_rms']:.3f} | {b['std_error_rms']:.3f} "
+                  f"| {b['wall_s']:.0f} |" for b in r["rows"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("problem")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--warmup", type=int, default=CorrectionConfig.warmup)
+    p.add_argument("--block", type=int, default=125)
+    p.add_argument("--max-draws", type=int, default=750)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    problem = by_name(args.problem)
+    ref = reference(problem)
+    runs = {}
+    for name in args.variants.split(","):
+        print(f"{problem.name}: {name}", flush=True)
+        runs[name] = trace(problem, ref, VARIANTS[name], args)
+    command = "benchmarks/suite/correction_trace.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "correction_trace.json").write_text(json.dumps(
+        {"problem": problem.name, "command": command, "runs": runs}, indent=1))
+    text = markdown(problem.name, runs, args, command)
+    (RESULTS / "correction_trace.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
