@@ -1114,8 +1114,8 @@ def summary_lines(ds):
         lines.append(f"{what}: {word} (PSIS k-hat {get('psis_khat'):.2f},"
                      f" importance ESS {100 * get('is_ess'):.1f} %){after}")
     if "diagnostics_laplace_rank" in a:
-        lines.append(f"Laplace: MAP found to a gradient {get('laplace_map_gradient'):.1e} of its "
-                     f"start; Gauss-Newton Hessian of rank {int(get('laplace_rank'))}; "
+        lines.append(f"Laplace: MAP found to a gradient norm {get('laplace_map_gradient'):.1e} "
+                     f"(prior-whitened); Gauss-Newton Hessian of rank {int(get('laplace_rank'))}; "
                      f"{int(get('laplace_nfs'))} solves")
     if "diagnostics_rhat" in a:
         what = "correction" if correction else "chains"

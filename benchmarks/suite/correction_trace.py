@@ -65,6 +65,7 @@ def trace(problem, ref, settings, args):
         return False
 
     res = correct(posterior, laplace.transport, starts, config, generator=gen, until=until)
+    until(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
     return {"chains": chains, "leapfrog_cap": config.leapfrog, "leapfrog": res.leapfrog,
             "step": float(res.chains.step_size),
             "acceptance": float(res.chains.acceptance.mean()), "failed": int(res.failed),
