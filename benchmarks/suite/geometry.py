@@ -19,7 +19,7 @@ globally: a curved ridge whose thin directions turn along it, which no fixed met
 straightens (a position-dependent metric or a transport map fitted to the ridge can).
 
 For each problem: quantiles of lambda_max and lambda_min of the whitened Gauss-Newton
-Hessian over 60 reference draws (the Jacobian by one adjoint solve per observation), the
+Hessian over 60 reference draws (matrix-free, as the Laplace fit applies it), the
 eigenvalue range of S in the prior-whitened coordinates, and the leapfrog steps a transition
 then needs. Writes ``benchmarks/results/geometry.json`` and ``geometry.md``.
 """
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from problems import ROOT, by_name  # noqa: E402
 
-from geoinvert.inference.laplace import linearise  # noqa: E402
+from geoinvert.inference.laplace import _hessian_operator, linearise  # noqa: E402
 from geoinvert.samplers.whitening import prior_whitening  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,13 +59,11 @@ def measure(problem, points=60):
     spread = torch.linalg.eigvalsh(cov)
     factor = torch.linalg.cholesky(cov)
     basis = torch.eye(d, dtype=_F64)
-    c = (whitening.to_x(basis) - whitening.to_x(torch.zeros(1, d, dtype=_F64))).reshape(d, -1).T
-    noise = torch.as_tensor(case.noise, dtype=_F64) * torch.ones(case.n_obs, dtype=_F64)
     top, bottom = [], []
     for i in np.linspace(0, len(x) - 1, points).astype(int):
-        lin = linearise(posterior.forward, x[i])
-        g = lin.vjp(torch.diag(1 / noise)).reshape(case.n_obs, -1) @ c     # Gamma^-1/2 J C
-        h = factor.T @ (torch.eye(d, dtype=_F64) + g.T @ g) @ factor
+        # H~ = C^T J^T Gamma^-1 J C, the Laplace fit's operator, applied to the identity
+        misfit = _hessian_operator(posterior, whitening, linearise(posterior.forward, x[i]))
+        h = factor.T @ (basis + misfit(basis)) @ factor
         e = torch.linalg.eigvalsh(h)
         top.append(float(e[-1]))
         bottom.append(float(e[0]))

@@ -9,8 +9,8 @@ Sampler: HMC in the coordinates of the problem's low-rank Laplace approximation 
 and the Gauss-Newton Hessian, :mod:`geoinvert.inference.laplace`), with a dense metric learnt
 in the warm-up windows (:func:`geoinvert.inference.correction.correct`, no independence
 moves). Exactness does not depend on the Laplace fit: it only preconditions the chains.
-Chains start from Laplace draws with 1.5 times its spread (``--spread``) (over-dispersed, so that R-hat can
-see chains that have not forgotten their starts).
+Chains start from Laplace draws with 1.5 times its spread (``--spread``): over-dispersed, so
+that R-hat can see chains that have not forgotten their starts.
 
 A mirror-symmetric bimodal problem (``--mirror``: ``elliptic-bimodal``, whose posterior is
 invariant under the mirror M: s2 -> 1 - s2, ``x[::-1, :]``) is sampled within one mode: the
@@ -39,8 +39,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from problems import REFERENCES, by_name  # noqa: E402
+from reference_elliptic import folded, mirror  # noqa: E402
 
 from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess, split_rhat  # noqa: E402
 from geoinvert.inference.config import CorrectionConfig  # noqa: E402
@@ -50,18 +52,11 @@ from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 RHAT_MAX, ESS_MIN = 1.01, 2000
 
 
-def _mirror(x):
-    """The mirror s2 -> 1 - s2 of fields ``(..., ny, nx)`` (rows run along y)."""
-    return np.flip(x, axis=-2)
-
-
 def _folded(samples, case, x_map):
     """Draws ``(chains, draws, ny, nx)`` mapped to the side of ``x_map`` along the case's
     mirror-antisymmetric ``output.direction``."""
     d = case.evaluate(case.config["output"]["direction"])
-    side = np.sign(float((x_map * d).sum()))
-    t = np.einsum("cdij,ij->cd", samples, d)
-    return np.where((t * side < 0)[..., None, None], _mirror(samples), samples)
+    return folded(samples, np.sign(float((x_map * d).sum())) * d)
 
 
 def main(argv=None):
@@ -114,9 +109,9 @@ def main(argv=None):
     mcse = std / np.sqrt(cell_ess)
     if args.mirror:          # the reference: every draw and its mirror image
         shape = x.shape[2:]
-        flat = np.concatenate([flat, _mirror(flat.reshape(-1, *shape)).reshape(len(flat), -1)])
+        flat = np.concatenate([flat, mirror(flat.reshape(-1, *shape)).reshape(len(flat), -1)])
         mean, std = flat.mean(0), flat.std(0, ddof=1)
-        se = (mcse.reshape(shape) + _mirror(mcse.reshape(shape))) / 2
+        se = (mcse.reshape(shape) + mirror(mcse.reshape(shape))) / 2
         mcse = se.ravel()
     accepted = rhat < RHAT_MAX and ess > ESS_MIN
     keep = np.unique(np.linspace(0, len(flat) - 1, min(4000, len(flat))).astype(int))

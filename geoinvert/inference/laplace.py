@@ -25,9 +25,10 @@ in its coordinates u, accepted on the weight pi / q_Laplace (:mod:`.correction`)
 The MAP point is found by L-BFGS with a strong-Wolfe line search in z from eight prior draws,
 each run until the whitened gradient's norm is below :data:`MAP_GRADIENT` (a bound on the
 Newton decrement, so the point is within that many posterior standard deviations of the
-mode whatever the noise level); the highest end point is the MAP point, and end points that are other
-local maxima are reported (:attr:`LaplaceFit.other_modes`): one Gaussian cannot represent a
-multimodal posterior, and importance weights cannot reveal a mode it does not reach.
+mode whatever the noise level); the highest end point is the MAP point, and end points that
+are other local maxima are reported (:attr:`LaplaceFit.other_modes`): one Gaussian cannot
+represent a multimodal posterior, and importance weights cannot reveal a mode it does not
+reach.
 
 References:
     Bui-Thanh, Ghattas, Martin, Stadler. A computational framework for infinite-dimensional
@@ -49,7 +50,8 @@ import torch
 
 from geoinvert.samplers.whitening import prior_whitening, standard_normal_log_prob
 
-__all__ = ["EIGENVALUE_CUTOFF", "MAP_GRADIENT", "LaplaceFit", "LaplaceTransport", "fit_laplace", "linearise"]
+__all__ = ["EIGENVALUE_CUTOFF", "MAP_GRADIENT", "LaplaceFit", "LaplaceTransport", "fit_laplace",
+           "linearise"]
 
 logger = logging.getLogger(__name__)
 
