@@ -127,6 +127,25 @@ def test_failed_samples_are_flagged_and_do_not_spoil_the_batch():
     np.testing.assert_allclose(y.detach()[[0, 3]], reference, rtol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["fast", "lu"])
+def test_repeated_failed_solves_log_a_few_warnings_then_stop(solver, caplog):
+    """A sampler's rejected proposals may fail by the thousand; a script's logging gets a few
+    warnings and one line saying the rest go unlogged, whichever solver failed."""
+    model = EllipticForward(SELF, (4, 4), solver=solver, **OPTIONS)
+    m = np.zeros((5, 4, 4))     # finite exp(m) whose matrices cannot be factorised (which of
+    m[0, ::2], m[0, 1::2] = 340.0, -340.0             # them fail depends on the solver), and 0
+    m[1, 0, 0], m[1, 1, 1], m[1, 2, 2] = 690.0, -690.0, 690.0
+    m[2] = np.where(np.indices((4, 4)).sum(0) % 2, 690.0, -690.0)
+    m[3, :, :2], m[3, :, 2:] = 699.0, -699.0
+    with caplog.at_level("DEBUG", logger="geoinvert.problem.forward.elliptic"):
+        for _ in range(10):
+            y, state = model.solve_batch(m)
+            assert state["failed"].size and np.isfinite(y[4]).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 4 and "not logged" in warnings[-1]
+    assert sum(r.levelname == "DEBUG" for r in caplog.records) >= 10 - 3
+
+
 def test_solve_counter_and_shapes():
     model = EllipticForward(SELF, (4, 4), **OPTIONS)
     assert model(_field(6, shape=(4, 4), num=5)).shape == (5, 4)

@@ -307,6 +307,28 @@ def _quiet_jit():
         logging.disable(previous)
 
 
+class _FailureLog:
+    """Warns of failed solves for the first :attr:`SHOWN` batches that have any, then once that
+    further ones go unlogged: a sampler's rejected proposals can fail by the thousand, and the
+    samplers count them and report the total with their result (a library user's logging
+    shows a few lines, not one per batch)."""
+
+    SHOWN = 3
+
+    def __init__(self):
+        self.batches = 0
+
+    def __call__(self, message, *args):
+        self.batches += 1
+        if self.batches <= self.SHOWN:
+            log.warning(message, *args)
+            if self.batches == self.SHOWN:
+                log.warning("further failed solves of this forward model are not logged; the "
+                            "samplers count them in their results")
+        else:
+            log.debug(message, *args)
+
+
 def _log_coefficient_ok(m):
     """Samples whose exp(m) is finite and positive in double precision."""
     flat = m.reshape(m.shape[0], -1)
@@ -335,6 +357,7 @@ class FastSolver:
         self.backend = self._make_backend(backend)
         self.M_factor = self.backend.value_map(self.M_ff)
         self._slots, self._generation = [], 0
+        self._failures = _FailureLog()
 
     # -- set-up ------------------------------------------------------------------------
     def _lattice_colours(self):
@@ -484,8 +507,8 @@ class FastSolver:
         failed = np.flatnonzero(~np.all(np.isfinite(y), axis=1))
         broken = np.intersect1d(failed, np.flatnonzero(ok)).size
         if broken:
-            log.warning("%d of %d samples of a batch: the Cholesky factorisation or the solve "
-                        "failed (their target is -inf)", broken, num)
+            self._failures("%d of %d samples of a batch: the Cholesky factorisation or the "
+                           "solve failed (their target is -inf)", broken, num)
         return y, {"k": k, "u": u_free, "generation": self._generation, "failed": failed}
 
     def full_solution(self, state, s):
@@ -561,6 +584,7 @@ class AssemblySolver:
 
     def __init__(self, disc, *, method="lu", rtol=1e-12):
         self.disc, self.method, self.rtol = disc, method, rtol
+        self._failures = _FailureLog()
         self.lam = fem.Function(disc.V)
         self.u = fem.Function(disc.V)
         v = ufl.TestFunction(disc.Q)
@@ -629,7 +653,7 @@ class AssemblySolver:
             A, ksp = self._forward_one(k)
             ksp.destroy(), A.destroy()
         except PETSc.Error as err:
-            log.warning("PETSc solve failed (%s)", err)
+            self._failures("PETSc solve failed (%s)", err)
             return np.nan
         ok = self.disc.comm.allreduce(bool(np.all(np.isfinite(self.u.x.array))), op=_MPI_MIN())
         return self._observe() if ok else np.nan
