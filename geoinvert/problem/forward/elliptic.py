@@ -535,8 +535,11 @@ class FastSolver:
             lam[self.free] = self.backend.solve(slot, self.obs_free.T @ wc)
             u = np.repeat(self.g[:, None], lanes, axis=1)
             u[self.free, : samples.size] = np.where(usable[samples, None], u_free[samples], 0.0).T
-            contraction = self.M_T @ (lam[self.rows] * u[self.indices])
-            grad[samples] = -(kc * contraction)[:, : samples.size].T
+            # a nearly singular A (a proposal far out) overflows: its gradient is not finite,
+            # and the samplers reject the trajectory, so numpy need not warn of it
+            with np.errstate(over="ignore", invalid="ignore"):
+                contraction = self.M_T @ (lam[self.rows] * u[self.indices])
+                grad[samples] = -(kc * contraction)[:, : samples.size].T
         grad[~usable] = 0.0
         return grad.reshape(k.shape[0], *self.disc.shape)
 
