@@ -358,6 +358,9 @@ def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=Non
             modes, extra["modes_found"] = laplace.modes, len(laplace.modes)
         if config.coordinates == "laplace":
             transport = laplace.transport
+            if use_modes and len(laplace.modes) > 1:     # each chain in its mode's coordinates
+                from geoinvert.inference.correction import ModeCoordinates
+                transport = ModeCoordinates(laplace.modes)
         fit = dataclasses.replace(fit, nfs=fit.nfs + laplace.nfs,
                                   diagnostics={**fit.diagnostics, **extra})
     try:
@@ -521,7 +524,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     """
     import torch
     from geoinvert.errors import CaseError
-    from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
+    from geoinvert.inference.correction import (FlowTransport, LatentTarget, ModeCoordinates,
+                                                correct)
     from geoinvert.samplers import ChainResult
     from geoinvert.parallel import Ensemble
     ens = Ensemble(lay.ensemble)
@@ -579,7 +583,10 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
             "independence_acceptance": float(np.nanmean(imh)) if config.independence
             else math.nan,
-            "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed)})
+            "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed),
+            "correction_mode_coordinates": len(transport.modes)
+            if isinstance(transport, ModeCoordinates) else 1,
+            "correction_region_exits": int(ens.sum(res.exits)[0])})
     else:
         diagnostics["failed_solves"] = int(failed)
     draws = samples.shape[1]

@@ -15,7 +15,8 @@ from geoinvert.flows.msign import MsIGN
 from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
                                         LinearForward, QuadraticForward, paper_phi)
 from geoinvert.inference.config import CorrectionConfig
-from geoinvert.inference.correction import FlowTransport, LatentTarget, correct
+from geoinvert.inference.correction import (FlowTransport, LatentTarget, ModeCoordinates,
+                                            correct)
 from geoinvert.problem.posterior import Posterior
 from geoinvert.priors import MaternPrior
 from geoinvert.inference.trainer import train_msign
@@ -178,13 +179,15 @@ def test_correction_of_an_undertrained_flow_recovers_the_exact_linear_posterior(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("coordinates", ["flow", "laplace"])
+@pytest.mark.parametrize("coordinates", ["flow", "laplace", "modes"])
 def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordinates):
     """Bimodal quadratic posterior (modes at t = +-0.14 of width 0.018, symmetric prior: exact
     masses 50/50). The flow is the prior (t-std 0.12, so it covers both modes), slightly
     perturbed; all chains start in the positive mode. The local moves run in the flow's latent
-    space, or in the coordinates of the Laplace approximation at one of the modes (the flow
-    then proposes the independence moves alone).
+    space, in the coordinates of the Laplace approximation at one of the modes (the flow
+    then proposes the independence moves alone), or each chain in those of its own mode
+    (:class:`ModeCoordinates`; the Laplace approximations at both modes join the flow in the
+    independence proposal).
     Local HMC alone cannot cross between the modes; with independence moves the chains do,
     and the positive fraction is 0.5 within 0.05 (about four standard errors at the ESS of
     the sign, which the test also requires to exceed 200)."""
@@ -199,10 +202,16 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordin
     flow = FlowTransport(model)
     if coordinates == "flow":
         res = correct(post, flow, starts, config, generator=gen(3))
-    else:
+    elif coordinates == "laplace":
         laplace = fit_laplace(post, generator=gen(5))
         res = correct(post, laplace.transport, starts, config, generator=gen(3),
                       approximation=flow)
+    else:
+        laplace = fit_laplace(post, all_modes=True, generator=gen(5))
+        assert len(laplace.modes) == 2
+        res = correct(post, ModeCoordinates(laplace.modes), starts, config, generator=gen(3),
+                      approximation=flow, modes=laplace.modes)
+        assert res.exits < 0.01 * 8 * (config.warmup + config.draws) * config.leapfrog
     t = res.chains.samples.reshape(8, config.draws, -1) @ w
     positive = (t > 0).astype(float)
     assert mcmc_ess(positive, rank_normalize=False) > 200
@@ -220,6 +229,85 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordin
         assert side.std() == pytest.approx(ref.std(), rel=0.15)
     between = np.mean(np.abs(t_exact) < 0.07)
     assert np.mean(np.abs(t) < 0.07) < between + 0.01
+
+
+def _shifted(transport, shift):
+    """A copy of a Laplace transport with its centre moved by ``shift`` (whitened units)."""
+    from geoinvert.inference.laplace import LaplaceTransport
+    return LaplaceTransport(transport.whitening, transport.z_map + shift, transport.eigenvalues,
+                            transport.eigenvectors, log_target=transport.log_target)
+
+
+def test_mode_coordinates_place_each_field_in_its_modes_coordinates(linear):
+    """Two Laplace maps (the linear posterior's, and one moved by three prior std along its
+    stiffest direction): fields near each centre lie in its region, the maps invert row by
+    row in the mode given, and the latent target is the pulled-back posterior in its chain's
+    region and -inf outside it, each such evaluation counted."""
+    from geoinvert.inference.laplace import fit_laplace
+    posterior, _ = linear
+    fit = fit_laplace(posterior, generator=gen(5))
+    a = fit.transport
+    b = _shifted(a, 3.0 * a.eigenvectors[:, 0])
+    coords = ModeCoordinates([a, b])
+    u = 0.1 * torch.randn(6, a.dim, generator=gen(1), dtype=F64)
+    modes = torch.tensor([0, 1, 0, 1, 1, 0])
+    x, logdet = coords.to_x(u, modes)
+    assert torch.equal(coords.region(x), modes)
+    torch.testing.assert_close(coords.to_z(x, modes), u, rtol=1e-9, atol=1e-9)
+    for k, m in enumerate((a, b)):
+        xk, lk = m.to_x(u[modes == k])
+        torch.testing.assert_close(x[modes == k], xk)
+        torch.testing.assert_close(logdet[modes == k], lk)
+    target = LatentTarget(posterior, coords)
+    torch.testing.assert_close(target.to_z(x), u, rtol=1e-9, atol=1e-9)
+    assert torch.equal(target.modes, modes)
+    _, value, grad, log_post = target.whitened(u)
+    torch.testing.assert_close(value, posterior.log_prob(x) + logdet)
+    assert target.exits == 0
+    wrong = coords.to_z(x, 1 - modes)          # the same fields in the other mode's coordinates
+    _, value, grad, _ = target.whitened(wrong, modes=1 - modes)
+    assert torch.isneginf(value).all() and (grad == 0).all() and target.exits == 6
+    with pytest.raises(ValueError, match="two or more"):
+        ModeCoordinates([a])
+
+
+@pytest.mark.slow
+def test_per_mode_coordinates_keep_the_exact_linear_posterior(linear):
+    """A unimodal posterior split into two regions of unequal mass by two Laplace maps (its
+    own, and one moved by 1.5 posterior std along its best-determined direction): each chain
+    moves in its region's coordinates, local moves that leave it are rejected, and the
+    independence moves carry chains between the regions. The pooled chains match the exact
+    mean and covariance within Monte-Carlo error (the thresholds of the flow's test above),
+    and so does the mass of the smaller region."""
+    from geoinvert.inference.laplace import fit_laplace
+    posterior, exact = linear
+    fit = fit_laplace(posterior, generator=gen(5))
+    a = fit.transport
+    lam = float(a.eigenvalues[0])
+    b = _shifted(a, 1.5 * a.eigenvectors[:, 0] / math.sqrt(1 + lam))
+    coords = ModeCoordinates([a, b])
+    starts, _ = a.sample(6, gen(1))
+    config = CorrectionConfig(kernel="hmc", chains=6, warmup=160, draws=300, leapfrog=6)
+    res = correct(posterior, coords, starts, config, generator=gen(2), modes=[a, b],
+                  approximation=FlowTransport(perturbed_flow(posterior.prior, scale=0.02)))
+    c = res.chains
+    assert res.exits > 0 and np.nanmean(res.independence_acceptance) > 0.05
+    cells = c.samples.reshape(*c.samples.shape[:2], -1)
+    z_mean = z_scores(cells, exact.mean)
+    z_var = z_scores((cells - exact.mean) ** 2, np.diag(exact.cov))
+    for z in (z_mean, z_var):
+        assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
+    flat = cells.reshape(-1, cells.shape[2])
+    squares = (cells - exact.mean) ** 2
+    n_eff = np.median([mcmc_ess(squares[:, :, k], rank_normalize=False) for k in range(64)])
+    kl = gaussian_kl(flat.mean(0), np.cov(flat.T), exact.mean, exact.cov)
+    assert kl < 2 * 64 * 67 / (4 * n_eff), (kl, n_eff)
+    # the second region's mass: the regions split the exact posterior's draws
+    regions = coords.region(torch.from_numpy(c.flat())).numpy().reshape(c.samples.shape[:2])
+    truth = coords.region(torch.from_numpy(
+        exact.sample(20000, gen(8)).numpy().reshape(-1, 8, 8))).double().mean().item()
+    assert 0.05 < truth < 0.45
+    assert np.abs(z_scores(regions[:, :, None].astype(float), [truth])).max() < 4.5
 
 
 def test_failed_solves_of_proposals_are_counted_and_rejected(linear):

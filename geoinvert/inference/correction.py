@@ -19,6 +19,14 @@ An HMC transition integrates for a quarter period, pi / 2, of the metric-whitene
 (for a unit Gaussian the end point is then independent of the start): pi / (2 eps) leapfrog
 steps, capped by ``leapfrog``, updated with eps during warm-up and frozen with it.
 
+With several modes (:class:`ModeCoordinates`) each chain moves in the Laplace coordinates of
+the mode whose region it is in, and its local moves are restricted to that region (a move
+leaving it is rejected): each restricted kernel is reversible for the posterior restricted to
+its region, so their combination is reversible for the posterior, and the independence moves
+carry the chains between the regions. One affine map cannot whiten two modes at once: in the
+coordinates of one, a chain in the other moves with the wrong metric, and a metric learnt
+from chains in both spans the distance between the modes.
+
 References:
     Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan. NeuTra-lizing bad geometry in
     Hamiltonian Monte Carlo using neural transport. arXiv:1903.03704 (2019).
@@ -40,7 +48,8 @@ from geoinvert.samplers.hmc import HMCKernel
 from geoinvert.samplers.mala import MALAKernel
 from geoinvert.samplers.whitening import standard_normal_log_prob
 
-__all__ = ["CorrectionResult", "FlowTransport", "LatentTarget", "ModeMixture", "correct"]
+__all__ = ["CorrectionResult", "FlowTransport", "LatentTarget", "ModeCoordinates", "ModeMixture",
+           "correct"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +113,56 @@ class FlowTransport:
             return x, standard_normal_log_prob(z) - logdet
 
 
+class ModeCoordinates:
+    r"""Per-chain coordinates of a multimodal posterior: the Laplace approximations
+    :math:`T_k` at its modes, each chain in those of the mode whose region holds its field.
+
+    The region of a field x is the mode k with the largest :math:`\log m_k + \log N_k(x)`
+    (Laplace mass and density: the mixture component most responsible for x). ``to_x`` and
+    ``to_z`` take the mode of each row; :class:`LatentTarget` keeps the chains' modes and
+    restricts each chain's local moves to its region.
+
+    Args:
+        modes: :class:`~geoinvert.inference.laplace.LaplaceTransport` of each mode (two or more).
+    """
+
+    method = "laplace"
+
+    def __init__(self, modes):
+        self.modes = list(modes)
+        if len(self.modes) < 2:
+            raise ValueError("ModeCoordinates needs two or more modes")
+        self.dim = self.modes[0].dim
+        self.log_masses = torch.tensor([m.log_mass for m in self.modes], dtype=_F64)
+
+    def region(self, x):
+        """The mode index ``(num,)`` of the region of each field ``x (num, ny, nx)``."""
+        with torch.no_grad():
+            scores = torch.stack([m.log_prob(x) for m in self.modes], 1)
+            return torch.argmax(scores + self.log_masses, 1)
+
+    def to_x(self, u, modes):
+        """``(x, log|det dT/du|)`` of ``u (num, d)``, row i by the map of mode ``modes[i]``."""
+        x, logdet = self.modes[0].to_x(u)
+        for k, m in enumerate(self.modes[1:], 1):
+            pick = modes == k
+            if pick.any():
+                xk, lk = m.to_x(u)
+                x = torch.where(pick[:, None, None], xk, x)
+                logdet = torch.where(pick, lk, logdet)
+        return x, logdet
+
+    def to_z(self, x, modes):
+        """``u (num, d)`` of fields ``x``, row i in the coordinates of mode ``modes[i]``."""
+        x = torch.as_tensor(x, dtype=_F64)
+        u = torch.empty((x.shape[0], self.dim), dtype=_F64)
+        for k, m in enumerate(self.modes):
+            pick = modes == k
+            if pick.any():
+                u[pick] = m.to_z(x[pick])
+        return u
+
+
 class LatentTarget:
     r"""The posterior pulled back to the kernels' coordinates u, z = S u, x = T(z).
 
@@ -115,15 +174,22 @@ class LatentTarget:
         posterior: object with a differentiable ``log_prob(x)`` (the unnormalised posterior).
         transport: :class:`FlowTransport` (or any object with ``to_x``, ``to_z`` and ``dim``).
 
+    With a :class:`ModeCoordinates` transport, ``modes`` holds each chain's mode (set by
+    :meth:`to_z` from the chains' fields, moved by the independence moves), and the target of
+    chain i is the posterior restricted to the region of mode ``modes[i]``: -inf outside it.
+
     Attributes:
         nfs: forward solves so far (one per evaluated point).
         failed: evaluations whose target was not finite (failed solves).
+        exits: evaluations outside their chain's region (rejected moves; with several modes).
     """
 
     def __init__(self, posterior, transport):
         self.posterior, self.transport = posterior, transport
-        self.nfs, self.failed = 0, 0
+        self.nfs, self.failed, self.exits = 0, 0, 0
         self.factor, self.logdet = None, 0.0
+        self.multimodal = isinstance(transport, ModeCoordinates)
+        self.modes = None
 
     def set_metric(self, factor):
         """Use ``z = S u`` with ``S = factor``: ``(d,)`` diagonal or ``(d, d)`` lower triangular."""
@@ -149,24 +215,48 @@ class LatentTarget:
             return z / self.factor
         return torch.linalg.solve_triangular(self.factor, z.T, upper=False).T
 
-    def to_z(self, x):
-        """Kernel coordinates u of fields ``x``."""
-        return self.coordinates(self.transport.to_z(x))
+    def placed(self, x):
+        """``(u, modes)``: kernel coordinates of fields ``x`` and, with several modes, the mode
+        of each (whose coordinates u is in; None otherwise)."""
+        if not self.multimodal:
+            return self.coordinates(self.transport.to_z(x)), None
+        modes = self.transport.region(torch.as_tensor(x, dtype=_F64))
+        return self.coordinates(self.transport.to_z(x, modes)), modes
 
-    def whitened(self, u, *, grad=True):
+    def to_z(self, x):
+        """Kernel coordinates u of the chains' fields ``x`` (with several modes, each chain
+        is placed in its region's mode)."""
+        u, modes = self.placed(x)
+        if modes is not None:
+            self.modes = modes
+        return u
+
+    def whitened(self, u, *, grad=True, modes=None):
         """``(x, log pi_u(u), grad log pi_u(u), log pi(x))`` at ``u (num, d)``.
 
         Non-finite targets (failed solves) get a zero gradient; with ``grad=False`` no
-        adjoint is solved and the gradient is zero.
+        adjoint is solved and the gradient is zero. With several modes, row i is in the
+        coordinates of mode ``modes[i]`` (default: the chains' :attr:`modes`) and its target
+        is -inf outside that mode's region.
         """
         u = u.detach().to(_F64).requires_grad_(grad)
+        if self.multimodal:
+            modes = self.modes if modes is None else modes
         with torch.set_grad_enabled(grad):
-            x, logdet = self.transport.to_x(self.latent(u))
+            if self.multimodal:
+                x, logdet = self.transport.to_x(self.latent(u), modes)
+            else:
+                x, logdet = self.transport.to_x(self.latent(u))
             log_post = self.posterior.log_prob(x).to(_F64)
             value = log_post + logdet + self.logdet
         finite = torch.isfinite(value)
         self.nfs += u.shape[0]
         self.failed += int((~finite).sum())
+        if self.multimodal:
+            outside = self.transport.region(x.detach()) != modes
+            self.exits += int((outside & finite).sum())
+            value = torch.where(outside, -math.inf, value)
+            finite = finite & ~outside
         if grad:
             (g,) = torch.autograd.grad(torch.where(finite, value, 0.0).sum(), u)
             g = torch.where(finite[:, None], g, 0.0)
@@ -260,7 +350,8 @@ class ModeMixture:
         return torch.logsumexp(torch.stack(parts, 1) + self.log_weights[:len(parts)], 1)
 
     def sample(self, num, generator):
-        """Kernel coordinates ``u (num, d)`` of ``num`` proposals."""
+        """``(u (num, d), modes)``: kernel coordinates of ``num`` proposals and, with several
+        modes in the target's coordinates, the mode each is placed in (else None)."""
         t = self.target
         which = torch.multinomial(self.log_weights.exp(), num, replacement=True,
                                   generator=generator)
@@ -269,26 +360,31 @@ class ModeMixture:
                                           dtype=_F64))
         else:
             u = torch.empty((num, t.transport.dim), dtype=_F64)
+        modes = torch.zeros(num, dtype=torch.long) if t.multimodal else None
         components = [None if self.latent else self.approximation, *self.modes]
         for k, component in enumerate(components):
             pick = which == k
             if component is not None and pick.any():
                 x, _ = component.sample(int(pick.sum()), generator)
-                u[pick] = t.coordinates(t.transport.to_z(x))
-        return u
+                u[pick], placed = t.placed(x)
+                if placed is not None:
+                    modes[pick] = placed
+        return u, modes
 
 
 def _mixture_move(state, mixture, generator, *, gradient):
     """Propose from ``mixture`` for every chain; accept with min(1, w(x') / w(x)),
     w = pi / q_mix."""
     t = state.target
-    u = mixture.sample(state.z.shape[0], generator)
-    x, value, grad, log_prob = t.whitened(u, grad=gradient)
+    u, modes = mixture.sample(state.z.shape[0], generator)
+    x, value, grad, log_prob = t.whitened(u, grad=gradient, modes=modes)
     new = log_prob - mixture.log_prob(u, value, log_prob, x)
     old = state.log_prob - mixture.log_prob(state.z, state.value, state.log_prob, state.x)
     flags, prob = metropolis(torch.where(torch.isfinite(value), new - old, -math.inf),
                              generator)
     state.accept(flags, u, x, value, grad, log_prob)
+    if modes is not None:            # an accepted proposal moves its chain to its region
+        t.modes = torch.where(flags, modes, t.modes)
     return prob
 
 
@@ -351,6 +447,8 @@ class CorrectionResult:
         failed: evaluations whose target was not finite (failed solves of proposals).
         metric: ``"unit"``, ``"diagonal"`` or ``"dense"``.
         leapfrog: HMC leapfrog steps per transition after warm-up (None for other kernels).
+        exits: local proposals rejected for leaving their chain's mode region (with
+            :class:`ModeCoordinates`; else 0).
     """
 
     chains: ChainResult
@@ -359,6 +457,7 @@ class CorrectionResult:
     failed: int
     metric: str
     leapfrog: int = None
+    exits: int = 0
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -470,7 +569,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
-                            state.n_leapfrog if kind == "hmc" else None)
+                            state.n_leapfrog if kind == "hmc" else None, target.exits)
 
 
 def _iterate(state, step, generator, config, gradient, mixture=None):
