@@ -586,7 +586,9 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed),
             "correction_mode_coordinates": len(transport.modes)
             if isinstance(transport, ModeCoordinates) else 1,
-            "correction_region_exits": int(ens.sum(res.exits)[0])})
+            "correction_region_exits": int(ens.sum(res.exits)[0]),
+            "independence_flow_share": float(ens.sum(
+                float(res.shares[0]) if res.shares is not None else math.nan)[0]) / ens.size})
     else:
         diagnostics["failed_solves"] = int(failed)
     draws = samples.shape[1]
