@@ -586,9 +586,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed),
             "correction_mode_coordinates": len(transport.modes)
             if isinstance(transport, ModeCoordinates) else 1,
-            "correction_region_exits": int(ens.sum(res.exits)[0]),
-            "independence_flow_share": float(ens.sum(
-                float(res.shares[0]) if res.shares is not None else math.nan)[0]) / ens.size})
+            "correction_region_exits": int(ens.sum(res.exits)[0])})
     else:
         diagnostics["failed_solves"] = int(failed)
     draws = samples.shape[1]

@@ -231,33 +231,6 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordin
     assert np.mean(np.abs(t) < 0.07) < between + 0.01
 
 
-def test_mode_mixture_shares_follow_the_components_acceptance(linear):
-    """After the warm-up each share is scaled by its component's smoothed acceptance rate:
-    a flow never accepted in 1000 proposals keeps a share near 1/1000 of the others', and
-    the counts start afresh."""
-    from geoinvert.inference.correction import ModeMixture
-    from geoinvert.inference.laplace import fit_laplace
-    posterior, _ = linear
-    a = fit_laplace(posterior, generator=gen(5)).transport
-    b = _shifted(a, 3.0 * a.eigenvectors[:, 0])
-    target = LatentTarget(posterior, a)
-    mixture = ModeMixture(target, [a, b], FlowTransport(perturbed_flow(posterior.prior)))
-    before = mixture.log_weights.exp()
-    which = torch.tensor([0] * 1000 + [1] * 500 + [2] * 500)
-    flags = torch.zeros(2000, dtype=torch.bool)
-    flags[1000:1100] = True                   # component 1: 100 of 500 accepted
-    flags[1500:1550] = True                   # component 2: 50 of 500
-    mixture.record(which, flags)
-    shares = mixture.reweight()
-    rates = torch.tensor([1 / 1002, 101 / 502, 51 / 502], dtype=F64)
-    torch.testing.assert_close(shares, before * rates / (before * rates).sum())
-    assert float(shares.sum()) == pytest.approx(1.0) and (shares > 0).all()
-    assert float(mixture.proposed.sum()) == 0 == float(mixture.accepted.sum())
-    u, modes, drawn = mixture.sample(4000, gen(2))
-    assert modes is None and u.shape == (4000, a.dim)
-    assert abs(float((drawn == 0).double().mean()) - float(shares[0])) < 0.005
-
-
 def _shifted(transport, shift):
     """A copy of a Laplace transport with its centre moved by ``shift`` (whitened units)."""
     from geoinvert.inference.laplace import LaplaceTransport

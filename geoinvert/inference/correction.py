@@ -313,12 +313,6 @@ class ModeMixture:
     reaches it. Proposals from the Laplace components do, and the Metropolis-Hastings ratio on
     w = pi / q_mix keeps the chains exact and moves each mode's share to its true mass.
 
-    The shares are adapted once, at the end of the warm-up (:meth:`reweight`): each is scaled
-    by its component's acceptance rate over the warm-up, (accepted + 1) / (proposed + 2), so
-    that a component whose proposals are never accepted (a flow that does not fit) costs few
-    solves and the others propose more often. The proposal is fixed afterwards, so the kept
-    draws are exact; every component keeps a positive share.
-
     Args:
         target: the :class:`LatentTarget` of the local moves.
         modes: :class:`~geoinvert.inference.laplace.LaplaceTransport` list (may be empty).
@@ -336,22 +330,6 @@ class ModeMixture:
         self.log_weights = torch.cat((torch.tensor([math.log(share)], dtype=_F64),
                                       math.log(max(1 - share, 1e-300))
                                       + torch.log_softmax(masses, 0)))
-        self.proposed = torch.zeros(len(self.log_weights), dtype=_F64)
-        self.accepted = torch.zeros(len(self.log_weights), dtype=_F64)
-
-    def record(self, which, flags):
-        """Count the proposals of components ``which (num,)`` and the accepted ones."""
-        n = len(self.log_weights)
-        self.proposed += torch.bincount(which, minlength=n).to(_F64)
-        self.accepted += torch.bincount(which[flags], minlength=n).to(_F64)
-
-    def reweight(self):
-        """Scale each share by its component's acceptance rate so far (smoothed), then start
-        counting afresh. Returns the new shares."""
-        rates = (self.accepted + 1) / (self.proposed + 2)
-        self.log_weights = torch.log_softmax(self.log_weights + torch.log(rates), 0)
-        self.proposed.zero_(), self.accepted.zero_()
-        return self.log_weights.exp()
 
     @property
     def latent(self):
@@ -372,9 +350,8 @@ class ModeMixture:
         return torch.logsumexp(torch.stack(parts, 1) + self.log_weights[:len(parts)], 1)
 
     def sample(self, num, generator):
-        """``(u (num, d), modes, which)``: kernel coordinates of ``num`` proposals, with
-        several modes in the target's coordinates the mode each is placed in (else None), and
-        the component that drew each (0 the approximation, k the k-th Laplace fit)."""
+        """``(u (num, d), modes)``: kernel coordinates of ``num`` proposals and, with several
+        modes in the target's coordinates, the mode each is placed in (else None)."""
         t = self.target
         which = torch.multinomial(self.log_weights.exp(), num, replacement=True,
                                   generator=generator)
@@ -392,21 +369,20 @@ class ModeMixture:
                 u[pick], placed = t.placed(x)
                 if placed is not None:
                     modes[pick] = placed
-        return u, modes, which
+        return u, modes
 
 
 def _mixture_move(state, mixture, generator, *, gradient):
     """Propose from ``mixture`` for every chain; accept with min(1, w(x') / w(x)),
     w = pi / q_mix."""
     t = state.target
-    u, modes, which = mixture.sample(state.z.shape[0], generator)
+    u, modes = mixture.sample(state.z.shape[0], generator)
     x, value, grad, log_prob = t.whitened(u, grad=gradient, modes=modes)
     new = log_prob - mixture.log_prob(u, value, log_prob, x)
     old = state.log_prob - mixture.log_prob(state.z, state.value, state.log_prob, state.x)
     flags, prob = metropolis(torch.where(torch.isfinite(value), new - old, -math.inf),
                              generator)
     state.accept(flags, u, x, value, grad, log_prob)
-    mixture.record(which, flags)
     if modes is not None:            # an accepted proposal moves its chain to its region
         t.modes = torch.where(flags, modes, t.modes)
     return prob
@@ -473,8 +449,6 @@ class CorrectionResult:
         leapfrog: HMC leapfrog steps per transition after warm-up (None for other kernels).
         exits: local proposals rejected for leaving their chain's mode region (with
             :class:`ModeCoordinates`; else 0).
-        shares: ``(1 + modes,)`` the independence proposal's component shares after the
-            warm-up (the approximation first; None without a :class:`ModeMixture`).
     """
 
     chains: ChainResult
@@ -484,7 +458,6 @@ class CorrectionResult:
     metric: str
     leapfrog: int = None
     exits: int = 0
-    shares: np.ndarray = None
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -561,10 +534,6 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         if callback:
             callback(i + 1, total, accept)
     step = adapter.final()
-    if mixture is not None and config.warmup:
-        shares = mixture.reweight()
-        logger.info("independence proposal shares after warm-up (approximation first): %s",
-                    ", ".join(f"{float(w):.3g}" for w in shares))
     if kind == "hmc":
         state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
     blocks, done = [], 0
@@ -599,9 +568,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                          time.perf_counter() - begin, method, config.warmup)
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
-    shares = None if mixture is None else mixture.log_weights.exp().numpy()
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
-                            state.n_leapfrog if kind == "hmc" else None, target.exits, shares)
+                            state.n_leapfrog if kind == "hmc" else None, target.exits)
 
 
 def _iterate(state, step, generator, config, gradient, mixture=None):
