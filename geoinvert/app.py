@@ -548,7 +548,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
         if d["rhat"] <= RHAT_MAX and min(d["ess"], d["ess_tail"]) >= ESS_TARGET:
             return True
-        block = config.chains * config.draws * thin * config.solves_per_iteration()
+        block = config.chains * config.draws * thin * config.solves_per_iteration(
+            modes=len(transport.modes) if isinstance(transport, ModeCoordinates) else 1)
         return bool(budget) and fit.nfs + ens.sum(nfs)[0] + block + outputs > budget
 
     try:
@@ -586,7 +587,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed),
             "correction_mode_coordinates": len(transport.modes)
             if isinstance(transport, ModeCoordinates) else 1,
-            "correction_region_exits": int(ens.sum(res.exits)[0])})
+            "correction_region_exits": int(ens.sum(res.exits)[0]),
+            "independence_moves": res.independence_moves})
     else:
         diagnostics["failed_solves"] = int(failed)
     draws = samples.shape[1]

@@ -212,6 +212,10 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordin
         res = correct(post, ModeCoordinates(laplace.modes), starts, config, generator=gen(3),
                       approximation=flow, modes=laplace.modes)
         assert res.exits < 0.01 * 8 * (config.warmup + config.draws) * config.leapfrog
+        # as many independence moves as leapfrog steps, and the solves they cost counted
+        assert res.independence_moves == res.leapfrog
+        assert res.chains.nfs <= config.solves(modes=2)
+        assert res.chains.nfs > config.solves(leapfrog=res.leapfrog)
     t = res.chains.samples.reshape(8, config.draws, -1) @ w
     positive = (t > 0).astype(float)
     assert mcmc_ess(positive, rank_normalize=False) > 200

@@ -252,7 +252,9 @@ class CorrectionConfig:
                            "posterior), pi / (2 step) steps, at most this many.", "64")
     independence: bool = _field(
         True, "After every local move, an independence Metropolis-Hastings move with the "
-        "flow as proposal (moves chains between the modes the flow covers).", "false")
+        "flow as proposal (moves chains between the modes the flow covers); when the mode "
+        "search found several modes, as many such moves as the HMC transition's leapfrog "
+        "steps (they alone move chains between the modes).", "false")
     modes: bool = _field(
         True, "With independence moves: first search the posterior's modes (L-BFGS from "
         "eight prior draws) and add a Laplace approximation at each to the "
@@ -285,13 +287,15 @@ class CorrectionConfig:
         """False for kernel ``none``."""
         return self.kernel != "none"
 
-    def solves_per_iteration(self, leapfrog=None) -> int:
+    def solves_per_iteration(self, leapfrog=None, modes=1) -> int:
         """Forward solves of one iteration of one chain with ``leapfrog`` HMC steps (default
-        the most, ``leapfrog``)."""
+        the most, ``leapfrog``): the local move and the independence moves, one each, or with
+        ``modes`` > 1 (the chains in per-mode coordinates) as many as the HMC leapfrog steps."""
         local = (leapfrog or self.leapfrog) if self.kernel == "hmc" else 1
-        return local + int(self.independence)
+        independent = local if modes > 1 and self.kernel == "hmc" else 1
+        return local + independent * int(self.independence)
 
-    def solves(self, draws=None, leapfrog=None) -> int:
+    def solves(self, draws=None, leapfrog=None, modes=1) -> int:
         """Forward solves of the correction with ``draws`` draws per chain (default the
         fewest, ``draws``), at most: each chain's start, its re-evaluation at every metric
         update and its iterations (0 when switched off)."""
@@ -299,7 +303,8 @@ class CorrectionConfig:
             return 0
         updates = len(metric_windows(self.warmup)) if self.kernel != "pcn" else 0
         iterations = self.warmup + (self.draws if draws is None else draws)
-        return self.chains * (1 + updates + iterations * self.solves_per_iteration(leapfrog))
+        return self.chains * (1 + updates + iterations
+                              * self.solves_per_iteration(leapfrog, modes))
 
     def reserved(self) -> int:
         """What a budget sets aside for the correction: :meth:`solves` with at most

@@ -23,7 +23,9 @@ With several modes (:class:`ModeCoordinates`) each chain moves in the Laplace co
 the mode whose region it is in, and its local moves are restricted to that region (a move
 leaving it is rejected): each restricted kernel is reversible for the posterior restricted to
 its region, so their combination is reversible for the posterior, and the independence moves
-carry the chains between the regions. One affine map cannot whiten two modes at once: in the
+carry the chains between the regions. They alone do, so they get the solves of the local
+move: as many independence moves follow an HMC transition as it has leapfrog steps (the
+chains' mode fractions, which R-hat compares, converge with the number of switches). One affine map cannot whiten two modes at once: in the
 coordinates of one, a chain in the other moves with the wrong metric, and a metric learnt
 from chains in both spans the distance between the modes.
 
@@ -449,6 +451,7 @@ class CorrectionResult:
         leapfrog: HMC leapfrog steps per transition after warm-up (None for other kernels).
         exits: local proposals rejected for leaving their chain's mode region (with
             :class:`ModeCoordinates`; else 0).
+        independence_moves: independence moves per local move after warm-up.
     """
 
     chains: ChainResult
@@ -458,6 +461,7 @@ class CorrectionResult:
     metric: str
     leapfrog: int = None
     exits: int = 0
+    independence_moves: int = 1
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -511,19 +515,28 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     density = proposal.approximation_log_prob       # the flow's density at the stored draws
     chains = state.z.shape[0]
 
+    balanced = kind == "hmc" and target.multimodal and mixture is not None
+
     def affordable(iterations):
         """Leapfrog steps that keep the rest of ``iterations`` within ``max_solves``."""
         if max_solves is None:
             return None
         left = (max_solves - target.nfs) / (chains * max(iterations, 1))
+        if balanced:                       # as many independence moves as leapfrog steps
+            return max(1, int(left / 2))
         return max(1, int(left) - int(config.independence))
+
+    def moves():
+        """Independence moves per local move: one, or with several modes as many as the HMC
+        transition's leapfrog steps (the same solves as the local move)."""
+        return state.n_leapfrog if balanced else 1
 
     for i in range(config.warmup):
         if kind == "hmc":
             state.n_leapfrog = _leapfrog(adapter.value, config,
                                          affordable(config.warmup - i + config.draws * thin))
         accept = float(_iterate(state, adapter.value, generator, config, gradient,
-                                mixture)[0].mean())
+                                mixture, moves())[0].mean())
         adapter.update(accept)
         for lo, hi in windows:
             if lo <= i < hi:
@@ -544,7 +557,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         x = np.empty((chains, size, *state.x.shape[1:]))
         log_prob, flow_log_prob = np.empty((chains, size)), np.empty((chains, size))
         for i in range(size * thin):
-            a, b = _iterate(state, step, generator, config, gradient, mixture)
+            a, b = _iterate(state, step, generator, config, gradient, mixture, moves())
             local, independent = local + a, independent + b
             if (i + 1) % thin == 0:
                 j = i // thin
@@ -569,17 +582,23 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
-                            state.n_leapfrog if kind == "hmc" else None, target.exits)
+                            state.n_leapfrog if kind == "hmc" else None, target.exits,
+                            moves() if config.independence else 0)
 
 
-def _iterate(state, step, generator, config, gradient, mixture=None):
-    """One local move and, if configured, one independence move; their acceptances."""
+def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
+    """One local move and, if configured, ``moves`` independence moves; the local move's
+    acceptance and the independence moves' mean acceptance."""
     local = state.step(step, generator)
     if not config.independence:
         return local, torch.full_like(local, math.nan)
-    if mixture is not None:
-        return local, _mixture_move(state, mixture, generator, gradient=gradient)
-    return local, _independence_move(state, generator, gradient=gradient)
+    total = torch.zeros_like(local)
+    for _ in range(moves):
+        if mixture is not None:
+            total += _mixture_move(state, mixture, generator, gradient=gradient)
+        else:
+            total += _independence_move(state, generator, gradient=gradient)
+    return local, total / moves
 
 
 def _rescale(state, z, kind):
