@@ -1107,6 +1107,9 @@ def summary_lines(ds):
     correction = a.get("diagnostics_correction")
     where = {"laplace": ", in Laplace coordinates", "flow": ", in the flow's latent space"}.get(
         a.get("diagnostics_coordinates"), "")
+    if a.get("diagnostics_correction_mode_coordinates", 1) > 1:
+        where = f", in the Laplace coordinates of each chain's mode (of " \
+            f"{int(a['diagnostics_correction_mode_coordinates'])})"
     method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric" \
         f"{where})" if correction else sampler
     share = f" ({int(a['diagnostics_correction_nfs'])} in the correction)" \
@@ -1130,8 +1133,9 @@ def summary_lines(ds):
         what = "correction" if correction else "chains"
         imh = get("independence_acceptance")
         modes = a.get("diagnostics_modes_found")
-        which = f" (flow + Laplace at {int(modes)} mode{'s' if modes != 1 else ''})" \
-            if modes else ""
+        per = int(a.get("diagnostics_independence_moves", 1))
+        which = f" (flow + Laplace at {int(modes)} mode{'s' if modes != 1 else ''}" \
+            f"{f', {per} per local move' if per > 1 else ''})" if modes else ""
         extra = f", independence moves{which} accepted {imh:.2f}" if np.isfinite(imh) else ""
         lines.append(f"{what}: R-hat {get('rhat'):.3f}, ESS bulk {get('ess'):.0f} / tail "
                      f"{get('ess_tail'):.0f}, MCSE of the mean {get('mcse_mean'):.3f} std, "
