@@ -374,20 +374,23 @@ class ModeMixture:
         return u, modes
 
 
-def _mixture_move(state, mixture, generator, *, gradient):
+def _mixture_move(state, mixture, generator, *, gradient, current=None):
     """Propose from ``mixture`` for every chain; accept with min(1, w(x') / w(x)),
-    w = pi / q_mix."""
+    w = pi / q_mix. ``current``: log q_mix at the chains' states, if known. Returns the
+    acceptance probabilities and log q_mix at the chains' new states."""
     t = state.target
     u, modes = mixture.sample(state.z.shape[0], generator)
     x, value, grad, log_prob = t.whitened(u, grad=gradient, modes=modes)
-    new = log_prob - mixture.log_prob(u, value, log_prob, x)
-    old = state.log_prob - mixture.log_prob(state.z, state.value, state.log_prob, state.x)
-    flags, prob = metropolis(torch.where(torch.isfinite(value), new - old, -math.inf),
-                             generator)
+    q_new = mixture.log_prob(u, value, log_prob, x)
+    q_old = current if current is not None else \
+        mixture.log_prob(state.z, state.value, state.log_prob, state.x)
+    flags, prob = metropolis(torch.where(torch.isfinite(value),
+                                         (log_prob - q_new) - (state.log_prob - q_old),
+                                         -math.inf), generator)
     state.accept(flags, u, x, value, grad, log_prob)
     if modes is not None:            # an accepted proposal moves its chain to its region
         t.modes = torch.where(flags, modes, t.modes)
-    return prob
+    return prob, torch.where(flags, q_new, q_old)
 
 
 def _leapfrog(step, config, cap=None):
@@ -592,12 +595,14 @@ def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
     local = state.step(step, generator)
     if not config.independence:
         return local, torch.full_like(local, math.nan)
-    total = torch.zeros_like(local)
-    for _ in range(moves):
+    total, current = torch.zeros_like(local), None
+    for _ in range(moves):          # the mixture density at the states is carried along
         if mixture is not None:
-            total += _mixture_move(state, mixture, generator, gradient=gradient)
+            prob, current = _mixture_move(state, mixture, generator, gradient=gradient,
+                                          current=current)
         else:
-            total += _independence_move(state, generator, gradient=gradient)
+            prob = _independence_move(state, generator, gradient=gradient)
+        total += prob
     return local, total / moves
 
 
