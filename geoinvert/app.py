@@ -538,6 +538,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     _check_starts(LatentTarget(posterior, transport or FlowTransport(fit.model)), starts, ens)
     bar = _ChainProgress(config.warmup + config.draws * thin, progress, kind or "correction")
     budget = case.config["sampler"]["budget"] if kind is None else 0
+    maps = len(transport.modes) if isinstance(transport, ModeCoordinates) else 1
     outputs = case.config["output"]["samples"]
 
     def until(samples, log_target, nfs):
@@ -548,8 +549,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
         if d["rhat"] <= RHAT_MAX and min(d["ess"], d["ess_tail"]) >= ESS_TARGET:
             return True
-        block = config.chains * config.draws * thin * config.solves_per_iteration(
-            modes=len(transport.modes) if isinstance(transport, ModeCoordinates) else 1)
+        block = config.chains * config.draws * thin * config.solves_per_iteration(modes=maps)
         return bool(budget) and fit.nfs + ens.sum(nfs)[0] + block + outputs > budget
 
     try:
@@ -585,8 +585,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "independence_acceptance": float(np.nanmean(imh)) if config.independence
             else math.nan,
             "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed),
-            "correction_mode_coordinates": len(transport.modes)
-            if isinstance(transport, ModeCoordinates) else 1,
+            "correction_mode_coordinates": maps,
             "correction_region_exits": int(ens.sum(res.exits)[0]),
             "independence_moves": res.independence_moves})
     else:

@@ -287,13 +287,19 @@ class CorrectionConfig:
         """False for kernel ``none``."""
         return self.kernel != "none"
 
+    def independence_moves(self, leapfrog, modes=1) -> int:
+        """Independence moves after each local move: one, or with ``modes`` > 1 (the chains in
+        per-mode coordinates, between which these moves alone carry them) as many as the HMC
+        transition's ``leapfrog`` steps, the solves of the local move; 0 without them."""
+        if not self.independence:
+            return 0
+        return leapfrog if modes > 1 and self.kernel == "hmc" else 1
+
     def solves_per_iteration(self, leapfrog=None, modes=1) -> int:
         """Forward solves of one iteration of one chain with ``leapfrog`` HMC steps (default
-        the most, ``leapfrog``): the local move and the independence moves, one each, or with
-        ``modes`` > 1 (the chains in per-mode coordinates) as many as the HMC leapfrog steps."""
+        the most, ``leapfrog``): the local move and its :meth:`independence_moves`."""
         local = (leapfrog or self.leapfrog) if self.kernel == "hmc" else 1
-        independent = local if modes > 1 and self.kernel == "hmc" else 1
-        return local + independent * int(self.independence)
+        return local + self.independence_moves(local, modes)
 
     def solves(self, draws=None, leapfrog=None, modes=1) -> int:
         """Forward solves of the correction with ``draws`` draws per chain (default the

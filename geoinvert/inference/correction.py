@@ -25,9 +25,10 @@ leaving it is rejected): each restricted kernel is reversible for the posterior 
 its region, so their combination is reversible for the posterior, and the independence moves
 carry the chains between the regions. They alone do, so they get the solves of the local
 move: as many independence moves follow an HMC transition as it has leapfrog steps (the
-chains' mode fractions, which R-hat compares, converge with the number of switches). One affine map cannot whiten two modes at once: in the
-coordinates of one, a chain in the other moves with the wrong metric, and a metric learnt
-from chains in both spans the distance between the modes.
+chains' mode fractions, which R-hat compares, converge with the number of switches). One
+affine map cannot whiten two modes at once: in the coordinates of one, a chain in the other
+moves with the wrong metric, and a metric learnt from chains in both spans the distance
+between the modes.
 
 References:
     Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan. NeuTra-lizing bad geometry in
@@ -518,21 +519,21 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     density = proposal.approximation_log_prob       # the flow's density at the stored draws
     chains = state.z.shape[0]
 
-    balanced = kind == "hmc" and target.multimodal and mixture is not None
+    maps = len(transport.modes) if target.multimodal else 1
+    balanced = config.independence_moves(2, maps) == 2     # as many as the leapfrog steps
 
     def affordable(iterations):
         """Leapfrog steps that keep the rest of ``iterations`` within ``max_solves``."""
         if max_solves is None:
             return None
         left = (max_solves - target.nfs) / (chains * max(iterations, 1))
-        if balanced:                       # as many independence moves as leapfrog steps
+        if balanced:
             return max(1, int(left / 2))
         return max(1, int(left) - int(config.independence))
 
     def moves():
-        """Independence moves per local move: one, or with several modes as many as the HMC
-        transition's leapfrog steps (the same solves as the local move)."""
-        return state.n_leapfrog if balanced else 1
+        """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
+        return config.independence_moves(getattr(state, "n_leapfrog", 1), maps)
 
     for i in range(config.warmup):
         if kind == "hmc":
@@ -586,7 +587,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         np.full(chains, np.nan)
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
                             state.n_leapfrog if kind == "hmc" else None, target.exits,
-                            moves() if config.independence else 0)
+                            moves())
 
 
 def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
