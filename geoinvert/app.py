@@ -541,22 +541,26 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     maps = len(transport.modes) if isinstance(transport, ModeCoordinates) else 1
     outputs = case.config["output"]["samples"]
 
-    def until(samples, log_target, nfs):
-        """Converged, or the next block would overrun the budget (same answer on all ranks)."""
-        from geoinvert.diagnostics import ESS_TARGET, RHAT_MAX
+    def extend(samples, log_target, nfs):
+        """Draws per chain to add: those R-hat and ESS extrapolate to need, as many as the
+        budget leaves; 0 when converged (the same answer on all ranks)."""
+        from geoinvert.diagnostics import further_draws
         d = _convergence(ens.gather(torch.from_numpy(samples)).numpy(),
                          ens.gather(torch.from_numpy(log_target)).numpy())
         bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
-        if d["rhat"] <= RHAT_MAX and min(d["ess"], d["ess_tail"]) >= ESS_TARGET:
-            return True
-        block = config.chains * config.draws * thin * config.solves_per_iteration(modes=maps)
-        return bool(budget) and fit.nfs + ens.sum(nfs)[0] + block + outputs > budget
+        more = further_draws(samples.shape[1], d["rhat"], min(d["ess"], d["ess_tail"]),
+                             most=config.draws)
+        if budget and more:
+            per_draw = config.chains * thin * config.solves_per_iteration(modes=maps)
+            left = budget - fit.nfs - ens.sum(nfs)[0] - outputs
+            more = min(more, max(int(left // per_draw), 0))
+        return more
 
     try:
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,
-                      until=until if kind is None else None,
+                      extend=extend if kind is None else None,
                       max_solves=max(budget - fit.nfs - outputs, 0) // ens.size
                       if budget else None, approximation=approximation)
     finally:

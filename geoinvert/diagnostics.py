@@ -22,6 +22,7 @@ __all__ = [
     "split_rhat",
     "mcmc_ess",
     "mcmc_tail_ess",
+    "further_draws",
     "psis_log_weights",
     "fit_word",
     "verdict",
@@ -439,6 +440,28 @@ KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
 """PSIS k-hat below 0.5: good importance weights; below 0.7: usable; above: unusable."""
 RHAT_MAX, ESS_MIN = 1.01, 100.0
 """Chains are trusted with R-hat at most 1.01 and bulk and tail ESS at least 100."""
+
+
+def further_draws(done, rhat, ess, *, most):
+    r"""Draws per chain to add to ``done`` for R-hat <= :data:`RHAT_MAX` and ESS >=
+    :data:`ESS_TARGET`, extrapolated from the current ``rhat`` and (bulk and tail) ``ess``;
+    0 when both hold.
+
+    For chains that sample their stationary law the ESS grows in proportion to the draws n,
+    and R-hat - 1 falls like 1/n (R-hat^2 - 1 is about the variance of the chain means
+    over the within-chain variance, ~ 1 / ESS per chain; Vehtari et al. 2021). The chains
+    need ``done * max((R-hat - 1) / (RHAT_MAX - 1), ESS_TARGET / ESS)`` draws, with a
+    tenth more for the noise of both estimates. Chains not yet mixed (modes unvisited)
+    extrapolate too short and are asked again; an R-hat of NaN (one chain) asks for
+    ``most``. The answer is at least a tenth of ``done`` (and 1), at most ``most``.
+    """
+    if rhat <= RHAT_MAX and ess >= ESS_TARGET:
+        return 0
+    ratios = [ESS_TARGET / ess if ess > 0 else math.inf]
+    ratios.append((rhat - 1) / (RHAT_MAX - 1) if rhat == rhat else math.inf)
+    factor = max(ratios)
+    want = math.ceil(1.1 * done * factor) - done if math.isfinite(factor) else most
+    return int(min(max(want, math.ceil(done / 10), 1), most))
 
 
 MIN_EFFECTIVE_DRAWS = 10

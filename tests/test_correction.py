@@ -338,6 +338,33 @@ def test_failed_solves_of_proposals_are_counted_and_rejected(linear):
     assert np.abs(res.chains.samples).max() <= 2.2
 
 
+def test_extend_sets_the_length_of_each_further_block(linear):
+    """``extend`` sees all draws so far and answers the next block's length (capped by
+    ``draws`` and ``max_draws``); 0 stops the chains."""
+    posterior, _ = linear
+    model = perturbed_flow(posterior.prior, scale=0.0)
+    starts = torch.zeros(2, 8, 8, dtype=F64) + 0.1
+    config = CorrectionConfig(kernel="mala", chains=2, warmup=10, draws=20, max_draws=100,
+                              independence=False)
+    asked, answers = [], iter([7, 500, 0])
+
+    def extend(samples, log_prob, nfs):
+        asked.append((samples.shape[:2], log_prob.shape, nfs))
+        return next(answers)
+
+    res = correct(posterior, FlowTransport(model), starts, config, generator=gen(5),
+                  extend=extend)
+    assert [a[0] for a in asked] == [(2, 20), (2, 27), (2, 47)]
+    assert all(a[1] == a[0] for a in asked)
+    assert res.chains.samples.shape[:2] == (2, 47)
+    assert asked[-1][2] == res.chains.nfs
+    config = CorrectionConfig(kernel="mala", chains=2, warmup=10, draws=20, max_draws=30,
+                              independence=False)
+    res = correct(posterior, FlowTransport(model), starts, config, generator=gen(5),
+                  extend=lambda *a: 500)
+    assert res.chains.samples.shape[1] == 30
+
+
 def test_flow_transport_density_is_the_flow_density():
     """FlowTransport draws carry log q_T, and its log_prob (by inversion) agrees with them and
     with the model's own density."""

@@ -35,7 +35,7 @@ from problems import ROOT, by_name, reference, scores  # noqa: E402
 
 import geoinvert  # noqa: E402
 from geoinvert.app import _convergence  # noqa: E402
-from geoinvert.diagnostics import ESS_TARGET, RHAT_MAX  # noqa: E402
+from geoinvert.diagnostics import further_draws  # noqa: E402
 from geoinvert.inference.config import CorrectionConfig  # noqa: E402
 from geoinvert.inference.correction import FlowTransport, correct  # noqa: E402
 from geoinvert.inference.laplace import fit_laplace  # noqa: E402
@@ -43,9 +43,11 @@ from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _until(samples, log_target, nfs):
+def _extend(samples, log_target, nfs):
+    """The package's rule: the draws R-hat and ESS extrapolate to need, a block at most."""
     d = _convergence(samples, log_target)
-    return d["rhat"] <= RHAT_MAX and min(d["ess"], d["ess_tail"]) >= ESS_TARGET
+    return further_draws(samples.shape[1], d["rhat"], min(d["ess"], d["ess_tail"]),
+                         most=CorrectionConfig.draws)
 
 
 def compare(name, seed=0):
@@ -74,7 +76,7 @@ def compare(name, seed=0):
         start = time.perf_counter()
         res = correct(posterior, transport, starts, CorrectionConfig(coordinates=coordinates),
                       generator=torch.Generator().manual_seed(seed + 7), modes=laplace.modes,
-                      until=_until, approximation=flow)
+                      extend=_extend, approximation=flow)
         wall = time.perf_counter() - start + search_wall
         c = res.chains
         d = _convergence(c.samples, c.log_prob)

@@ -54,7 +54,8 @@ def trace(posterior, laplace, state, ref, settings, args):
                               independence=False)
     rows, begin = [], time.perf_counter()
 
-    def until(samples, log_target, nfs):
+    def record(samples, log_target, nfs):
+        """Record the scores after a block; ask for the next (fixed) block."""
         d = _convergence(samples, log_target)
         s = scores(ref, samples.reshape(-1, *samples.shape[2:]))
         rows.append({"draws": samples.shape[1], "nfs": int(nfs + laplace.nfs),
@@ -62,10 +63,10 @@ def trace(posterior, laplace, state, ref, settings, args):
                      "mean_error_rms": s["mean_error_rms"], "std_error_rms": s["std_error_rms"],
                      "wall_s": time.perf_counter() - begin})
         print(json.dumps(rows[-1]), flush=True)
-        return False
+        return args.block
 
-    res = correct(posterior, laplace.transport, starts, config, generator=gen, until=until)
-    until(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
+    res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
+    record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
     return {"chains": chains, "leapfrog_cap": config.leapfrog, "leapfrog": res.leapfrog,
             "step": float(res.chains.step_size),
             "acceptance": float(res.chains.acceptance.mean()), "failed": int(res.failed),

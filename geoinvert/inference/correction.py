@@ -469,7 +469,7 @@ class CorrectionResult:
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
-            initial_step=None, modes=(), until=None, max_solves=None, approximation=None):
+            initial_step=None, modes=(), extend=None, max_solves=None, approximation=None):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
@@ -489,9 +489,11 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         approximation: the flow (``sample``, ``log_prob``, e.g. a :class:`FlowTransport`)
             when ``transport`` is another map (the Laplace approximation): it proposes the
             independence moves and its density is stored; default ``transport`` itself.
-        until: ``until(samples (chains, n, ny, nx), log_prob (chains, n), nfs) -> bool``,
-            asked after every block of ``config.draws`` draws whether to stop; without it,
-            or when it says so, or at ``config.max_draws`` draws per chain, the chains stop.
+        extend: ``extend(samples (chains, n, ny, nx), log_prob (chains, n), nfs) -> int``,
+            asked after the first ``config.draws`` draws and after every further block: the
+            draws per chain to add before it is asked again (0: stop; blocks are at most
+            ``config.draws`` long). Without it, or when it answers 0, or at
+            ``config.max_draws`` draws per chain, the chains stop.
         max_solves: solves the correction may use (a budget's share): HMC trajectories are
             shortened (down to one leapfrog step) so that the warm-up and the first block of
             draws fit in it.
@@ -553,11 +555,11 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     step = adapter.final()
     if kind == "hmc":
         state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
-    blocks, done = [], 0
+    blocks, done, size = [], 0, config.draws
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
     most = max(config.max_draws, config.draws)
     while True:
-        size = min(config.draws, most - done)
+        size = max(1, min(size, config.draws, most - done))
         x = np.empty((chains, size, *state.x.shape[1:]))
         log_prob, flow_log_prob = np.empty((chains, size)), np.empty((chains, size))
         for i in range(size * thin):
@@ -573,10 +575,11 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                          config.warmup + (done + size) * thin, float(a.mean()))
         blocks.append((x, log_prob, flow_log_prob))
         done += size
-        if done >= most or until is None:
+        if done >= most or extend is None:
             break
         samples = np.concatenate([b[0] for b in blocks], axis=1)
-        if until(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs):
+        size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs))
+        if size <= 0:
             break
     x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
     iterations = done * thin
