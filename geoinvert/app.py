@@ -366,10 +366,11 @@ def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=Non
     try:
         return _corrected(fit, case, seed, lay, posterior, config, progress=progress and lay.root,
                           modes=modes, transport=transport or own, approximation=own)
-    except NonFiniteStart as err:     # raised on every rank alike (_check_starts)
-        logger.warning("the correction could not start: %d of its %d chains would start where "
-                       "the forward solve fails or the gradient overflows; the result holds the "
-                       "flow's own draws", len(err.chains), config.chains)
+    except NonFiniteStart as err:     # raised on every rank alike (_chain_starts, _check_starts)
+        reason = err.reason or (f"{len(err.chains)} of its {config.chains} chains would start "
+                                "where the forward solve fails or the gradient overflows")
+        logger.warning("the correction could not start: %s; the result holds the flow's own "
+                       "draws", reason)
         return dataclasses.replace(fit, diagnostics={
             **fit.diagnostics, "correction_unstarted": len(err.chains)})
 
@@ -468,14 +469,24 @@ class _ChainProgress:
         self.bar.close()
 
 
-def _chain_starts(x, log_target, chains):
-    """The first ``chains`` flow draws with a finite target (the chains' starts)."""
+def _chain_starts(x, log_target, chains, *, flow=True):
+    """The first ``chains`` draws with a finite target (the chains' starts).
+
+    Raises:
+        NonFiniteStart: fewer such draws of a ``flow`` than chains (the correction cannot
+            start; the result keeps the flow's draws, flagged).
+        TrainingError: fewer such draws of another approximation (gpCN's Laplace fit).
+    """
     from geoinvert.errors import TrainingError
+    from geoinvert.samplers.chains import NonFiniteStart
     finite = np.flatnonzero(np.isfinite(log_target))
     if finite.size < chains:
-        raise TrainingError(f"only {finite.size} of {len(log_target)} flow draws have a finite "
-                            f"posterior density; the correction needs {chains} to start its "
-                            "chains")
+        reason = (f"only {finite.size} of {len(log_target)} {'flow' if flow else 'Laplace'} "
+                  f"draws have a finite posterior density, and each of its {chains} chains "
+                  "needs one to start from")
+        if flow:
+            raise NonFiniteStart(range(finite.size, chains), reason)
+        raise TrainingError(reason)
     return x[finite[:chains]]
 
 
@@ -534,7 +545,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     if chains == 0:
         raise CaseError(chains_key, f"{config.chains} is fewer than the {ens.size} solve "
                         "groups of this MPI run: every group needs a chain")
-    starts = _chain_starts(fit.x, fit.log_target, config.chains)[ens.part(config.chains)]
+    starts = _chain_starts(fit.x, fit.log_target, config.chains,
+                           flow=kind is None)[ens.part(config.chains)]
     _check_starts(LatentTarget(posterior, transport or FlowTransport(fit.model)), starts, ens)
     bar = _ChainProgress(config.warmup + config.draws * thin, progress, kind or "correction")
     budget = case.config["sampler"]["budget"] if kind is None else 0

@@ -301,3 +301,23 @@ def test_a_budget_holds_with_the_correction_and_the_mode_search(tmp_path):
     ds = run(config, out=tmp_path / "budget.nc", progress=False).dataset
     assert budget / 2 < ds.attrs["nfs"] <= budget
     assert ds.attrs["diagnostics_mode_search_nfs"] > 0
+
+
+def test_too_few_finite_flow_draws_leave_the_correction_unstarted_not_the_run_failed():
+    """Fewer finite flow draws than chains: the flow's correction cannot start (the run keeps
+    the flow's draws, flagged, with the reason); gpCN's chains, which have nothing else to
+    return, fail the run."""
+    import numpy as np
+    from geoinvert.app import _chain_starts
+    from geoinvert.errors import TrainingError
+    from geoinvert.samplers.chains import NonFiniteStart
+    x = np.arange(10.0)[:, None, None] * np.ones((10, 2, 2))
+    log_target = np.full(10, -np.inf)
+    log_target[[1, 4, 7]] = 0.0
+    assert _chain_starts(x, log_target, 3)[:, 0, 0].tolist() == [1.0, 4.0, 7.0]
+    with pytest.raises(NonFiniteStart) as err:
+        _chain_starts(x, log_target, 8)
+    assert err.value.chains == [3, 4, 5, 6, 7]
+    assert "only 3 of 10 flow draws have a finite posterior density" in err.value.reason
+    with pytest.raises(TrainingError, match="only 3 of 10 Laplace draws"):
+        _chain_starts(x, log_target, 8, flow=False)

@@ -248,9 +248,11 @@ class NonFiniteStart(ValueError):
     """Some chains (``chains``, their indices) start where the target or its gradient is not
     finite: they could never move."""
 
-    def __init__(self, chains):
+    def __init__(self, chains, reason=None):
         self.chains = list(chains)
-        super().__init__(f"chains {self.chains} start where the log target is not finite")
+        self.reason = reason
+        super().__init__(reason or f"chains {self.chains} start where the log target is not "
+                         "finite")
 
 
 def check_finite_start(log_prob):
