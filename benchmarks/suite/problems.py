@@ -139,11 +139,54 @@ def problems():
     ]
 
 
+def heldout():
+    """Held-out problems: never used to choose a setting, only to check the defaults on
+    problems they were not chosen on (``run.py --heldout``)."""
+    aquifer = geoinvert.load_case(ROOT / "cases" / "aquifer.yaml").config
+    aquifer = {k: v for k, v in aquifer.items() if k not in ("sampler", "output")}
+    aquifer["data"] = {"file": "cases/" + aquifer["data"]["file"]}
+    wells = [[0.15, 0.2], [0.45, 0.15], [0.8, 0.25], [0.3, 0.45], [0.6, 0.4], [0.9, 0.55],
+             [0.1, 0.7], [0.4, 0.75], [0.7, 0.7], [0.25, 0.9], [0.55, 0.95], [0.85, 0.85]]
+    return [
+        Problem("heldout-neumann-8", "elliptic, 8x8 Matern prior (std 1.2, correlation 0.2, "
+                "mean sloping in y), inflow through the bottom, u = 0 on top, no source, five "
+                "heads and two integrals of u, noise 0.01",
+                _base("heldout-neumann-8", 3,
+                      {"kind": "matern", "std": 1.2, "correlation_length": 0.2,
+                       "mean": "0.3 - 0.5 * y"},
+                      {"kind": "elliptic", "source": 0.0, "dirichlet": {"top": 0.0},
+                       "neumann": {"bottom": 1.0}},
+                      {"points": [[0.2, 0.3], [0.5, 0.2], [0.8, 0.35], [0.35, 0.65],
+                                  [0.7, 0.7]],
+                       "functions": [{"shape": "gaussian", "center": [0.5, 0.5],
+                                      "width": 0.15}, "x * (1 - x)"]},
+                      {"synthetic": {"truth": {"shape": "box", "x": [0.3, 0.7],
+                                               "y": [0.4, 0.6], "value": -1.0}, "seed": 7}},
+                      0.01, levels={"min_cells": 16}),
+                str(REFERENCES / "heldout-neumann-8.nc")),
+        Problem("heldout-iid-16-wells", "elliptic, 16x16 iid prior, u = 2 on the left and 0 "
+                "on the right, a source near the top left, twelve irregular wells, noise 0.02",
+                _base("heldout-iid-16-wells", 4, {"kind": "iid", "std": 1.0},
+                      {"kind": "elliptic",
+                       "source": {"shape": "gaussian", "center": [0.3, 0.7], "width": 0.1,
+                                  "amplitude": 5.0},
+                       "dirichlet": {"left": 2.0, "right": 0.0}},
+                      {"points": wells},
+                      {"synthetic": {"truth": "prior", "seed": 8}}, 0.02),
+                str(REFERENCES / "heldout-iid-16-wells.nc")),
+        Problem("heldout-aquifer", "elliptic, 32x32 on a 2 km x 1 km aquifer, Matern prior "
+                "(mean 4.6, std 0.7, correlation 400 m), river and canal heads, recharge, "
+                "nine wells read from a CSV, noise 0.05 m (cases/aquifer.yaml without its "
+                "sampler settings)", aquifer, str(REFERENCES / "heldout-aquifer.nc")),
+    ]
+
+
 def by_name(name):
-    for p in problems():
+    for p in problems() + heldout():
         if p.name == name:
             return p
-    raise SystemExit(f"no suite problem {name!r}; known: {[p.name for p in problems()]}")
+    raise SystemExit(f"no suite problem {name!r}; known: "
+                     f"{[p.name for p in problems() + heldout()]}")
 
 
 # -- references ---------------------------------------------------------------------------------

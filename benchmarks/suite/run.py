@@ -9,6 +9,12 @@ A subset (rows of ``suite.json`` are replaced, the others kept)::
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py --problems quadratic-a-sharp \
         --methods msign,hmc
 
+The held-out problems (``problems.heldout()``: no setting was chosen on them; their
+long-run references are made by ``reference.py`` like the suite's) go to ``heldout.json``
+and ``heldout.md``::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py --heldout --methods msign
+
 Methods, every one run through ``geoinvert.run`` on the problem's case with the package
 defaults (``output.samples`` 2000 so that the stored draws carry the Monte-Carlo accuracy
 of the runs, figures off):
@@ -46,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from problems import ROOT, problems, reference, scores  # noqa: E402
+from problems import ROOT, heldout, problems, reference, scores  # noqa: E402
 
 import geoinvert  # noqa: E402
 from geoinvert.diagnostics import jeffreys_divergence  # noqa: E402
@@ -100,7 +106,10 @@ def run_one(problem, ref, method, nfs, outdir):
            **scores(ref, ds["samples"].values), "verdict": a["verdict"],
            "rhat": float(a.get("diagnostics_rhat", math.nan)),
            "ess": float(a.get("diagnostics_ess", math.nan)),
-           "psis_khat": float(a.get("diagnostics_psis_khat", math.nan))}
+           "psis_khat": float(a.get("diagnostics_psis_khat", math.nan)),
+           "draws": int(a.get("diagnostics_draws", 0)),
+           "correction_nfs": int(a.get("diagnostics_correction_nfs", 0)),
+           "leapfrog": float(a.get("diagnostics_leapfrog", math.nan))}
     if method == "laplace":
         row["ess_per_1000_nfs"] = 1000 * a["diagnostics_is_ess"] * ds.sizes["sample"] / a["nfs"]
     else:
@@ -121,8 +130,8 @@ def _fmt(v, spec):
         else format(v, spec)
 
 
-def markdown(rows, about, command):
-    lines = ["# Benchmark suite: default settings on every problem", "",
+def markdown(rows, about, command, title="Benchmark suite: default settings on every problem"):
+    lines = [f"# {title}", "",
              f"Command: `{command}`", "", f"Machine: {about}", "",
              "Errors in reference-std units (RMS over cells); modes: mass of t = <d, x> > 0 "
              "(reference in brackets); ESS / 1000 nFS: smallest bulk ESS of the chains (Laplace: "
@@ -172,21 +181,23 @@ def headline(rows):
     return "\n".join(lines)
 
 
-def _store(path, row):
+def _store(path, row, chosen, title):
     """Replace ``row``'s (problem, method) in ``path`` (locked: several runs may share it) and
-    rewrite the markdown; the rows after the update."""
+    rewrite the markdown beside it; the rows after the update, in the order of ``chosen``'s
+    list."""
     import fcntl
     with open(Path(tempfile.gettempdir()) / "geoinvert-suite.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(path.read_text())["rows"] if path.exists() else []
         rows = [r for r in rows if (r["problem"], r["method"]) != (row["problem"], row["method"])]
         rows.append(row)
-        order = {q.name: i for i, q in enumerate(problems())}
+        order = {q.name: i for i, q in enumerate(chosen)}
         rows.sort(key=lambda r: (order.get(r["problem"], 99), METHODS.index(r["method"])))
         about = f"{platform.machine()}, {torch.get_num_threads()} threads"
-        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py"
+        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py" + \
+            (" --heldout" if path.stem == "heldout" else "")
         path.write_text(json.dumps({"rows": rows, "machine": about}, indent=1))
-        (RESULTS / "suite.md").write_text(markdown(rows, about, command))
+        path.with_suffix(".md").write_text(markdown(rows, about, command, title))
     return rows
 
 
@@ -194,16 +205,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--problems", default="all")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--heldout", action="store_true",
+                   help="the held-out problems (problems.heldout), written to heldout.json")
     p.add_argument("--headline", action="store_true",
                    help="print the README's table from suite.json and stop")
     args = p.parse_args(argv)
     if args.headline:
         print(headline(json.loads((RESULTS / "suite.json").read_text())["rows"]))
         return
-    chosen = [q for q in problems() if args.problems == "all" or q.name in
+    listed = heldout() if args.heldout else problems()
+    chosen = [q for q in listed if args.problems == "all" or q.name in
               args.problems.split(",")]
     methods = args.methods.split(",")
-    path = RESULTS / "suite.json"
+    path = RESULTS / ("heldout.json" if args.heldout else "suite.json")
+    title = ("Held-out problems: default settings on problems no setting was chosen on"
+             if args.heldout else "Benchmark suite: default settings on every problem")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
@@ -223,7 +239,7 @@ def main(argv=None):
                 table = markdown([row], "", "").splitlines()
                 print("\n".join("  " + l for l in table if l.startswith(f"| {problem.name}")),
                       flush=True)
-                rows = _store(path, row)
+                rows = _store(path, row, listed, title)
     return 0
 
 
