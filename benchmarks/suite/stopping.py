@@ -1,0 +1,144 @@
+"""The correction's stopping rules replayed on the same chains: whole blocks against the
+extrapolated extension.
+
+Usage (problems and seeds; each chain set runs to ``--max-draws`` draws per chain)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/stopping.py \
+        elliptic-demo,elliptic-iid-8-heads,heldout-neumann-8 --seeds 0,1,2
+
+For every problem and seed the correction (:func:`geoinvert.inference.correction.correct`)
+runs once, as in ``correction_trace.py``: HMC in the coordinates of the problem's Laplace fit,
+from Laplace draws, the package's warm-up, no independence moves, to ``--max-draws`` draws per
+chain. A stopping rule only decides where the chains stop, so both rules are replayed on the
+stored chains:
+
+- *blocks* (the earlier rule): look after every block of ``draws`` (250) draws per chain;
+- *extend* (the package's): look after the first block, then after as many draws as
+  :func:`geoinvert.diagnostics.further_draws` asks.
+
+Each stops at the first look where R-hat <= 1.01 and the bulk and tail ESS >= 400 (the
+package's ``_convergence`` of the prefix), or at ``--max-draws``. The solves to that point are
+the warm-up's plus the draws' (every draw costs the same leapfrog steps after warm-up); the
+errors of the stopped prefix are against the suite reference.
+
+Writes ``benchmarks/results/stopping.json`` and ``.md``.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from problems import ROOT, by_name, reference, scores  # noqa: E402
+
+from geoinvert.app import _convergence  # noqa: E402
+from geoinvert.diagnostics import ESS_TARGET, RHAT_MAX, further_draws  # noqa: E402
+from geoinvert.inference.config import CorrectionConfig  # noqa: E402
+from geoinvert.inference.correction import correct  # noqa: E402
+from geoinvert.inference.laplace import fit_laplace  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def chains(problem, seed, max_draws):
+    """The stored chains of one correction run to ``max_draws`` draws per chain, the solves
+    at the end of the warm-up and per draw (all chains), and the Laplace fit's solves."""
+    posterior = problem.case().posterior(problem.case().finest)
+    gen = torch.Generator().manual_seed(seed)
+    laplace = fit_laplace(posterior, generator=gen)
+    config = CorrectionConfig(kernel="hmc", max_draws=max_draws, independence=False)
+    u = torch.randn((config.chains, laplace.transport.dim), generator=gen, dtype=torch.float64)
+    starts, _ = laplace.transport.to_x(u)
+    looks = []
+
+    def record(samples, log_target, nfs):
+        looks.append((samples.shape[1], nfs))
+        return config.draws
+
+    res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
+    (n1, nfs1), (n2, nfs2) = looks[0], looks[1]
+    per_draw = (nfs2 - nfs1) / (n2 - n1)
+    return res.chains, nfs1 - n1 * per_draw + laplace.nfs, per_draw, res.leapfrog
+
+
+def replay(samples, log_prob, rule, draws, most):
+    """``(stop, looks)``: the draws per chain at which ``rule`` stops, and its looks."""
+    done, looks = draws, 0
+    while True:
+        looks += 1
+        d = _convergence(samples[:, :done], log_prob[:, :done])
+        ess = min(d["ess"], d["ess_tail"])
+        if (d["rhat"] <= RHAT_MAX and ess >= ESS_TARGET) or done >= most:
+            return done, looks
+        more = draws if rule == "blocks" else further_draws(done, d["rhat"], ess, most=draws)
+        done = min(done + more, most)
+
+
+def measure(problem, seed, max_draws):
+    ref = reference(problem)
+    result, warmup_nfs, per_draw, leapfrog = chains(problem, seed, max_draws)
+    out = {"problem": problem.name, "seed": seed, "leapfrog": leapfrog,
+           "warmup_nfs": int(warmup_nfs), "nfs_per_draw": per_draw}
+    for rule in ("blocks", "extend"):
+        stop, looks = replay(result.samples, result.log_prob, rule, CorrectionConfig.draws,
+                             max_draws)
+        d = _convergence(result.samples[:, :stop], result.log_prob[:, :stop])
+        s = scores(ref, result.samples[:, :stop].reshape(-1, *result.samples.shape[2:]))
+        out[rule] = {"draws": stop, "looks": looks, "nfs": int(warmup_nfs + stop * per_draw),
+                     "rhat": d["rhat"], "ess": min(d["ess"], d["ess_tail"]),
+                     "converged": bool(d["rhat"] <= RHAT_MAX
+                                       and min(d["ess"], d["ess_tail"]) >= ESS_TARGET),
+                     "mean_error_rms": s["mean_error_rms"], "std_error_rms": s["std_error_rms"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def markdown(rows, command):
+    lines = ["# Stopping rules replayed on the same chains", "", f"Command: `{command}`", "",
+             "HMC in the Laplace coordinates from Laplace draws (8 chains, the package's warm-up, "
+             "no independence moves); both rules replayed on the stored chains. *blocks*: look "
+             "every 250 draws per chain; *extend*: the package's extrapolation "
+             "(`diagnostics.further_draws`). Solves include the Laplace fit and the warm-up; "
+             "errors in reference-std units, RMS over cells.", "",
+             "| problem | seed | leapfrog | rule | draws | looks | nFS | R-hat | ESS | mean err "
+             "| std err |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for rule in ("blocks", "extend"):
+            x = r[rule]
+            flag = "" if x["converged"] else " (not converged)"
+            lines.append(f"| {r['problem']} | {r['seed']} | {r['leapfrog']} | {rule} | "
+                         f"{x['draws']}{flag} | {x['looks']} | {x['nfs']} | {x['rhat']:.4f} | "
+                         f"{x['ess']:.0f} | {x['mean_error_rms']:.3f} | "
+                         f"{x['std_error_rms']:.3f} |")
+    saved = [r["blocks"]["nfs"] - r["extend"]["nfs"] for r in rows]
+    lines += ["", f"Solves saved by *extend* over *blocks*: mean {np.mean(saved):,.0f}, "
+              f"from {min(saved):,} to {max(saved):,} over {len(rows)} chain sets."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("problems")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--max-draws", type=int, default=1000)
+    args = p.parse_args(argv)
+    rows = [measure(by_name(name), int(seed), args.max_draws)
+            for name in args.problems.split(",") for seed in args.seeds.split(",")]
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/stopping.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "stopping.json").write_text(json.dumps({"command": command, "rows": rows},
+                                                      indent=1))
+    text = markdown(rows, command)
+    (RESULTS / "stopping.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
