@@ -16,6 +16,9 @@ stored chains:
 - *extend* (the package's): look after the first block, then after as many draws as
   :func:`geoinvert.diagnostics.further_draws` asks.
 
+The same replay on stationary AR(1) chains (``--phis``) shows how the rules compare when the
+draws needed fall anywhere in a block, not near its end.
+
 Each stops at the first look where R-hat <= 1.01 and the bulk and tail ESS >= 400 (the
 package's ``_convergence`` of the prefix), or at ``--max-draws``. The solves to that point are
 the warm-up's plus the draws' (every draw costs the same leapfrog steps after warm-up); the
@@ -79,6 +82,37 @@ def replay(samples, log_prob, rule, draws, most):
         done = min(done + more, most)
 
 
+def ar1_chains(phi, seed, max_draws, chains=8, shape=(8, 8)):
+    """Stationary AR(1) chains with coefficient ``phi`` in every cell and in the log target:
+    ``(samples (chains, max_draws, *shape), log_prob (chains, max_draws))``."""
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((chains, max_draws, int(np.prod(shape)) + 1))
+    x = np.empty_like(e)
+    x[:, 0] = e[:, 0]
+    for t in range(1, max_draws):
+        x[:, t] = phi * x[:, t - 1] + np.sqrt(1 - phi * phi) * e[:, t]
+    return x[:, :, :-1].reshape(chains, max_draws, *shape), x[:, :, -1]
+
+
+def synthetic(phis, seeds, max_draws):
+    """Mean draws per chain at which each rule stops on AR(1) chains, by ``phi``: how the
+    rules compare when the draws needed fall anywhere in a block."""
+    rows = []
+    for phi in phis:
+        stops = {"blocks": [], "extend": []}
+        for seed in seeds:
+            samples, log_prob = ar1_chains(phi, seed, max_draws)
+            for rule in stops:
+                stops[rule].append(replay(samples, log_prob, rule, CorrectionConfig.draws,
+                                          max_draws)[0])
+        rows.append({"phi": phi, "seeds": len(seeds),
+                     **{rule: float(np.mean(v)) for rule, v in stops.items()},
+                     **{f"{rule}_se": float(np.std(v) / np.sqrt(len(v)))
+                        for rule, v in stops.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def measure(problem, seed, max_draws):
     ref = reference(problem)
     result, warmup_nfs, per_draw, leapfrog = chains(problem, seed, max_draws)
@@ -98,7 +132,7 @@ def measure(problem, seed, max_draws):
     return out
 
 
-def markdown(rows, command):
+def markdown(rows, command, synthetic_rows=()):
     lines = ["# Stopping rules replayed on the same chains", "", f"Command: `{command}`", "",
              "HMC in the Laplace coordinates from Laplace draws (8 chains, the package's warm-up, "
              "no independence moves); both rules replayed on the stored chains. *blocks*: look "
@@ -118,6 +152,12 @@ def markdown(rows, command):
     saved = [r["blocks"]["nfs"] - r["extend"]["nfs"] for r in rows]
     lines += ["", f"Solves saved by *extend* over *blocks*: mean {np.mean(saved):,.0f}, "
               f"from {min(saved):,} to {max(saved):,} over {len(rows)} chain sets."]
+    if synthetic_rows:
+        lines += ["", "Stationary AR(1) chains (8 chains, 64 cells and a log target, all with "
+                  "coefficient phi): mean draws per chain at the stop, +/- its standard error.",
+                  "", "| phi | seeds | blocks | extend |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['phi']} | {r['seeds']} | {r['blocks']:.0f} +/- {r['blocks_se']:.0f} | "
+                  f"{r['extend']:.0f} +/- {r['extend_se']:.0f} |" for r in synthetic_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -126,15 +166,20 @@ def main(argv=None):
     p.add_argument("problems")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-draws", type=int, default=1000)
+    p.add_argument("--phis", default="0.2,0.35,0.45,0.55,0.65",
+                   help="AR(1) coefficients of the synthetic chains")
+    p.add_argument("--synthetic-seeds", type=int, default=40)
     args = p.parse_args(argv)
     rows = [measure(by_name(name), int(seed), args.max_draws)
             for name in args.problems.split(",") for seed in args.seeds.split(",")]
+    synthetic_rows = synthetic([float(v) for v in args.phis.split(",")],
+                               range(args.synthetic_seeds), args.max_draws)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/stopping.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stopping.json").write_text(json.dumps({"command": command, "rows": rows},
-                                                      indent=1))
-    text = markdown(rows, command)
+    (RESULTS / "stopping.json").write_text(json.dumps(
+        {"command": command, "rows": rows, "synthetic": synthetic_rows}, indent=1))
+    text = markdown(rows, command, synthetic_rows)
     (RESULTS / "stopping.md").write_text(text)
     print(text)
     return 0
