@@ -457,9 +457,8 @@ def further_draws(done, rhat, ess, *, most):
     """
     if rhat <= RHAT_MAX and ess >= ESS_TARGET:
         return 0
-    ratios = [ESS_TARGET / ess if ess > 0 else math.inf]
-    ratios.append((rhat - 1) / (RHAT_MAX - 1) if rhat == rhat else math.inf)
-    factor = max(ratios)
+    factor = max(ESS_TARGET / ess if ess > 0 else math.inf,
+                 (rhat - 1) / (RHAT_MAX - 1) if rhat == rhat else math.inf)
     want = math.ceil(1.1 * done * factor) - done if math.isfinite(factor) else most
     return int(min(max(want, math.ceil(done / 10), 1), most))
 

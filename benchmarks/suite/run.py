@@ -181,7 +181,7 @@ def headline(rows):
     return "\n".join(lines)
 
 
-def _store(path, row, chosen, title):
+def _store(path, row, chosen, title, command):
     """Replace ``row``'s (problem, method) in ``path`` (locked: several runs may share it) and
     rewrite the markdown beside it; the rows after the update, in the order of ``chosen``'s
     list."""
@@ -194,8 +194,6 @@ def _store(path, row, chosen, title):
         order = {q.name: i for i, q in enumerate(chosen)}
         rows.sort(key=lambda r: (order.get(r["problem"], 99), METHODS.index(r["method"])))
         about = f"{platform.machine()}, {torch.get_num_threads()} threads"
-        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py" + \
-            (" --heldout" if path.stem == "heldout" else "")
         path.write_text(json.dumps({"rows": rows, "machine": about}, indent=1))
         path.with_suffix(".md").write_text(markdown(rows, about, command, title))
     return rows
@@ -220,6 +218,8 @@ def main(argv=None):
     path = RESULTS / ("heldout.json" if args.heldout else "suite.json")
     title = ("Held-out problems: default settings on problems no setting was chosen on"
              if args.heldout else "Benchmark suite: default settings on every problem")
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py" + \
+        (" --heldout" if args.heldout else "")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
@@ -239,7 +239,7 @@ def main(argv=None):
                 table = markdown([row], "", "").splitlines()
                 print("\n".join("  " + l for l in table if l.startswith(f"| {problem.name}")),
                       flush=True)
-                rows = _store(path, row, listed, title)
+                rows = _store(path, row, listed, title, command)
     return 0
 
 

@@ -49,9 +49,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def chains(problem, seed, max_draws):
-    """The stored chains of one correction run to ``max_draws`` draws per chain, the solves
-    at the end of the warm-up and per draw (all chains), and the Laplace fit's solves."""
-    posterior = problem.case().posterior(problem.case().finest)
+    """``(chains, warm-up solves, solves per draw, leapfrog)`` of one correction run to
+    ``max_draws`` draws per chain: the warm-up's solves include the Laplace fit's, a draw's
+    are those of all chains."""
+    case = problem.case()
+    posterior = case.posterior(case.finest)
     gen = torch.Generator().manual_seed(seed)
     laplace = fit_laplace(posterior, generator=gen)
     config = CorrectionConfig(kernel="hmc", max_draws=max_draws, independence=False)
