@@ -44,6 +44,22 @@ def _grid(k, lo=0.2, hi=0.8):
     return [(float(a), float(b)) for b in s for a in s]
 
 
+def _jittered(nx, ny, seed, lo=0.15, hi=0.85):
+    """An ``nx`` by ``ny`` grid of points in [lo, hi]^2, each moved by up to a quarter spacing."""
+    rng = np.random.default_rng(seed)
+    xs, ys = np.linspace(lo, hi, nx), np.linspace(lo, hi, ny)
+    dx, dy = (hi - lo) / (4 * (nx - 1)), (hi - lo) / (4 * (ny - 1))
+    return [[float(a + rng.uniform(-dx, dx)), float(b + rng.uniform(-dy, dy))]
+            for b in ys for a in xs]
+
+
+def _shifted(config, amplitude=0.2):
+    """``config`` with its prior mean moved to ``amplitude * phi_a``: the prior then favours
+    one sign of t, and the two modes get unequal masses."""
+    config["prior"]["mean"] = f"{amplitude} * sin(pi*x) * sin(2*pi*y)"
+    return config
+
+
 def _base(name, finest, prior, forward, observations, data, noise, **extra):
     return {"name": name, "domain": {"bounds": [0, 1, 0, 1], "units": "1"},
             "levels": {"finest": finest, **extra.pop("levels", {})}, "prior": prior,
@@ -174,6 +190,42 @@ def heldout():
                       {"points": wells},
                       {"synthetic": {"truth": "prior", "seed": 8}}, 0.02),
                 str(REFERENCES / "heldout-iid-16-wells.nc")),
+        Problem("heldout-unequal-a-sharp", "quadratic, 16x16, phi_a, noise 0.05 y, prior mean "
+                "0.2 phi_a: two sharp modes of unequal mass (88 % at t > 0)",
+                _shifted(_quadratic("heldout-unequal-a-sharp", 4, PHI_A, 0.05, 0.2)),
+                "exact", True),
+        Problem("heldout-unequal-b-paper", "quadratic, 32x32, phi_b, noise 0.3 y, prior mean "
+                "0.2 phi_a: two overlapping modes of unequal mass (39 % at t > 0)",
+                _shifted(_quadratic("heldout-unequal-b-paper", 5, PHI_B, 0.3, 0.3)),
+                "exact", True),
+        Problem("heldout-contrast-16", "elliptic, 16x16 Matern prior (std 2, correlation "
+                "0.15): strong contrasts, u = 1 on the left and 0 on the right, 20 heads on a "
+                "jittered grid, noise 0.01",
+                _base("heldout-contrast-16", 4,
+                      {"kind": "matern", "std": 2.0, "correlation_length": 0.15},
+                      {"kind": "elliptic", "source": 0.0,
+                       "dirichlet": {"left": 1.0, "right": 0.0}},
+                      {"points": _jittered(5, 4, seed=9)},
+                      {"synthetic": {"truth": "prior", "seed": 9}}, 0.01),
+                str(REFERENCES / "heldout-contrast-16.nc")),
+        Problem("heldout-tiny-4", "elliptic, 4x4 iid prior, a uniform source, u = 0 on the "
+                "boundary, four heads, noise 0.01 (the smallest lattice: two stages)",
+                _base("heldout-tiny-4", 2, {"kind": "iid", "std": 1.0},
+                      {"kind": "elliptic", "source": 1.0, "dirichlet": {"all": 0.0}},
+                      {"points": [[0.3, 0.3], [0.7, 0.3], [0.3, 0.7], [0.7, 0.7]]},
+                      {"synthetic": {"truth": "prior", "seed": 10}}, 0.01,
+                      levels={"min_cells": 16}),
+                str(REFERENCES / "heldout-tiny-4.nc")),
+        Problem("heldout-precise-8", "elliptic, 8x8 Matern prior (std 1, correlation 0.3), "
+                "a uniform source, u = 0 on the boundary, 25 heads, noise 0.001 (very precise "
+                "data: a thin curved ridge)",
+                _base("heldout-precise-8", 3,
+                      {"kind": "matern", "std": 1.0, "correlation_length": 0.3},
+                      {"kind": "elliptic", "source": 1.0, "dirichlet": {"all": 0.0}},
+                      {"points": _grid(5, 0.15, 0.85)},
+                      {"synthetic": {"truth": "prior", "seed": 11}}, 0.001,
+                      levels={"min_cells": 16}),
+                str(REFERENCES / "heldout-precise-8.nc")),
         Problem("heldout-aquifer", "elliptic, 32x32 on a 2 km x 1 km aquifer, Matern prior "
                 "(mean 4.6, std 0.7, correlation 400 m), river and canal heads, recharge, "
                 "nine wells read from a CSV, noise 0.05 m (cases/aquifer.yaml without its "
