@@ -345,7 +345,8 @@ def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=Non
     from geoinvert.samplers.chains import NonFiniteStart
     config = correction_config(case.config)
     if not config.enabled:
-        return fit
+        return dataclasses.replace(fit, psis=_psis_estimates(fit.x, fit.log_target,
+                                                             fit.log_prob))
     own = approximation if approximation is not None else FlowTransport(fit.model)
     modes, transport = (), None if approximation is None else approximation
     use_modes = config.independence and config.modes
@@ -831,11 +832,28 @@ def _to_fields(fit, forward):
         diagnostics={**fit.diagnostics, "latent": "learned prior"})
 
 
+def _with_shift(fit):
+    """``fit`` with the distance of its draws from their importance-weighted estimates in its
+    diagnostics (:func:`~geoinvert.diagnostics.importance_shift`), when no chains ran and the
+    weights are usable (PSIS k-hat below 0.7)."""
+    from geoinvert.diagnostics import KHAT_USABLE, importance_shift
+    d = fit.diagnostics
+    if "rhat" in d or not d.get("psis_khat", math.inf) < KHAT_USABLE or fit.log_target is None:
+        return fit
+    mean, std, noise = importance_shift(fit.x, np.asarray(fit.log_target, float)
+                                        - np.asarray(fit.log_prob, float))
+    if not np.isfinite(mean):
+        return fit
+    return dataclasses.replace(fit, diagnostics={**d, "psis_mean_shift": mean,
+                                                 "psis_std_shift": std, "psis_shift_noise": noise})
+
+
 def _finish(case, fit, seed, lay, path, start_time, kind):
     """The verdict, the result Dataset, the saved model and figures of a fit; rank 0 writes."""
     from geoinvert.case import MCMC_KINDS
     fit = _without_failed_draws(fit)
     from geoinvert.diagnostics import verdict
+    fit = _with_shift(fit)
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
     warnings = verdict(fit.diagnostics, raise_draws="sampler.draws" if kind in MCMC_KINDS
@@ -1138,8 +1156,11 @@ def summary_lines(ds):
         word = fit_word(get("psis_khat"), get("is_ess") * drawn)
         after = "; the corrected draws do not depend on it, only their cost does" \
             if correction and word != "good" else ""
+        shift = f"; draws {get('psis_mean_shift'):.2f} std and " \
+            f"{100 * get('psis_std_shift'):.0f} % from their weighted mean and std" \
+            if np.isfinite(get("psis_mean_shift")) else ""
         lines.append(f"{what}: {word} (PSIS k-hat {get('psis_khat'):.2f},"
-                     f" importance ESS {100 * get('is_ess'):.1f} %){after}")
+                     f" importance ESS {100 * get('is_ess'):.1f} %{shift}){after}")
     if "diagnostics_laplace_rank" in a:
         lines.append(f"Laplace: MAP found to a gradient norm {get('laplace_map_gradient'):.1e} "
                      f"(prior-whitened); Gauss-Newton Hessian of rank {int(get('laplace_rank'))}; "

@@ -13,6 +13,7 @@ __all__ = [
     "importance_ess_fraction",
     "gpd_fit",
     "psis_khat",
+    "importance_shift",
     "kl_divergence",
     "jeffreys_divergence",
     "mode_fraction",
@@ -69,6 +70,43 @@ def importance_ess_fraction(log_weights):
     """Normalised ESS ``importance_ess(lw) / n`` in ``[1/n, 1]``."""
     lw = _log_weights(log_weights)
     return importance_ess(lw) / lw.size
+
+
+def importance_shift(x, log_weights):
+    r"""How far draws ``x (n, ...)`` of an approximation q lie from the target p they are
+    importance-weighted to: ``(mean_shift, std_shift, noise)``.
+
+    With Pareto-smoothed weights w (:func:`psis_log_weights`), per component j the mean
+    shift is d_j = (mean_q - mean_w) / std_w and the std shift r_j = std_q / std_w - 1;
+    ``mean_shift`` and ``std_shift`` are their RMS over components, in posterior standard
+    deviations. They hold the weighted estimates' own noise as well: even where q = p,
+    mean_q - mean_w = sum (1/n - w_i) x_i has a standard deviation of about
+    ``noise = sqrt(sum w^2 - 1/n)`` posterior std (weights taken as fixed). So a shift below a
+    tolerance vouches for the draws within it; one above it says the draws are off, or that the
+    weights are too few to tell (``noise`` near the tolerance). Meaningful only where the
+    weights are usable (k-hat < 0.7).
+
+    Args:
+        x: ``(n, ...)`` draws of q.
+        log_weights: ``(n,)`` log p - log q (unnormalised); draws with a non-finite weight are
+            left out (at least 25 must remain).
+
+    Returns:
+        ``(mean_shift, std_shift, noise)``; NaNs for fewer than 25 finite weights.
+    """
+    lw = np.asarray(log_weights, float)
+    keep = np.isfinite(lw)
+    if keep.sum() < 25:
+        return math.nan, math.nan, math.nan
+    x = np.asarray(x, float)[keep].reshape(int(keep.sum()), -1)
+    w = np.exp(psis_log_weights(lw[keep])[0])
+    mean_w = w @ x
+    std_w = np.sqrt(w @ (x - mean_w) ** 2)
+    ok = std_w > 0
+    d = (x.mean(0) - mean_w)[ok] / std_w[ok]
+    r = x.std(0)[ok] / std_w[ok] - 1
+    noise = math.sqrt(max(float(np.sum(w ** 2)) - 1.0 / len(w), 0.0))
+    return (math.sqrt(float(np.mean(d ** 2))), math.sqrt(float(np.mean(r ** 2))), noise)
 
 
 def gpd_fit(exceedances, *, prior_weight=10.0):
@@ -440,6 +478,9 @@ KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
 """PSIS k-hat below 0.5: good importance weights; below 0.7: usable; above: unusable."""
 RHAT_MAX, ESS_MIN = 1.01, 100.0
 """Chains are trusted with R-hat at most 1.01 and bulk and tail ESS at least 100."""
+SHIFT_MAX = 0.1
+"""Uncorrected draws (no chains) are trusted when their mean and std are within a tenth of a
+posterior std (RMS over cells) of the importance-weighted estimates (:func:`importance_shift`)."""
 
 
 def further_draws(done, rhat, ess, *, most):
@@ -558,13 +599,15 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     answer (no chains) with k-hat at or above :data:`KHAT_USABLE`, when a Laplace fit found
     other local maxima (``other_modes``), when the correction could not start
     (``correction_unstarted``), when data lie outside the simulations of an amortized posterior
-    (``outside_simulations``) and when draws with a failed forward solve were left out
-    (``failed_draws`` of ``drawn``). Each warning names the key to raise or the sampler to
+    (``outside_simulations``), when draws with a failed forward solve were left out
+    (``failed_draws`` of ``drawn``) and when uncorrected draws with usable weights lie further
+    than :data:`SHIFT_MAX` from their importance-weighted estimates (``psis_mean_shift``,
+    ``psis_std_shift``, ``psis_shift_noise``: :func:`importance_shift`). Each warning names the key to raise or the sampler to
     use.
 
     Args:
         d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``, ``other_modes``,
-            ``correction_unstarted``, ``failed_draws``.
+            ``correction_unstarted``, ``failed_draws``, ``psis_mean_shift``.
         raise_draws: key that sets the number of draws (named in the warnings).
         approximation: ``"flow"``, ``"amortized posterior"`` or ``"Laplace
             approximation"``: what the draws come from when no chains ran (the remedy named
@@ -611,4 +654,14 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
             "or msign")
         out.append(f"PSIS k-hat {d['psis_khat']:.2f} >= {KHAT_USABLE}: the {approximation}'s "
                    f"draws do not represent the posterior and no correction ran; {remedy}")
+    elif max(d.get("psis_mean_shift", math.nan), d.get("psis_std_shift", math.nan)) > SHIFT_MAX:
+        remedy = {"flow": "set sampler.correction.kernel (e.g. hmc)",
+                  "amortized posterior": "infer with --correct"}.get(
+            approximation, "use sampler.kind gpcn (corrected) or msign")
+        out.append(f"the {approximation}'s draws differ from their importance-weighted "
+                   f"estimates (psis_mean, psis_std) by {d['psis_mean_shift']:.2f} posterior "
+                   f"std in the mean and {100 * d['psis_std_shift']:.0f} % in the std (RMS over "
+                   f"cells; the weighted estimates' own error is about "
+                   f"{d['psis_shift_noise']:.2f}): the draws are off by more than "
+                   f"{SHIFT_MAX} std, or too few weights count to tell; {remedy}")
     return out

@@ -234,6 +234,54 @@ def test_psis_weights_sum_to_one_keep_the_order_and_cap_the_tail():
     assert k_equal == -math.inf
 
 
+def _gaussian_weights(shift, scale, n=4000, dim=8, seed=0):
+    """Draws of q = N(shift, scale^2 I) in ``dim`` dimensions and their log weights
+    against p = N(0, I)."""
+    x = shift + scale * np.random.default_rng(seed).standard_normal((n, dim))
+    log_w = stats.norm.logpdf(x).sum(1) - stats.norm.logpdf(x, shift, scale).sum(1)
+    return x, log_w
+
+
+def test_importance_shift_is_zero_for_equal_weights_and_nan_for_too_few():
+    x = np.random.default_rng(1).standard_normal((100, 3, 3))
+    np.testing.assert_allclose(dg.importance_shift(x, np.zeros(100)), 0.0, atol=1e-7)
+    log_w = np.full(100, -np.inf)
+    log_w[:24] = 0.0
+    assert all(math.isnan(v) for v in dg.importance_shift(x, log_w))
+
+
+@pytest.mark.parametrize("shift, scale", [(0.3, 1.0), (0.0, 1.3), (0.0, 1.0)])
+def test_importance_shift_measures_a_shifted_or_widened_approximation(shift, scale):
+    # q = N(shift, scale^2) weighted to p = N(0, 1): the draws' mean is off by `shift` std and
+    # their std by `scale - 1`; the weighted estimates' error is the returned noise, here
+    # under 0.03 (the importance ESS is above half the 4000 draws), and the shifts measure
+    # the truth within three of it. With q = p the weights are equal and both shifts are 0.
+    x, log_w = _gaussian_weights(shift, scale)
+    mean, std, noise = dg.importance_shift(x, log_w)
+    assert noise < 0.03
+    assert noise == pytest.approx(math.sqrt(max(1 / dg.importance_ess(
+        dg.psis_log_weights(log_w)[0]) - 1 / 4000, 0.0)), abs=1e-6)
+    assert abs(mean - shift) < 3 * noise + 0.02 and abs(std - (scale - 1)) < 3 * noise + 0.02
+
+
+@pytest.mark.parametrize("d, expected", [
+    ({"psis_khat": 0.6, "psis_mean_shift": 0.15, "psis_std_shift": 0.05,
+      "psis_shift_noise": 0.08}, ["0.15 posterior std", "5 %", "about 0.08",
+                                  "sampler.correction.kernel"]),
+    ({"psis_khat": 0.6, "psis_mean_shift": 0.05, "psis_std_shift": 0.12,
+      "psis_shift_noise": 0.03}, ["12 %"]),
+    ({"psis_khat": 0.6, "psis_mean_shift": 0.05, "psis_std_shift": 0.05,
+      "psis_shift_noise": 0.03}, []),
+])
+def test_verdict_flags_uncorrected_draws_off_their_weighted_estimates(d, expected):
+    lines = dg.verdict(d)
+    assert len(lines) == bool(expected)
+    for part in expected:
+        assert part in lines[0]
+    laplace = dg.verdict(d, approximation="Laplace approximation")
+    assert not expected or "sampler.kind gpcn" in laplace[0]
+
+
 @pytest.mark.parametrize("d, expected", [
     ({"rhat": 1.005, "ess": 400.0, "ess_tail": 300.0}, []),
     ({"rhat": 1.2, "ess": 400.0, "ess_tail": 300.0}, ["R-hat 1.200"]),

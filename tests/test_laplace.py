@@ -270,6 +270,27 @@ def test_laplace_kind_writes_its_draws_with_an_importance_check(tmp_path):
         assert any(line.startswith("Laplace fit: good") for line in lines) and not warnings
 
 
+def test_laplace_kind_flags_draws_off_their_weighted_estimates(tmp_path):
+    # 4x4 log-conductivities, four heads with noise 0.01: the Laplace has k-hat 0.61
+    # (usable weights) but its mean is off by 0.13 posterior std against a long HMC run;
+    # its draws lie 0.15 std (mean) and 12 % (std) from their weighted estimates, whose own
+    # error is about 0.08. The verdict must say so rather than "ok".
+    from geoinvert.app import run, summary_lines
+    config = {"domain": {"bounds": [0, 1, 0, 1], "units": "1"},
+              "levels": {"finest": 2, "min_cells": 16}, "prior": {"kind": "iid", "std": 1.0},
+              "forward": {"kind": "elliptic", "source": 1.0, "dirichlet": {"all": 0.0}},
+              "observations": {"points": [[0.3, 0.3], [0.7, 0.3], [0.3, 0.7], [0.7, 0.7]]},
+              "data": {"synthetic": {"truth": "prior", "seed": 10}}, "noise": {"std": 0.01},
+              "sampler": {"kind": "laplace"}, "output": {"samples": 2000, "figures": False}}
+    result = run(config, out=tmp_path / "tiny.nc", progress=False)
+    a = result.dataset.attrs
+    assert 0.5 < a["diagnostics_psis_khat"] < 0.7
+    assert a["diagnostics_psis_mean_shift"] > 0.1 > a["diagnostics_psis_shift_noise"]
+    assert a["verdict"].startswith("the Laplace approximation's draws differ from")
+    lines, warnings = summary_lines(result.dataset)
+    assert any("from their weighted mean and std" in line for line in lines) and warnings
+
+
 def test_gpcn_kind_keeps_the_laplace_draws_beside_its_chains(tmp_path):
     from geoinvert.app import run
     config = {**SMALL, "sampler": {"kind": "gpcn", "chains": 3, "warmup": 20, "draws": 30,
