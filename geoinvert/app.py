@@ -503,6 +503,17 @@ def _check_starts(target, starts, ens):
         raise NonFiniteStart(range(total))
 
 
+def _correction_limit(config, res, budget):
+    """The key whose limit stopped the correction's chains: ``sampler.budget``,
+    ``sampler.correction.max_draws``, or ``sampler.correction.draws`` (they stopped by
+    themselves, or ran one block)."""
+    if budget:
+        return "sampler.budget"
+    if res.chains.samples.shape[1] >= max(config.max_draws, config.draws):
+        return "sampler.correction.max_draws"
+    return "sampler.correction.draws"
+
+
 def _thinned(flat_size, samples):
     """Indices of ``samples`` draws spread evenly over ``flat_size`` pooled draws."""
     return np.unique(np.linspace(0, flat_size - 1, min(samples, flat_size)).astype(int))
@@ -554,6 +565,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     maps = len(transport.modes) if isinstance(transport, ModeCoordinates) else 1
     outputs = case.config["output"]["samples"]
 
+    stopped = {}
+
     def extend(samples, log_target, nfs):
         """Draws per chain to add: those R-hat and ESS extrapolate to need, as many as the
         budget leaves; 0 when converged (the same answer on all ranks)."""
@@ -566,6 +579,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         if budget and more:
             per_draw = config.chains * thin * config.solves_per_iteration(modes=maps)
             left = budget - fit.nfs - ens.sum(nfs)[0] - outputs
+            stopped["budget"] = more > max(int(left // per_draw), 0)
             more = min(more, max(int(left // per_draw), 0))
         return more
 
@@ -603,6 +617,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             else math.nan,
             "correction_nfs": int(nfs) + len(keep), "correction_failed_solves": int(failed),
             "correction_mode_coordinates": maps,
+            "correction_limit": _correction_limit(config, res, stopped.get("budget", False)),
+            "leapfrog_wanted": res.leapfrog_wanted or math.nan,
             "correction_region_exits": int(ens.sum(res.exits)[0]),
             "independence_moves": res.independence_moves})
     else:
@@ -857,7 +873,7 @@ def _finish(case, fit, seed, lay, path, start_time, kind):
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
     warnings = verdict(fit.diagnostics, raise_draws="sampler.draws" if kind in MCMC_KINDS
-                       else "sampler.correction.draws",
+                       else fit.diagnostics.get("correction_limit", "sampler.correction.draws"),
                        approximation={"laplace": "Laplace approximation",
                                       "amortized": "amortized posterior"}.get(kind, "flow"))
     attrs["verdict"] = " | ".join(warnings) if warnings else "ok"

@@ -640,8 +640,12 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     rhat = d.get("rhat", math.nan)
     if rhat is not None and np.isfinite(rhat):
         if rhat > RHAT_MAX:
+            cut = d.get("leapfrog_wanted", math.nan)
+            cut = (f"; the HMC transitions were cut at {d['leapfrog']:.0f} leapfrog steps of "
+                   f"the {cut:.0f} a quarter period takes: raise sampler.correction.leapfrog "
+                   "too") if np.isfinite(cut) and "leapfrog" in d else ""
             out.append(f"R-hat {rhat:.3f} > {RHAT_MAX}: the chains disagree, so the result is "
-                       f"not yet the posterior; raise {raise_draws} and the warm-up")
+                       f"not yet the posterior; raise {raise_draws} and the warm-up{cut}")
         ess = min(d.get("ess", math.inf), d.get("ess_tail", math.inf))
         if np.isfinite(ess) and ess < ESS_MIN:
             out.append(f"effective sample size {ess:.0f} < {ESS_MIN:.0f}: means and "

@@ -289,6 +289,26 @@ def test_summary_names_the_per_mode_coordinates_and_moves():
     assert "(flow + Laplace at 1 mode) accepted" in lines[1]
 
 
+def test_the_verdict_names_the_limit_that_stopped_the_correction():
+    """Chains cut by the budget name sampler.budget; chains at max_draws name it (raising
+    `draws` alone would not lengthen them); chains that stopped by themselves name `draws`."""
+    import types
+    import numpy as np
+    from geoinvert.app import _correction_limit
+    from geoinvert.diagnostics import verdict
+    from geoinvert.inference.config import CorrectionConfig
+    config = CorrectionConfig(draws=250, max_draws=1000)
+    def ran(draws):
+        return types.SimpleNamespace(chains=types.SimpleNamespace(
+            samples=np.zeros((8, draws, 2, 2))))
+    assert _correction_limit(config, ran(1000), False) == "sampler.correction.max_draws"
+    assert _correction_limit(config, ran(600), False) == "sampler.correction.draws"
+    assert _correction_limit(config, ran(600), True) == "sampler.budget"
+    d = {"rhat": 1.05, "ess": 500.0, "ess_tail": 500.0}
+    assert "raise sampler.correction.max_draws and the warm-up" in verdict(
+        d, raise_draws=_correction_limit(config, ran(1000), False))[0]
+
+
 @pytest.mark.slow
 def test_a_budget_holds_with_the_correction_and_the_mode_search(tmp_path):
     """Training gets what the budget leaves after the reservation; the mode search's actual

@@ -290,6 +290,10 @@ def test_verdict_flags_uncorrected_draws_off_their_weighted_estimates(d, expecte
     ({"psis_khat": 0.9}, ["PSIS k-hat 0.90", "sampler.correction.kernel"]),
     ({"psis_khat": 0.3}, []),
     ({"psis_khat": 4.0, "rhat": 1.0, "ess": 500.0, "ess_tail": 500.0}, []),
+    ({"rhat": 1.05, "ess": 500.0, "ess_tail": 500.0, "leapfrog": 32, "leapfrog_wanted": 44},
+     ["R-hat 1.050", "cut at 32 leapfrog steps of the 44", "sampler.correction.leapfrog"]),
+    ({"rhat": 1.05, "ess": 500.0, "ess_tail": 500.0, "leapfrog": 12,
+      "leapfrog_wanted": math.nan}, ["R-hat 1.050"]),
 ])
 def test_verdict_warns_and_names_the_key(d, expected):
     from geoinvert.diagnostics import verdict
@@ -300,6 +304,8 @@ def test_verdict_warns_and_names_the_key(d, expected):
         assert part in text
     if "rhat" in d and lines:
         assert "sampler.correction.draws" in text
+    if "leapfrog" in d and not np.isfinite(d["leapfrog_wanted"]):
+        assert "sampler.correction.leapfrog" not in text
 
 
 def test_fit_words():

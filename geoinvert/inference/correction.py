@@ -456,6 +456,8 @@ class CorrectionResult:
         exits: local proposals rejected for leaving their chain's mode region (with
             :class:`ModeCoordinates`; else 0).
         independence_moves: independence moves per local move after warm-up.
+        leapfrog_wanted: HMC leapfrog steps a quarter period takes at the final step, pi / (2
+            step), when ``config.leapfrog`` cut the transitions shorter (else None).
     """
 
     chains: ChainResult
@@ -466,6 +468,7 @@ class CorrectionResult:
     leapfrog: int = None
     exits: int = 0
     independence_moves: int = 1
+    leapfrog_wanted: int = None
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -588,9 +591,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                          time.perf_counter() - begin, method, config.warmup)
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
+    wanted = math.ceil(_TRAJECTORY / step) if kind == "hmc" else 0
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
                             state.n_leapfrog if kind == "hmc" else None, target.exits,
-                            moves())
+                            moves(), wanted if wanted > config.leapfrog else None)
 
 
 def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
