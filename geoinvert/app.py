@@ -575,7 +575,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
                          ens.gather(torch.from_numpy(log_target)).numpy())
         bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
         more = further_draws(samples.shape[1], d["rhat"], min(d["ess"], d["ess_tail"]),
-                             most=config.draws)
+                             most=max(config.max_draws, config.draws))
         if budget and more:
             per_draw = config.chains * thin * config.solves_per_iteration(modes=maps)
             left = budget - fit.nfs - ens.sum(nfs)[0] - outputs

@@ -365,6 +365,32 @@ def test_extend_sets_the_length_of_each_further_block(linear):
     assert res.chains.samples.shape[1] == 30
 
 
+def test_chains_too_slow_for_max_draws_turn_their_first_block_into_warm_up(linear):
+    """When, after the first block, ``extend`` asks for more draws than ``max_draws`` leaves
+    (the chains would not converge within it), the block becomes a further metric window
+    followed by a step phase, its draws are dropped, and the chains start again; at most
+    twice. The kept draws and the reported warm-up say so."""
+    posterior, _ = linear
+    model = perturbed_flow(posterior.prior, scale=0.0)
+    starts = torch.zeros(2, 8, 8, dtype=F64) + 0.1
+    config = CorrectionConfig(kernel="mala", chains=2, warmup=10, draws=20, max_draws=30,
+                              independence=False)
+    asked = []
+
+    def extend(samples, log_prob, nfs):
+        asked.append(samples.shape[1])
+        return 500
+
+    res = correct(posterior, FlowTransport(model), starts, config, generator=gen(5),
+                  extend=extend)
+    assert asked == [20, 20, 20]                  # two re-adaptations, then the last block
+    assert res.chains.samples.shape[:2] == (2, 30)
+    assert res.chains.warmup == 10 + 2 * (20 + 1)    # each: the block and a step phase
+    # one solve per chain: its start, every iteration (warm-up, the two dropped blocks and
+    # step phases, the kept draws) and the re-evaluation at each new metric
+    assert res.chains.nfs == 2 * (1 + 10 + 2 * (20 + 1) + 30 + 2)
+
+
 def test_flow_transport_density_is_the_flow_density():
     """FlowTransport draws carry log q_T, and its log_prob (by inversion) agrees with them and
     with the model's own density."""

@@ -15,6 +15,10 @@ During warm-up a further linear map z = S u is learnt (Stan's windowed adaptatio
 or dense when the window holds at least ``4 d`` draws), so that the chains stay efficient
 where the flow is poor (an undertrained flow leaves pi_T far from N(0, I)). The step size is
 adapted by dual averaging (pCN: Robbins-Monro on beta) and both are frozen after warm-up.
+When, after the first block of draws, R-hat and ESS extrapolate to more draws than
+``max_draws`` allows, the warm-up had too few draws for the metric (Stan doubles its windows
+for the same reason): the block becomes one more metric window, followed by a step phase, and
+its draws are dropped (at most twice; not under a solve budget).
 An HMC transition integrates for a quarter period, pi / 2, of the metric-whitened posterior
 (for a unit Gaussian the end point is then independent of the start): pi / (2 eps) leapfrog
 steps, capped by ``leapfrog``, updated with eps during warm-up and frozen with it.
@@ -62,6 +66,8 @@ _TARGET_ACCEPT = {"hmc": 0.8, "mala": 0.574, "pcn": 0.25}
 _INITIAL_STEP = {"hmc": 0.3, "mala": 0.5, "pcn": 0.5}
 _SHRINK = 5.0          # Stan's regularisation of the estimated metric: n / (n + 5) S + ...
 _DENSE_DRAWS = 4       # dense metric when the window holds at least 4 d draws
+_READAPTATIONS = 2     # most first blocks turned into further warm-up windows
+_STEP_PHASE = 0.15     # step-only adaptation after a metric update, as a fraction of the warm-up
 _TRAJECTORY = math.pi / 2   # HMC integration time: a quarter period of a unit Gaussian, after
 #                           which its position is independent of where it started
 
@@ -496,7 +502,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             asked after the first ``config.draws`` draws and after every further block: the
             draws per chain to add before it is asked again (0: stop; blocks are at most
             ``config.draws`` long). Without it, or when it answers 0, or at
-            ``config.max_draws`` draws per chain, the chains stop.
+            ``config.max_draws`` draws per chain, the chains stop. When its answer after the
+            first block exceeds what ``config.max_draws`` leaves, that block is taken as a
+            further warm-up window instead (see the module's docstring).
         max_solves: solves the correction may use (a budget's share): HMC trajectories are
             shortened (down to one leapfrog step) so that the warm-up and the first block of
             draws fit in it.
@@ -561,6 +569,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     blocks, done, size = [], 0, config.draws
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
     most = max(config.max_draws, config.draws)
+    warmup, readapted, window = config.warmup, 0, []
     while True:
         size = max(1, min(size, config.draws, most - done))
         x = np.empty((chains, size, *state.x.shape[1:]))
@@ -573,9 +582,11 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                 x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
                 flow_log_prob[:, j] = density(state.z, state.value, state.log_prob,
                                               state.x).numpy()
+            if done == 0 and gradient:
+                window.append(target.latent(state.z).clone())
             if callback:
-                callback(config.warmup + done * thin + i + 1,
-                         config.warmup + (done + size) * thin, float(a.mean()))
+                callback(warmup + done * thin + i + 1,
+                         warmup + (done + size) * thin, float(a.mean()))
         blocks.append((x, log_prob, flow_log_prob))
         done += size
         if done >= most or extend is None:
@@ -584,11 +595,30 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs))
         if size <= 0:
             break
+        if (len(blocks) == 1 and done + size > most and readapted < _READAPTATIONS
+                and window and max_solves is None):
+            # at this rate the chains would not converge within max_draws: the adaptation
+            # had too few draws (Stan's windows double for the same reason). The block
+            # becomes a further warm-up window; its draws are dropped.
+            metric = _rescale(state, torch.cat(window), kind)
+            adapter = _adapter(kind, step)
+            for _ in range(max(1, int(_STEP_PHASE * config.warmup))):
+                adapter.update(float(_iterate(state, adapter.value, generator, config,
+                                              gradient, mixture, moves())[0].mean()))
+            step = adapter.final()
+            if kind == "hmc":
+                state.n_leapfrog = _leapfrog(step, config)
+            warmup += done * thin + max(1, int(_STEP_PHASE * config.warmup))
+            logger.info("the correction's chains would need more than max_draws = %d draws "
+                        "after %d warm-up iterations (R-hat and ESS extrapolated): their "
+                        "draws so far became a further warm-up window", most, warmup)
+            blocks, done, size, window, readapted = [], 0, config.draws, [], readapted + 1
+            local, independent = torch.zeros_like(local), torch.zeros_like(independent)
     x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
     iterations = done * thin
     method = f"{getattr(transport, 'method', 'neutra')}-{kind}"
     result = ChainResult(x, log_prob, (local / iterations).numpy(), target.nfs, step,
-                         time.perf_counter() - begin, method, config.warmup)
+                         time.perf_counter() - begin, method, warmup)
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
     wanted = math.ceil(_TRAJECTORY / step) if kind == "hmc" else 0
