@@ -602,8 +602,9 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     (``outside_simulations``), when draws with a failed forward solve were left out
     (``failed_draws`` of ``drawn``) and when uncorrected draws with usable weights lie further
     than :data:`SHIFT_MAX` from their importance-weighted estimates (``psis_mean_shift``,
-    ``psis_std_shift``, ``psis_shift_noise``: :func:`importance_shift`). Each warning names the key to raise or the sampler to
-    use.
+    ``psis_std_shift``, ``psis_shift_noise``: :func:`importance_shift`). Each warning names
+    the key to raise or the sampler to use; a correction's R-hat warning also names
+    ``sampler.correction.leapfrog`` when its cap cut the transitions (``leapfrog_wanted``).
 
     Args:
         d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``, ``other_modes``,
