@@ -226,6 +226,20 @@ def heldout():
                       {"synthetic": {"truth": "prior", "seed": 11}}, 0.001,
                       levels={"min_cells": 16}),
                 str(REFERENCES / "heldout-precise-8.nc")),
+        Problem("heldout-hard-16", "elliptic, 16x16 Matern prior (std 1, correlation 0.25), "
+                "u = 1 on the left and 0 on the right, a uniform source, heads at eight wells "
+                "and the log-coefficient measured at four of them (hard data, noise 0.01), "
+                "heads noise 0.01",
+                _base("heldout-hard-16", 4,
+                      {"kind": "matern", "std": 1.0, "correlation_length": 0.25},
+                      {"kind": "elliptic", "source": 0.5,
+                       "dirichlet": {"left": 1.0, "right": 0.0}},
+                      {"points": [[0.2, 0.25], [0.5, 0.2], [0.8, 0.3], [0.3, 0.55],
+                                  [0.65, 0.5], [0.15, 0.8], [0.5, 0.85], [0.85, 0.75]],
+                       "hard_data": {"points": [[0.2, 0.25], [0.8, 0.3], [0.65, 0.5],
+                                                [0.5, 0.85]]}},
+                      {"synthetic": {"truth": "prior", "seed": 12}}, 0.01),
+                str(REFERENCES / "heldout-hard-16.nc")),
         Problem("heldout-aquifer", "elliptic, 32x32 on a 2 km x 1 km aquifer, Matern prior "
                 "(mean 4.6, std 0.7, correlation 400 m), river and canal heads, recharge, "
                 "nine wells read from a CSV, noise 0.05 m (cases/aquifer.yaml without its "
