@@ -96,6 +96,22 @@ def test_corrected_run_shares_its_chains_over_the_ranks():
     assert 12 < correction <= c.solves() + 12
 
 
+def test_correction_readapts_in_step_on_every_rank():
+    """Chains too slow for max_draws turn their first block into warm-up on every rank at once
+    (the decision comes from the gathered chains): 4 chains of 10 draws cannot reach ESS
+    400, so both re-adaptations happen, and the run ends with every chain gathered."""
+    correction = {**SMALL["sampler"]["correction"], "draws": 10, "max_draws": 12}
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "correction": correction},
+              "output": {"samples": 12, "figures": False}}
+    ds = run(load_case(config), out=shared_tmp() / "readapt.nc", progress=False,
+             comm=WORLD).dataset
+    warmup = correction["warmup"]
+    assert ds.attrs["diagnostics_warmup"] == warmup + 2 * (10 + int(0.15 * warmup))
+    assert ds.attrs["diagnostics_draws"] == 12
+    assert sorted(set(ds["chain"].values.tolist())) == list(range(correction["chains"]))
+    assert ds.attrs["diagnostics_correction_limit"] == "sampler.correction.max_draws"
+
+
 def test_layout_groups():
     if WORLD.size == 1:
         assert layout(WORLD, 1) == layout(None, 1) and layout(WORLD).root
