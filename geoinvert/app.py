@@ -867,9 +867,8 @@ def _with_shift(fit):
 def _finish(case, fit, seed, lay, path, start_time, kind):
     """The verdict, the result Dataset, the saved model and figures of a fit; rank 0 writes."""
     from geoinvert.case import MCMC_KINDS
-    fit = _without_failed_draws(fit)
     from geoinvert.diagnostics import verdict
-    fit = _with_shift(fit)
+    fit = _with_shift(_without_failed_draws(fit))
     attrs = _attrs(case, seed, fit.nfs, time.perf_counter() - start_time, fit.diagnostics,
                    lay.size, fit.resumed)
     warnings = verdict(fit.diagnostics, raise_draws="sampler.draws" if kind in MCMC_KINDS

@@ -404,7 +404,12 @@ def _leapfrog(step, config, cap=None):
     """Leapfrog steps integrating for :data:`_TRAJECTORY` at ``step``, at most
     ``config.leapfrog`` (and ``cap``)."""
     most = config.leapfrog if cap is None else min(config.leapfrog, cap)
-    return int(min(most, max(1, math.ceil(_TRAJECTORY / step))))
+    return int(min(most, _quarter_period(step)))
+
+
+def _quarter_period(step):
+    """Leapfrog steps of size ``step`` that integrate for :data:`_TRAJECTORY`."""
+    return max(1, math.ceil(_TRAJECTORY / step))
 
 
 def _new_state(kind, target, x, config):
@@ -570,6 +575,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
     most = max(config.max_draws, config.draws)
     warmup, readapted, window = config.warmup, 0, []
+    phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
+    readapt = gradient and max_solves is None            # re-adaptation possible at all
     while True:
         size = max(1, min(size, config.draws, most - done))
         x = np.empty((chains, size, *state.x.shape[1:]))
@@ -582,7 +589,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                 x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
                 flow_log_prob[:, j] = density(state.z, state.value, state.log_prob,
                                               state.x).numpy()
-            if done == 0 and gradient:
+            if done == 0 and readapt and readapted < _READAPTATIONS:
                 window.append(target.latent(state.z).clone())
             if callback:
                 callback(warmup + done * thin + i + 1,
@@ -595,20 +602,19 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs))
         if size <= 0:
             break
-        if (len(blocks) == 1 and done + size > most and readapted < _READAPTATIONS
-                and window and max_solves is None):
+        if len(blocks) == 1 and done + size > most and window:
             # at this rate the chains would not converge within max_draws: the adaptation
             # had too few draws (Stan's windows double for the same reason). The block
             # becomes a further warm-up window; its draws are dropped.
             metric = _rescale(state, torch.cat(window), kind)
             adapter = _adapter(kind, step)
-            for _ in range(max(1, int(_STEP_PHASE * config.warmup))):
+            for _ in range(phase):
                 adapter.update(float(_iterate(state, adapter.value, generator, config,
                                               gradient, mixture, moves())[0].mean()))
             step = adapter.final()
             if kind == "hmc":
                 state.n_leapfrog = _leapfrog(step, config)
-            warmup += done * thin + max(1, int(_STEP_PHASE * config.warmup))
+            warmup += done * thin + phase
             logger.info("the correction's chains would need more than max_draws = %d draws "
                         "after %d warm-up iterations (R-hat and ESS extrapolated): their "
                         "draws so far became a further warm-up window", most, warmup)
@@ -621,7 +627,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                          time.perf_counter() - begin, method, warmup)
     imh = (independent / iterations).numpy() if config.independence else \
         np.full(chains, np.nan)
-    wanted = math.ceil(_TRAJECTORY / step) if kind == "hmc" else 0
+    wanted = _quarter_period(step) if kind == "hmc" else 0
     return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
                             state.n_leapfrog if kind == "hmc" else None, target.exits,
                             moves(), wanted if wanted > config.leapfrog else None)
