@@ -391,6 +391,34 @@ def test_chains_too_slow_for_max_draws_turn_their_first_block_into_warm_up(linea
     assert res.chains.nfs == 2 * (1 + 10 + 2 * (20 + 1) + 30 + 2)
 
 
+def test_every_hmc_transition_integrates_a_quarter_period_of_the_step_it_uses(linear,
+                                                                             monkeypatch):
+    """In warm-up, in each re-adaptation's step phase (while the step adapts again) and after,
+    an HMC transition takes pi / (2 step) leapfrog steps of the step it is made with (at most
+    ``leapfrog``): a trajectory left at the length of the previous step would integrate for
+    another time than the one the kernel is tuned for."""
+    from geoinvert.inference import correction
+    posterior, _ = linear
+    model = perturbed_flow(posterior.prior, scale=0.0)
+    starts = torch.zeros(2, 8, 8, dtype=F64) + 0.1
+    config = CorrectionConfig(kernel="hmc", chains=2, warmup=20, draws=10, max_draws=15,
+                              leapfrog=64, independence=False)
+    seen, iterate = [], correction._iterate
+
+    def spy(state, step, *args, **kwargs):
+        seen.append((float(step), state.n_leapfrog))
+        return iterate(state, step, *args, **kwargs)
+
+    monkeypatch.setattr(correction, "_iterate", spy)
+    res = correct(posterior, FlowTransport(model), starts, config, generator=gen(5),
+                  extend=lambda *a: 500)
+    assert res.chains.warmup == 20 + 2 * (10 + 3)    # two re-adaptations happened
+    assert len(seen) == 20 + 2 * (10 + 3) + 15
+    assert len({n for _, n in seen}) > 1           # the step did change the trajectory
+    for step, n in seen:
+        assert n == min(64, math.ceil(math.pi / 2 / step))
+
+
 def test_flow_transport_density_is_the_flow_density():
     """FlowTransport draws carry log q_T, and its log_prob (by inversion) agrees with them and
     with the model's own density."""

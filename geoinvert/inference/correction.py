@@ -608,7 +608,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             # becomes a further warm-up window; its draws are dropped.
             metric = _rescale(state, torch.cat(window), kind)
             adapter = _adapter(kind, step)
-            for _ in range(phase):
+            for _ in range(phase):        # the trajectory follows the step, as in warm-up
+                if kind == "hmc":
+                    state.n_leapfrog = _leapfrog(adapter.value, config)
                 adapter.update(float(_iterate(state, adapter.value, generator, config,
                                               gradient, mixture, moves())[0].mean()))
             step = adapter.final()
