@@ -93,7 +93,8 @@ MALFORMED = [
     ("bounds-length", _with(ELLIPTIC, "domain.bounds", [0, 1, 0]), "domain.bounds"),
     ("no-observations", _with(LINEAR, "observations", {"functions": []}), "observations"),
     ("points-for-linear", _with(LINEAR, "observations.points", [[0.5, 0.5]]), "observations.points"),
-    ("quadratic-two-functions", _with(LINEAR, "forward.kind", "quadratic"), "observations.functions"),
+    ("quadratic-points", _with(_with(ELLIPTIC, "forward.kind", "quadratic"), "observations.functions",
+                               []), "observations.points"),
     ("names-length", _with(LINEAR, "observations.names", ["a"]), "observations.names"),
     ("bad-quantile", _with(LINEAR, "output.quantiles", [0.5, 1.5]), "output.quantiles"),
     ("bad-objective", _with(LINEAR, "sampler.objective", "jefreys"), "sampler.objective"),
@@ -239,6 +240,19 @@ def test_builders_shapes():
     x = case.prior().sample(3, 2)
     assert case.forward(2)(x).shape == (3, 2)
     assert case.posterior(2).log_prob(x).shape == (3,)
+
+
+def test_a_quadratic_case_observes_the_square_of_each_function():
+    """``forward.kind: quadratic`` with two measurement functions observes
+    y_k = (int phi_k x)^2 for each, on every level."""
+    import torch
+    case = load_case(_with(LINEAR, "forward.kind", "quadratic"))
+    x = case.prior().sample(3, 3)
+    forward = case.forward(3)
+    t = torch.as_tensor(x, dtype=torch.float64).reshape(3, -1) @ torch.as_tensor(forward.matrix).T
+    assert forward.matrix.shape == (2, 64)
+    np.testing.assert_allclose(forward(x).numpy(), t.square().numpy(), rtol=1e-12)
+    assert case.forward(1)(case.prior().sample(2, 1)).shape == (2, 2)
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])

@@ -216,7 +216,7 @@ def _own_forward(case, level, comm):
         return LinearForward(functions, shape, bounds=case.bounds)
     if fw["kind"] == "quadratic":
         from geoinvert.problem.forward.testbeds import QuadraticForward
-        return QuadraticForward(shape, phi=functions[0], bounds=case.bounds)
+        return QuadraticForward(shape, phi=functions, bounds=case.bounds)
     return build_elliptic(case, level, comm, shape)
 
 

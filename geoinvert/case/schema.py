@@ -232,7 +232,7 @@ SCHEMA = (
     Key("prior.boundary", "str", "neumann", "Boundary treatment of the matern Laplacian.",
         "dirichlet", _one_of("neumann", "dirichlet", "periodic")),
     Key("forward.kind", "str", REQUIRED, "Forward model: `elliptic` (-div(exp(x) grad u) = f), "
-        "`linear` (y_k = int phi_k x) or `quadratic` (y = (int phi x)^2).", "elliptic",
+        "`linear` (y_k = int phi_k x) or `quadratic` (y_k = (int phi_k x)^2).", "elliptic",
         _one_of("elliptic", "linear", "quadratic")),
     Key("forward.source", "spec", 1.0, "Source term f (elliptic).",
         "{shape: gaussian, center: [0.5, 0.5], width: 0.1}"),

@@ -12,6 +12,7 @@ __all__ = [
     "QuadraticForward",
     "ExactLinearPosterior",
     "ExactQuadraticPosterior",
+    "ExactQuadraticsPosterior",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,36 +147,45 @@ def paper_phi(x, y):
 
 
 class QuadraticForward(_LatticeFunctionals):
-    """Quadratic forward model ``y = <phi, x>^2`` (MsIGN paper, synthetic problem).
+    """Quadratic forward model ``y_k = <phi_k, x>^2`` (MsIGN paper, synthetic problem).
 
     ``<phi, x> = sum_cells w_cell x_cell`` with ``w_cell = int_cell phi``, so the model is consistent
-    across levels. ``n_obs = 1``.
+    across levels. ``n_obs`` is the number of measurement functions (one in the paper). Each
+    observation is blind to the sign of its ``<phi_k, x>``: with k functions the posterior can
+    have up to 2^k modes.
 
     Args:
         shape: ``(ny, nx)`` of the parameter lattice.
-        phi: ``phi(x, y)`` on numpy arrays; default ``sin(pi x) sin(2 pi y)``.
+        phi: ``phi(x, y)`` on numpy arrays, or a sequence of them; default
+            ``sin(pi x) sin(2 pi y)``.
         bounds: ``(x0, x1, y0, y1)``; default the unit square.
         order: Gauss-Legendre points per cell and direction.
 
     Attributes:
-        functional: ``w``, ndarray ``(ny * nx,)`` with ``y = (w . x)^2``.
+        matrix: ``W``, ndarray ``(n_obs, ny * nx)`` with ``y = (W x)^2`` elementwise.
+        functional: ``w = W[0]`` of a model with one function.
     """
 
     def __init__(self, shape, *, phi=paper_phi, bounds=UNIT_SQUARE, order=6):
-        G = cell_integrals(phi, shape, bounds, order=order).ravel()[None, :]
-        super().__init__(G, shape, bounds, [phi], order)
+        functions = list(phi) if isinstance(phi, (list, tuple)) else [phi]
+        G = np.stack([cell_integrals(f, shape, bounds, order=order).ravel() for f in functions])
+        super().__init__(G, shape, bounds, functions, order)
 
     @property
     def functional(self):
+        if self.matrix.shape[0] != 1:
+            raise ValueError(f"the model has {self.matrix.shape[0]} measurement functions; "
+                             "their functionals are the rows of .matrix")
         return self.matrix[0]
 
     def __call__(self, x):
-        """``y = (w . x)^2``: Tensor ``(num, ny, nx) -> (num, 1)`` in the dtype of ``x``."""
+        """``y = (W x)^2``: Tensor ``(num, ny, nx) -> (num, n_obs)`` in the dtype of ``x``."""
         return self._apply(x).square().to(torch.as_tensor(x).dtype)
 
     def with_shape(self, shape):
         """The same model on another lattice of the same bounds (e.g. a coarser level)."""
-        return QuadraticForward(shape, phi=self.functions[0], bounds=self.bounds, order=self.order)
+        return QuadraticForward(shape, phi=list(self.functions), bounds=self.bounds,
+                                order=self.order)
 
     def at_level(self, level):
         """The same model on the ``2**level x 2**level`` lattice."""
@@ -372,6 +382,83 @@ class ExactQuadraticPosterior:
     def critical_direction(self):
         """Unit vector ``S w / |S w|`` ``(d,)`` along which the two modes are displaced."""
         return self._Sw / np.linalg.norm(self._Sw)
+
+
+class ExactQuadraticsPosterior:
+    """Exact posterior of ``y_k = (w_k . x)^2 + e_k``, k = 1..K, ``x ~ N(m, S)``, when the
+    ``t_k = w_k . x`` are independent under the prior (``w_j^T S w_k = 0``, j != k).
+
+    The likelihood then factorises over the ``t_k``, so the ``t_k | y`` are independent with
+    the 1-D posteriors of :class:`ExactQuadraticPosterior`, and ``x | t`` is the prior
+    conditional: Matheron's rule ``x = x0 + sum_k S w_k (t_k - w_k . x0) / s_k^2`` with
+    ``x0 ~ N(m, S)`` (the K rank-one updates do not interact because the ``S w_k`` are
+    ``S^-1``-orthogonal). The posterior has up to 2^K modes, one per orthant of ``t``.
+
+    Args:
+        prior_mean: ``(d,)``.
+        prior_cov: ``(d, d)`` symmetric positive definite.
+        W: ``(K, d)`` functionals, e.g. ``QuadraticForward.matrix``.
+        data: ``(K,)``.
+        noise: observation std, scalar or ``(K,)``.
+        shape: optional lattice shape; samples are then ``(num, *shape)``.
+
+    Attributes:
+        parts: the K :class:`ExactQuadraticPosterior` of the ``t_k``.
+        log_evidence: ``log p(y)``, the sum of the parts'.
+
+    Raises:
+        ValueError: two directions correlated under the prior (relative covariance above
+            1e-8): the posterior does not factorise.
+    """
+
+    def __init__(self, prior_mean, prior_cov, W, data, noise, *, shape=None):
+        W = np.atleast_2d(np.asarray(W, np.float64))
+        data = np.asarray(data, np.float64).ravel()
+        noise = np.broadcast_to(np.asarray(noise, np.float64), data.shape)
+        cov = np.asarray(prior_cov, np.float64)
+        t_cov = W @ cov @ W.T
+        scale = np.sqrt(np.outer(np.diag(t_cov), np.diag(t_cov)))
+        off = np.abs(t_cov - np.diag(np.diag(t_cov))) / scale
+        if off.max() > 1e-8:
+            raise ValueError(f"the directions are correlated under the prior (largest "
+                             f"correlation {off.max():.3g}): the posterior does not factorise")
+        self.parts = [ExactQuadraticPosterior(prior_mean, cov, w, y, e)
+                      for w, y, e in zip(W, data, noise)]
+        self._prior = self.parts[0]._prior
+        self.W, self.shape = W, None if shape is None else tuple(shape)
+        self.log_evidence = float(sum(p.log_evidence for p in self.parts))
+
+    def orthant_masses(self):
+        """Exact posterior mass ``(2^K,)`` of each orthant of t; orthant ``j`` has ``t_k > 0``
+        where bit k of ``j`` is set."""
+        plus = np.array([p.mode_mass() for p in self.parts])
+        K = len(plus)
+        bits = (np.arange(2 ** K)[:, None] >> np.arange(K)) & 1
+        return np.prod(np.where(bits == 1, plus, 1 - plus), axis=1)
+
+    def sample(self, num, generator=None, *, dtype=torch.float64):
+        """Exact posterior samples ``(num, d)`` or ``(num, *shape)``."""
+        t = torch.stack([p.sample_t(num, generator) for p in self.parts], 1)
+        x = self._prior.sample(num, generator)
+        x0t = x @ torch.as_tensor(self.W).T
+        for k, p in enumerate(self.parts):
+            x = x + ((t[:, k] - x0t[:, k]) / p.t_std**2)[:, None] * torch.as_tensor(p._Sw)
+        return _shaped(x, self.shape, dtype)
+
+    def log_prob(self, x):
+        """Normalised ``log p(x | y) = log rho(x) + sum_k log N(y_k; t_k^2, noise_k^2) -
+        log p(y)``, ``(num,)``."""
+        x, dtype = _flat(x, self._prior.dim)
+        t = x @ torch.as_tensor(self.W).T
+        lik = sum(-0.5 * ((p.y - t[:, k].square()) / p.noise).square() - math.log(p.noise)
+                  - 0.5 * math.log(2.0 * math.pi) for k, p in enumerate(self.parts))
+        return (self._prior.log_prob(x) + lik - self.log_evidence).to(dtype)
+
+    def orthant(self, x):
+        """Orthant index ``(num,)`` of samples ``x (num, ...)`` (bit k set where t_k > 0)."""
+        x, _ = _flat(x, self._prior.dim)
+        t = x.detach() @ torch.as_tensor(self.W).T
+        return ((t > 0).long() << torch.arange(t.shape[1])).sum(1)
 
 
 def _n_panels(length, width, *, cap=2_000_000):
