@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 import geoinvert
-from geoinvert.problem.forward.testbeds import ExactLinearPosterior, ExactQuadraticPosterior
+from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
+                                                ExactQuadraticsPosterior)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -33,6 +34,7 @@ REFERENCES = HERE / "references"
 
 PHI_A = "sin(pi*x) * sin(2*pi*y)"
 PHI_B = {"shape": "gaussian", "center": [0.35, 0.65], "width": 0.2}
+PHI_C = "sin(2*pi*x) * sin(pi*y)"
 
 
 def _bumps(centres, width):
@@ -78,6 +80,15 @@ def _quadratic(name, finest, phi, ratio, correlation_length):
     y = (2 * s_t) ** 2
     config["data"] = {"values": [y]}
     config["noise"] = {"std": ratio * y}
+    return config
+
+
+def _quadratics(name, finest, phis, ratio, correlation_length):
+    """A quadratic problem with one observation per function, each at (2 s_t)^2 with noise
+    ``ratio`` times that (the functions have equal prior std s_t here)."""
+    config = _quadratic(name, finest, phis[0], ratio, correlation_length)
+    config["observations"] = {"functions": list(phis)}
+    config["data"] = {"values": config["data"]["values"] * len(phis)}
     return config
 
 
@@ -240,6 +251,11 @@ def heldout():
                                                 [0.5, 0.85]]}},
                       {"synthetic": {"truth": "prior", "seed": 12}}, 0.01),
                 str(REFERENCES / "heldout-hard-16.nc")),
+        Problem("heldout-four-modes", "quadratic, 16x16, two measurement functions (phi_a "
+                "and sin(2 pi x) sin(pi y), independent under the prior), noise 0.1 y, prior "
+                "mean 0.15 phi_a: four separated modes in two pairs of unequal mass",
+                _shifted(_quadratics("heldout-four-modes", 4, [PHI_A, PHI_C], 0.1, 0.2),
+                         0.15), "exact", True),
         Problem("heldout-aquifer", "elliptic, 32x32 on a 2 km x 1 km aquifer, Matern prior "
                 "(mean 4.6, std 0.7, correlation 400 m), river and canal heads, recharge, "
                 "nine wells read from a CSV, noise 0.05 m (cases/aquifer.yaml without its "
@@ -271,6 +287,7 @@ class Reference:
     samples: np.ndarray = None
     t_stats: dict = None
     about: str = ""
+    orthants: np.ndarray = None     # several data directions: exact mass of each orthant
 
 
 def _t_stats(t):
@@ -301,6 +318,8 @@ def reference(problem):
                              exact=exact, samples=exact.sample(4000, torch.Generator()
                                                                .manual_seed(11)).numpy(),
                              about="exact (Kalman)")
+        if forward.n_obs > 1:
+            return _orthant_reference(mean0, cov, forward.matrix, case, shape)
         w = forward.functional
         exact = ExactQuadraticPosterior(mean0, cov, w, case.data, case.noise, shape=shape)
         t = exact.sample_t(4_000_000, torch.Generator().manual_seed(12)).numpy()
@@ -331,6 +350,22 @@ def reference(problem):
 # -- scores -------------------------------------------------------------------------------------
 
 
+def _orthant_reference(mean0, cov, W, case, shape):
+    """Several quadratic observations independent under the prior: the exact posterior, its
+    moments (conditional moments and 4e6 draws of each t_k) and its orthant masses."""
+    exact = ExactQuadraticsPosterior(mean0, cov, W, case.data, case.noise, shape=shape)
+    mean, var = mean0.copy(), np.diag(cov).copy()
+    for k, part in enumerate(exact.parts):
+        t = part.sample_t(4_000_000, torch.Generator().manual_seed(12 + k)).numpy()
+        sw, s2 = part._Sw, part.t_std ** 2
+        mean += sw * (t.mean() - part.t_mean) / s2
+        var += -sw ** 2 / s2 + sw ** 2 * t.var() / s2 ** 2
+    return Reference(mean.reshape(shape), np.sqrt(var).reshape(shape), exact=exact,
+                     samples=exact.sample(4000, torch.Generator().manual_seed(13)).numpy(),
+                     orthants=exact.orthant_masses(),
+                     about="exact (1-D quadrature per direction, Matheron's rule)")
+
+
 def scores(ref, samples):
     """Per-cell errors of ``samples (N, n, n)`` in reference-std units and, for bimodal
     problems, the 1-D statistics along the data direction against the reference's."""
@@ -339,6 +374,11 @@ def scores(ref, samples):
     out = {"mean_error_rms": float(np.sqrt(np.mean(((x.mean(0) - m) / s) ** 2))),
            "mean_error_max": float(np.max(np.abs(x.mean(0) - m) / s)),
            "std_error_rms": float(np.sqrt(np.mean((x.std(0, ddof=1) / s - 1) ** 2)))}
+    if ref.orthants is not None:
+        got = np.bincount(ref.exact.orthant(torch.as_tensor(x)).numpy(),
+                          minlength=len(ref.orthants)) / len(x)
+        out["orthants"], out["orthants_ref"] = got.tolist(), ref.orthants.tolist()
+        out["orthant_error"] = float(np.abs(got - ref.orthants).max())
     if ref.t_stats is not None:
         t = x @ ref.direction.ravel()
         got = _t_stats(t)
