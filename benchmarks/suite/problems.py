@@ -35,6 +35,7 @@ REFERENCES = HERE / "references"
 PHI_A = "sin(pi*x) * sin(2*pi*y)"
 PHI_B = {"shape": "gaussian", "center": [0.35, 0.65], "width": 0.2}
 PHI_C = "sin(2*pi*x) * sin(pi*y)"
+PHI_D = "sin(2*pi*x) * sin(2*pi*y)"
 
 
 def _bumps(centres, width):
@@ -84,11 +85,13 @@ def _quadratic(name, finest, phi, ratio, correlation_length):
 
 
 def _quadratics(name, finest, phis, ratio, correlation_length):
-    """A quadratic problem with one observation per function, each at (2 s_t)^2 with noise
-    ``ratio`` times that (the functions have equal prior std s_t here)."""
-    config = _quadratic(name, finest, phis[0], ratio, correlation_length)
+    """A quadratic problem with one observation per function, each at (2 s_t)^2 of its own
+    prior std s_t, with noise ``ratio`` times that."""
+    parts = [_quadratic(name, finest, phi, ratio, correlation_length) for phi in phis]
+    config = parts[0]
     config["observations"] = {"functions": list(phis)}
-    config["data"] = {"values": config["data"]["values"] * len(phis)}
+    config["data"] = {"values": [p["data"]["values"][0] for p in parts]}
+    config["noise"] = {"std": [p["noise"]["std"] for p in parts]}
     return config
 
 
@@ -256,6 +259,11 @@ def heldout():
                 "mean 0.15 phi_a: four separated modes in two pairs of unequal mass",
                 _shifted(_quadratics("heldout-four-modes", 4, [PHI_A, PHI_C], 0.1, 0.2),
                          0.15), "exact", True),
+        Problem("heldout-eight-modes", "quadratic, 16x16, three measurement functions "
+                "(phi_a, sin(2 pi x) sin(pi y) and sin(2 pi x) sin(2 pi y), independent under "
+                "the prior), noise 0.1 y, prior mean 0.15 phi_a: eight separated modes",
+                _shifted(_quadratics("heldout-eight-modes", 4, [PHI_A, PHI_C, PHI_D], 0.1,
+                                     0.2), 0.15), "exact", True),
         Problem("heldout-aquifer", "elliptic, 32x32 on a 2 km x 1 km aquifer, Matern prior "
                 "(mean 4.6, std 0.7, correlation 400 m), river and canal heads, recharge, "
                 "nine wells read from a CSV, noise 0.05 m (cases/aquifer.yaml without its "
