@@ -15,7 +15,8 @@ import torch
 
 from geoinvert.diagnostics import mcmc_ess
 from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, ExactQuadraticPosterior,
-                                        LinearForward, QuadraticForward)
+                                                ExactQuadraticsPosterior, LinearForward,
+                                                QuadraticForward, paper_phi)
 from geoinvert.problem.posterior import Posterior
 from geoinvert.priors import MaternPrior
 
@@ -125,6 +126,32 @@ def bimodal_quadratic(level=2, *, y=0.02, noise=0.005, correlation_length=0.3):
     exact = ExactQuadraticPosterior(prior.mean(level).ravel(), prior.covariance(level), w, y,
                                     noise, shape=(n, n))
     return posterior, exact, w
+
+
+def second_phi(x, y):
+    """``sin(2 pi x) sin(pi y)``: odd under x -> 1 - x where the paper's phi is even, so the
+    two directions are independent under a prior invariant under that reflection."""
+    return np.sin(2.0 * np.pi * x) * np.sin(np.pi * y)
+
+
+def four_mode_quadratic(level=2, *, y=0.02, noise=0.005, correlation_length=0.3):
+    """y_k = <w_k, x>^2 + e_k, k = 1, 2 (the paper's phi and :func:`second_phi`) on a
+    ``2**level`` lattice with a symmetric Matern prior: four modes at t = (+-sqrt(y),
+    +-sqrt(y)) of exactly equal mass.
+
+    Returns:
+        ``(posterior, exact, W)``: the :class:`~geoinvert.problem.posterior.Posterior`, its
+        :class:`~geoinvert.problem.forward.testbeds.ExactQuadraticsPosterior` and the
+        functionals ``(2, n * n)``.
+    """
+    prior = MaternPrior(level, correlation_length=correlation_length, std=1.0)
+    n = 2 ** level
+    forward = QuadraticForward((n, n), phi=[paper_phi, second_phi])
+    data, noise = np.array([y, y]), np.array([noise, noise])
+    posterior = Posterior(prior, forward, data, noise, level)
+    exact = ExactQuadraticsPosterior(prior.mean(level).ravel(), prior.covariance(level),
+                                     forward.matrix, data, noise, shape=(n, n))
+    return posterior, exact, forward.matrix
 
 
 def z_scores(chains, reference):

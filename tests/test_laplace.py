@@ -165,6 +165,31 @@ def test_map_searches_report_the_second_mode_of_a_bimodal_posterior():
     assert len(fit.other_modes) >= 1 and fit.other_modes[0] < 1e-6   # symmetric: equal height
 
 
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_the_mode_search_goes_on_until_it_finds_no_new_mode(seed):
+    """Four modes of equal mass (two quadratic observations independent under the prior):
+    eight prior draws miss one of them with probability ~ 4 (3/4)^8 = 0.4 (seeds 4 and 6 here
+    did); the search repeated from as many fresh draws while it keeps finding modes reaches
+    all four, one in each orthant of t, with their Laplace approximations of equal height."""
+    from geoinvert.testing import four_mode_quadratic
+    posterior, exact, _ = four_mode_quadratic()
+    fit = fit_laplace(posterior, all_modes=True, generator=gen(seed))
+    centres = torch.stack([m.whitening.to_x(m.z_map[None])[0] for m in fit.modes])
+    assert sorted(exact.orthant(centres).tolist()) == [0, 1, 2, 3]
+    heights = [m.log_target for m in fit.modes]
+    assert fit.log_target_map == heights[0] == pytest.approx(max(heights), abs=1e-6)
+    assert np.allclose(heights, heights[0], atol=1e-6)
+    assert fit.other_modes == pytest.approx([heights[0] - h for h in heights[1:]])
+
+
+def test_one_mode_costs_one_search():
+    """Where the first eight searches end at one mode, no further search is made."""
+    posterior, _ = _linear()
+    single = fit_laplace(posterior, generator=gen())
+    every = fit_laplace(posterior, all_modes=True, generator=gen())
+    assert len(every.modes) == 1 and every.nfs == single.nfs
+
+
 def test_map_searches_reach_both_modes_of_precise_elliptic_data():
     """cases/elliptic_bimodal.yaml (noise 1e-4, mirror-symmetric): the gradient at a prior
     draw is ~1e8, so a tolerance relative to it stopped the searches ~200 nats below the modes,

@@ -74,6 +74,7 @@ _OVERSAMPLING = 10
 _FIRST_PROBES = 40
 _MAP_ITERATIONS = 500
 _MAP_STARTS = 8        # prior draws
+_MAX_STARTS = 128      # ... at most, while further searches keep finding modes (all_modes)
 _NEWTON_STEPS = 4      # Gauss-Newton refinements of the MAP point at most
 _NEWTON_STEP_TOL = 1e-7   # ... a step below it (in prior std) needs no new Hessian
 _SEPARATION = 3.0      # end points further apart (in Laplace standard deviations) are modes
@@ -359,7 +360,12 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
         generator: ``torch.Generator`` of the probe vectors.
         max_iterations: L-BFGS iterations of each MAP search.
         all_modes: also fit a Laplace approximation at every other mode found
-            (:attr:`LaplaceFit.modes`), not only at the MAP point.
+            (:attr:`LaplaceFit.modes`), not only at the MAP point. When the first
+            :data:`_MAP_STARTS` searches find several modes, the search is repeated from as
+            many fresh prior draws as were used so far (8, 8, 16, 32, ... at most
+            :data:`_MAX_STARTS` in all) until a repetition finds no new mode: with k modes
+            reached from a fraction p of the prior draws each, one search of n draws misses
+            one with probability (1 - p)^n.
 
     Returns:
         :class:`LaplaceFit`.
@@ -381,17 +387,45 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
         logger.warning("MAP search stopped after %d evaluations with the gradient norm at "
                        "%.1e (not converged, wanted %.0e): the Laplace approximation is "
                        "centred off the mode", evaluate.calls, gradient, MAP_GRADIENT)
-    modes, gaps = [transport], []
-    for z, other, g in ends[1:]:
-        gap = value - float(other)
-        if gap >= _MASS_GAP or not _distinct(modes, z):
-            continue
-        gaps.append(gap)
-        if all_modes:
-            *_, mode, _, used = _refine(posterior, whitening, evaluate, z, other, g, generator)
-            solves += used
-            if _distinct(modes, mode.z_map):
-                modes.append(mode)
+    modes, gaps, found = [transport], [], {0: (z_map, value, grad)}
+
+    def survey(ends):
+        """Add the distinct modes among ``ends`` within the mass gap; whether any was new."""
+        nonlocal solves
+        before = len(modes)
+        for z, other, g in ends:
+            gap = value - float(other)
+            if gap >= _MASS_GAP or not _distinct(modes, z):
+                continue
+            gaps.append(gap)
+            if all_modes:
+                z, other, g, mode, _, used = _refine(posterior, whitening, evaluate, z, other,
+                                                     g, generator)
+                solves += used
+                if _distinct(modes, mode.z_map):
+                    found[len(modes)] = (z, float(other), g)
+                    modes.append(mode)
+        return len(modes) > before
+
+    new, starts = survey(ends[1:]), _MAP_STARTS
+    while all_modes and new and starts < _MAX_STARTS:
+        # the searches found several modes: search again from as many fresh prior draws as
+        # so far, until a search finds no mode the earlier ones missed
+        try:
+            more = _find_maps(evaluate, dim, starts, generator, max_iterations)
+        except ValueError:
+            break
+        new, starts = survey(more), 2 * starts
+    if all_modes and starts > _MAP_STARTS:
+        best = max(range(len(modes)), key=lambda k: found[k][1])
+        if found[best][1] > value + 1e-6:    # a later search found a higher mode: the MAP
+            modes.insert(0, modes.pop(best))
+            z_map, value, grad = found[best]
+            transport, x_map = modes[0], whitening.to_x(z_map[None])[0].detach()
+            gradient = float(grad.norm())
+            converged = gradient <= 10 * MAP_GRADIENT
+        gaps = [value - float(m.log_target) for m in modes[1:]]
+        logger.info("the MAP searches found %d modes from %d prior draws", len(modes), starts)
     values = transport.eigenvalues
     logger.info("Laplace: MAP log posterior %.6g after %d evaluations (gradient norm %.1e); "
                 "Hessian rank %d of %d (largest eigenvalue %.3g) from %d probes; %d "
