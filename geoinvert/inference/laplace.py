@@ -341,13 +341,13 @@ def _refine(posterior, whitening, evaluate, z, value, grad, generator):
     return z, value, grad, transport, probes, solves
 
 
-def _distinct(transports, z):
-    """Whether ``z`` lies further than :data:`_SEPARATION` Laplace standard deviations from
-    the centre of every mode in ``transports``."""
-    for t in transports:
+def _nearest(transports, z):
+    """The index of the first mode in ``transports`` whose centre lies within
+    :data:`_SEPARATION` of its Laplace standard deviations from ``z``, or None."""
+    for k, t in enumerate(transports):
         if float(t.to_z(t.whitening.to_x(z[None]))[0].norm()) <= _SEPARATION:
-            return False
-    return True
+            return k
+    return None
 
 
 def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
@@ -363,9 +363,9 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
             (:attr:`LaplaceFit.modes`), not only at the MAP point. When the first
             :data:`_MAP_STARTS` searches find several modes, the search is repeated from as
             many fresh prior draws as were used so far (8, 8, 16, 32, ... at most
-            :data:`_MAX_STARTS` in all) until a repetition finds no new mode: with k modes
-            reached from a fraction p of the prior draws each, one search of n draws misses
-            one with probability (1 - p)^n.
+            :data:`_MAX_STARTS` in all) until a repetition finds no new mode and every mode
+            has been reached from at least two draws (a mode reached from a fraction p of the
+            prior draws is missed by n of them with probability (1 - p)^n).
 
     Returns:
         :class:`LaplaceFit`.
@@ -387,30 +387,41 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
         logger.warning("MAP search stopped after %d evaluations with the gradient norm at "
                        "%.1e (not converged, wanted %.0e): the Laplace approximation is "
                        "centred off the mode", evaluate.calls, gradient, MAP_GRADIENT)
-    modes, gaps, found = [transport], [], {0: (z_map, value, grad)}
+    modes, gaps, found, hits = [transport], [], {0: (z_map, value, grad)}, [1]
 
     def survey(ends):
-        """Add the distinct modes among ``ends`` within the mass gap; whether any was new."""
+        """Add the distinct modes among ``ends`` within the mass gap and count the draws that
+        reach each mode; whether any mode was new."""
         nonlocal solves
         before = len(modes)
         for z, other, g in ends:
             gap = value - float(other)
-            if gap >= _MASS_GAP or not _distinct(modes, z):
+            if gap >= _MASS_GAP:
+                continue
+            near = _nearest(modes, z)
+            if near is not None:
+                hits[near] += 1
                 continue
             gaps.append(gap)
             if all_modes:
                 z, other, g, mode, _, used = _refine(posterior, whitening, evaluate, z, other,
                                                      g, generator)
                 solves += used
-                if _distinct(modes, mode.z_map):
+                near = _nearest(modes, mode.z_map)
+                if near is None:
                     found[len(modes)] = (z, float(other), g)
                     modes.append(mode)
+                    hits.append(1)
+                else:
+                    hits[near] += 1
         return len(modes) > before
 
     new, starts = survey(ends[1:]), _MAP_STARTS
-    while all_modes and new and starts < _MAX_STARTS:
-        # the searches found several modes: search again from as many fresh prior draws as
-        # so far, until a search finds no mode the earlier ones missed
+    while all_modes and (new or 1 in hits) and len(modes) > 1 and starts < _MAX_STARTS:
+        # several modes: search again from as many fresh prior draws as so far, until a
+        # search finds no new mode and every mode has been reached from two draws or more
+        # (Good's estimate of the share of draws leading to modes not yet seen, the share of
+        # modes reached once, is then zero)
         try:
             more = _find_maps(evaluate, dim, starts, generator, max_iterations)
         except ValueError:
