@@ -420,8 +420,8 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
     while all_modes and (new or 1 in hits) and len(modes) > 1 and starts < _MAX_STARTS:
         # several modes: search again from as many fresh prior draws as so far, until a
         # search finds no new mode and every mode has been reached from two draws or more
-        # (Good's estimate of the share of draws leading to modes not yet seen, the share of
-        # modes reached once, is then zero)
+        # (Good's estimate of the chance that a further draw leads to a mode not yet seen,
+        # the number of modes reached from one draw over the number of draws, is then zero)
         try:
             more = _find_maps(evaluate, dim, starts, generator, max_iterations)
         except ValueError:
