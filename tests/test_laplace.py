@@ -182,6 +182,16 @@ def test_the_mode_search_goes_on_until_it_finds_no_new_mode(seed):
     assert fit.other_modes == pytest.approx([heights[0] - h for h in heights[1:]])
 
 
+def test_other_maxima_are_counted_once_each():
+    """Without ``all_modes`` the eight searches are not repeated; several ending at one of
+    the three other modes of the four-mode quadratic count once (the verdict names their
+    number)."""
+    from geoinvert.testing import four_mode_quadratic
+    posterior, _, _ = four_mode_quadratic()
+    counts = [len(fit_laplace(posterior, generator=gen(seed)).other_modes) for seed in (1, 4)]
+    assert counts == [3, 2]          # seed 4's eight draws reach three of the four modes
+
+
 def test_one_mode_costs_one_search():
     """Where the first eight searches end at one mode, no further search is made."""
     posterior, _ = _linear()

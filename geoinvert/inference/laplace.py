@@ -388,6 +388,7 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
                        "%.1e (not converged, wanted %.0e): the Laplace approximation is "
                        "centred off the mode", evaluate.calls, gradient, MAP_GRADIENT)
     modes, gaps, found, hits = [transport], [], {0: (z_map, value, grad)}, [1]
+    others = []          # without all_modes: the other maxima, in the MAP point's coordinates
 
     def survey(ends):
         """Add the distinct modes among ``ends`` within the mass gap and count the draws that
@@ -402,6 +403,11 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
             if near is not None:
                 hits[near] += 1
                 continue
+            if not all_modes:        # two ends at one maximum count once
+                u = transport.to_z(whitening.to_x(z[None]))[0]
+                if any(float((u - v).norm()) <= _SEPARATION for v in others):
+                    continue
+                others.append(u)
             gaps.append(gap)
             if all_modes:
                 z, other, g, mode, _, used = _refine(posterior, whitening, evaluate, z, other,
