@@ -147,11 +147,12 @@ def _fmt(v, spec):
 def markdown(rows, about, command, title="Benchmark suite: default settings on every problem"):
     lines = [f"# {title}", "",
              f"Command: `{command}`", "", f"Machine: {about}", "",
-             "Errors in reference-std units (RMS over cells); modes: mass of t = <d, x> > 0 "
-             "(several data directions: of each orthant of t) "
-             "(reference in brackets); ESS / 1000 nFS: smallest bulk ESS of the chains (Laplace: "
-             "importance ESS) per 1000 solves; *meets*: mean and std error <= 0.1, mode mass "
-             "within 0.05, R-hat <= 1.01; *silent*: misses that while the verdict says ok.", "",
+             "Errors in reference-std units (RMS over cells); modes: mass of t = <d, x> > 0 in "
+             "percent, or with several data directions the mass of each orthant of t (orthant "
+             "k: t_j > 0 where bit j of k is set), reference in brackets; ESS / 1000 nFS: "
+             "smallest bulk ESS of the chains (Laplace: importance ESS) per 1000 solves; "
+             "*meets*: mean and std error <= 0.1, every mode mass within 0.05, R-hat <= 1.01; "
+             "*silent*: misses that while the verdict says ok.", "",
              "| problem | method | nFS | wall (s) | mean err | std err | modes + (ref) | "
              "R-hat | ESS / 1000 nFS | D_J | verdict | meets |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
