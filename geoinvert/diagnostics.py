@@ -634,8 +634,8 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
                    "biased towards fields that solve")
     if d.get("other_modes"):
         n = d["other_modes"]
-        out.append(f"the MAP searches ended at {n} other local maxim{'um' if n == 1 else 'a'} (log "
-                   f"posterior within {d['other_modes_gap']:.1f} of the MAP point's): the "
+        out.append(f"the MAP searches ended at {n} other local maxim{'um' if n == 1 else 'a'} (the "
+                   f"highest {d['other_modes_gap']:.1f} below the MAP point in log posterior): the "
                    "posterior is multimodal and a Gaussian at one mode, or chains started "
                    "there, miss the others; use sampler.kind msign")
     rhat = d.get("rhat", math.nan)
