@@ -357,6 +357,8 @@ def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=Non
         extra = {"mode_search_nfs": laplace.nfs}
         if use_modes:
             modes, extra["modes_found"] = laplace.modes, len(laplace.modes)
+            if laplace.search_unfinished:
+                extra["mode_search_unfinished"] = 1
         if config.coordinates == "laplace":
             transport = laplace.transport
             if use_modes and len(laplace.modes) > 1:     # each chain in its mode's coordinates

@@ -192,6 +192,21 @@ def test_other_maxima_are_counted_once_each():
     assert counts == [3, 2]          # seed 4's eight draws reach three of the four modes
 
 
+def test_a_search_stopped_at_its_limit_while_finding_modes_says_so(monkeypatch):
+    """With the limit at the first eight draws, the four-mode search cannot repeat; the fit
+    says its search is unfinished and the verdict warns, naming the seed to vary."""
+    from geoinvert.diagnostics import verdict
+    from geoinvert.inference import laplace
+    from geoinvert.testing import four_mode_quadratic
+    posterior, _, _ = four_mode_quadratic()
+    assert not fit_laplace(posterior, all_modes=True, generator=gen(1)).search_unfinished
+    monkeypatch.setattr(laplace, "_MAX_STARTS", 8)
+    fit = fit_laplace(posterior, all_modes=True, generator=gen(1))
+    assert fit.search_unfinished and len(fit.modes) > 1
+    lines = verdict({"mode_search_unfinished": 1, "modes_found": len(fit.modes)})
+    assert len(lines) == 1 and "still finding modes" in lines[0] and "sampler.seed" in lines[0]
+
+
 def test_one_mode_costs_one_search():
     """Where the first eight searches end at one mode, no further search is made."""
     posterior, _ = _linear()

@@ -210,6 +210,9 @@ class LaplaceFit:
             when all ended at the MAP point): a Gaussian at one mode misses their mass.
         modes: the :class:`LaplaceTransport` of each distinct mode, the MAP point's first
             (the others only with ``all_modes``).
+        search_unfinished: with ``all_modes``, the repeated searches stopped at
+            :data:`_MAX_STARTS` prior draws while the last one still found a new mode or a
+            mode reached from one draw: modes may be missing.
     """
 
     transport: LaplaceTransport
@@ -223,6 +226,7 @@ class LaplaceFit:
     nfs: int
     other_modes: list
     modes: list
+    search_unfinished: bool = False
 
 
 class _Evaluator:
@@ -433,6 +437,11 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
         except ValueError:
             break
         new, starts = survey(more), 2 * starts
+    unfinished = all_modes and len(modes) > 1 and (new or 1 in hits)
+    if unfinished:
+        logger.warning("the MAP searches still found new modes, or modes reached from one "
+                       "draw, after %d prior draws (%d modes): there may be more", starts,
+                       len(modes))
     if all_modes and starts > _MAP_STARTS:
         best = max(range(len(modes)), key=lambda k: found[k][1])
         if found[best][1] > value + 1e-6:    # a later search found a higher mode: the MAP
@@ -449,6 +458,6 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
                 "other modes", value, evaluate.calls, gradient, values.numel(), dim,
                 float(values[0]) if values.numel() else math.nan, probes, len(gaps))
     return LaplaceFit(transport, x_map, value, gradient, converged, evaluate.calls, values,
-                      probes, evaluate.calls + solves, gaps, modes)
+                      probes, evaluate.calls + solves, gaps, modes, bool(unfinished))
 
 
