@@ -600,8 +600,8 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     other local maxima (``other_modes``), when the correction could not start
     (``correction_unstarted``), when data lie outside the simulations of an amortized posterior
     (``outside_simulations``), when draws with a failed forward solve were left out
-    (``failed_draws`` of ``drawn``), when the mode search stopped at its limit still finding
-    modes (``mode_search_unfinished``) and when uncorrected draws with usable weights lie further
+    (``failed_draws`` of ``drawn``), when the mode search stopped at its limit with a mode
+    reached from one draw only (``mode_search_unfinished``) and when uncorrected draws with usable weights lie further
     than :data:`SHIFT_MAX` from their importance-weighted estimates (``psis_mean_shift``,
     ``psis_std_shift``, ``psis_shift_noise``: :func:`importance_shift`). Each warning names
     the key to raise or the sampler to use; a correction's R-hat warning also names
@@ -635,9 +635,9 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
                    "biased towards fields that solve")
     if d.get("mode_search_unfinished"):
         found = d.get("modes_found", 0)
-        out.append(f"the mode search stopped at its limit still finding modes ({found:.0f} "
-                   "found): the posterior may have modes that no chain visited; compare runs "
-                   "with other values of sampler.seed")
+        out.append(f"the mode search stopped at its limit with a mode reached from one "
+                   f"draw only ({found:.0f} modes found): the posterior may have modes that no "
+                   "chain visited; compare runs with other values of sampler.seed")
     if d.get("other_modes"):
         n = d["other_modes"]
         out.append(f"the MAP searches ended at {n} other local maxim{'um' if n == 1 else 'a'} (the "

@@ -258,8 +258,8 @@ class CorrectionConfig:
         "steps (they alone move chains between the modes).", "false")
     modes: bool = _field(
         True, "With independence moves: first search the posterior's modes (L-BFGS from "
-        "eight prior draws, repeated from as many again while new modes or modes reached "
-        "only once appear, at most 128) and add a Laplace approximation at each to the "
+        "eight prior draws, repeated from as many again, at least once when there are "
+        "several modes and until every mode is reached from two draws, at most 128) and add a Laplace approximation at each to the "
         "independence proposal (half of the proposals), so that chains reach modes the flow "
         "misses.", "false")
 

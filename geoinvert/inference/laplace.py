@@ -74,7 +74,7 @@ _OVERSAMPLING = 10
 _FIRST_PROBES = 40
 _MAP_ITERATIONS = 500
 _MAP_STARTS = 8        # prior draws
-_MAX_STARTS = 128      # ... at most, while further searches keep finding modes (all_modes)
+_MAX_STARTS = 128      # ... at most, while a mode is reached from one draw only (all_modes)
 _NEWTON_STEPS = 4      # Gauss-Newton refinements of the MAP point at most
 _NEWTON_STEP_TOL = 1e-7   # ... a step below it (in prior std) needs no new Hessian
 _SEPARATION = 3.0      # end points further apart (in Laplace standard deviations) are modes
@@ -211,8 +211,8 @@ class LaplaceFit:
         modes: the :class:`LaplaceTransport` of each distinct mode, the MAP point's first
             (the others only with ``all_modes``).
         search_unfinished: with ``all_modes``, the repeated searches stopped at
-            :data:`_MAX_STARTS` prior draws while the last one still found a new mode or a
-            mode reached from one draw: modes may be missing.
+            :data:`_MAX_STARTS` prior draws with a mode still reached from one draw only:
+            modes may be missing.
     """
 
     transport: LaplaceTransport
@@ -367,9 +367,9 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
             (:attr:`LaplaceFit.modes`), not only at the MAP point. When the first
             :data:`_MAP_STARTS` searches find several modes, the search is repeated from as
             many fresh prior draws as were used so far (8, 8, 16, 32, ... at most
-            :data:`_MAX_STARTS` in all) until a repetition finds no new mode and every mode
-            has been reached from at least two draws (a mode reached from a fraction p of the
-            prior draws is missed by n of them with probability (1 - p)^n).
+            :data:`_MAX_STARTS` in all), at least once, until every mode has been reached
+            from at least two draws (a mode reached from a fraction p of the prior draws is
+            missed by n of them with probability (1 - p)^n).
 
     Returns:
         :class:`LaplaceFit`.
@@ -396,9 +396,8 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
 
     def survey(ends):
         """Add the distinct modes among ``ends`` within the mass gap and count the draws that
-        reach each mode; whether any mode was new."""
+        reach each mode."""
         nonlocal solves
-        before = len(modes)
         for z, other, g in ends:
             gap = value - float(other)
             if gap >= _MASS_GAP:
@@ -424,24 +423,25 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
                     hits.append(1)
                 else:
                     hits[near] += 1
-        return len(modes) > before
 
-    new, starts = survey(ends[1:]), _MAP_STARTS
-    while all_modes and (new or 1 in hits) and len(modes) > 1 and starts < _MAX_STARTS:
-        # several modes: search again from as many fresh prior draws as so far, until a
-        # search finds no new mode and every mode has been reached from two draws or more
-        # (Good's estimate of the chance that a further draw leads to a mode not yet seen,
-        # the number of modes reached from one draw over the number of draws, is then zero)
+    survey(ends[1:])
+    starts = _MAP_STARTS
+    while all_modes and len(modes) > 1 and (starts == _MAP_STARTS or 1 in hits) \
+            and starts < _MAX_STARTS:
+        # several modes: search again from as many fresh prior draws as so far, at least
+        # once, until every mode has been reached from two draws or more (Good's estimate of
+        # the chance that a further draw leads to a mode not yet seen, the number of modes
+        # reached from one draw over the number of draws, is then zero)
         try:
             more = _find_maps(evaluate, dim, starts, generator, max_iterations)
         except ValueError:
             break
-        new, starts = survey(more), 2 * starts
-    unfinished = all_modes and len(modes) > 1 and (new or 1 in hits)
+        survey(more)
+        starts *= 2
+    unfinished = all_modes and len(modes) > 1 and 1 in hits
     if unfinished:
-        logger.warning("the MAP searches still found new modes, or modes reached from one "
-                       "draw, after %d prior draws (%d modes): there may be more", starts,
-                       len(modes))
+        logger.warning("the MAP searches still reached a mode from one draw only after %d "
+                       "prior draws (%d modes): there may be more", starts, len(modes))
     if all_modes and starts > _MAP_STARTS:
         best = max(range(len(modes)), key=lambda k: found[k][1])
         if found[best][1] > value + 1e-6:    # a later search found a higher mode: the MAP
