@@ -16,6 +16,7 @@ from geoinvert.problem.forward.testbeds import (
     cell_integrals,
     paper_phi,
 )
+from geoinvert.testing import second_phi
 
 # Monte-Carlo checks assert |estimate - truth| < 4 standard errors: a false alarm has
 # probability < 1e-4 per check, and the seeds are fixed so the tests are deterministic.
@@ -309,14 +310,8 @@ def test_quadratic_case_file_posterior_is_the_exact_one_although_phi_is_no_eigen
 
 # ------------------------------------------------ several prior-independent quadratic observations
 
-def phi_b(x, y):
-    """``sin(2 pi x) sin(pi y)``: odd under x -> 1 - x where ``paper_phi`` is even, so the two
-    directions are uncorrelated under any prior invariant under that reflection."""
-    return np.sin(2.0 * np.pi * x) * np.sin(np.pi * y)
-
-
 def _quadratics_posterior(*, ratio=0.3, shift=(0.0, 0.0), level=2):
-    model = QuadraticForward((2**level, 2**level), phi=[paper_phi, phi_b])
+    model = QuadraticForward((2**level, 2**level), phi=[paper_phi, second_phi])
     W, cov = model.matrix, exponential_cov(2**level)
     s = np.sqrt(np.einsum("kd,de,ke->k", W, cov, W))
     mean = sum(a * (cov @ w) / si for a, w, si in zip(shift, W, s))

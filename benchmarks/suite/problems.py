@@ -330,10 +330,7 @@ def reference(problem):
             return _orthant_reference(mean0, cov, forward.matrix, case, shape)
         w = forward.functional
         exact = ExactQuadraticPosterior(mean0, cov, w, case.data, case.noise, shape=shape)
-        t = exact.sample_t(4_000_000, torch.Generator().manual_seed(12)).numpy()
-        sw, s2 = exact._Sw, exact.t_std ** 2
-        mean = mean0 + sw * (t.mean() - exact.t_mean) / s2
-        var = np.diag(cov) - sw ** 2 / s2 + sw ** 2 * t.var() / s2 ** 2
+        mean, var, (t,) = _conditional_moments(mean0, cov, [exact])
         return Reference(mean.reshape(shape), np.sqrt(var).reshape(shape), w.reshape(shape),
                          exact, exact.sample(4000, torch.Generator().manual_seed(13)).numpy(),
                          _t_stats(t), "exact (1-D quadrature, Matheron's rule)")
@@ -358,16 +355,26 @@ def reference(problem):
 # -- scores -------------------------------------------------------------------------------------
 
 
-def _orthant_reference(mean0, cov, W, case, shape):
-    """Several quadratic observations independent under the prior: the exact posterior, its
-    moments (conditional moments and 4e6 draws of each t_k) and its orthant masses."""
-    exact = ExactQuadraticsPosterior(mean0, cov, W, case.data, case.noise, shape=shape)
-    mean, var = mean0.copy(), np.diag(cov).copy()
-    for k, part in enumerate(exact.parts):
+def _conditional_moments(mean0, cov, parts):
+    """Mean and variance ``(d,)`` of quadratic posteriors whose data directions t_k are
+    independent under the prior N(mean0, cov) (``parts``: their
+    :class:`ExactQuadraticPosterior`), from the prior conditional given t and 4e6 draws of
+    each t_k (seeds 12, 13, ...), which are returned too."""
+    mean, var, draws = mean0, np.diag(cov), []
+    for k, part in enumerate(parts):
         t = part.sample_t(4_000_000, torch.Generator().manual_seed(12 + k)).numpy()
         sw, s2 = part._Sw, part.t_std ** 2
-        mean += sw * (t.mean() - part.t_mean) / s2
-        var += -sw ** 2 / s2 + sw ** 2 * t.var() / s2 ** 2
+        mean = mean + sw * (t.mean() - part.t_mean) / s2
+        var = var - sw ** 2 / s2 + sw ** 2 * t.var() / s2 ** 2
+        draws.append(t)
+    return mean, var, draws
+
+
+def _orthant_reference(mean0, cov, W, case, shape):
+    """Several quadratic observations independent under the prior: the exact posterior, its
+    moments (:func:`_conditional_moments`) and its orthant masses."""
+    exact = ExactQuadraticsPosterior(mean0, cov, W, case.data, case.noise, shape=shape)
+    mean, var, _ = _conditional_moments(mean0, cov, exact.parts)
     return Reference(mean.reshape(shape), np.sqrt(var).reshape(shape), exact=exact,
                      samples=exact.sample(4000, torch.Generator().manual_seed(13)).numpy(),
                      orthants=exact.orthant_masses(),

@@ -391,7 +391,7 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
         logger.warning("MAP search stopped after %d evaluations with the gradient norm at "
                        "%.1e (not converged, wanted %.0e): the Laplace approximation is "
                        "centred off the mode", evaluate.calls, gradient, MAP_GRADIENT)
-    modes, gaps, found, hits = [transport], [], {0: (z_map, value, grad)}, [1]
+    modes, gaps, found, hits = [transport], [], [(z_map, value, grad)], [1]
     others = []          # without all_modes: the other maxima, in the MAP point's coordinates
 
     def survey(ends):
@@ -418,7 +418,7 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
                 solves += used
                 near = _nearest(modes, mode.z_map)
                 if near is None:
-                    found[len(modes)] = (z, float(other), g)
+                    found.append((z, float(other), g))
                     modes.append(mode)
                     hits.append(1)
                 else:
