@@ -287,6 +287,24 @@ def test_steps_per_level():
         load_case(_with(LINEAR, "sampler.steps", [0] * finest))
 
 
+def test_default_steps_follow_the_levels_and_the_kind():
+    # unset: sized per stage for the multi-stage flows (stored in the config, so the cost
+    # estimate and the result's case show them); one number for the one-level kinds
+    from geoinvert.case import estimate_cost
+    from geoinvert.inference.config import stage_steps
+    for finest in (2, 3, 5):
+        case = load_case(_with(LINEAR, "levels.finest", finest))
+        assert case.config["sampler"]["steps"] == [stage_steps(level, finest)
+                                                   for level in range(1, finest + 1)]
+        given = load_case(_with(_with(LINEAR, "levels.finest", finest), "sampler.steps",
+                                case.config["sampler"]["steps"]))
+        assert estimate_cost(given)[:2] == estimate_cost(case)[:2]
+    assert load_case(_with(LINEAR, "sampler.steps", 7)).config["sampler"]["steps"] == 7
+    assert load_case(_with(LINEAR, "sampler.kind", "iaf")).config["sampler"]["steps"] == 200
+    assert load_case(_with(LINEAR, "sampler.kind", "asvgd")).config["sampler"]["steps"] == \
+        [25, 50, 200]
+
+
 def test_correction_section_defaults_shorthand_and_kind_rules():
     from geoinvert.case import correction_config, load_case, reserved_solves
     from geoinvert.errors import CaseError
@@ -382,7 +400,8 @@ def test_every_training_default_is_written_once():
     from geoinvert.inference.config import STEPS, TrainOptions
     from geoinvert.inference.trainer import train_msign
     signature = inspect.signature(train_msign).parameters
-    assert KEYS["sampler.steps"].default == STEPS == signature["steps"].default
+    assert KEYS["sampler.steps"].default is None is signature["steps"].default   # stage_steps
+    assert f"{STEPS} on the finest level" in KEYS["sampler.steps"].doc
     for name in ("batch", "lr", "objective", "coarse_sampler", "pool_levels", "reverse_weight",
                  "frozen_proposal", "pool_warmup", "lr_warmup"):
         assert KEYS[f"sampler.{name}"].default == getattr(TrainOptions, name), name

@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from geoinvert.errors import CaseError
-from geoinvert.inference.config import RECIPE_KEYS, recipe_options
+from geoinvert.inference.config import RECIPE_KEYS, STEPS, recipe_options, stage_steps
 from geoinvert.case.build import Case, build_elliptic
 from geoinvert.case.inputs import check_learned_prior, check_mesh, read_data_file, resolve
 from geoinvert.case.schema import (KEYS, KINDS, MAX_CASE_BYTES, MAX_DEPTH, MAX_OBSERVATIONS,
@@ -186,10 +186,15 @@ def _validate(raw):
 
 
 def _apply_recipe(raw, config):
-    """The recipe's values for the training keys the case does not give."""
+    """The recipe's values for the training keys the case does not give, and the default
+    training steps (:func:`~geoinvert.inference.config.stage_steps`)."""
     s = config["sampler"]
     given = {key: s[key] if _lookup(raw, f"sampler.{key}")[1] else None for key in RECIPE_KEYS}
     s.update(recipe_options(s["recipe"], **given))
+    if s["steps"] is None:          # the default: sized to each stage's parameters
+        finest = config["levels"]["finest"]
+        s["steps"] = STEPS if s["kind"] in VI_KINDS else \
+            [stage_steps(level, finest) for level in range(1, finest + 1)]
 
 
 def _rule_keys_of_the_kind(raw, kind):

@@ -14,7 +14,7 @@ import numpy as np
 from geoinvert.errors import CaseError
 from geoinvert.inference.config import (CHAIN_KINDS, CORRECTION_COORDINATES, CORRECTION_KERNELS,
                                         RECIPE_KEYS,
-                                        RECIPES, STEPS,
+                                        LEAST_STEPS, RECIPES, STEPS,
                                         UPSAMPLINGS, FLOW_BLOCKS,
                                         ChainConfig,
                                         CorrectionConfig,
@@ -303,8 +303,11 @@ SCHEMA = (
         "`coarse_sampler`, the later ones from the stage before. Raise it when the 2x2 "
         "posterior is no guide to the finer ones (very precise data: the log's per-stage "
         "mode search shows where the modes lie).", "2", _between(1, 16)),
-    Key("sampler.steps", "int_or_ints", STEPS, "Training steps per stage: one number, or one per "
-        "level from the coarsest (as many as `levels.finest`).", "[300, 1500, 500, 1000]",
+    Key("sampler.steps", "int_or_ints", None, "Training steps per stage: one number, or one per "
+        "level from the coarsest (as many as `levels.finest`). Unset: "
+        f"{STEPS} on the finest level and, on a coarser one, in proportion to its parameters "
+        f"(a quarter per level down), at least {LEAST_STEPS}; {STEPS} for the one-level kinds "
+        "(iaf, meanfield, composed).", "[300, 1500, 500, 1000]",
         _each_between(1, 10**7)),
     Key("sampler.batch", "int", TrainOptions.batch, "Samples per training step.", "128",
         _between(2, 10**5)),

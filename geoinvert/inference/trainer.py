@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from geoinvert.errors import TrainingError
-from geoinvert.inference.config import STEPS, TrainOptions, recipe_options
+from geoinvert.inference.config import TrainOptions, recipe_options, stage_steps
 from geoinvert.inference.objectives import frozen_surrogate, objective
 from geoinvert.inference.starts import (ImportancePool, importance_pool, laplace_pool,
                                         smc_pool)
@@ -356,8 +356,11 @@ def _log_stage(stage, steps, run):
                 last.get("loss", math.nan), last.get("ess", math.nan), run.skipped)
 
 
-def _steps_of(steps, level):
-    """Steps of a level from an int, a per-level sequence (index level - 1) or a dict."""
+def _steps_of(steps, level, finest):
+    """Steps of a level from an int, a per-level sequence (index level - 1), a dict or None
+    (:func:`~geoinvert.inference.config.stage_steps`)."""
+    if steps is None:
+        return stage_steps(level, finest)
     if isinstance(steps, dict):
         return int(steps[level])
     if isinstance(steps, (list, tuple)):
@@ -365,7 +368,7 @@ def _steps_of(steps, level):
     return int(steps)
 
 
-def train_msign(model, posteriors, *, start=1, steps=STEPS, batch=TrainOptions.batch,
+def train_msign(model, posteriors, *, start=1, steps=None, batch=TrainOptions.batch,
                 lr=TrainOptions.lr, objective=TrainOptions.objective,
                 budget=None, generator=None, callback=None, checkpoint=None, single_stage=False,
                 schedule=TrainOptions.schedule, lr_min=TrainOptions.lr_min, lr_warmup=None,
@@ -386,7 +389,9 @@ def train_msign(model, posteriors, *, start=1, steps=STEPS, batch=TrainOptions.b
         posteriors: ``{level: Posterior}`` for levels 1..L (only L is used single-stage);
             training ends at the highest level given (normally the model's finest).
         start: First stage to train (later stages follow up to L).
-        steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
+        steps: Steps per stage: int, per-level sequence (index level - 1), ``{level: steps}``
+            or None (:func:`~geoinvert.inference.config.stage_steps`: 200 on the finest level,
+            in proportion to the parameters on the coarser ones, at least 25).
         batch: Samples per step (flow samples; Jeffreys draws as many importance samples).
         recipe: A name of :data:`RECIPES` (``paper`` or ``forward_kl``); the options of
             :data:`RECIPE_KEYS` below that are None take the recipe's values (or their
@@ -509,7 +514,7 @@ class Trainer:
         stop: ``stop() -> bool`` polled after every step.
     """
 
-    def __init__(self, model, posteriors, options, *, steps=STEPS, budget=None, comm=None,
+    def __init__(self, model, posteriors, options, *, steps=None, budget=None, comm=None,
                  callback=None, checkpoint=None, checkpoint_every=0, stop=None):
         if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
@@ -544,7 +549,7 @@ class Trainer:
             raise ValueError(f"posteriors missing for levels {missing}")
         for k, stage in enumerate(stages):
             train_stage(self.model, self.posteriors[stage], stage=stage,
-                        steps=_steps_of(self.steps, stage), options=self.options,
+                        steps=_steps_of(self.steps, stage, self.finest), options=self.options,
                         run=self.state, generator=generator, ensemble=self.ensemble,
                         stages_left=len(stages) - k, resume=stage_resume if k == 0 else None)
         return self.state.history
@@ -606,7 +611,9 @@ def train_asvgd(model, posteriors, **options):
         posteriors: ``{level: Posterior}`` with ``grad_log_prob``; training ends at the highest
             level given.
         start: First stage to train.
-        steps: Steps per stage: int, per-level sequence (index level - 1) or ``{level: steps}``.
+        steps: Steps per stage: int, per-level sequence (index level - 1), ``{level: steps}``
+            or None (:func:`~geoinvert.inference.config.stage_steps`: 200 on the finest level,
+            in proportion to the parameters on the coarser ones, at least 25).
         batch: Samples (particles) per step, over all ranks.
         lr: Peak Adam learning rate of each stage.
         budget: Total forward solves (nFS) over all stages, or None.
