@@ -1,14 +1,15 @@
 """The correction's convergence block by block: R-hat, ESS and errors against the solves.
 
-Usage (one problem, three variants of the correction's settings)::
+Usage (one problem, four variants of the correction's settings)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/correction_trace.py elliptic-demo
 
 The correction (:func:`geoinvert.inference.correction.correct`) runs alone, without a flow: HMC
 in the coordinates of the problem's Laplace fit, from Laplace draws, with the package's
 warm-up (step and dense-metric adaptation) and no independence moves, for ``--max-draws``
-draws per chain, in three variants: the package's settings (8 chains, at most 32 leapfrog
-steps), at most 16 leapfrog steps, and 4 chains. After every block of ``--block`` draws it
+draws per chain, in four variants: the package's settings (8 chains, warm-up 250, at most 32
+leapfrog steps), at most 16 leapfrog steps, 4 chains, and 4 chains with twice the warm-up (the
+solves of 8 chains' warm-up, so that the metric windows hold as many draws). After every block of ``--block`` draws it
 records the solves so far (the Laplace fit, made once and counted in every variant, included),
 the largest split R-hat and smallest bulk and tail ESS (the package's
 stopping rule wants R-hat <= 1.01 and both ESS >= 400), and the mean and std errors against
@@ -37,7 +38,8 @@ from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-VARIANTS = {"default": {}, "leapfrog16": {"leapfrog": 16}, "chains4": {"chains": 4}}
+VARIANTS = {"default": {}, "leapfrog16": {"leapfrog": 16}, "chains4": {"chains": 4},
+            "chains4-warmup500": {"chains": 4, "warmup": 500}}
 
 
 def trace(posterior, laplace, state, ref, settings, args):
@@ -48,7 +50,8 @@ def trace(posterior, laplace, state, ref, settings, args):
     chains = settings.get("chains", CorrectionConfig.chains)
     u = torch.randn((chains, laplace.transport.dim), generator=gen, dtype=torch.float64)
     starts, _ = laplace.transport.to_x(u)
-    config = CorrectionConfig(kernel="hmc", chains=chains, warmup=args.warmup,
+    config = CorrectionConfig(kernel="hmc", chains=chains,
+                              warmup=settings.get("warmup", args.warmup),
                               draws=args.block, max_draws=args.max_draws,
                               leapfrog=settings.get("leapfrog", CorrectionConfig.leapfrog),
                               independence=False)
@@ -67,7 +70,8 @@ def trace(posterior, laplace, state, ref, settings, args):
 
     res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
     record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
-    return {"chains": chains, "leapfrog_cap": config.leapfrog, "leapfrog": res.leapfrog,
+    return {"chains": chains, "warmup": config.warmup, "leapfrog_cap": config.leapfrog,
+            "leapfrog": res.leapfrog,
             "step": float(res.chains.step_size),
             "acceptance": float(res.chains.acceptance.mean()), "failed": int(res.failed),
             "rows": rows}
@@ -76,11 +80,12 @@ def trace(posterior, laplace, state, ref, settings, args):
 def markdown(problem, runs, args, command):
     lines = [f"# The correction block by block: {problem}", "",
              f"Command: `OMP_NUM_THREADS=1 .venv/bin/python {command}`", "",
-             f"HMC in the Laplace coordinates from Laplace draws, no independence moves, warm-up "
-             f"{args.warmup}; R-hat and ESS after every {args.block} draws per chain. Solves "
+             "HMC in the Laplace coordinates from Laplace draws, no independence moves; R-hat "
+             f"and ESS after every {args.block} draws per chain. Solves "
              "include the Laplace fit; errors in reference-std units, RMS over cells.", ""]
     for name, r in runs.items():
-        lines += [f"## {name}: {r['chains']} chains, at most {r['leapfrog_cap']} leapfrog steps",
+        lines += [f"## {name}: {r['chains']} chains, warm-up {r['warmup']}, at most "
+                  f"{r['leapfrog_cap']} leapfrog steps",
                   "", f"After warm-up {r['leapfrog']} leapfrog steps, step {r['step']:.3g}, "
                   f"acceptance {r['acceptance']:.2f}, {r['failed']} failed solves.", "",
                   "| draws / chain | nFS | R-hat | ESS bulk / tail | mean err | std err | "
