@@ -504,7 +504,8 @@ class Trainer:
         options: :class:`~geoinvert.inference.config.TrainOptions` (objective, batch, learning
             rate and schedule, pools; :func:`~geoinvert.inference.config.recipe_options` gives
             a recipe's).
-        steps: Steps per stage: int, per-level sequence or ``{level: steps}``.
+        steps: Steps per stage: int, per-level sequence, ``{level: steps}`` or None (sized to
+            each stage: :func:`~geoinvert.inference.config.stage_steps`).
         budget: Total forward solves over all stages, or None.
         comm: Ensemble communicator (None: one process).
         callback: ``callback(info)`` after every step.
