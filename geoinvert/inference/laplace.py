@@ -408,21 +408,21 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
                 continue
             if not all_modes:        # two ends at one maximum count once
                 u = transport.to_z(whitening.to_x(z[None]))[0]
-                if any(float((u - v).norm()) <= _SEPARATION for v in others):
-                    continue
-                others.append(u)
+                if not any(float((u - v).norm()) <= _SEPARATION for v in others):
+                    others.append(u)
+                    gaps.append(gap)
+                continue
+            z, other, g, mode, _, used = _refine(posterior, whitening, evaluate, z, other, g,
+                                                 generator)
+            solves += used
+            near = _nearest(modes, mode.z_map)
+            if near is not None:     # refined onto a mode already found
+                hits[near] += 1
+                continue
             gaps.append(gap)
-            if all_modes:
-                z, other, g, mode, _, used = _refine(posterior, whitening, evaluate, z, other,
-                                                     g, generator)
-                solves += used
-                near = _nearest(modes, mode.z_map)
-                if near is None:
-                    found.append((z, float(other), g))
-                    modes.append(mode)
-                    hits.append(1)
-                else:
-                    hits[near] += 1
+            found.append((z, float(other), g))
+            modes.append(mode)
+            hits.append(1)
 
     survey(ends[1:])
     starts = _MAP_STARTS
