@@ -178,6 +178,7 @@ def _validate(raw):
             raise CaseError(section, "required section missing")
     config = _nest({k.path: _validate_key(raw, k) for k in SCHEMA})
     _apply_recipe(raw, config)
+    _default_steps(config)
     for rule in _RULES:
         rule(config)
     _rule_correction_for_flows(raw, config)
@@ -186,13 +187,17 @@ def _validate(raw):
 
 
 def _apply_recipe(raw, config):
-    """The recipe's values for the training keys the case does not give, and the default
-    training steps (:func:`~geoinvert.inference.config.stage_steps`)."""
+    """The recipe's values for the training keys the case does not give."""
     s = config["sampler"]
     given = {key: s[key] if _lookup(raw, f"sampler.{key}")[1] else None for key in RECIPE_KEYS}
     s.update(recipe_options(s["recipe"], **given))
-    if s["steps"] is None:          # the default: sized to each stage's parameters
-        finest = config["levels"]["finest"]
+
+
+def _default_steps(config):
+    """Unset ``sampler.steps``: sized to each stage's parameters
+    (:func:`~geoinvert.inference.config.stage_steps`); one number for the one-level kinds."""
+    s, finest = config["sampler"], config["levels"]["finest"]
+    if s["steps"] is None:
         s["steps"] = STEPS if s["kind"] in VI_KINDS else \
             [stage_steps(level, finest) for level in range(1, finest + 1)]
 
