@@ -1,19 +1,22 @@
 """The correction's convergence block by block: R-hat, ESS and errors against the solves.
 
-Usage (one problem, four variants of the correction's settings)::
+Usage (one problem, five variants of the correction's settings)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/correction_trace.py elliptic-demo
 
 The correction (:func:`geoinvert.inference.correction.correct`) runs alone, without a flow: HMC
 in the coordinates of the problem's Laplace fit, from Laplace draws, with the package's
 warm-up (step and dense-metric adaptation) and no independence moves, for ``--max-draws``
-draws per chain, in four variants: the package's settings (8 chains, warm-up 250, at most 32
-leapfrog steps), at most 16 leapfrog steps, 4 chains, and 4 chains with twice the warm-up (the
-solves of 8 chains' warm-up, so that the metric windows hold as many draws). After every block of ``--block`` draws it
-records the solves so far (the Laplace fit, made once and counted in every variant, included),
-the largest split R-hat and smallest bulk and tail ESS (the package's
-stopping rule wants R-hat <= 1.01 and both ESS >= 400), and the mean and std errors against
-the suite reference. This shows which criterion binds and what each costs.
+draws per chain, in five variants: the package's settings (8 chains, warm-up 250, at most 32
+leapfrog steps), at most 16 leapfrog steps, 4 chains, 4 chains with twice the warm-up (the
+solves of 8 chains' warm-up, so that the metric windows hold as many draws), and NUTS in place
+of the fixed-length HMC transitions (``nuts.py``: each trajectory doubles until it turns back,
+at most 255 leapfrog steps). After every block of ``--block`` draws it records the solves so
+far (the Laplace fit, made once and counted in every variant, included), the largest split
+R-hat and smallest bulk and tail ESS (the package's stopping rule wants R-hat <= 1.01 and both
+ESS >= 400), and the mean and std errors against the suite reference; and, per variant, the
+bulk ESS gained per 1000 solves between the first and the last block (the sampling's
+efficiency after warm-up). This shows which criterion binds and what each costs.
 
 Writes ``benchmarks/results/correction_trace.json`` and ``.md``.
 """
@@ -23,6 +26,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -32,14 +36,22 @@ from problems import ROOT, by_name, reference, scores  # noqa: E402
 
 from geoinvert.app import _convergence  # noqa: E402
 from geoinvert.inference.config import CorrectionConfig  # noqa: E402
+from geoinvert.inference import correction  # noqa: E402
 from geoinvert.inference.correction import correct  # noqa: E402
+from nuts import NUTSKernel  # noqa: E402
 from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 VARIANTS = {"default": {}, "leapfrog16": {"leapfrog": 16}, "chains4": {"chains": 4},
-            "chains4-warmup500": {"chains": 4, "warmup": 500}}
+            "chains4-warmup500": {"chains": 4, "warmup": 500}, "nuts": {"nuts": True}}
+
+
+def _nuts_state(kind, target, x, config):
+    """The correction's kernel for the ``nuts`` variant: NUTS with at most 2^8 - 1 leapfrog
+    steps per transition (``kind`` is hmc)."""
+    return NUTSKernel(target, x, max_depth=8)
 
 
 def trace(posterior, laplace, state, ref, settings, args):
@@ -68,9 +80,19 @@ def trace(posterior, laplace, state, ref, settings, args):
         print(json.dumps(rows[-1]), flush=True)
         return args.block
 
-    res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
+    if settings.get("nuts"):
+        # the correction's HMC kernel swapped for the benchmark's NUTS kernel (nuts.py); the
+        # warm-up, metric, step adaptation and stopping are the package's
+        with mock.patch.object(correction, "_new_state", _nuts_state):
+            res = correct(posterior, laplace.transport, starts, config, generator=gen,
+                          extend=record)
+    else:
+        res = correct(posterior, laplace.transport, starts, config, generator=gen,
+                      extend=record)
     record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
-    return {"chains": chains, "warmup": config.warmup, "leapfrog_cap": config.leapfrog,
+    cap = 2 ** 8 - 1 if settings.get("nuts") else config.leapfrog
+    return {"chains": chains, "warmup": config.warmup, "leapfrog_cap": cap,
+            "kernel": "nuts" if settings.get("nuts") else "hmc",
             "leapfrog": res.leapfrog,
             "step": float(res.chains.step_size),
             "acceptance": float(res.chains.acceptance.mean()), "failed": int(res.failed),
@@ -84,10 +106,16 @@ def markdown(problem, runs, args, command):
              f"and ESS after every {args.block} draws per chain. Solves "
              "include the Laplace fit; errors in reference-std units, RMS over cells.", ""]
     for name, r in runs.items():
-        lines += [f"## {name}: {r['chains']} chains, warm-up {r['warmup']}, at most "
-                  f"{r['leapfrog_cap']} leapfrog steps",
-                  "", f"After warm-up {r['leapfrog']} leapfrog steps, step {r['step']:.3g}, "
-                  f"acceptance {r['acceptance']:.2f}, {r['failed']} failed solves.", "",
+        first, last = r["rows"][0], r["rows"][-1]
+        rate = 1000 * (last["ess"] - first["ess"]) / max(last["nfs"] - first["nfs"], 1)
+        steps = "leapfrog steps (mean of the last transition)" if r["kernel"] == "nuts" else \
+            "leapfrog steps"
+        lines += [f"## {name}: {r['kernel'].upper()}, {r['chains']} chains, warm-up "
+                  f"{r['warmup']}, at most {r['leapfrog_cap']} leapfrog steps",
+                  "", f"After warm-up {r['leapfrog']} {steps}, step {r['step']:.3g}, "
+                  f"acceptance {r['acceptance']:.2f}, {r['failed']} failed solves; bulk ESS "
+                  f"{rate:.1f} per 1000 solves from {first['draws']} to {last['draws']} draws "
+                  "per chain.", "",
                   "| draws / chain | nFS | R-hat | ESS bulk / tail | mean err | std err | "
                   "wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {b['draws']} | {b['nfs']} | {b['rhat']:.4f} | {b['ess']:.0f} / "
