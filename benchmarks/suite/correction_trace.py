@@ -23,6 +23,7 @@ Writes ``benchmarks/results/correction_trace.json`` and ``.md``.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -33,13 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nuts import NUTSKernel  # noqa: E402
 from problems import ROOT, by_name, reference, scores  # noqa: E402
 
 from geoinvert.app import _convergence  # noqa: E402
 from geoinvert.inference.config import CorrectionConfig  # noqa: E402
 from geoinvert.inference import correction  # noqa: E402
 from geoinvert.inference.correction import correct  # noqa: E402
-from nuts import NUTSKernel  # noqa: E402
 from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,15 +83,12 @@ def trace(posterior, laplace, state, ref, settings, args):
         print(json.dumps(rows[-1]), flush=True)
         return args.block
 
-    if settings.get("nuts"):
-        # the correction's HMC kernel swapped for the benchmark's NUTS kernel (nuts.py); the
-        # warm-up, metric, step adaptation and stopping are the package's
-        with mock.patch.object(correction, "_new_state", _nuts_state):
-            res = correct(posterior, laplace.transport, starts, config, generator=gen,
-                          extend=record)
-    else:
-        res = correct(posterior, laplace.transport, starts, config, generator=gen,
-                      extend=record)
+    # nuts: the correction's HMC kernel swapped for the benchmark's NUTS kernel (nuts.py); the
+    # warm-up, metric, step adaptation and stopping are the package's
+    kernel = mock.patch.object(correction, "_new_state", _nuts_state) \
+        if settings.get("nuts") else contextlib.nullcontext()
+    with kernel:
+        res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
     record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
     cap = 2 ** 8 - 1 if settings.get("nuts") else config.leapfrog
     return {"chains": chains, "warmup": config.warmup, "leapfrog_cap": cap,
