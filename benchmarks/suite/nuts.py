@@ -163,8 +163,6 @@ def check(seed=3, d=10, chains=16, iterations=3000, burn=200, eps=0.08):
     scales = torch.logspace(-1, 1, d, dtype=F64)
 
     class Gaussian:
-        nfs = 0
-
         def to_z(self, x):
             return x.reshape(x.shape[0], -1)
 
