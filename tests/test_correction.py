@@ -429,29 +429,45 @@ def test_chains_too_slow_for_max_draws_turn_their_first_block_into_warm_up(linea
 
 def test_every_hmc_transition_integrates_a_quarter_period_of_the_step_it_uses(linear,
                                                                              monkeypatch):
-    """In warm-up, in each re-adaptation's step phase (while the step adapts again) and after,
-    an HMC transition takes pi / (2 step) leapfrog steps of the step it is made with (at most
-    ``leapfrog``): a trajectory left at the length of the previous step would integrate for
-    another time than the one the kernel is tuned for."""
+    """After warm-up an HMC transition takes pi / (2 step) leapfrog steps of the step it is
+    made with (at most ``leapfrog``); in warm-up and in each re-adaptation's step phase (while
+    the step adapts again) those of the larger of the step iterate and its running average,
+    so never more than a quarter period of the step it is made with, and a quarter period
+    whenever the iterate is not below its average. A trajectory left at the length of the
+    previous step would integrate for another time than the one the kernel is tuned for."""
     from geoinvert.inference import correction
     posterior, _ = linear
     model = perturbed_flow(posterior.prior, scale=0.0)
     starts = torch.zeros(2, 8, 8, dtype=F64) + 0.1
     config = CorrectionConfig(kernel="hmc", chains=2, warmup=20, draws=10, max_draws=15,
                               leapfrog=64, independence=False)
-    seen, iterate = [], correction._iterate
+    seen, iterate, leapfrog = [], correction._iterate, correction._warmup_leapfrog
+    smoothed = []
 
     def spy(state, step, *args, **kwargs):
         seen.append((float(step), state.n_leapfrog))
         return iterate(state, step, *args, **kwargs)
 
+    def spy_leapfrog(adapter, *args, **kwargs):
+        smoothed.append(max(adapter.value, adapter.final()))
+        return leapfrog(adapter, *args, **kwargs)
+
     monkeypatch.setattr(correction, "_iterate", spy)
+    monkeypatch.setattr(correction, "_warmup_leapfrog", spy_leapfrog)
     res = correct(posterior, FlowTransport(model), starts, config, generator=gen(5),
                   extend=lambda *a: 500)
     assert res.chains.warmup == 20 + 2 * (10 + 3)    # two re-adaptations happened
     assert len(seen) == 20 + 2 * (10 + 3) + 15
+    assert len(smoothed) == 20 + 2 * 3             # warm-up and the two step phases
     assert len({n for _, n in seen}) > 1           # the step did change the trajectory
-    for step, n in seen:
+    adapting = [i for i in range(len(seen)) if i < 20 or 30 <= i < 33 or 43 <= i < 46]
+    for i, s in zip(adapting, smoothed):
+        step, n = seen[i]
+        assert s >= step
+        assert n == min(64, math.ceil(math.pi / 2 / s)) <= math.ceil(math.pi / 2 / step)
+    assert any(s > step for (step, _), s in zip((seen[i] for i in adapting), smoothed))
+    for i in set(range(len(seen))) - set(adapting):
+        step, n = seen[i]
         assert n == min(64, math.ceil(math.pi / 2 / step))
 
 

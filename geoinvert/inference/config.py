@@ -263,9 +263,9 @@ class CorrectionConfig:
     warmup: int = _field(
         250, "Warm-up iterations per chain (step size and metric adaptation), discarded.",
         "500")
-    leapfrog: int = _field(32, "Most HMC leapfrog steps per transition: a transition "
+    leapfrog: int = _field(128, "Most HMC leapfrog steps per transition: a transition "
                            "integrates for pi / 2 (a quarter period of the metric-whitened "
-                           "posterior), pi / (2 step) steps, at most this many.", "64")
+                           "posterior), pi / (2 step) steps, at most this many.", "256")
     independence: bool = _field(
         True, "After every local move, an independence Metropolis-Hastings move with the "
         "flow as proposal (moves chains between the modes the flow covers); when the mode "

@@ -21,7 +21,10 @@ for the same reason): the block becomes one more metric window, followed by a st
 its draws are dropped (at most twice; not under a solve budget).
 An HMC transition integrates for a quarter period, pi / 2, of the metric-whitened posterior
 (for a unit Gaussian the end point is then independent of the start): pi / (2 eps) leapfrog
-steps, capped by ``leapfrog``, updated with eps during warm-up and frozen with it.
+steps, capped by ``leapfrog``, frozen with eps after warm-up. During warm-up the length
+follows the larger of the dual-averaging iterate and its running average (the step the
+adaptation freezes): the iterate probes steps below the one it settles at, and a trajectory
+sized to such a transient dip would cost many solves and integrate for no longer.
 
 With several modes (:class:`ModeCoordinates`) each chain moves in the Laplace coordinates of
 the mode whose region it is in, and its local moves are restricted to that region (a move
@@ -407,6 +410,14 @@ def _leapfrog(step, config, cap=None):
     return int(min(most, _quarter_period(step)))
 
 
+def _warmup_leapfrog(adapter, config, cap=None):
+    """Leapfrog steps of a warm-up transition made with the step iterate ``adapter.value``:
+    those of a quarter period at the larger of the iterate and its running average
+    (``adapter.final()``), so that a transient dip of the iterate does not lengthen the
+    trajectory (the transition then integrates for less than a quarter period)."""
+    return _leapfrog(max(adapter.value, adapter.final()), config, cap)
+
+
 def _quarter_period(step):
     """Leapfrog steps of size ``step`` that integrate for :data:`_TRAJECTORY`."""
     return max(1, math.ceil(_TRAJECTORY / step))
@@ -555,8 +566,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
 
     for i in range(config.warmup):
         if kind == "hmc":
-            state.n_leapfrog = _leapfrog(adapter.value, config,
-                                         affordable(config.warmup - i + config.draws * thin))
+            state.n_leapfrog = _warmup_leapfrog(
+                adapter, config, affordable(config.warmup - i + config.draws * thin))
         accept = float(_iterate(state, adapter.value, generator, config, gradient,
                                 mixture, moves())[0].mean())
         adapter.update(accept)
@@ -610,7 +621,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             adapter = _adapter(kind, step)
             for _ in range(phase):        # the trajectory follows the step, as in warm-up
                 if kind == "hmc":
-                    state.n_leapfrog = _leapfrog(adapter.value, config)
+                    state.n_leapfrog = _warmup_leapfrog(adapter, config)
                 adapter.update(float(_iterate(state, adapter.value, generator, config,
                                               gradient, mixture, moves())[0].mean()))
             step = adapter.final()
