@@ -427,8 +427,8 @@ def test_chains_too_slow_for_max_draws_turn_their_first_block_into_warm_up(linea
     assert res.chains.nfs == 2 * (1 + 10 + 2 * (20 + 1) + 30 + 2)
 
 
-def test_every_hmc_transition_integrates_a_quarter_period_of_the_step_it_uses(linear,
-                                                                             monkeypatch):
+def test_hmc_transitions_integrate_a_quarter_period_and_no_longer_in_warm_up(linear,
+                                                                          monkeypatch):
     """After warm-up an HMC transition takes pi / (2 step) leapfrog steps of the step it is
     made with (at most ``leapfrog``); in warm-up and in each re-adaptation's step phase (while
     the step adapts again) those of the larger of the step iterate and its running average,
