@@ -7,12 +7,12 @@ Usage (one problem, five variants of the correction's settings)::
 The correction (:func:`geoinvert.inference.correction.correct`) runs alone, without a flow: HMC
 in the coordinates of the problem's Laplace fit, from Laplace draws, with the package's
 warm-up (step and dense-metric adaptation) and no independence moves, for ``--max-draws``
-draws per chain, in five variants: the package's settings (8 chains, warm-up 250, at most 32
+draws per chain, in five variants: the package's settings (8 chains, warm-up 250, at most 128
 leapfrog steps), at most 16 leapfrog steps, 4 chains, 4 chains with twice the warm-up (the
 solves of 8 chains' warm-up, so that the metric windows hold as many draws), and NUTS in place
 of the fixed-length HMC transitions (``nuts.py``: each trajectory doubles until it turns back,
 at most 255 leapfrog steps); ``--variants default,leapfrog64`` compares a cap of 64 leapfrog
-steps instead. After every block of ``--block`` draws it records the solves so
+steps (the default before it was raised to 128 was 32). After every block of ``--block`` draws it records the solves so
 far (the Laplace fit, made once and counted in every variant, included), the largest split
 R-hat and smallest bulk and tail ESS (the package's stopping rule wants R-hat <= 1.01 and both
 ESS >= 400), and the mean and std errors against the suite reference; and, per variant, the
@@ -130,7 +130,7 @@ def main(argv=None):
     p.add_argument("problem")
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "leapfrog64"),
                    help="comma-separated names of VARIANTS (default all but leapfrog64, a "
-                   "cap of 64 steps for problems whose quarter period takes more than 32)")
+                   "cap of 64 leapfrog steps for problems whose quarter period takes more)")
     p.add_argument("--warmup", type=int, default=CorrectionConfig.warmup)
     p.add_argument("--block", type=int, default=125)
     p.add_argument("--max-draws", type=int, default=750)
