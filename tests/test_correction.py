@@ -401,11 +401,12 @@ def test_extend_sets_the_length_of_each_further_block(linear):
     assert res.chains.samples.shape[1] == 30
 
 
-def test_chains_too_slow_for_max_draws_turn_their_first_block_into_warm_up(linear):
-    """When, after the first block, ``extend`` asks for more draws than ``max_draws`` leaves
-    (the chains would not converge within it), the block becomes a further metric window
-    followed by a step phase, its draws are dropped, and the chains start again; at most
-    twice. The kept draws and the reported warm-up say so."""
+def test_chains_too_slow_for_their_warm_up_turn_their_first_block_into_warm_up(linear):
+    """When, after the first block, ``extend`` asks for more draws in all than four times the
+    warm-up (or than ``max_draws``, if fewer: the chains would not converge within it), the
+    block becomes a further metric window followed by a step phase, its draws are dropped,
+    and the chains start again; at most twice. The kept draws and the reported warm-up say
+    so."""
     posterior, _ = linear
     model = perturbed_flow(posterior.prior, scale=0.0)
     starts = torch.zeros(2, 8, 8, dtype=F64) + 0.1
@@ -425,6 +426,21 @@ def test_chains_too_slow_for_max_draws_turn_their_first_block_into_warm_up(linea
     # one solve per chain: its start, every iteration (warm-up, the two dropped blocks and
     # step phases, the kept draws) and the re-evaluation at each new metric
     assert res.chains.nfs == 2 * (1 + 10 + 2 * (20 + 1) + 30 + 2)
+    # max_draws far away: four warm-ups (40 draws) decide. 20 + 25 draws would be more, so
+    # the first block is dropped; then 20 + 15 are fewer, and the chains go on and stop
+    config = CorrectionConfig(kernel="mala", chains=2, warmup=10, draws=20, max_draws=1000,
+                              independence=False)
+    asked, answers = [], iter([25, 15, 0])
+
+    def extend(samples, log_prob, nfs):
+        asked.append(samples.shape[1])
+        return next(answers)
+
+    res = correct(posterior, FlowTransport(model), starts, config, generator=gen(5),
+                  extend=extend)
+    assert asked == [20, 20, 35]
+    assert res.chains.samples.shape[:2] == (2, 35)
+    assert res.chains.warmup == 10 + 20 + 1
 
 
 def test_hmc_transitions_integrate_a_quarter_period_and_no_longer_in_warm_up(linear,

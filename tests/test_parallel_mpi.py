@@ -97,9 +97,10 @@ def test_corrected_run_shares_its_chains_over_the_ranks():
 
 
 def test_correction_readapts_in_step_on_every_rank():
-    """Chains too slow for max_draws turn their first block into warm-up on every rank at once
-    (the decision comes from the gathered chains): 4 chains of 10 draws cannot reach ESS
-    400, so both re-adaptations happen, and the run ends with every chain gathered."""
+    """Chains too slow for max_draws (here fewer than four warm-ups) turn their first block
+    into warm-up on every rank at once (the decision comes from the gathered chains): 4 chains
+    of 10 draws cannot reach ESS 400, so both re-adaptations happen, and the run ends with
+    every chain gathered."""
     correction = {**SMALL["sampler"]["correction"], "draws": 10, "max_draws": 12}
     config = {**SMALL, "sampler": {**SMALL["sampler"], "correction": correction},
               "output": {"samples": 12, "figures": False}}

@@ -259,7 +259,7 @@ class CorrectionConfig:
                         "R-hat <= 1.01 and the bulk and tail ESS >= 400 (or `max_draws`, or "
                         "`sampler.budget`), the chains go on by as many draws as R-hat and "
                         "ESS extrapolate to need, at most this many at a time.", "500")
-    max_draws: int = _field(1000, "Most draws per chain (at least `draws`).", "4000")
+    max_draws: int = _field(2000, "Most draws per chain (at least `draws`).", "4000")
     warmup: int = _field(
         250, "Warm-up iterations per chain (step size and metric adaptation), discarded.",
         "500")

@@ -15,10 +15,11 @@ During warm-up a further linear map z = S u is learnt (Stan's windowed adaptatio
 or dense when the window holds at least ``4 d`` draws), so that the chains stay efficient
 where the flow is poor (an undertrained flow leaves pi_T far from N(0, I)). The step size is
 adapted by dual averaging (pCN: Robbins-Monro on beta) and both are frozen after warm-up.
-When, after the first block of draws, R-hat and ESS extrapolate to more draws than
-``max_draws`` allows, the warm-up had too few draws for the metric (Stan doubles its windows
-for the same reason): the block becomes one more metric window, followed by a step phase, and
-its draws are dropped (at most twice; not under a solve budget).
+When, after the first block of draws, R-hat and ESS extrapolate to more draws than four times
+the warm-up's iterations (or than ``max_draws`` allows, if that is fewer), the warm-up had
+too few draws for the metric (Stan doubles its windows for the same reason): the block becomes
+one more metric window, followed by a step phase, and its draws are dropped (at most twice;
+not under a solve budget).
 An HMC transition integrates for a quarter period, pi / 2, of the metric-whitened posterior
 (for a unit Gaussian the end point is then independent of the start): pi / (2 eps) leapfrog
 steps, capped by ``leapfrog``, frozen with eps after warm-up. During warm-up the length
@@ -70,6 +71,7 @@ _INITIAL_STEP = {"hmc": 0.3, "mala": 0.5, "pcn": 0.5}
 _SHRINK = 5.0          # Stan's regularisation of the estimated metric: n / (n + 5) S + ...
 _DENSE_DRAWS = 4       # dense metric when the window holds at least 4 d draws
 _READAPTATIONS = 2     # most first blocks turned into further warm-up windows
+_READAPT_WARMUPS = 4   # ... when the chains extrapolate to more draws than 4 warm-ups
 _STEP_PHASE = 0.15     # step-only adaptation after a metric update, as a fraction of the warm-up
 _TRAJECTORY = math.pi / 2   # HMC integration time: a quarter period of a unit Gaussian, after
 #                           which its position is independent of where it started
@@ -519,8 +521,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             draws per chain to add before it is asked again (0: stop; blocks are at most
             ``config.draws`` long). Without it, or when it answers 0, or at
             ``config.max_draws`` draws per chain, the chains stop. When its answer after the
-            first block exceeds what ``config.max_draws`` leaves, that block is taken as a
-            further warm-up window instead (see the module's docstring).
+            first block asks for more draws in all than four times ``config.warmup`` (or than
+            ``config.max_draws``, if fewer), that block is taken as a further warm-up window
+            instead (see the module's docstring).
         max_solves: solves the correction may use (a budget's share): HMC trajectories are
             shortened (down to one leapfrog step) so that the warm-up and the first block of
             draws fit in it.
@@ -588,6 +591,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     warmup, readapted, window = config.warmup, 0, []
     phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
     readapt = gradient and max_solves is None            # re-adaptation possible at all
+    # more draws than this after the first block: the warm-up saw too few for the metric
+    slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
     while True:
         size = max(1, min(size, config.draws, most - done))
         x = np.empty((chains, size, *state.x.shape[1:]))
@@ -613,10 +618,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs))
         if size <= 0:
             break
-        if len(blocks) == 1 and done + size > most and window:
-            # at this rate the chains would not converge within max_draws: the adaptation
-            # had too few draws (Stan's windows double for the same reason). The block
-            # becomes a further warm-up window; its draws are dropped.
+        if len(blocks) == 1 and done + size > slow and window:
+            # at this rate the chains would need many times the warm-up's iterations: the
+            # adaptation had too few draws (Stan's windows double for the same reason). The
+            # block becomes a further warm-up window; its draws are dropped.
             metric = _rescale(state, torch.cat(window), kind)
             adapter = _adapter(kind, step)
             for _ in range(phase):        # the trajectory follows the step, as in warm-up
@@ -628,9 +633,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             if kind == "hmc":
                 state.n_leapfrog = _leapfrog(step, config)
             warmup += done * thin + phase
-            logger.info("the correction's chains would need more than max_draws = %d draws "
-                        "after %d warm-up iterations (R-hat and ESS extrapolated): their "
-                        "draws so far became a further warm-up window", most, warmup)
+            logger.info("the correction's chains would need more than %d draws after %d "
+                        "warm-up iterations (R-hat and ESS extrapolated): their draws so far "
+                        "became a further warm-up window", slow, warmup)
             blocks, done, size, window, readapted = [], 0, config.draws, [], readapted + 1
             local, independent = torch.zeros_like(local), torch.zeros_like(independent)
     x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
