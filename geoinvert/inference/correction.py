@@ -16,7 +16,7 @@ or dense when the window holds at least ``4 d`` draws), so that the chains stay 
 where the flow is poor (an undertrained flow leaves pi_T far from N(0, I)). The step size is
 adapted by dual averaging (pCN: Robbins-Monro on beta) and both are frozen after warm-up.
 When, after the first block of draws, R-hat and ESS extrapolate to more draws than four times
-the warm-up's iterations (or than ``max_draws`` allows, if that is fewer), the warm-up had
+the warm-up's iterations (at least ``draws``; at most ``max_draws``), the warm-up had
 too few draws for the metric (Stan doubles its windows for the same reason): the block becomes
 one more metric window, followed by a step phase, and its draws are dropped (at most twice;
 not under a solve budget).
@@ -521,9 +521,9 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             draws per chain to add before it is asked again (0: stop; blocks are at most
             ``config.draws`` long). Without it, or when it answers 0, or at
             ``config.max_draws`` draws per chain, the chains stop. When its answer after the
-            first block asks for more draws in all than four times ``config.warmup`` (or than
-            ``config.max_draws``, if fewer), that block is taken as a further warm-up window
-            instead (see the module's docstring).
+            first block asks for more draws in all than four times ``config.warmup`` (at
+            least ``config.draws``, at most ``config.max_draws``), that block is taken as a
+            further warm-up window instead (see the module's docstring).
         max_solves: solves the correction may use (a budget's share): HMC trajectories are
             shortened (down to one leapfrog step) so that the warm-up and the first block of
             draws fit in it.
