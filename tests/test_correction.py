@@ -403,10 +403,10 @@ def test_extend_sets_the_length_of_each_further_block(linear):
 
 def test_chains_too_slow_for_their_warm_up_turn_their_first_block_into_warm_up(linear):
     """When, after the first block, ``extend`` asks for more draws in all than four times the
-    warm-up (or than ``max_draws``, if fewer: the chains would not converge within it), the
-    block becomes a further metric window followed by a step phase, its draws are dropped,
-    and the chains start again; at most twice. The kept draws and the reported warm-up say
-    so."""
+    warm-up (at least one block, at most ``max_draws``: the warm-up saw too few draws for
+    the chains' pace), the block becomes a further metric window followed by a step phase,
+    its draws are dropped, and the chains start again; at most twice. The kept draws and the
+    reported warm-up say so."""
     posterior, _ = linear
     model = perturbed_flow(posterior.prior, scale=0.0)
     starts = torch.zeros(2, 8, 8, dtype=F64) + 0.1

@@ -12,10 +12,10 @@ leapfrog steps), at most 16 leapfrog steps, 4 chains, 4 chains with twice the wa
 solves of 8 chains' warm-up, so that the metric windows hold as many draws), and NUTS in place
 of the fixed-length HMC transitions (``nuts.py``: each trajectory doubles until it turns back,
 at most 255 leapfrog steps); ``--variants default,leapfrog64`` compares a cap of 64 leapfrog
-steps (the default before it was raised to 128 was 32). After every block of ``--block`` draws it records the solves so
-far (the Laplace fit, made once and counted in every variant, included), the largest split
-R-hat and smallest bulk and tail ESS (the package's stopping rule wants R-hat <= 1.01 and both
-ESS >= 400), and the mean and std errors against the suite reference; and, per variant, the
+steps (the default was 32 before it was raised to 128). After every block of ``--block``
+draws it records the solves so far (the Laplace fit, made once and counted in every variant,
+included), the largest split R-hat and smallest bulk and tail ESS (the package's stopping
+rule wants R-hat <= 1.01 and both ESS >= 400), and the mean and std errors against the suite reference; and, per variant, the
 bulk ESS gained per 1000 solves between the first and the last block (the sampling's
 efficiency after warm-up). This shows which criterion binds and what each costs.
 
