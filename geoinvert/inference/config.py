@@ -253,7 +253,7 @@ class CorrectionConfig:
         "at a field they did not draw costs one pass per parameter at every iteration: `flow` "
         "for them. The flow proposes the independence moves either way.", "flow")
     chains: int = _field(
-        8, "Chains of the correction, started from flow draws (shared out over MPI solve "
+        4, "Chains of the correction, started from flow draws (shared out over MPI solve "
         "groups: at least one per group).", "16")
     draws: int = _field(250, "Draws kept per chain after warm-up, at least; then, until "
                         "R-hat <= 1.01 and the bulk and tail ESS >= 400 (or `max_draws`, or "
