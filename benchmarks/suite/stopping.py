@@ -118,7 +118,8 @@ def synthetic(phis, seeds, max_draws):
 def measure(problem, seed, max_draws):
     ref = reference(problem)
     result, warmup_nfs, per_draw, leapfrog = chains(problem, seed, max_draws)
-    out = {"problem": problem.name, "seed": seed, "leapfrog": leapfrog,
+    out = {"problem": problem.name, "seed": seed, "chains": int(result.samples.shape[0]),
+           "leapfrog": leapfrog,
            "warmup_nfs": int(warmup_nfs), "nfs_per_draw": per_draw}
     for rule in ("blocks", "extend"):
         stop, looks = replay(result.samples, result.log_prob, rule, CorrectionConfig.draws,
@@ -136,7 +137,9 @@ def measure(problem, seed, max_draws):
 
 def markdown(rows, command, synthetic_rows=()):
     lines = ["# Stopping rules replayed on the same chains", "", f"Command: `{command}`", "",
-             "HMC in the Laplace coordinates from Laplace draws (8 chains, the package's warm-up, "
+             "HMC in the Laplace coordinates from Laplace draws "
+             f"({', '.join(sorted({str(r['chains']) for r in rows}))} chains, "
+             "the package's warm-up, "
              "no independence moves); both rules replayed on the stored chains. *blocks*: look "
              "every 250 draws per chain; *extend*: the package's extrapolation "
              "(`diagnostics.further_draws`). Solves include the Laplace fit and the warm-up; "
