@@ -545,7 +545,9 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     length); an MCMC kind (``gpcn``) runs its fixed draws under ``sampler.*`` keys.
 
     The chains are shared out over the solve groups, each group with its own generator, so
-    the corrected draws (unlike the flow's) depend on the number of groups.
+    the corrected draws (unlike the flow's) depend on the number of groups; the metric
+    windows pool the draws of all groups' chains, so that every group learns the metric
+    one process would from all the chains.
     """
     import torch
     from geoinvert.errors import CaseError
@@ -591,7 +593,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,
                       extend=extend if kind is None else None,
                       max_solves=max(budget - fit.nfs - outputs, 0) // ens.size
-                      if budget else None, approximation=approximation)
+                      if budget else None, approximation=approximation,
+                      pool=ens.gather if ens.size > 1 else None)
     finally:
         bar.close()
     c = res.chains

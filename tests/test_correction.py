@@ -513,3 +513,28 @@ def test_a_dense_metric_that_cannot_be_factorised_falls_back_to_the_diagonal():
     assert factor.ndim == 1 and torch.isfinite(factor).all() and (factor > 0).all()
     ok = correction._metric(torch.randn(400, 12, generator=g, dtype=F64), dense=True)
     assert ok.ndim == 2
+
+
+def test_metric_windows_pool_the_draws_of_the_chains_other_processes_run(linear):
+    """Under MPI every solve group runs some of the chains; ``pool`` (the ensemble's gather)
+    joins each metric window's draws with the other groups', so that every group learns the
+    metric of all the chains, as one process does. Two chains alone hold 2 x 72 draws in the
+    last window of 160 warm-up iterations, fewer than the 4 d = 256 a dense metric needs on
+    64 cells; pooled with as many from another group (here a copy) they hold 288, and the
+    metric is dense. The windows are pooled at their ends, with these chains' draws first."""
+    from geoinvert.inference.laplace import fit_laplace
+    posterior, _ = linear
+    transport = fit_laplace(posterior, generator=gen()).transport
+    starts, _ = transport.to_x(torch.randn((2, transport.dim), generator=gen(1), dtype=F64))
+    config = CorrectionConfig(kernel="hmc", chains=2, warmup=160, draws=4, max_draws=4,
+                              leapfrog=4, independence=False)
+    seen = []
+
+    def pool(z):
+        seen.append(z.clone())
+        return torch.cat([z, z])
+
+    alone = correct(posterior, transport, starts, config, generator=gen(2))
+    pooled = correct(posterior, transport, starts, config, generator=gen(2), pool=pool)
+    assert alone.metric == "diagonal" and pooled.metric == "dense"
+    assert [z.shape for z in seen] == [(2 * 40, 64), (2 * 72, 64)]

@@ -113,6 +113,19 @@ def test_correction_readapts_in_step_on_every_rank():
     assert ds.attrs["diagnostics_correction_limit"] == "sampler.correction.max_draws"
 
 
+def test_metric_windows_pool_the_chains_of_every_group():
+    """Every solve group learns the metric from all the chains' draws, as one process does:
+    4 chains hold 4 x 72 = 288 draws in the last window of 160 warm-up iterations, enough for
+    a dense metric on 64 cells (4 d = 256), though the 2 chains of each of two groups hold
+    only 144."""
+    correction = {**SMALL["sampler"]["correction"], "warmup": 160}
+    config = {**SMALL, "sampler": {**SMALL["sampler"], "correction": correction},
+              "output": {"samples": 12, "figures": False}}
+    ds = run(load_case(config), out=shared_tmp() / "pooled.nc", progress=False,
+             comm=WORLD).dataset
+    assert correction["chains"] == 4 and ds.attrs["diagnostics_metric"] == "dense"
+
+
 def test_layout_groups():
     if WORLD.size == 1:
         assert layout(WORLD, 1) == layout(None, 1) and layout(WORLD).root

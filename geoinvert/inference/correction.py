@@ -496,7 +496,8 @@ class CorrectionResult:
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
-            initial_step=None, modes=(), extend=None, max_solves=None, approximation=None):
+            initial_step=None, modes=(), extend=None, max_solves=None, approximation=None,
+            pool=None):
     """Run ``starts.shape[0]`` chains of the corrected sampler from the fields ``starts``.
 
     Args:
@@ -527,6 +528,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         max_solves: solves the correction may use (a budget's share): HMC trajectories are
             shortened (down to one leapfrog step) so that the warm-up and the first block of
             draws fit in it.
+        pool: ``pool(z) -> z``, the latent draws ``(n, d)`` of a metric window joined with
+            those of the chains other processes run (an MPI ensemble's ``gather``, called at
+            the same iterations on every process), so that every solve group learns the
+            metric of all the chains' draws, as one process does; default these chains'.
 
     Returns:
         :class:`CorrectionResult`.
@@ -538,6 +543,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     if not config.enabled:
         raise ValueError("the correction is switched off (kernel 'none')")
     begin = time.perf_counter()
+    pool = pool or (lambda z: z)
     target = LatentTarget(posterior, transport)
     state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
     step = _INITIAL_STEP[kind] if initial_step is None else initial_step
@@ -578,7 +584,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             if lo <= i < hi:
                 window.append(target.latent(state.z).clone())
             if i == hi - 1:
-                metric = _rescale(state, torch.cat(window), kind)
+                metric = _rescale(state, pool(torch.cat(window)), kind)
                 adapter, window = _adapter(kind, adapter.value), []
         if callback:
             callback(i + 1, total, accept)
@@ -622,7 +628,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             # at this rate the chains would need many times the warm-up's iterations: the
             # adaptation had too few draws (Stan's windows double for the same reason). The
             # block becomes a further warm-up window; its draws are dropped.
-            metric = _rescale(state, torch.cat(window), kind)
+            metric = _rescale(state, pool(torch.cat(window)), kind)
             adapter = _adapter(kind, step)
             for _ in range(phase):        # the trajectory follows the step, as in warm-up
                 if kind == "hmc":
