@@ -594,7 +594,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
                       extend=extend if kind is None else None,
                       max_solves=max(budget - fit.nfs - outputs, 0) // ens.size
                       if budget else None, approximation=approximation,
-                      pool=ens.gather if ens.size > 1 else None)
+                      pool=ens.gather)
     finally:
         bar.close()
     c = res.chains

@@ -95,12 +95,12 @@ def main(argv=None):
     rows = measure([int(v) for v in args.chains.split(",")],
                    [float(v) for v in args.deltas.split(",")], args.phi, range(args.seeds),
                    args.max_draws)
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/rhat_power.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/rhat_power.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])).strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "rhat_power.json").write_text(json.dumps(
-        {"command": command.strip(), "phi": args.phi, "rows": rows}, indent=1))
-    text = markdown(rows, command.strip(), args.phi, args.max_draws)
+        {"command": command, "phi": args.phi, "rows": rows}, indent=1))
+    text = markdown(rows, command, args.phi, args.max_draws)
     (RESULTS / "rhat_power.md").write_text(text)
     print(text)
     return 0
