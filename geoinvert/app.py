@@ -628,11 +628,29 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "independence_moves": res.independence_moves})
     else:
         diagnostics["failed_solves"] = int(failed)
+    if len(modes) > 1:
+        diagnostics.update(_mode_diagnostics(modes, samples))
     draws = samples.shape[1]
     return dataclasses.replace(
         fit, x=x, log_prob=flow_lp.reshape(-1)[keep], log_target=log_target.reshape(-1)[keep],
         predicted=np.nanmean(pred, 0), nfs=fit.nfs + int(nfs) + len(keep),
         diagnostics=diagnostics, chain=keep // draws, draw=keep % draws, flow=flow)
+
+
+def _mode_diagnostics(modes, samples, chunk=1024):
+    """The chains' draws ``samples (chains, draws, ny, nx)`` weighed between the ``modes``
+    found (Laplace fits): each mode's share of the draws in its region (the fit most
+    responsible for the field, :meth:`ModeCoordinates.region`), the shares' MCSE and their ESS
+    (:func:`~geoinvert.diagnostics.mode_shares`). No solves."""
+    import torch
+    from geoinvert.diagnostics import mode_shares
+    from geoinvert.inference.correction import ModeCoordinates
+    coordinates = ModeCoordinates(modes)
+    flat = torch.from_numpy(np.ascontiguousarray(samples.reshape(-1, *samples.shape[2:])))
+    regions = torch.cat([coordinates.region(flat[i:i + chunk])
+                         for i in range(0, flat.shape[0], chunk)]).numpy()
+    shares, mcse, ess = mode_shares(regions.reshape(samples.shape[:2]), len(modes))
+    return {"mode_shares": shares.tolist(), "mode_shares_mcse": mcse.tolist(), "mode_ess": ess}
 
 
 def _fit_laplace(case, seed, lay, posterior, *, progress=False):
@@ -1153,7 +1171,7 @@ def summary_lines(ds):
     Returns:
         ``(lines, warnings)``, lists of str.
     """
-    from geoinvert.diagnostics import fit_word
+    from geoinvert.diagnostics import fit_word, format_shares
     a = ds.attrs
     get = lambda key: a.get(f"diagnostics_{key}", math.nan)   # noqa: E731
     sampler = a.get("sampler", "?")
@@ -1196,6 +1214,11 @@ def summary_lines(ds):
         lines.append(f"{what}: R-hat {get('rhat'):.3f}, ESS bulk {get('ess'):.0f} / tail "
                      f"{get('ess_tail'):.0f}, MCSE of the mean {get('mcse_mean'):.3f} std, "
                      f"acceptance {get('acceptance'):.2f}{extra}")
+    if "diagnostics_mode_shares" in a:
+        shares = np.atleast_1d(a["diagnostics_mode_shares"])
+        lines.append(f"modes: the draws' share of each of the {shares.size} modes found "
+                     f"{format_shares(shares, np.atleast_1d(a['diagnostics_mode_shares_mcse']))}"
+                     f" (effective sample size of the shares {get('mode_ess'):.0f})")
     failed = int(np.nan_to_num(get("correction_failed_solves")) + np.nan_to_num(
         get("failed_solves")))
     if failed:

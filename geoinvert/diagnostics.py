@@ -504,6 +504,46 @@ def further_draws(done, rhat, ess, *, most):
     return int(min(max(want, math.ceil(done / 10), 1), most))
 
 
+def format_shares(shares, mcse):
+    """Mode shares and their MCSE as text: ``"51 +/- 3 %, 49 +/- 3 %"`` (no error for a mode
+    no draw or every draw lies in)."""
+    def one(p, e):
+        return f"{100 * p:.0f} +/- {100 * e:.0f} %" if np.isfinite(e) else f"{100 * p:.0f} %"
+    return ", ".join(one(p, e) for p, e in zip(np.ravel(shares), np.ravel(mcse)))
+
+
+def mode_shares(regions, modes):
+    """Each mode's share of MCMC draws, its Monte-Carlo standard error and the effective
+    sample size of the shares.
+
+    A share is the mean of an indicator (the draw lies in the mode's region), so its error
+    comes from the indicator's autocorrelation: chains that cross between the modes rarely
+    weigh them poorly however well they sample within each. The ESS is that of each
+    indicator (:func:`mcmc_ess` without rank normalisation, which would tie every draw), the
+    smallest over the modes some but not all draws visit; chains that never cross give about
+    one effective draw per chain. The MCSE is sqrt(p (1 - p) / ESS).
+
+    Args:
+        regions: ``(chains, draws)`` mode index of every draw.
+        modes: number of modes (indices ``0 .. modes - 1``).
+
+    Returns:
+        ``(shares, mcse, ess)``: ``(modes,)`` arrays (NaN MCSE for a mode no draw or every
+        draw lies in) and the smallest ESS (NaN when every draw lies in one mode).
+    """
+    regions = np.asarray(regions)
+    shares, mcse, smallest = np.zeros(modes), np.full(modes, math.nan), math.nan
+    for k in range(modes):
+        indicator = (regions == k).astype(float)
+        p = float(indicator.mean())
+        shares[k] = p
+        if 0.0 < p < 1.0:
+            ess = mcmc_ess(indicator, rank_normalize=False)
+            mcse[k] = math.sqrt(p * (1 - p) / ess)
+            smallest = float(np.fmin(smallest, ess))      # fmin skips the NaN start
+    return shares, mcse, smallest
+
+
 MIN_EFFECTIVE_DRAWS = 10
 """Fewer effective importance draws than this support no estimate, whatever k-hat says (k-hat
 is then fitted to a tail of a handful of weights)."""
@@ -603,13 +643,16 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
     (``failed_draws`` of ``drawn``), when the mode search stopped at its limit with a mode
     reached from one draw only (``mode_search_unfinished``) and when uncorrected draws with usable weights lie further
     than :data:`SHIFT_MAX` from their importance-weighted estimates (``psis_mean_shift``,
-    ``psis_std_shift``, ``psis_shift_noise``: :func:`importance_shift`). Each warning names
+    ``psis_std_shift``, ``psis_shift_noise``: :func:`importance_shift`), and when chains
+    crossed too rarely between the modes to weigh them (``mode_ess`` below :data:`ESS_MIN`,
+    :func:`mode_shares`). Each warning names
     the key to raise or the sampler to use; a correction's R-hat warning also names
     ``sampler.correction.leapfrog`` when its cap cut the transitions (``leapfrog_wanted``).
 
     Args:
         d: dict with some of ``rhat``, ``ess``, ``ess_tail``, ``psis_khat``, ``other_modes``,
-            ``correction_unstarted``, ``failed_draws``, ``psis_mean_shift``.
+            ``correction_unstarted``, ``failed_draws``, ``psis_mean_shift``, ``mode_ess`` (with
+            ``mode_shares`` and ``mode_shares_mcse``).
         raise_draws: key that sets the number of draws (named in the warnings).
         approximation: ``"flow"``, ``"amortized posterior"`` or ``"Laplace
             approximation"``: what the draws come from when no chains ran (the remedy named
@@ -657,6 +700,13 @@ def verdict(d, *, raise_draws="sampler.correction.draws", approximation="flow"):
         if np.isfinite(ess) and ess < ESS_MIN:
             out.append(f"effective sample size {ess:.0f} < {ESS_MIN:.0f}: means and "
                        f"quantiles are noisy; raise {raise_draws}")
+        mode_ess = d.get("mode_ess", math.nan)
+        if mode_ess is not None and np.isfinite(mode_ess) and mode_ess < ESS_MIN:
+            out.append(f"the chains crossed between the posterior's modes too rarely to weigh "
+                       f"them: the effective sample size of the modes' shares of the draws is "
+                       f"{mode_ess:.0f} < {ESS_MIN:.0f} (shares "
+                       f"{format_shares(d['mode_shares'], d['mode_shares_mcse'])}); raise "
+                       f"{raise_draws}")
     elif d.get("psis_khat") is not None and d["psis_khat"] >= KHAT_USABLE:
         remedy = {"flow": "set sampler.correction.kernel (e.g. hmc) or raise sampler.steps",
                   "amortized posterior": "infer with --correct, or amortize on more "

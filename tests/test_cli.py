@@ -282,6 +282,13 @@ def test_summary_names_the_per_mode_coordinates_and_moves():
     assert "independence moves (flow + Laplace at 2 modes, 7 per local move) accepted 0.10" \
         in lines[1]
     assert warnings == [] and lines[-1] == "verdict: ok"
+    # each mode's share of the draws, with its Monte-Carlo error
+    shares = {**attrs, "diagnostics_mode_shares": np.array([0.512, 0.488]),
+              "diagnostics_mode_shares_mcse": np.array([0.021, 0.021]),
+              "diagnostics_mode_ess": 566.0}
+    lines, _ = summary_lines(xr.Dataset(attrs=shares))
+    assert "modes: the draws' share of each of the 2 modes found 51 +/- 2 %, 49 +/- 2 % " \
+        "(effective sample size of the shares 566)" in lines
     one = {**attrs, "diagnostics_correction_mode_coordinates": 1,
            "diagnostics_independence_moves": 1, "diagnostics_modes_found": 1}
     lines, _ = summary_lines(xr.Dataset(attrs=one))

@@ -219,6 +219,18 @@ def test_independence_moves_balance_the_modes_of_the_quadratic_posterior(coordin
     t = res.chains.samples.reshape(8, config.draws, -1) @ w
     positive = (t > 0).astype(float)
     assert mcmc_ess(positive, rank_normalize=False) > 200
+    if coordinates == "modes":
+        # the result's mode shares: the draws in each Laplace fit's region are those on its
+        # side of t = 0 (the modes lie 16 widths apart), and their ESS is that of the sign
+        from geoinvert.app import _mode_diagnostics
+        d = _mode_diagnostics(laplace.modes, res.chains.samples, chunk=500)
+        side = 0 if float(laplace.modes[0].to_x(torch.zeros((1, laplace.modes[0].dim),
+                                                                dtype=torch.float64))[0]
+                          .reshape(-1) @ torch.as_tensor(w)) > 0 else 1
+        assert d["mode_shares"][side] == pytest.approx(positive.mean(), abs=1e-3)
+        assert d["mode_ess"] == pytest.approx(mcmc_ess(positive, rank_normalize=False),
+                                              rel=0.02)
+        assert d["mode_shares_mcse"][0] < 0.05 / 2
     assert positive.mean() == pytest.approx(0.5, abs=0.05)
     assert np.nanmean(res.independence_acceptance) > 0.05
     # the stored density is the flow's at the corrected draws, whatever the coordinates
