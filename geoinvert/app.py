@@ -575,10 +575,13 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         """Draws per chain to add: those R-hat and ESS extrapolate to need, as many as the
         budget leaves; 0 when converged (the same answer on all ranks)."""
         from geoinvert.diagnostics import further_draws
-        d = _convergence(ens.gather(torch.from_numpy(samples)).numpy(),
-                         ens.gather(torch.from_numpy(log_target)).numpy())
-        bar.set(rhat=d["rhat"], ess=min(d["ess"], d["ess_tail"]))
-        more = further_draws(samples.shape[1], d["rhat"], min(d["ess"], d["ess_tail"]),
+        every = ens.gather(torch.from_numpy(samples)).numpy()
+        d = _convergence(every, ens.gather(torch.from_numpy(log_target)).numpy())
+        ess = min(d["ess"], d["ess_tail"])
+        if len(modes) > 1:      # the modes' shares must converge too (NaN: all in one mode)
+            ess = float(np.fmin(ess, _mode_diagnostics(modes, every)["mode_ess"]))
+        bar.set(rhat=d["rhat"], ess=ess)
+        more = further_draws(samples.shape[1], d["rhat"], ess,
                              most=max(config.max_draws, config.draws))
         if budget and more:
             per_draw = config.chains * thin * config.solves_per_iteration(modes=maps)

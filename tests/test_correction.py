@@ -550,3 +550,57 @@ def test_metric_windows_pool_the_draws_of_the_chains_other_processes_run(linear)
     pooled = correct(posterior, transport, starts, config, generator=gen(2), pool=pool)
     assert alone.metric == "diagonal" and pooled.metric == "dense"
     assert [z.shape for z in seen] == [(2 * 40, 64), (2 * 72, 64)]
+
+
+@pytest.mark.slow
+def test_a_bimodal_run_weighs_its_modes_and_goes_on_until_their_shares_converge(monkeypatch,
+                                                                                 tmp_path):
+    """A default run (five training steps a stage) on a 4x4 quadratic posterior with a
+    symmetric prior: two modes, each with exactly half the mass. The mode search finds both,
+    and the result gives each mode's share of the corrected draws with its Monte-Carlo error
+    (within four of which each share is 1/2), as the summary does. The stopping rule watches
+    the shares: counted at a quarter of their ESS (as if the chains crossed a quarter as
+    often), the chains go on past the first block, where the cells' R-hat and ESS alone let
+    them stop."""
+    import geoinvert
+    import geoinvert.app as app
+    config = {"name": "bimodal", "domain": {"bounds": [0, 1, 0, 1], "units": "1"},
+              "levels": {"finest": 2},
+              "prior": {"kind": "matern", "std": 1.0, "correlation_length": 0.3},
+              "forward": {"kind": "quadratic"},
+              "observations": {"functions": ["sin(pi*x) * sin(2*pi*y)"]},
+              "data": {"values": [1.0]}, "noise": {"std": 1.0}}
+    case = geoinvert.load_case(config)
+    w = case.forward(2).functional
+    y = 4 * float(w @ case.prior().covariance(2) @ w)        # data at twice the prior's t-std
+    config.update(data={"values": [y]}, noise={"std": 0.1 * y},
+                  sampler={"steps": 5, "seed": 3, "correction": {"max_draws": 400}},
+                  output={"figures": False})
+    seen = []
+    convergence, shares = app._convergence, app._mode_diagnostics
+
+    def spy(samples, log_target):
+        d = convergence(samples, log_target)
+        seen.append((samples.shape[1], d))
+        return d
+
+    def slower(modes, samples, chunk=1024):
+        d = shares(modes, samples, chunk)
+        return {**d, "mode_ess": d["mode_ess"] / 4}
+
+    monkeypatch.setattr(app, "_convergence", spy)
+    monkeypatch.setattr(app, "_mode_diagnostics", slower)
+    ds = geoinvert.run(config, out=tmp_path / "bimodal.nc", progress=False).dataset
+    a = ds.attrs
+    assert a["diagnostics_modes_found"] == 2
+    share, mcse = a["diagnostics_mode_shares"], a["diagnostics_mode_shares_mcse"]
+    assert share.sum() == pytest.approx(1.0)
+    assert np.all(np.abs(share - 0.5) < 4 * mcse) and np.all(mcse < 0.05)
+    assert 100 <= a["diagnostics_mode_ess"]
+    # the first block met the cells' criteria but not the quartered shares': the chains went on
+    draws, first = seen[0]
+    assert first["rhat"] <= 1.01 and min(first["ess"], first["ess_tail"]) >= 400
+    assert a["diagnostics_draws"] > draws == 250
+    lines, _ = app.summary_lines(ds)
+    assert any(line.startswith("modes: the draws' share of each of the 2 modes found")
+               for line in lines)

@@ -256,8 +256,9 @@ class CorrectionConfig:
         4, "Chains of the correction, started from flow draws (shared out over MPI solve "
         "groups: at least one per group).", "16")
     draws: int = _field(250, "Draws kept per chain after warm-up, at least; then, until "
-                        "R-hat <= 1.01 and the bulk and tail ESS >= 400 (or `max_draws`, or "
-                        "`sampler.budget`), the chains go on by as many draws as R-hat and "
+                        "R-hat <= 1.01 and the bulk and tail ESS >= 400 (with several modes "
+                        "found, that of the modes' shares of the draws too; or `max_draws`, "
+                        "or `sampler.budget`), the chains go on by as many draws as R-hat and "
                         "ESS extrapolate to need, at most this many at a time.", "500")
     max_draws: int = _field(2000, "Most draws per chain (at least `draws`).", "4000")
     warmup: int = _field(
