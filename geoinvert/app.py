@@ -82,8 +82,9 @@ class _Progress:
 
     def __call__(self, info):
         self.bar.set_description(f"stage {info['stage']}", refresh=False)
-        self.bar.set_postfix(loss=f"{info['loss']:.4g}", ess=f"{info.get('ess', float('nan')):.2f}",
-                             refresh=False)
+        nan = float("nan")
+        self.bar.set_postfix(loss=f"{info['loss']:.4g}", ess=f"{info.get('ess', nan):.2f}",
+                             flow_ess=f"{info.get('flow_ess', nan):.2f}", refresh=False)
         self.bar.update(int(info["nfs"]) - self.nfs)
         self.nfs = int(info["nfs"])
 
@@ -196,7 +197,7 @@ def _history(history):
         return None
     if isinstance(history, dict):
         return {k: np.asarray(v) for k, v in history.items()}
-    keys = ("stage", "nfs", "loss", "ess", "failed", "skipped")
+    keys = ("stage", "nfs", "loss", "ess", "flow_ess", "failed", "skipped")
     return {k: np.asarray([h.get(k, np.nan) for h in history]) for k in keys}
 
 

@@ -604,3 +604,8 @@ def test_a_bimodal_run_weighs_its_modes_and_goes_on_until_their_shares_converge(
     lines, _ = app.summary_lines(ds)
     assert any(line.startswith("modes: the draws' share of each of the 2 modes found")
                for line in lines)
+    # the training curves hold the flow's own importance ESS beside the proposal's (NaN for
+    # steps without a reverse term: the first stage's warm-up on its importance pool)
+    own, stage = ds["train_flow_ess"].values, ds["train_stage"].values
+    last = own[stage == stage.max()]
+    assert own.shape == stage.shape and np.all((last > 0) & (last <= 1))

@@ -232,8 +232,8 @@ def test_single_stage_and_options(problem):
                           schedule="step", generator=gen(), callback=infos.append,
                           checkpoint=completed(stages))
     assert stages == [2] and history == infos and [h["stage"] for h in history] == [2] * 3
-    keys = {"stage", "step", "nfs", "nfs_finest", "loss", "ess", "lr", "grad_norm", "failed",
-            "skipped", "time"}
+    keys = {"stage", "step", "nfs", "nfs_finest", "loss", "ess", "flow_ess", "lr", "grad_norm",
+            "failed", "skipped", "time"}
     assert all(set(h) == keys for h in history)
     with pytest.raises(ValueError, match="schedule"):
         train_asvgd(model, posteriors, steps=1, batch=8, schedule="linear")

@@ -58,12 +58,31 @@ def test_jeffreys_loss_of_exact_model_is_small(problem, proposal):
     model = new_model(prior)
     model.set_stage(2)
     _, stats = jeffreys_loss(model, flat, 64, gen(), proposal=proposal)
-    assert abs(stats["loss"]) < 1e-3 and stats["ess"] > 0.99
+    assert abs(stats["loss"]) < 1e-3 and stats["ess"] > 0.99 and stats["flow_ess"] > 0.99
     pool = importance_pool(model, flat, 64, gen())
     assert pool.x.shape == (64, 4, 4) and pool.ess > 0.99
     torch.testing.assert_close(pool.w.sum(), torch.tensor(1.0, dtype=torch.float64))
     _, stats = pool_jeffreys_loss(model, flat, 16, gen(), pool=pool)
     assert abs(stats["loss"]) < 1e-3 and stats["nfs"] == 16
+
+
+def test_the_flow_own_importance_ess_is_that_of_its_draws_weighed_by_the_target(problem):
+    """``flow_ess``: the importance ESS fraction of the reverse term's draws x ~ q with weights
+    p~(x) / q(x), from the same draws (the same generator state) as a direct computation;
+    below 1 for a model that is not the posterior. At reverse weight 0 there are no such
+    draws: NaN."""
+    from geoinvert.diagnostics import importance_ess_fraction
+    prior, posteriors, _ = problem
+    model = new_model(prior)
+    model.set_stage(2)
+    _, stats = reverse_kl_loss(model, posteriors[2], 64, gen(3))
+    with torch.no_grad():
+        x, log_q = model.sample(64, generator=gen(3), level=2)
+        log_w = posteriors[2].log_prob(x.to(torch.float64)) - log_q.to(torch.float64)
+    assert stats["flow_ess"] == pytest.approx(importance_ess_fraction(log_w.numpy()), rel=1e-6)
+    assert stats["flow_ess"] < 0.9
+    _, stats = jeffreys_loss(model, posteriors[2], 8, gen(), reverse_weight=0.0)
+    assert math.isnan(stats["flow_ess"])
 
 
 def completed(stages):

@@ -77,14 +77,17 @@ def reverse_kl_loss(model, posterior, batch, generator=None, *, ensemble=None):
 
     Returns:
         ``(loss, stats)``: this rank's differentiable part of L (sum over ranks = L) and
-        ``{"loss", "ess", "nfs", "failed"}`` (global; ``ess`` is NaN here).
+        ``{"loss", "ess", "flow_ess", "nfs", "failed"}`` (global; ``ess`` is NaN here;
+        ``flow_ess`` is the importance ESS fraction of the model's own draws, weighed by
+        q~ / p: how usable the model is as a proposal, at no extra solve).
     """
     ens = ensemble or Ensemble()
     term, value, ok, x = _reverse_terms(model, posterior, batch, generator, ens)
     n_ok, total = ens.sum(float(ok.sum()), float(value[ok].sum()))
     loss = term[ok].sum() / n_ok if n_ok else term.sum() * math.nan
-    stats = {"loss": total / n_ok if n_ok else math.nan, "ess": math.nan, "nfs": batch,
-             "failed": int(batch - n_ok)}
+    _, own = _snis_weights(-value, ok, ens)
+    stats = {"loss": total / n_ok if n_ok else math.nan, "ess": math.nan,
+             "flow_ess": own / batch, "nfs": batch, "failed": int(batch - n_ok)}
     return loss, stats
 
 
@@ -184,7 +187,8 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
     """
     ens = ensemble or Ensemble()
     if reverse_weight == 0:
-        rev, rev_stats, draws = 0.0, {"loss": 0.0, "failed": 0}, 2 * batch
+        rev, draws = 0.0, 2 * batch
+        rev_stats = {"loss": 0.0, "failed": 0, "flow_ess": math.nan}
     else:
         rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
         draws = batch
@@ -197,7 +201,8 @@ def jeffreys_loss(model, posterior, batch, generator=None, *, ensemble=None, pro
     n_ok = int(ens.sum(float(ok.sum()))[0])
     if n_ok == 0:
         forward, value = forward * math.nan, math.nan
-    stats = {"loss": rev_stats["loss"] + value, "ess": ess / draws, "nfs": 2 * batch,
+    stats = {"loss": rev_stats["loss"] + value, "ess": ess / draws,
+             "flow_ess": rev_stats["flow_ess"], "nfs": 2 * batch,
              "failed": rev_stats["failed"] + draws - n_ok}
     return reverse_weight * rev + forward, stats
 
@@ -221,7 +226,7 @@ def pool_jeffreys_loss(model, posterior, batch, generator=None, *, pool, ensembl
     if reverse:
         rev, rev_stats = reverse_kl_loss(model, posterior, batch, generator, ensemble=ens)
     else:
-        rev, rev_stats = 0.0, {"loss": 0.0, "nfs": 0, "failed": 0}
+        rev, rev_stats = 0.0, {"loss": 0.0, "nfs": 0, "failed": 0, "flow_ess": math.nan}
     idx = torch.multinomial(pool.w, batch, replacement=True, generator=generator)[ens.part(batch)]
     log_p = model.log_prob(pool.x[idx], posterior.level)
     (value,) = ens.sum(float((pool.log_q[idx] - log_p.detach().to(_F64)).sum()))

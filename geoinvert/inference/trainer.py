@@ -193,7 +193,8 @@ def _record(run, stage, step, stats, lr, started):
     run.consecutive = run.consecutive + 1 if stats["skipped"] else 0
     info = {"stage": stage, "step": step, "nfs": run.budget.used,
             "nfs_finest": run.budget.finest, "loss": float(stats["loss"]),
-            "ess": float(stats["ess"]), "lr": lr, "grad_norm": stats["grad_norm"],
+            "ess": float(stats["ess"]), "flow_ess": float(stats.get("flow_ess", math.nan)),
+            "lr": lr, "grad_norm": stats["grad_norm"],
             "failed": stats["failed"], "skipped": run.skipped,
             "time": time.perf_counter() - started}
     run.history.append(info)
@@ -351,9 +352,10 @@ def _stage_pool(model, posterior, stage, options, run, allowance, generator, ens
 
 def _log_stage(stage, steps, run):
     last = run.history[-1] if run.history else {}
-    logger.info("stage %d: %d steps, nFS %d (%.1f finest equivalents), loss %.4g, ESS %.2f, "
-                "%d skipped", stage, steps, run.budget.used, run.budget.finest,
-                last.get("loss", math.nan), last.get("ess", math.nan), run.skipped)
+    logger.info("stage %d: %d steps, nFS %d (%.1f finest equivalents), loss %.4g, ESS %.2f "
+                "(the flow's own draws: %.2f), %d skipped", stage, steps, run.budget.used,
+                run.budget.finest, last.get("loss", math.nan), last.get("ess", math.nan),
+                last.get("flow_ess", math.nan), run.skipped)
 
 
 def _steps_of(steps, level, finest):
@@ -469,8 +471,10 @@ def train_msign(model, posteriors, *, start=1, steps=None, batch=TrainOptions.ba
     Returns:
         History: one dict per step with ``stage``, ``step``, ``nfs`` (cumulative solves),
         ``nfs_finest`` (cumulative finest-level equivalents), ``loss`` (the objective's
-        estimate: D_J, or D_KL(p||q) - log Z), ``ess`` (importance ESS fraction, NaN for
-        reverse KL), ``lr``, ``grad_norm``, ``failed`` (target evaluations that failed),
+        estimate: D_J, or D_KL(p||q) - log Z), ``ess`` (importance ESS fraction of the
+        forward KL's proposal draws, NaN for reverse KL), ``flow_ess`` (that of the flow's own
+        draws in the reverse term: how usable the flow is as a proposal; NaN without that
+        term), ``lr``, ``grad_norm``, ``failed`` (target evaluations that failed),
         ``skipped`` (cumulative skipped steps) and ``time`` (s since the stage began).
 
     Raises:

@@ -74,7 +74,10 @@ def _history_vars(history):
     if not history:
         return {}
     docs = {"stage": "training stage (level)", "nfs": "forward solves used so far",
-            "loss": "training loss", "ess": "importance-sampling ESS fraction",
+            "loss": "training loss",
+            "ess": "importance-sampling ESS fraction of the forward KL's proposal draws",
+            "flow_ess": "importance-sampling ESS fraction of the flow's own draws (the "
+                        "reverse KL's): how usable the flow is as a proposal",
             "failed": "target evaluations of the step that failed (excluded)",
             "skipped": "steps skipped so far (non-finite loss or gradient)"}
     return {f"train_{k}": ("step", np.asarray(history[k]), {"long_name": doc})

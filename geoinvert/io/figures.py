@@ -75,10 +75,12 @@ def _samples_figure(ds, outdir, count=4):
 
 
 def _training_figure(ds, outdir):
-    """The loss per stage against nFS and, when training measured one (Jeffreys), the
-    importance ESS; a variational run (one stage, ELBO) shows its loss as -ELBO."""
-    ess = ds["train_ess"].values if "train_ess" in ds else None
-    with_ess = ess is not None and np.isfinite(ess).any()
+    """The loss per stage against nFS and, when training measured them, the importance ESS
+    of the forward KL's proposal draws (solid; Jeffreys) and of the flow's own draws
+    (dashed); a variational run (one stage, ELBO) shows its loss as -ELBO."""
+    curves = [ds[k].values if k in ds else np.full(ds.sizes["step"], np.nan)
+              for k in ("train_ess", "train_flow_ess")]
+    with_ess = any(np.isfinite(c).any() for c in curves)
     fig, axes = _subplots(1, 2 if with_ess else 1, figsize=(9, 3.4) if with_ess else (5, 3.4),
                           squeeze=False)
     ax1 = axes[0][0]
@@ -87,14 +89,15 @@ def _training_figure(ds, outdir):
     for stage in np.unique(ds["train_stage"].values):
         sel = ds["train_stage"].values == stage
         label = f"level {stage}" if variational else f"stage {stage}"
-        ax1.plot(nfs[sel], ds["train_loss"].values[sel], label=label)
+        line, = ax1.plot(nfs[sel], ds["train_loss"].values[sel], label=label)
         if with_ess:
-            axes[0][1].plot(nfs[sel], ess[sel], label=label)
+            for curve, style in zip(curves, ("-", "--")):
+                axes[0][1].plot(nfs[sel], curve[sel], style, color=line.get_color())
     ylabel = "-ELBO (reverse KL - log Z)" if variational else "loss"
     ax1.set(xlabel="forward solves (nFS)", ylabel=ylabel, title="training loss")
     if with_ess:
-        axes[0][1].set(xlabel="forward solves (nFS)", ylabel="ESS / n",
-                       title="importance-sampling ESS", ylim=(0, 1.05))
+        axes[0][1].set(xlabel="forward solves (nFS)", ylabel="ESS / n", ylim=(0, 1.05),
+                       title="importance ESS\n(solid: proposal's draws; dashed: the flow's own)")
     ax1.legend(fontsize=7)
     return _save(fig, outdir / "training.png", ds)
 
