@@ -83,8 +83,10 @@ class _Progress:
     def __call__(self, info):
         self.bar.set_description(f"stage {info['stage']}", refresh=False)
         nan = float("nan")
-        self.bar.set_postfix(loss=f"{info['loss']:.4g}", ess=f"{info.get('ess', nan):.2f}",
-                             flow_ess=f"{info.get('flow_ess', nan):.2f}", refresh=False)
+        shown = {"loss": f"{info['loss']:.4g}", "ess": f"{info.get('ess', nan):.2f}"}
+        if math.isfinite(info.get("flow_ess", nan)):      # the flow's own draws, when drawn
+            shown["flow_ess"] = f"{info['flow_ess']:.2f}"
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(int(info["nfs"]) - self.nfs)
         self.nfs = int(info["nfs"])
 
