@@ -260,6 +260,10 @@ def test_shipped_cases_check(path, capsys):
     assert cli.main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and "estimated cost" in out
+    if path.stem == "default":      # the correction's worst case follows the estimate
+        lines = out.splitlines()
+        cost = next(i for i, line in enumerate(lines) if line.startswith("estimated cost:"))
+        assert lines[cost + 1].startswith("  (the correction may take up to ")
 
 
 def test_bimodal_case_is_mirror_symmetric():

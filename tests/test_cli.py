@@ -54,6 +54,10 @@ def test_check_summary(case_file, capsys):
     assert cli.main(["check", str(case_file)]) == 0
     out = capsys.readouterr().out
     assert "observations: 2" in out and "level 3: 8 x 8 = 64 unknowns" in out
+    # the estimate says what it assumes of the correction
+    cost = next(line for line in out.splitlines() if line.startswith("estimated cost:"))
+    assert cost.endswith("if the correction's chains converge in their first 10 draws with "
+                         "short trajectories (at most 8 leapfrog steps)")
 
 
 def test_run_writes_result_and_model(case_file, tmp_path, trainer, capsys):

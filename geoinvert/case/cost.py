@@ -8,7 +8,7 @@ import math
 from geoinvert.case.inputs import mesh_cells, resolve
 from geoinvert.case.schema import (FLOW_KINDS, MCMC_KINDS, TRAINED_KINDS, VI_KINDS, chain_config,
                                    correction_config, flow_config, short, train_options)
-from geoinvert.inference.config import made_width
+from geoinvert.inference.config import TYPICAL_LEAPFROG, made_width
 from geoinvert.parallel import EVALUATION_CHUNK
 
 __all__ = ["MAX_LOG_CONTRAST", "reserved_solves", "training_solves", "estimate_cost", "BASE_BYTES",
@@ -272,14 +272,15 @@ def summary_lines(case):
     for level in case.levels:
         ny, nx = case.lattice_shape(level)
         lines.append(f"  level {level}: {ny} x {nx} = {ny * nx} unknowns")
-    lines.append(f"estimated cost: {solves} forward solves (~{equiv:.0f} finest-level "
-                 f"equivalents), roughly {_duration(seconds)} on one core")
-    have = machine_memory()
-    lines.append(f"estimated memory: {estimate_memory(case) / 1e9:.1f} GB per process"
-                 + (f" (this machine has {have / 1e9:.1f} GB)" if have else ""))
     s = case.config["sampler"]
     correction = correction_config(case.config)
-    if s["kind"] in TRAINED_KINDS and correction.enabled:
+    corrected = s["kind"] in TRAINED_KINDS and correction.enabled
+    fewest = (f", if the correction's chains converge in their first {correction.draws} "
+              f"draws with short trajectories (at most {TYPICAL_LEAPFROG} leapfrog steps)"
+              if corrected and correction.kernel == "hmc" else "")
+    lines.append(f"estimated cost: {solves} forward solves (~{equiv:.0f} finest-level "
+                 f"equivalents), roughly {_duration(seconds)} on one core{fewest}")
+    if corrected:
         most = correction.most_solves() - correction.reserved()
         if s["budget"]:
             most = max(min(most, s["budget"] - solves), 0)
@@ -288,6 +289,9 @@ def summary_lines(case):
             lines.append(f"  (the correction may take up to {most} more, about "
                          f"{_duration(most * per_solve)}, if its chains need long trajectories "
                          "or more draws to converge)")
+    have = machine_memory()
+    lines.append(f"estimated memory: {estimate_memory(case) / 1e9:.1f} GB per process"
+                 + (f" (this machine has {have / 1e9:.1f} GB)" if have else ""))
     return lines
 
 
