@@ -468,8 +468,10 @@ class _ChainProgress:
         self.bar.update(done - self.bar.n)
 
     def set(self, **values):
-        """Show ``values`` (e.g. the current R-hat) beside the acceptance."""
-        self.postfix.update({k: f"{v:.3g}" for k, v in values.items()})
+        """Show ``values`` (e.g. the current R-hat) beside the acceptance. R-hat has three
+        decimals, so that a value just above the criterion of 1.01 does not read as 1.01."""
+        self.postfix.update({k: f"{v:.3f}" if k == "rhat" else f"{v:.3g}"
+                             for k, v in values.items()})
 
     def close(self):
         self.bar.close()

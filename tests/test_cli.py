@@ -246,6 +246,17 @@ def test_repeated_warnings_are_shown_three_times_then_counted():
                            'failed" not shown']
 
 
+def test_the_chain_progress_bar_shows_r_hat_to_three_decimals():
+    """R-hat 1.0132 misses the criterion of 1.01: the bar must not round it to 1.01."""
+    from geoinvert.app import _ChainProgress
+    bar = _ChainProgress(10, True, "correction")
+    bar.set(rhat=1.0132, ess=231.4)
+    bar(5, 10, 0.912)
+    text = str(bar.bar)
+    bar.close()
+    assert "rhat=1.013" in text and "ess=231" in text and "accept=0.91" in text
+
+
 def test_run_prints_its_verdict(case_file, tmp_path, capsys):
     out = tmp_path / "small.nc"
     assert cli.main(["run", str(case_file), "--out", str(out)]) == 0
