@@ -250,6 +250,7 @@ class _Fit:
     flow: dict = None
     map: np.ndarray = None
     psis: dict = None
+    draws: np.ndarray = None        # every chain draw (m, ny, nx) that ``x`` was thinned from
 
 
 _CHECKPOINT_KEYS = ("version", "stage", "step", "planned", "allowance", "spent", "elapsed",
@@ -642,7 +643,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     return dataclasses.replace(
         fit, x=x, log_prob=flow_lp.reshape(-1)[keep], log_target=log_target.reshape(-1)[keep],
         predicted=np.nanmean(pred, 0), nfs=fit.nfs + int(nfs) + len(keep),
-        diagnostics=diagnostics, chain=keep // draws, draw=keep % draws, flow=flow)
+        diagnostics=diagnostics, chain=keep // draws, draw=keep % draws, flow=flow,
+        draws=pooled.flat())
 
 
 def _mode_diagnostics(modes, samples, chunk=1024):
@@ -753,7 +755,8 @@ def _fit_mcmc(case, seed, lay, posterior, *, progress=False):
     diagnostics = {**_chain_diagnostics(pooled), "failed_solves": int(ens.sum(res.failed)[0])}
     draws = samples.shape[1]
     return _Fit(x, np.full(len(keep), np.nan), flat_target[keep], np.nanmean(pred, 0), {}, [],
-                int(nfs) + len(keep), diagnostics, chain=keep // draws, draw=keep % draws)
+                int(nfs) + len(keep), diagnostics, chain=keep // draws, draw=keep % draws,
+                draws=flat)
 
 
 def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ranks_per_solve=1,
@@ -853,8 +856,8 @@ def _latent_problem(case, lay):
 
 def _to_fields(fit, forward):
     """A fit in the latent space of a learned prior G taken to the fields x = G(z): draws,
-    the MAP point and the flow's draws mapped, and their densities changed by
-    log|det dG/dz| (the importance weights, ratios of the two, are unchanged)."""
+    the MAP point, the chains' draws and the flow's draws mapped, and their densities
+    changed by log|det dG/dz| (the importance weights, ratios of the two, are unchanged)."""
     import torch
     from geoinvert.parallel import in_chunks
 
@@ -876,6 +879,7 @@ def _to_fields(fit, forward):
         fit, x=x, log_prob=log_prob, log_target=log_target, flow=flow, psis=psis,
         level_means={max(fit.level_means): x.mean(0)} if fit.level_means else {},
         map=None if fit.map is None else mapped(fit.map[None])[0][0],
+        draws=None if fit.draws is None else mapped(fit.draws)[0],
         diagnostics={**fit.diagnostics, "latent": "learned prior"})
 
 
@@ -912,7 +916,7 @@ def _finish(case, fit, seed, lay, path, start_time, kind):
         units=case.config["domain"]["units"], quantiles=case.config["output"]["quantiles"],
         level_means=fit.level_means, observations=_observations(case, fit.predicted),
         truth=case.truth, direction=_direction(case), history=_history(fit.history),
-        attrs={**attrs, "sampler": kind})
+        attrs={**attrs, "sampler": kind}, draws=fit.draws)
     if fit.chain is not None:
         ds["chain"] = ("sample", fit.chain, {"long_name": "MCMC chain of each sample"})
         ds["draw"] = ("sample", fit.draw, {"long_name": "draw of each sample in its chain"})

@@ -187,6 +187,45 @@ def test_every_sampler_kind_writes_the_same_result_format(kind, tmp_path):
             assert ds.attrs["nfs"] == expected
 
 
+def test_the_stored_summaries_are_those_of_every_chain_draw_not_only_of_the_stored_samples(
+        tmp_path):
+    """Thinning to ``output.samples`` changes what is stored, not the mean, std and quantiles:
+    the same chains kept whole and thinned to 12 samples give the same summaries."""
+    from geoinvert.app import run
+    sampler = {"kind": "pcn", "chains": 3, "draws": 40, "warmup": 10}
+    whole = run({**SMALL, "sampler": sampler, "output": {"samples": 1000}},
+                out=tmp_path / "whole.nc", progress=False, seed=2).dataset
+    thin = run({**SMALL, "sampler": sampler, "output": {"samples": 12}},
+               out=tmp_path / "thin.nc", progress=False, seed=2).dataset
+    assert whole.sizes["sample"] == 120 and thin.sizes["sample"] == 12
+    draws = whole["samples"].values
+    np.testing.assert_allclose(thin["mean"], draws.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(thin["std"], draws.std(0, ddof=1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(thin["quantiles"], np.quantile(draws, [0.05, 0.5, 0.95], axis=0),
+                               rtol=0, atol=1e-12)
+    assert np.abs(thin["samples"].values.mean(0) - draws.mean(0)).max() > 1e-3
+
+
+def test_a_corrected_run_summarises_every_draw_of_its_chains(tmp_path, monkeypatch):
+    """The corrected draws behind a flow's result: its mean and std are those of all the
+    chains' draws, of which ``samples`` keep 12."""
+    from geoinvert import app
+    seen, real = {}, app.build_dataset
+
+    def spy(samples, **kw):
+        seen["draws"] = kw["draws"]
+        return real(samples, **kw)
+    monkeypatch.setattr(app, "build_dataset", spy)
+    ds = app.run({**SMALL, "output": {"samples": 12}}, out=tmp_path / "c.nc", progress=False,
+                 seed=2).dataset
+    draws = seen["draws"]
+    assert ds.sizes["sample"] == 12
+    assert draws.shape == (ds.attrs["diagnostics_chains"] * ds.attrs["diagnostics_draws"],
+                           *ds["mean"].shape)
+    np.testing.assert_allclose(ds["mean"], draws.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ds["std"], draws.std(0, ddof=1), rtol=0, atol=1e-12)
+
+
 def test_temporaries_left_by_a_killed_run_are_removed(case_file, tmp_path):
     out = tmp_path / "small.nc"
     stale = [tmp_path / "small.nc.tmpabc123", tmp_path / "small.ckpt.tmpxyz"]

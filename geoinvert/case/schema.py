@@ -346,7 +346,9 @@ SCHEMA = (
         "overrides it).", "42", _between(0, MAX_SEED)),
     Key("output.path", "path_out", None, "Result netCDF file (default: "
         "`results/<name>.nc` under the current directory).", "out/aquifer.nc"),
-    Key("output.samples", "int", 500, "Posterior samples stored in the result.", "1000",
+    Key("output.samples", "int", 500, "Posterior samples stored in the result (chains are "
+        "thinned evenly to it; the stored mean, std and quantiles use every chain draw).",
+        "1000",
         _between(2, 10**6)),
     Key("output.quantiles", "floats", [0.05, 0.5, 0.95], "Quantiles stored in the result.",
         "[0.1, 0.9]", _quantiles),

@@ -29,14 +29,21 @@ def _coords(bounds, shape, units, suffix=""):
     }
 
 
-def _field_vars(samples, quantiles):
-    """Samples, mean, std and quantiles of ``samples (n, ny, nx)`` as data variables."""
+def _field_vars(samples, quantiles, draws=None, chunk=256):
+    """Samples ``(n, ny, nx)`` and the mean, std and quantiles of ``draws (m, ny, nx)`` (all
+    the draws the stored samples were thinned from; the samples themselves when None) as
+    data variables. The quantiles are taken a block of ``chunk`` cells at a time, so that a
+    long chain's draws are not copied whole."""
     lab = {"long_name": "log-coefficient"}
+    draws = samples if draws is None else np.asarray(draws, dtype=float)
+    flat = draws.reshape(draws.shape[0], -1)
+    q = np.concatenate([np.quantile(flat[:, i:i + chunk], quantiles, axis=0)
+                        for i in range(0, flat.shape[1], chunk)], axis=1)
     return {
         "samples": (("sample", "y", "x"), samples, {**lab, "long_name": "posterior samples"}),
-        "mean": (("y", "x"), samples.mean(axis=0), {"long_name": "posterior mean"}),
-        "std": (("y", "x"), samples.std(axis=0, ddof=1), {"long_name": "posterior std"}),
-        "quantiles": (("quantile", "y", "x"), np.quantile(samples, quantiles, axis=0),
+        "mean": (("y", "x"), draws.mean(axis=0), {"long_name": "posterior mean"}),
+        "std": (("y", "x"), draws.std(axis=0, ddof=1), {"long_name": "posterior std"}),
+        "quantiles": (("quantile", "y", "x"), q.reshape(len(quantiles), *draws.shape[1:]),
                       {"long_name": "posterior quantiles"}),
     }
 
@@ -103,7 +110,7 @@ def _clean_attrs(attrs):
 
 def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
                   quantiles=(0.05, 0.5, 0.95), level_means=None, observations=None, truth=None,
-                  direction=None, history=None, attrs=None):
+                  direction=None, history=None, attrs=None, draws=None):
     """Assemble the result Dataset of the public contract.
 
     Args:
@@ -120,13 +127,16 @@ def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
         direction: Optional direction field ``(ny, nx)`` for the marginal plot.
         history: Optional training curves ``{stage, nfs, loss, ess: (n_steps,)}``.
         attrs: Global attributes (version, case text, seed, nfs, wall time, diagnostics...).
+        draws: Optional ``(m, ny, nx)``: every draw of the chains that ``samples`` were thinned
+            from; ``mean``, ``std`` and ``quantiles`` are then theirs, so that storing fewer
+            samples does not make them less accurate.
 
     Returns:
         xarray.Dataset with ``samples(sample, y, x)``, ``mean``, ``std``, ``quantiles``,
         ``log_prob(sample)``, ``log_target(sample)`` and the optional parts.
     """
     samples = np.asarray(samples, dtype=float)
-    data = _field_vars(samples, np.asarray(quantiles, float))
+    data = _field_vars(samples, np.asarray(quantiles, float), draws)
     data["log_prob"] = ("sample", np.asarray(log_prob, float), {"long_name": "flow log density"})
     data["log_target"] = ("sample", np.asarray(log_target, float),
                           {"long_name": "unnormalised posterior log density"})
