@@ -639,12 +639,15 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         diagnostics["failed_solves"] = int(failed)
     if len(modes) > 1:
         diagnostics.update(_mode_diagnostics(modes, samples))
-    draws = samples.shape[1]
+    draws, every = samples.shape[1], pooled.flat()
+    level_means = dict(fit.level_means or {})
+    if level_means:              # the finest level's mean is now the corrected one
+        level_means[max(level_means)] = every.mean(0)
     return dataclasses.replace(
         fit, x=x, log_prob=flow_lp.reshape(-1)[keep], log_target=log_target.reshape(-1)[keep],
         predicted=np.nanmean(pred, 0), nfs=fit.nfs + int(nfs) + len(keep),
         diagnostics=diagnostics, chain=keep // draws, draw=keep % draws, flow=flow,
-        draws=pooled.flat())
+        draws=every, level_means=level_means)
 
 
 def _mode_diagnostics(modes, samples, chunk=1024):
@@ -867,6 +870,7 @@ def _to_fields(fit, forward):
         return x.numpy(), logdet.numpy()
 
     x, logdet = mapped(fit.x)
+    draws = None if fit.draws is None else mapped(fit.draws)[0]
     flow = fit.flow
     if flow is not None:
         fx, fdet = mapped(flow["x"])
@@ -877,9 +881,9 @@ def _to_fields(fit, forward):
     psis = _psis_estimates(x, log_target, log_prob) if fit.psis else fit.psis
     return dataclasses.replace(
         fit, x=x, log_prob=log_prob, log_target=log_target, flow=flow, psis=psis,
-        level_means={max(fit.level_means): x.mean(0)} if fit.level_means else {},
-        map=None if fit.map is None else mapped(fit.map[None])[0][0],
-        draws=None if fit.draws is None else mapped(fit.draws)[0],
+        level_means={max(fit.level_means): (x if draws is None else draws).mean(0)}
+        if fit.level_means else {},
+        map=None if fit.map is None else mapped(fit.map[None])[0][0], draws=draws,
         diagnostics={**fit.diagnostics, "latent": "learned prior"})
 
 

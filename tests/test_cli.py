@@ -219,6 +219,8 @@ def test_a_corrected_run_summarises_every_draw_of_its_chains(tmp_path, monkeypat
     ds = app.run({**SMALL, "output": {"samples": 12}}, out=tmp_path / "c.nc", progress=False,
                  seed=2).dataset
     draws = seen["draws"]
+    finest = max(int(v[len("mean_level"):]) for v in ds.variables if v.startswith("mean_level"))
+    np.testing.assert_allclose(ds[f"mean_level{finest}"], ds["mean"], rtol=0, atol=1e-12)
     assert ds.sizes["sample"] == 12
     assert draws.shape == (ds.attrs["diagnostics_chains"] * ds.attrs["diagnostics_draws"],
                            *ds["mean"].shape)

@@ -49,7 +49,9 @@ def _field_vars(samples, quantiles, draws=None, chunk=256):
 
 
 def _level_vars(level_means, bounds, units):
-    """Per-level posterior means ``mean_level{l}(y_l{l}, x_l{l})`` and their coordinates."""
+    """Per-level posterior means ``mean_level{l}(y_l{l}, x_l{l})`` and their coordinates: a
+    flow's means of its approximations of each level's posterior, the finest replaced by the
+    corrected mean when its draws were corrected."""
     data, coords = {}, {}
     for level, mean in sorted((level_means or {}).items()):
         s = f"_l{level}"
