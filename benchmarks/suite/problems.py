@@ -268,6 +268,81 @@ def heldout():
                 "(mean 4.6, std 0.7, correlation 400 m), river and canal heads, recharge, "
                 "nine wells read from a CSV, noise 0.05 m (cases/aquifer.yaml without its "
                 "sampler settings)", aquifer, str(REFERENCES / "heldout-aquifer.nc")),
+    ] + _heldout_later()
+
+
+def _heldout_later():
+    """Held-out problems written after the defaults were last changed, to check them again:
+    other lattices, priors, boundaries, domains and observations than those above."""
+    bump = {"shape": "gaussian", "center": [0.7, 0.3], "width": 0.15}
+    return [
+        Problem("heldout-quadratic-c-8", "quadratic, 8x8, sin(2 pi x) sin(pi y), noise 0.1 y, "
+                "correlation 0.25: two separated modes on the smallest quadratic lattice",
+                _quadratic("heldout-quadratic-c-8", 3, PHI_C, 0.1, 0.25), "exact", True),
+        Problem("heldout-linear-iid-32", "linear, 32x32 iid prior (std 1.5), nine integral "
+                "observations, noise 0.02",
+                _base("heldout-linear-iid-32", 5, {"kind": "iid", "std": 1.5}, {"kind": "linear"},
+                      {"functions": _bumps(_grid(3), 0.12)},
+                      {"synthetic": {"truth": "prior", "seed": 21}}, 0.02), "exact"),
+        Problem("heldout-linear-rough-16", "linear, 16x16 rough Matern prior (std 2, "
+                "correlation 0.1), twelve narrow integral observations, noise 0.005",
+                _base("heldout-linear-rough-16", 4,
+                      {"kind": "matern", "std": 2.0, "correlation_length": 0.1},
+                      {"kind": "linear"},
+                      {"functions": _bumps([(0.15 + 0.7 * i / 3, 0.2 + 0.6 * j / 2)
+                                            for j in range(3) for i in range(4)], 0.05)},
+                      {"synthetic": {"truth": "prior", "seed": 22}}, 0.005), "exact"),
+        Problem("heldout-unequal-bump-32", "quadratic, 32x32, a bump at (0.7, 0.3), noise "
+                "0.03 y, prior mean 0.1 phi_a: two very sharp modes of unequal mass",
+                _shifted(_quadratic("heldout-unequal-bump-32", 5, bump, 0.03, 0.25), 0.1),
+                "exact", True),
+        Problem("heldout-four-overlapping", "quadratic, 16x16, phi_a and sin(2 pi x) sin(pi y), "
+                "noise 0.3 y: four overlapping modes of equal mass",
+                _quadratics("heldout-four-overlapping", 4, [PHI_A, PHI_C], 0.3, 0.2), "exact",
+                True),
+        Problem("heldout-quadratic-d-64", "quadratic, 64x64 (4096 parameters), sin(2 pi x) "
+                "sin(2 pi y), noise 0.2 y, correlation 0.15",
+                _quadratic("heldout-quadratic-d-64", 6, PHI_D, 0.2, 0.15), "exact", True),
+        Problem("heldout-mixed-8", "elliptic, 8x8 iid prior, u = 1 at the bottom and 0 on top, "
+                "inflow through the left side, a Gaussian source, six heads and one integral of "
+                "u, noise 0.02",
+                _base("heldout-mixed-8", 3, {"kind": "iid", "std": 1.0},
+                      {"kind": "elliptic",
+                       "source": {"shape": "gaussian", "center": [0.5, 0.5], "width": 0.15,
+                                  "amplitude": 3.0},
+                       "dirichlet": {"bottom": 1.0, "top": 0.0}, "neumann": {"left": 0.5}},
+                      {"points": [[0.2, 0.2], [0.6, 0.15], [0.85, 0.4], [0.4, 0.5],
+                                  [0.15, 0.8], [0.7, 0.8]],
+                       "functions": [{"shape": "gaussian", "center": [0.5, 0.5],
+                                      "width": 0.2}]},
+                      {"synthetic": {"truth": "prior", "seed": 31}}, 0.02,
+                      levels={"min_cells": 16}),
+                str(REFERENCES / "heldout-mixed-8.nc")),
+        Problem("heldout-rect-8", "elliptic, 8x8 on a 2 x 1 rectangle, Matern prior (std 1.3, "
+                "correlation 0.4), u = 1 on the left and 0 on the right, a high-permeability "
+                "block, eight heads, noise 0.01",
+                {**_base("heldout-rect-8", 3,
+                         {"kind": "matern", "std": 1.3, "correlation_length": 0.4},
+                         {"kind": "elliptic", "source": 0.0,
+                          "dirichlet": {"left": 1.0, "right": 0.0}},
+                         {"points": [[0.3, 0.3], [0.7, 0.7], [1.0, 0.2], [1.0, 0.5], [1.2, 0.8],
+                                     [1.5, 0.35], [1.7, 0.65], [0.5, 0.5]]},
+                         {"synthetic": {"truth": {"shape": "box", "x": [0.8, 1.3],
+                                                  "y": [0.3, 0.7], "value": 1.2},
+                                        "seed": 32}}, 0.01, levels={"min_cells": 16}),
+                 "domain": {"bounds": [0, 2, 0, 1], "units": "1"}},
+                str(REFERENCES / "heldout-rect-8.nc")),
+        Problem("heldout-integrals-16", "elliptic, 16x16 Matern prior (std 1.5, correlation "
+                "0.2), u = 0 on the boundary, source 2, nine integral observations only, noise "
+                "0.005",
+                _base("heldout-integrals-16", 4,
+                      {"kind": "matern", "std": 1.5, "correlation_length": 0.2},
+                      {"kind": "elliptic", "source": 2.0, "dirichlet": {"all": 0.0}},
+                      {"functions": _bumps(_grid(3), 0.12)},
+                      {"synthetic": {"truth": {"shape": "gaussian", "center": [0.35, 0.6],
+                                               "width": 0.15, "amplitude": 1.5},
+                                     "seed": 33}}, 0.005),
+                str(REFERENCES / "heldout-integrals-16.nc")),
     ]
 
 
