@@ -348,8 +348,7 @@ SCHEMA = (
         "`results/<name>.nc` under the current directory).", "out/aquifer.nc"),
     Key("output.samples", "int", 500, "Posterior samples stored in the result (chains are "
         "thinned evenly to it; the stored mean, std and quantiles use every chain draw).",
-        "1000",
-        _between(2, 10**6)),
+        "1000", _between(2, 10**6)),
     Key("output.quantiles", "floats", [0.05, 0.5, 0.95], "Quantiles stored in the result.",
         "[0.1, 0.9]", _quantiles),
     Key("output.direction", "spec", None, "Direction field for the marginal plot (default: "
