@@ -93,3 +93,17 @@ def test_figures(tmp_path, truth):
     names = sorted(p.name for p in paths)
     assert names == ["marginal.png", "mean_std.png", "samples.png", "training.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_the_verdict_caption_sits_right_below_the_lowest_axes(tmp_path):
+    """A square image in a tall figure leaves empty space below its axes: the caption goes
+    right below the axes' tick labels, not to the foot of the figure."""
+    from geoinvert.io.figures import _save, _subplots
+    fig, ax = _subplots(1, 1, figsize=(4, 8))
+    ax.imshow(np.zeros((8, 8)), aspect="equal")
+    _save(fig, tmp_path / "f.png", _dataset().assign_attrs(verdict="ok", sampler="msign"))
+    renderer = fig.canvas.get_renderer()
+    (caption,) = fig.texts
+    assert caption.get_text() == "msign: verdict ok"
+    gap = ax.get_tightbbox(renderer).y0 - caption.get_window_extent(renderer).y1
+    assert 0 <= gap < 0.05 * fig.bbox.height

@@ -45,9 +45,16 @@ def _caption(ds, width):
 
 
 def _save(fig, path, ds=None):
+    """Save ``fig`` with the verdict of ``ds`` as a caption right below its lowest axes (their
+    tick labels included), wherever the axes' aspect left them in the figure."""
     caption = _caption(ds, int(fig.get_figwidth() * 14)) if ds is not None else ""
     if caption:
-        fig.text(0.0, -0.02, caption, fontsize=7, va="top", ha="left",
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw_without_rendering()
+        bottom = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+        y = fig.transFigure.inverted().transform((0, bottom))[1]
+        fig.text(0.0, y - 0.02, caption, fontsize=7, va="top", ha="left",
                  color="k" if ds.attrs["verdict"] == "ok" else "firebrick")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
