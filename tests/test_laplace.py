@@ -392,3 +392,44 @@ def test_laplace_modes_in_the_independence_proposal_restore_a_dropped_mode():
         got, ref = t[sign * t > 0], t_exact[sign * t_exact > 0]
         assert got.mean() == pytest.approx(ref.mean(), abs=0.005)
         assert got.std() == pytest.approx(ref.std(), rel=0.15)
+
+
+def test_failed_solves_of_the_map_searches_are_counted():
+    """A solver that fails beyond a bound on the field: the searches' starts and line-search
+    trial points that fail are counted in ``failed``, as the run's summary reports them."""
+    posterior, _ = _linear()
+    inner, failed = posterior.forward, []
+
+    class Bounded:
+        shape, n_obs = inner.shape, inner.n_obs
+
+        def __call__(self, x):
+            y = inner(x)
+            bad = x.detach().reshape(x.shape[0], -1).abs().amax(1) > 10.0
+            failed.append(int(bad.sum()))
+            return torch.where(bad[:, None], torch.full_like(y, math.nan), y)
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+    posterior.likelihood.forward = Bounded()
+    fit = fit_laplace(posterior, all_modes=True, generator=gen())
+    assert fit.failed == sum(failed) > 0
+    assert fit.converged and fit.x_map.abs().max() <= 10.0
+
+
+def test_an_ascent_backs_off_from_failed_solves_and_stays_finite():
+    """A Gaussian log target whose maximum (z = 3) lies beyond where the solve fails (z > 2):
+    the line search must back off to finite points, not carry NaN through the rest of the
+    ascent (a trial value of +inf made the Wolfe search's interpolation NaN)."""
+    from geoinvert.inference.laplace import _ascend
+    calls = []
+
+    def evaluate(z):
+        calls.append(z.clone())
+        if z.isnan().any() or z.max() > 2.0:
+            return torch.tensor(-math.inf, dtype=F64), torch.zeros_like(z)
+        return -0.5 * ((z - 3.0) ** 2).sum(), -(z - 3.0)
+    z, value, _ = _ascend(evaluate, torch.zeros(4, dtype=F64), 200)
+    assert torch.isfinite(z).all() and torch.isfinite(value)
+    assert all(torch.isfinite(c).all() for c in calls)
+    assert 1.5 < float(z.max()) <= 2.0

@@ -213,6 +213,7 @@ class LaplaceFit:
         search_unfinished: with ``all_modes``, the repeated searches stopped at
             :data:`_MAX_STARTS` prior draws with a mode still reached from one draw only:
             modes may be missing.
+        failed: search evaluations whose forward solve failed (the line search backed off).
     """
 
     transport: LaplaceTransport
@@ -227,19 +228,22 @@ class LaplaceFit:
     other_modes: list
     modes: list
     search_unfinished: bool = False
+    failed: int = 0
 
 
 class _Evaluator:
-    """log pi and its gradient in whitened coordinates, counting evaluations."""
+    """log pi and its gradient in whitened coordinates, counting evaluations and those whose
+    solve failed."""
 
     def __init__(self, posterior, whitening):
-        self.posterior, self.whitening, self.calls = posterior, whitening, 0
+        self.posterior, self.whitening, self.calls, self.failed = posterior, whitening, 0, 0
 
     def __call__(self, z):
         z = z.detach().requires_grad_(True)
         value = self.posterior.log_prob(self.whitening.to_x(z[None])).to(_F64)[0]
         self.calls += 1
         if not torch.isfinite(value):
+            self.failed += 1
             return value.detach(), torch.zeros_like(z)
         (g,) = torch.autograd.grad(value, z)
         return value.detach(), g
@@ -256,12 +260,19 @@ def _ascend(evaluate, start, max_iterations):
                                   tolerance_change=1e-15,
                                   history_size=20, line_search_fn="strong_wolfe")
 
+    worst = []          # the largest finite objective so far
+
     def closure():
         value, g = evaluate(z)
-        if not torch.isfinite(value):              # failed solve: repel the line search
+        if not torch.isfinite(value):
+            # failed solve: repel the line search with a value above every finite one seen.
+            # Finite, so that the Wolfe search's cubic interpolation stays finite: +inf made
+            # it NaN, and the rest of the ascent evaluated NaN fields.
             z.grad = torch.zeros_like(z)
-            return torch.tensor(math.inf, dtype=_F64)
+            return torch.tensor(worst[0] + 1.0 + abs(worst[0]), dtype=_F64)
         z.grad = -g
+        objective = -float(value.detach())
+        worst[:] = [max(worst[0], objective)] if worst else [objective]
         return -value
 
     optimizer.step(closure)
@@ -458,6 +469,7 @@ def fit_laplace(posterior, *, generator=None, max_iterations=_MAP_ITERATIONS,
                 "other modes", value, evaluate.calls, gradient, values.numel(), dim,
                 float(values[0]) if values.numel() else math.nan, probes, len(gaps))
     return LaplaceFit(transport, x_map, value, gradient, converged, evaluate.calls, values,
-                      probes, evaluate.calls + solves, gaps, modes, bool(unfinished))
+                      probes, evaluate.calls + solves, gaps, modes, bool(unfinished),
+                      evaluate.failed)
 
 
