@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from geoinvert.problem.forward import failures
 from geoinvert.io import (acquire_lock, build_dataset, checkpoint_meta, checkpoint_path, figures,
                           model_path, read_checkpoint, release_lock, save_model,
                           write_checkpoint, write_netcdf)
@@ -358,7 +359,7 @@ def _correct_fit(fit, case, seed, lay, posterior, *, progress, approximation=Non
         from geoinvert.inference.laplace import fit_laplace
         laplace = fit_laplace(posterior, all_modes=True,
                               generator=torch.Generator().manual_seed(seed + 31))
-        extra = {"mode_search_nfs": laplace.nfs}
+        extra = {"mode_search_nfs": laplace.nfs, "mode_search_failed_solves": laplace.failed}
         if use_modes:
             modes, extra["modes_found"] = laplace.modes, len(laplace.modes)
             if laplace.search_unfinished:
@@ -636,7 +637,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_region_exits": int(ens.sum(res.exits)[0]),
             "independence_moves": res.independence_moves})
     else:
-        diagnostics["failed_solves"] = int(failed)
+        diagnostics["failed_solves"] = diagnostics.get("failed_solves", 0) + int(failed)
     if len(modes) > 1:
         diagnostics.update(_mode_diagnostics(modes, samples))
     draws, every = samples.shape[1], pooled.flat()
@@ -689,7 +690,7 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
     diagnostics = {**_importance_diagnostics(log_target, log_prob),
                    "laplace_rank": int(laplace.eigenvalues.numel()),
                    "laplace_map_gradient": laplace.gradient,
-                   "laplace_nfs": int(laplace.nfs),
+                   "laplace_nfs": int(laplace.nfs), "failed_solves": int(laplace.failed),
                    "other_modes": len(laplace.other_modes),
                    "other_modes_gap": min(laplace.other_modes, default=math.nan)}
     fit = _Fit(x, log_prob, log_target, np.nanmean(pred.numpy(), 0), {}, [], laplace.nfs + n,
@@ -812,8 +813,9 @@ def run(case, *, out=None, seed=None, comm=None, progress=True, resume=False, ra
             "choose"
         raise CaseError(str(path), f"{held}; {advice} another --out")
     try:
-        return _run_locked(case, seed, lay, path, start_time, progress=progress, resume=resume,
-                           stop=stop, checkpoint_every=checkpoint_every)
+        with failures.counted():
+            return _run_locked(case, seed, lay, path, start_time, progress=progress,
+                               resume=resume, stop=stop, checkpoint_every=checkpoint_every)
     finally:
         if lay.root:
             release_lock(path)
@@ -1052,41 +1054,43 @@ def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=Fals
                         f"{case.n_obs} observations")
     lay = layout(None)
     results = []
-    for k, y in enumerate(data):
-        start = time.perf_counter()
-        config = yaml.safe_load(case.text)
-        config["data"] = {"values": y.tolist()}
-        if samples:
-            config.setdefault("output", {})["samples"] = int(samples)
-        here = load_case(config, folder=case.folder)
-        n = here.config["output"]["samples"]
-        # the stored case's prior and forward model serve every data set (built once)
-        posterior = Posterior(case.prior(), case.forward(case.finest), here.data, case.noise,
-                              case.finest)
-        here_post, tuned = post, {}
-        if fine_tune:
-            from geoinvert.inference.amortized import fine_tune as refine
-            here_post, history = refine(post, posterior, y, steps=fine_tune,
+    with failures.counted():       # counted in the results' summaries
+        for k, y in enumerate(data):
+            start = time.perf_counter()
+            config = yaml.safe_load(case.text)
+            config["data"] = {"values": y.tolist()}
+            if samples:
+                config.setdefault("output", {})["samples"] = int(samples)
+            here = load_case(config, folder=case.folder)
+            n = here.config["output"]["samples"]
+            # the stored case's prior and forward model serve every data set (built once)
+            posterior = Posterior(case.prior(), case.forward(case.finest), here.data, case.noise,
+                                  case.finest)
+            here_post, tuned = post, {}
+            if fine_tune:
+                from geoinvert.inference.amortized import fine_tune as refine
+                here_post, history = refine(post, posterior, y, steps=fine_tune,
+                                            generator=torch.Generator().manual_seed(int(seed) + k))
+                tuned = {"fine_tune_steps": int(fine_tune), "fine_tune_nfs": history[-1]["nfs"],
+                         "fine_tune_elbo_first": history[0]["elbo"],
+                         "fine_tune_elbo_last": history[-1]["elbo"],
+                         "failed_solves": int(sum(h["failed"] for h in history))}
+            x, log_q = here_post.sample(n, y,
                                         generator=torch.Generator().manual_seed(int(seed) + k))
-            tuned = {"fine_tune_steps": int(fine_tune), "fine_tune_nfs": history[-1]["nfs"],
-                     "fine_tune_elbo_first": history[0]["elbo"],
-                     "fine_tune_elbo_last": history[-1]["elbo"]}
-        x, log_q = here_post.sample(n, y,
-                                    generator=torch.Generator().manual_seed(int(seed) + k))
-        log_target, pred = in_chunks(posterior.evaluate, x)
-        diagnostics = {**_importance_diagnostics(log_target.numpy(), log_q.numpy()), **tuned}
-        outside = post.outside(y)
-        if outside.size:
-            diagnostics["outside_simulations"] = int(outside.size)
-        fit = _Fit(x.numpy(), log_q.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
-                   {here.finest: x.mean(0).numpy()}, [], n + tuned.get("fine_tune_nfs", 0),
-                   diagnostics, here_post.model)
-        if correct:
-            fit = _correct_fit(fit, here, int(seed) + k, lay, posterior, progress=progress,
-                               approximation=AtData(here_post, y))
-        target = Path(out) if len(data) == 1 else Path(out).with_name(
-            f"{Path(out).stem}_{k}{Path(out).suffix}")
-        results.append(_finish(here, fit, int(seed) + k, lay, target, start, "amortized"))
+            log_target, pred = in_chunks(posterior.evaluate, x)
+            diagnostics = {**_importance_diagnostics(log_target.numpy(), log_q.numpy()), **tuned}
+            outside = post.outside(y)
+            if outside.size:
+                diagnostics["outside_simulations"] = int(outside.size)
+            fit = _Fit(x.numpy(), log_q.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
+                       {here.finest: x.mean(0).numpy()}, [], n + tuned.get("fine_tune_nfs", 0),
+                       diagnostics, here_post.model)
+            if correct:
+                fit = _correct_fit(fit, here, int(seed) + k, lay, posterior, progress=progress,
+                                   approximation=AtData(here_post, y))
+            target = Path(out) if len(data) == 1 else Path(out).with_name(
+                f"{Path(out).stem}_{k}{Path(out).suffix}")
+            results.append(_finish(here, fit, int(seed) + k, lay, target, start, "amortized"))
     return results
 
 
@@ -1235,11 +1239,12 @@ def summary_lines(ds):
         lines.append(f"modes: the draws' share of each of the {shares.size} modes found "
                      f"{format_shares(shares, np.atleast_1d(a['diagnostics_mode_shares_mcse']))}"
                      f" (effective sample size of the shares {get('mode_ess'):.0f})")
-    failed = int(np.nan_to_num(get("correction_failed_solves")) + np.nan_to_num(
-        get("failed_solves")))
+    failed = int(sum(np.nan_to_num(get(key)) for key in (
+        "failed_solves", "mode_search_failed_solves", "correction_failed_solves")))
     if failed:
-        lines.append(f"{failed} forward solves failed (their proposals were rejected or left "
-                     "out of their training steps)")
+        lines.append(f"{failed} forward solves failed, at fields beyond the solver that the "
+                     "samplers met and set aside (rejected proposals, trial points of the MAP "
+                     "searches, draws left out of training steps); none is in the result")
     if "diagnostics_failed_draws" in a:
         lines.append(f"{int(get('failed_draws'))} of {int(get('drawn'))} draws left out (their "
                      "forward solve failed)")

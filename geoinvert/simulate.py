@@ -13,6 +13,7 @@ import torch
 from geoinvert.errors import TrainingError
 from geoinvert.io import SIMULATION_CHUNK, SimulationWriter, atomic_path
 from geoinvert.parallel import Ensemble
+from geoinvert.problem.forward import failures
 
 __all__ = ["simulate"]
 
@@ -58,7 +59,7 @@ def simulate(case, num, out, *, seed=0, comm=None, chunk=SIMULATION_CHUNK, progr
                desc="simulations")
     place = atomic_path(out) if root else contextlib.nullcontext(None)   # rank 0 writes
     try:
-        with place as tmp:
+        with place as tmp, failures.counted():     # counted, reported once below
             writer = SimulationWriter(tmp, case_text=case.text, name=case.name,
                                       shape=case.lattice_shape(level),
                                       noise=noise_std.expand(case.n_obs).numpy(),

@@ -13,6 +13,7 @@ import yaml
 
 import geoinvert
 from geoinvert import cli
+from geoinvert.problem.forward import failures
 from geoinvert.testing import small_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +244,10 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
     from geoinvert.problem.forward.testbeds import LinearForward
     real = LinearForward.__call__
 
+    counted = []
+
     def flaky(self, x):       # every fourth field of a batch "fails" (not the truth's solve)
+        counted.append(failures.is_counted())
         y = real(self, x)
         bad = (torch.arange(y.shape[0]) % 4 == 0) & (y.shape[0] > 1)
         return torch.where(bad[:, None], torch.full_like(y, float("nan")), y)
@@ -257,6 +261,21 @@ def test_failed_solves_are_counted_and_reported(case_file, tmp_path, monkeypatch
         assert failed == int(ds["train_failed"].sum()) > 0
         assert np.isfinite(ds["train_loss"]).all()
     assert f"{failed} forward solves failed" in capsys.readouterr().out
+    assert all(counted[1:])             # the synthetic data's solve comes before the run
+
+
+def test_the_summary_counts_the_failed_solves_of_every_part_of_a_run():
+    from geoinvert.app import summary_lines
+    ds = xr.Dataset(attrs={"sampler": "msign", "nfs": 100, "wall_time": 1.0, "verdict": "ok",
+                           "diagnostics_failed_solves": 3,
+                           "diagnostics_mode_search_failed_solves": 2,
+                           "diagnostics_correction_failed_solves": 5})
+    lines, warnings = summary_lines(ds)
+    assert any(line.startswith("10 forward solves failed") for line in lines)
+    assert not warnings
+    ds.attrs.update(diagnostics_failed_solves=0, diagnostics_mode_search_failed_solves=0,
+                    diagnostics_correction_failed_solves=0)
+    assert not any("failed" in line for line in summary_lines(ds)[0])
 
 
 @pytest.mark.parametrize("sampler, extra, message", [

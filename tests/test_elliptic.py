@@ -1,5 +1,7 @@
 """Verification of the dolfinx elliptic forward model and its adjoint gradients."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,29 @@ def test_repeated_failed_solves_log_a_few_warnings_then_stop(solver, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 4 and "not logged" in warnings[-1]
     assert sum(r.levelname == "DEBUG" for r in caplog.records) >= 10 - 3
+
+
+def test_failed_solves_a_caller_counts_are_logged_at_debug_only(caplog):
+    """Within ``failures.counted()`` (a run, whose summary reports the total) failed solves
+    leave no warning; outside it again, a script's logging gets its few warnings."""
+    from geoinvert.problem.forward import failures
+    model = EllipticForward(SELF, (4, 4), solver="fast", **OPTIONS)
+    m = np.zeros((5, 4, 4))     # as in the test above: fields the factorisation fails on
+    m[0, ::2], m[0, 1::2] = 340.0, -340.0
+    m[1, 0, 0], m[1, 1, 1], m[1, 2, 2] = 690.0, -690.0, 690.0
+    m[2] = np.where(np.indices((4, 4)).sum(0) % 2, 690.0, -690.0)
+    m[3, :, :2], m[3, :, 2:] = 699.0, -699.0
+    with caplog.at_level("DEBUG", logger="geoinvert.problem.forward"):
+        with failures.counted(), failures.counted():
+            for _ in range(5):
+                assert model.solve_batch(m)[1]["failed"].size
+        with failures.counted():
+            model.solve_batch(m)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert sum(r.levelname == "DEBUG" and "factorisation" in r.getMessage()
+                   for r in caplog.records) == 6
+        model.solve_batch(m)
+    assert [r.levelname for r in caplog.records].count("WARNING") == 1
 
 
 def test_solve_counter_and_shapes():

@@ -285,7 +285,7 @@ class PetscCholesky:
         try:
             slot["ksp"].setUp()
         except PETSc.Error as err:
-            log.warning("PETSc Cholesky failed (%s)", err)
+            log.debug("PETSc Cholesky failed (%s)", err)      # the model logs the batch
             return np.array([True])
         return np.array([False])
 

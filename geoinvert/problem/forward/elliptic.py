@@ -34,6 +34,7 @@ from geoinvert.expressions import compile_spec
 from geoinvert.problem.forward.autograd import apply_adjoint_model
 from geoinvert.problem.forward import cholesky
 from geoinvert.problem.forward.cholesky import InterleavedCholesky, PetscCholesky
+from geoinvert.problem.forward.failures import FailureLog
 
 __all__ = ["EllipticForward", "Discretisation", "OutsideMesh", "FastSolver", "AssemblySolver",
            "MAX_LOG_COEFFICIENT"]
@@ -307,28 +308,6 @@ def _quiet_jit():
         logging.disable(previous)
 
 
-class _FailureLog:
-    """Warns of failed solves for the first :attr:`SHOWN` batches that have any, then once that
-    further ones go unlogged: a sampler's rejected proposals can fail by the thousand, and the
-    samplers count them and report the total with their result (a library user's logging
-    shows a few lines, not one per batch)."""
-
-    SHOWN = 3
-
-    def __init__(self):
-        self.batches = 0
-
-    def __call__(self, message, *args):
-        self.batches += 1
-        if self.batches <= self.SHOWN:
-            log.warning(message, *args)
-            if self.batches == self.SHOWN:
-                log.warning("further failed solves of this forward model are not logged; the "
-                            "samplers count them in their results")
-        else:
-            log.debug(message, *args)
-
-
 def _log_coefficient_ok(m):
     """Samples whose exp(m) is finite and positive in double precision."""
     flat = m.reshape(m.shape[0], -1)
@@ -357,7 +336,7 @@ class FastSolver:
         self.backend = self._make_backend(backend)
         self.M_factor = self.backend.value_map(self.M_ff)
         self._slots, self._generation = [], 0
-        self._failures = _FailureLog()
+        self._failures = FailureLog(log)
 
     # -- set-up ------------------------------------------------------------------------
     def _lattice_colours(self):
@@ -587,7 +566,7 @@ class AssemblySolver:
 
     def __init__(self, disc, *, method="lu", rtol=1e-12):
         self.disc, self.method, self.rtol = disc, method, rtol
-        self._failures = _FailureLog()
+        self._failures = FailureLog(log)
         self.lam = fem.Function(disc.V)
         self.u = fem.Function(disc.V)
         v = ufl.TestFunction(disc.Q)
