@@ -252,6 +252,7 @@ class _Fit:
     map: np.ndarray = None
     psis: dict = None
     draws: np.ndarray = None        # every chain draw (m, ny, nx) that ``x`` was thinned from
+    moments: tuple = None           # (mean, std) of a Gaussian answer, exact (Laplace kind)
 
 
 _CHECKPOINT_KEYS = ("version", "stage", "step", "planned", "allowance", "spent", "elapsed",
@@ -696,7 +697,11 @@ def _fit_laplace(case, seed, lay, posterior, *, progress=False):
     fit = _Fit(x, log_prob, log_target, np.nanmean(pred.numpy(), 0), {}, [], laplace.nfs + n,
                diagnostics, map=laplace.x_map.numpy())
     if s["kind"] == "laplace":
-        return dataclasses.replace(fit, psis=_psis_estimates(x, log_target, log_prob))
+        variance = getattr(posterior.prior, "variance", None)   # a Gaussian prior's
+        moments = None if variance is None else \
+            laplace.transport.moments(variance(posterior.level))
+        return dataclasses.replace(fit, psis=_psis_estimates(x, log_target, log_prob),
+                                   moments=moments)
     from geoinvert.case import chain_config
     c = chain_config(case.config)
     config = CorrectionConfig(kernel="pcn", chains=c.chains, draws=c.draws, max_draws=c.draws,
@@ -886,6 +891,7 @@ def _to_fields(fit, forward):
         level_means={max(fit.level_means): (x if draws is None else draws).mean(0)}
         if fit.level_means else {},
         map=None if fit.map is None else mapped(fit.map[None])[0][0], draws=draws,
+        moments=None,            # a Gaussian in z is none in x: the draws' moments instead
         diagnostics={**fit.diagnostics, "latent": "learned prior"})
 
 
@@ -922,7 +928,7 @@ def _finish(case, fit, seed, lay, path, start_time, kind):
         units=case.config["domain"]["units"], quantiles=case.config["output"]["quantiles"],
         level_means=fit.level_means, observations=_observations(case, fit.predicted),
         truth=case.truth, direction=_direction(case), history=_history(fit.history),
-        attrs={**attrs, "sampler": kind}, draws=fit.draws)
+        attrs={**attrs, "sampler": kind}, draws=fit.draws, moments=fit.moments)
     if fit.chain is not None:
         ds["chain"] = ("sample", fit.chain, {"long_name": "MCMC chain of each sample"})
         ds["draw"] = ("sample", fit.draw, {"long_name": "draw of each sample in its chain"})

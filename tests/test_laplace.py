@@ -314,10 +314,36 @@ def test_laplace_kind_writes_its_draws_with_an_importance_check(tmp_path):
         np.testing.assert_allclose(ds["log_target"] - ds["log_prob"],
                                    float(ds["log_target"][0] - ds["log_prob"][0]), atol=1e-8)
         assert ds.attrs["verdict"] == "ok" and ds.attrs["diagnostics_laplace_rank"] == 2
-        np.testing.assert_allclose(ds["psis_mean"], ds["mean"], atol=1e-8)   # equal weights
+        np.testing.assert_allclose(ds["psis_mean"], ds["samples"].mean("sample"),
+                                   atol=1e-8)                                  # equal weights
         assert ds.attrs["nfs"] == ds.attrs["diagnostics_laplace_nfs"] + 40
         lines, warnings = summary_lines(ds)
         assert any(line.startswith("Laplace fit: good") for line in lines) and not warnings
+
+
+def test_laplace_kind_stores_the_gaussians_exact_moments_not_its_draws(tmp_path):
+    """On a linear-Gaussian problem the Laplace is the posterior: the stored mean, std and
+    quantiles are the exact ones, not the 40 draws' Monte-Carlo estimates."""
+    from scipy.stats import norm
+    from geoinvert.app import run
+    from geoinvert.case import load_case
+    config = {**SMALL, "sampler": {"kind": "laplace"}}
+    case = load_case(config)
+    level, prior = case.finest, case.prior()
+    exact = ExactLinearPosterior(prior.mean(level).ravel(), prior.covariance(level),
+                                 case.forward(level).matrix, case.data, case.noise,
+                                 shape=case.lattice_shape(level))
+    mean, std = exact.mean.reshape(8, 8), np.sqrt(np.diag(exact.cov)).reshape(8, 8)
+    result = run(config, out=tmp_path / "laplace.nc", progress=False, seed=1)
+    with xr.open_dataset(result.path) as ds:
+        np.testing.assert_allclose(ds["mean"], mean, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(ds["std"], std, rtol=1e-8)
+        q = ds["quantile"].values[:, None, None]
+        np.testing.assert_allclose(ds["quantiles"], mean + std * norm.ppf(q), rtol=0,
+                                   atol=1e-8)
+        # the draws' own estimates are off by their Monte-Carlo error (1 / sqrt(40) std)
+        off = np.abs(ds["samples"].mean("sample") - mean) / std
+        assert 0.05 < float(off.max()) < 0.8
 
 
 def test_laplace_kind_flags_draws_off_their_weighted_estimates(tmp_path):

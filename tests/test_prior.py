@@ -62,6 +62,17 @@ def test_coarse_priors_are_exact_pooled_marginals(prior):
         np.testing.assert_allclose(prior.mean(level - 1), pool(prior.mean(level)), atol=1e-15)
 
 
+def test_variances_are_the_diagonal_of_the_generic_covariance(prior):
+    """Each prior's own variance route (the spectrum for Matern) against the diagonal of the
+    covariance from the sparse precision, on every level."""
+    for level in range(1, L + 1):
+        n = 2 ** level
+        generic = np.diag(GaussianPrior.covariance(prior, level)).reshape(n, n)
+        np.testing.assert_allclose(prior.variance(level), generic, rtol=1e-10, atol=0)
+        np.testing.assert_allclose(GaussianPrior.variance(prior, level), generic, rtol=1e-10,
+                                   atol=0)
+
+
 def test_matern_spectral_covariance_matches_generic_sparse_route():
     prior = PRIORS["matern-dirichlet"]()
     for level in (1, 2):

@@ -183,6 +183,25 @@ class LaplaceTransport:
         """Laplace log density of fields ``x (num, ny, nx)``."""
         return standard_normal_log_prob(self.to_z(x)) - self.logdet
 
+    def moments(self, prior_variance):
+        r"""The Laplace posterior's exact mean and marginal standard deviations,
+        ``(mean (ny, nx), std (ny, nx))``: the mean is T(0), and with x = mu + C z,
+
+            Var x = diag(C C^T) - sum_k lambda_k / (1 + lambda_k) (C v_k)^2,
+
+        the prior's variances less the low-rank update, r + 1 applications of C.
+
+        Args:
+            prior_variance: ``(ny, nx)`` the prior's marginal variances, diag(C C^T).
+        """
+        origin = self.whitening.to_x(torch.zeros(1, self.dim, dtype=_F64))[0]
+        mean = self.to_x(torch.zeros(1, self.dim, dtype=_F64))[0][0]
+        directions = self.whitening.to_x(self.eigenvectors.T.contiguous()) - origin   # C v_k
+        weights = self.eigenvalues / (1 + self.eigenvalues)
+        update = torch.einsum("k,kij->ij", weights, directions ** 2)
+        variance = torch.as_tensor(prior_variance, dtype=_F64) - update
+        return mean.numpy(), variance.clamp(min=0).sqrt().numpy()
+
     def sample(self, num, generator=None):
         """``(x (num, ny, nx), log_prob (num,))``."""
         u = torch.randn((num, self.dim), generator=generator, dtype=_F64)

@@ -29,21 +29,28 @@ def _coords(bounds, shape, units, suffix=""):
     }
 
 
-def _field_vars(samples, quantiles, draws=None, chunk=256):
-    """Samples ``(n, ny, nx)`` and the mean, std and quantiles of ``draws (m, ny, nx)`` (all
-    the draws the stored samples were thinned from; the samples themselves when None) as
-    data variables. The quantiles are taken a block of ``chunk`` cells at a time, so that a
-    long chain's draws are not copied whole."""
+def _field_vars(samples, quantiles, draws=None, moments=None, chunk=256):
+    """Samples ``(n, ny, nx)`` and the mean, std and quantiles as data variables: those of
+    ``draws (m, ny, nx)`` (all the draws the stored samples were thinned from; the samples
+    themselves when None), or with ``moments = (mean, std)`` of a Gaussian answer, these and
+    the Gaussian's quantiles. The draws' quantiles are taken a block of ``chunk`` cells at a
+    time, so that a long chain's draws are not copied whole."""
     lab = {"long_name": "log-coefficient"}
-    draws = samples if draws is None else np.asarray(draws, dtype=float)
-    flat = draws.reshape(draws.shape[0], -1)
-    q = np.concatenate([np.quantile(flat[:, i:i + chunk], quantiles, axis=0)
-                        for i in range(0, flat.shape[1], chunk)], axis=1)
+    if moments is not None:
+        from scipy.stats import norm
+        mean, std = (np.asarray(m, dtype=float) for m in moments)
+        q = mean + std * norm.ppf(quantiles)[:, None, None]
+    else:
+        draws = samples if draws is None else np.asarray(draws, dtype=float)
+        flat = draws.reshape(draws.shape[0], -1)
+        q = np.concatenate([np.quantile(flat[:, i:i + chunk], quantiles, axis=0)
+                            for i in range(0, flat.shape[1], chunk)], axis=1)
+        mean, std = draws.mean(axis=0), draws.std(axis=0, ddof=1)
     return {
         "samples": (("sample", "y", "x"), samples, {**lab, "long_name": "posterior samples"}),
-        "mean": (("y", "x"), draws.mean(axis=0), {"long_name": "posterior mean"}),
-        "std": (("y", "x"), draws.std(axis=0, ddof=1), {"long_name": "posterior std"}),
-        "quantiles": (("quantile", "y", "x"), q.reshape(len(quantiles), *draws.shape[1:]),
+        "mean": (("y", "x"), mean, {"long_name": "posterior mean"}),
+        "std": (("y", "x"), std, {"long_name": "posterior std"}),
+        "quantiles": (("quantile", "y", "x"), q.reshape(len(quantiles), *samples.shape[1:]),
                       {"long_name": "posterior quantiles"}),
     }
 
@@ -112,7 +119,7 @@ def _clean_attrs(attrs):
 
 def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
                   quantiles=(0.05, 0.5, 0.95), level_means=None, observations=None, truth=None,
-                  direction=None, history=None, attrs=None, draws=None):
+                  direction=None, history=None, attrs=None, draws=None, moments=None):
     """Assemble the result Dataset of the public contract.
 
     Args:
@@ -132,13 +139,16 @@ def build_dataset(samples, *, log_prob, log_target, bounds, units="m",
         draws: Optional ``(m, ny, nx)``: every draw of the chains that ``samples`` were thinned
             from; ``mean``, ``std`` and ``quantiles`` are then theirs, so that storing fewer
             samples does not make them less accurate.
+        moments: Optional ``(mean, std)`` fields of a Gaussian answer (the Laplace
+            approximation), stored as ``mean`` and ``std`` with the Gaussian's quantiles in
+            place of the samples' Monte-Carlo estimates.
 
     Returns:
         xarray.Dataset with ``samples(sample, y, x)``, ``mean``, ``std``, ``quantiles``,
         ``log_prob(sample)``, ``log_target(sample)`` and the optional parts.
     """
     samples = np.asarray(samples, dtype=float)
-    data = _field_vars(samples, np.asarray(quantiles, float), draws)
+    data = _field_vars(samples, np.asarray(quantiles, float), draws, moments)
     data["log_prob"] = ("sample", np.asarray(log_prob, float), {"long_name": "flow log density"})
     data["log_target"] = ("sample", np.asarray(log_target, float),
                           {"long_name": "unnormalised posterior log density"})

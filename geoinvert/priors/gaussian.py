@@ -83,6 +83,12 @@ class GaussianPrior:
         cols = lu.solve(np.asfortranarray(p.T.toarray()))
         return np.asarray(p @ cols)
 
+    def variance(self, level):
+        """Marginal variances of a level, ndarray ``(2**level, 2**level)`` (the diagonal of
+        :meth:`covariance`)."""
+        n = 2 ** self._check(level)
+        return np.diag(self.covariance(level)).reshape(n, n).copy()
+
     def _sparse_precision(self, level):
         return self._precision if level == self.levels else None
 
@@ -247,6 +253,12 @@ class MaternPrior(GaussianPrior):
         """Exact dense Sigma_level ``(4**level, 4**level)`` from the eigen-decomposition of Delta_h."""
         py, px, weights = self._pooled_spectrum(self._check(level))
         return _spectral_block((py, px), (py, px), weights)
+
+    def variance(self, level):
+        """Marginal variances of a level ``(2**level, 2**level)``, from the spectrum without
+        the dense covariance."""
+        py, px, weights = self._pooled_spectrum(self._check(level))
+        return py ** 2 @ weights @ (px ** 2).T
 
     def _haar_covariance(self, level):
         """Haar blocks of Sigma_level computed block by block from the spectrum (no full d x d copy)."""
