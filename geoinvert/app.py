@@ -1248,9 +1248,8 @@ def summary_lines(ds):
     failed = int(sum(np.nan_to_num(get(key)) for key in (
         "failed_solves", "mode_search_failed_solves", "correction_failed_solves")))
     if failed:
-        lines.append(f"{failed} forward solves failed, at fields beyond the solver that the "
-                     "samplers met and set aside (rejected proposals, trial points of the MAP "
-                     "searches, draws left out of training steps); none is in the result")
+        lines.append(f"{failed} forward solves failed, all at proposals, trial points or "
+                     "training draws that were set aside; none is in the result")
     if "diagnostics_failed_draws" in a:
         lines.append(f"{int(get('failed_draws'))} of {int(get('drawn'))} draws left out (their "
                      "forward solve failed)")
