@@ -12,7 +12,10 @@ leapfrog steps), at most 16 leapfrog steps, 8 chains (the default before), 4 cha
 the warm-up (the solves of 8 chains' warm-up, so that the metric windows hold as many draws),
 and NUTS in place of the fixed-length HMC transitions (``nuts.py``: each trajectory doubles
 until it turns back, at most 255 leapfrog steps); ``--variants default,leapfrog64`` compares a
-cap of 64 leapfrog steps (the default was 32 before it was raised to 128). After every block of
+cap of 64 leapfrog steps (the default was 32 before it was raised to 128), and ``refmetric``
+the metric fixed to the reference draws' covariance (the best fixed metric, which the warm-up's
+estimate can at most reach), and ``blockmetric`` the metric re-estimated after every block from
+all the chains' draws so far. After every block of
 ``--block`` draws it records the solves so far (the Laplace fit, made once and counted in every
 variant, included), the largest split R-hat and smallest bulk and tail ESS (the package's
 stopping rule wants R-hat <= 1.01 and both ESS >= 400), and the mean and std errors against the
@@ -20,7 +23,7 @@ suite reference; and, per variant, the bulk ESS gained per 1000 solves between t
 the last block (the sampling's efficiency after warm-up). This shows which criterion binds
 and what each costs.
 
-Writes ``benchmarks/results/correction_trace.json`` and ``.md``.
+Writes ``benchmarks/results/correction_trace.json`` and ``.md`` (``--name`` for another name).
 """
 
 import argparse
@@ -48,7 +51,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 VARIANTS = {"default": {}, "leapfrog16": {"leapfrog": 16}, "leapfrog64": {"leapfrog": 64},
-            "chains8": {"chains": 8}, "warmup500": {"warmup": 500}, "nuts": {"nuts": True}}
+            "chains8": {"chains": 8}, "warmup500": {"warmup": 500}, "nuts": {"nuts": True},
+            "refmetric": {"refmetric": True}, "blockmetric": {"blockmetric": True}}
+
+
+def _reference_metric(laplace, ref):
+    """The ``refmetric`` variant's stand-in for the warm-up's metric estimate: the Cholesky
+    factor of the reference draws' covariance in the Laplace coordinates, the best fixed
+    metric (the warm-up still adapts the step). It bounds what a better metric estimate could
+    gain."""
+    u = laplace.transport.to_z(torch.as_tensor(ref.samples, dtype=torch.float64))
+    factor = torch.linalg.cholesky(torch.cov(u.T))
+
+    def metric(z, dense):
+        return factor
+    return metric
 
 
 def _nuts_state(kind, target, x, config):
@@ -70,10 +87,12 @@ def trace(posterior, laplace, state, ref, settings, args):
                               draws=args.block, max_draws=args.max_draws,
                               leapfrog=settings.get("leapfrog", CorrectionConfig.leapfrog),
                               independence=False)
-    rows, begin = [], time.perf_counter()
+    rows, begin, captured = [], time.perf_counter(), []
 
     def record(samples, log_target, nfs):
-        """Record the scores after a block; ask for the next (fixed) block."""
+        """Record the scores after a block; ask for the next (fixed) block. ``blockmetric``:
+        then re-estimate the metric from every draw so far, pooled over the chains (adaptive
+        MCMC with diminishing adaptation; the step and trajectory stay)."""
         d = _convergence(samples, log_target)
         s = scores(ref, samples.reshape(-1, *samples.shape[2:]))
         rows.append({"draws": samples.shape[1], "nfs": int(nfs + laplace.nfs),
@@ -81,13 +100,27 @@ def trace(posterior, laplace, state, ref, settings, args):
                      "mean_error_rms": s["mean_error_rms"], "std_error_rms": s["std_error_rms"],
                      "wall_s": time.perf_counter() - begin})
         print(json.dumps(rows[-1]), flush=True)
+        if settings.get("blockmetric") and captured:
+            u = laplace.transport.to_z(torch.as_tensor(
+                samples.reshape(-1, *samples.shape[2:]), dtype=torch.float64))
+            correction._rescale(captured[0], u, "hmc")
         return args.block
+
+    def capturing(kind, target, x, config):
+        state = new_state(kind, target, x, config)
+        captured.append(state)
+        return state
+    new_state = correction._new_state
 
     # nuts: the correction's HMC kernel swapped for the benchmark's NUTS kernel (nuts.py); the
     # warm-up, metric, step adaptation and stopping are the package's
     kernel = mock.patch.object(correction, "_new_state", _nuts_state) \
         if settings.get("nuts") else contextlib.nullcontext()
-    with kernel:
+    metric = mock.patch.object(correction, "_metric", _reference_metric(laplace, ref)) \
+        if settings.get("refmetric") else contextlib.nullcontext()
+    capture = mock.patch.object(correction, "_new_state", capturing) \
+        if settings.get("blockmetric") else contextlib.nullcontext()
+    with kernel, metric, capture:
         res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
     record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
     cap = 2 ** 8 - 1 if settings.get("nuts") else config.leapfrog
@@ -135,6 +168,8 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=125)
     p.add_argument("--max-draws", type=int, default=750)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--name", default="correction_trace",
+                   help="the results' file name (benchmarks/results/NAME.json and .md)")
     args = p.parse_args(argv)
     problem = by_name(args.problem)
     ref = reference(problem)
@@ -150,10 +185,10 @@ def main(argv=None):
     command = "benchmarks/suite/correction_trace.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "correction_trace.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"problem": problem.name, "command": command, "runs": runs}, indent=1))
     text = markdown(problem.name, runs, args, command)
-    (RESULTS / "correction_trace.md").write_text(text)
+    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
     return 0
 
