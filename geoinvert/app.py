@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from geoinvert.problem.forward import failures
 from geoinvert.io import (acquire_lock, build_dataset, checkpoint_meta, checkpoint_path, figures,
                           model_path, read_checkpoint, release_lock, save_model,
                           write_checkpoint, write_netcdf)
+from geoinvert.problem.forward import failures
 
 __all__ = ["Result", "run", "result_path", "summary_lines", "amortize", "infer", "load_amortized",
            "calibrate"]
