@@ -76,9 +76,9 @@ class _Progress:
     """tqdm bar over forward solves showing stage, loss and importance-sampling ESS."""
 
     def __init__(self, total, enabled, initial=0):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total or None, unit="nFS", disable=not enabled, dynamic_ncols=True,
-                        desc="stage 1", initial=initial)
+        from geoinvert import progress
+        self.bar = progress.bar(total=total or None, unit="nFS", disable=not enabled,
+                                dynamic_ncols=True, desc="stage 1", initial=initial)
         self.nfs = initial
 
     def __call__(self, info):
@@ -458,9 +458,9 @@ class _ChainProgress:
     """tqdm bar over chain iterations showing the phase and the acceptance rate."""
 
     def __init__(self, total, enabled, desc):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, unit="it", disable=not enabled, dynamic_ncols=True,
-                        desc=desc)
+        from geoinvert import progress
+        self.bar = progress.bar(total=total, unit="it", disable=not enabled, dynamic_ncols=True,
+                                desc=desc)
         self.postfix = {}
 
     def __call__(self, done, total, accept):
@@ -475,6 +475,9 @@ class _ChainProgress:
         decimals, so that a value just above the criterion of 1.01 does not read as 1.01."""
         self.postfix.update({k: f"{v:.3f}" if k == "rhat" else f"{v:.3g}"
                              for k, v in values.items()})
+        # shown at the next update, or when the bar closes: the chains' last look (the one
+        # that stopped them) is then what the finished bar says
+        self.bar.set_postfix(self.postfix, refresh=False)
 
     def close(self):
         self.bar.close()
@@ -981,8 +984,9 @@ def amortize(case, simulations, out, *, epochs=20, batch=128, seed=0, progress=F
         raise CaseError("--method", f"joint maps the {4 ** case.finest} parameters onto the "
                         f"{case.n_obs} data and a latent rest: it needs fewer observations "
                         "than parameters; use msign")
-    from tqdm.auto import tqdm
-    bar = tqdm(total=epochs, unit="epoch", disable=not progress, desc="amortized training")
+    from geoinvert.progress import bar as progress_bar
+    bar = progress_bar(total=epochs, unit="epoch", disable=not progress,
+                       desc="amortized training")
 
     def step(record):
         bar.set_postfix(nll=f"{record['loss']:.4f}", held_out=f"{record['held_out']:.4f}")

@@ -495,8 +495,8 @@ def _prior(args):
     x0, x1, y0, y1 = args.bounds
     if not (x1 > x0 and y1 > y0) or not all(map(math.isfinite, args.bounds)):
         raise UserError(f"--bounds: need x0 < x1 and y0 < y1, got {list(args.bounds)}")
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.epochs, unit="epoch", disable=args.quiet, desc="prior fit")
+    from geoinvert.progress import bar as progress_bar
+    bar = progress_bar(total=args.epochs, unit="epoch", disable=args.quiet, desc="prior fit")
 
     def step(record):
         bar.set_postfix(nll=f"{record['loss']:.4f}", held_out=f"{record['held_out']:.4f}")

@@ -47,7 +47,7 @@ def simulate(case, num, out, *, seed=0, comm=None, chunk=SIMULATION_CHUNK, progr
     Raises:
         TrainingError: more than :data:`MAX_FAILED_FRACTION` of the solves failed.
     """
-    from tqdm.auto import tqdm
+    from geoinvert.progress import bar as progress_bar
     ens = Ensemble(comm)
     root = comm is None or comm.Get_rank() == 0
     level, prior = case.finest, case.prior()
@@ -55,8 +55,8 @@ def simulate(case, num, out, *, seed=0, comm=None, chunk=SIMULATION_CHUNK, progr
     noise_std = torch.as_tensor(case.noise, dtype=torch.float64)
     generator = torch.Generator().manual_seed(int(seed))
     written = failed = 0
-    bar = tqdm(total=num, unit="sim", disable=not (progress and root), dynamic_ncols=True,
-               desc="simulations")
+    bar = progress_bar(total=num, unit="sim", disable=not (progress and root),
+                       dynamic_ncols=True, desc="simulations")
     place = atomic_path(out) if root else contextlib.nullcontext(None)   # rank 0 writes
     try:
         with place as tmp, failures.counted():     # counted, reported once below

@@ -317,6 +317,19 @@ def test_the_chain_progress_bar_shows_r_hat_to_three_decimals():
     assert "rhat=1.013" in text and "ess=231" in text and "accept=0.91" in text
 
 
+def test_the_finished_chain_progress_bar_shows_the_last_look(capsys):
+    """The look that stops the chains comes after their last iteration: the bar must end
+    with its R-hat, not the previous look's (it showed 1.014 above a summary of 1.007)."""
+    from geoinvert.app import _ChainProgress
+    bar = _ChainProgress(10, True, "correction")
+    bar.set(rhat=1.0141, ess=231.0)
+    bar(10, 10, 0.9)
+    bar.set(rhat=1.0072, ess=696.0)           # the last look, no iteration after it
+    bar.close()
+    last = [record for record in capsys.readouterr().err.split("\r") if record.strip()][-1]
+    assert "rhat=1.007" in last and "ess=696" in last
+
+
 def test_run_prints_its_verdict(case_file, tmp_path, capsys):
     out = tmp_path / "small.nc"
     assert cli.main(["run", str(case_file), "--out", str(out)]) == 0
@@ -423,3 +436,26 @@ def test_too_few_finite_flow_draws_leave_the_correction_unstarted_not_the_run_fa
     assert "only 3 of 10 flow draws have a finite posterior density" in err.value.reason
     with pytest.raises(TrainingError, match="only 3 of 10 Laplace draws"):
         _chain_starts(x, log_target, 8, flow=False)
+
+
+def test_a_progress_bar_written_to_a_file_updates_rarely():
+    """A batch job's redirected stderr gets the bar's start and end, not one record per
+    update; a terminal keeps tqdm's frequent updates."""
+    import io
+    from geoinvert import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    log, terminal = io.StringIO(), Terminal()
+    for stream in (log, terminal):
+        bar = progress.bar(file=stream, total=2000, unit="it", desc="correction")
+        for i in range(2000):
+            bar.set_postfix({"accept": f"{i / 2000:.2f}"}, refresh=False)
+            bar.update(1)
+        bar.close()
+    assert log.getvalue().count("\r") == 2 and "2000/2000" in log.getvalue()
+    for stream, interval in ((log, progress.LOG_INTERVAL), (terminal, 0.1)):
+        bar = progress.bar(file=stream, total=1)
+        assert bar.mininterval == interval
+        bar.close()
