@@ -1027,6 +1027,7 @@ def load_amortized(path):
     return AmortizedPosterior.load(path, case.prior()), case
 
 
+@failures.counted()      # failed solves are counted in the results' summaries
 def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=False,
           fine_tune=0):
     """Posterior of each data set in ``data`` from the amortized model at ``path``, written as
@@ -1064,43 +1065,42 @@ def infer(path, data, out, *, samples=None, seed=0, correct=False, progress=Fals
                         f"{case.n_obs} observations")
     lay = layout(None)
     results = []
-    with failures.counted():       # counted in the results' summaries
-        for k, y in enumerate(data):
-            start = time.perf_counter()
-            config = yaml.safe_load(case.text)
-            config["data"] = {"values": y.tolist()}
-            if samples:
-                config.setdefault("output", {})["samples"] = int(samples)
-            here = load_case(config, folder=case.folder)
-            n = here.config["output"]["samples"]
-            # the stored case's prior and forward model serve every data set (built once)
-            posterior = Posterior(case.prior(), case.forward(case.finest), here.data, case.noise,
-                                  case.finest)
-            here_post, tuned = post, {}
-            if fine_tune:
-                from geoinvert.inference.amortized import fine_tune as refine
-                here_post, history = refine(post, posterior, y, steps=fine_tune,
-                                            generator=torch.Generator().manual_seed(int(seed) + k))
-                tuned = {"fine_tune_steps": int(fine_tune), "fine_tune_nfs": history[-1]["nfs"],
-                         "fine_tune_elbo_first": history[0]["elbo"],
-                         "fine_tune_elbo_last": history[-1]["elbo"],
-                         "failed_solves": int(sum(h["failed"] for h in history))}
-            x, log_q = here_post.sample(n, y,
+    for k, y in enumerate(data):
+        start = time.perf_counter()
+        config = yaml.safe_load(case.text)
+        config["data"] = {"values": y.tolist()}
+        if samples:
+            config.setdefault("output", {})["samples"] = int(samples)
+        here = load_case(config, folder=case.folder)
+        n = here.config["output"]["samples"]
+        # the stored case's prior and forward model serve every data set (built once)
+        posterior = Posterior(case.prior(), case.forward(case.finest), here.data, case.noise,
+                              case.finest)
+        here_post, tuned = post, {}
+        if fine_tune:
+            from geoinvert.inference.amortized import fine_tune as refine
+            here_post, history = refine(post, posterior, y, steps=fine_tune,
                                         generator=torch.Generator().manual_seed(int(seed) + k))
-            log_target, pred = in_chunks(posterior.evaluate, x)
-            diagnostics = {**_importance_diagnostics(log_target.numpy(), log_q.numpy()), **tuned}
-            outside = post.outside(y)
-            if outside.size:
-                diagnostics["outside_simulations"] = int(outside.size)
-            fit = _Fit(x.numpy(), log_q.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
-                       {here.finest: x.mean(0).numpy()}, [], n + tuned.get("fine_tune_nfs", 0),
-                       diagnostics, here_post.model)
-            if correct:
-                fit = _correct_fit(fit, here, int(seed) + k, lay, posterior, progress=progress,
-                                   approximation=AtData(here_post, y))
-            target = Path(out) if len(data) == 1 else Path(out).with_name(
-                f"{Path(out).stem}_{k}{Path(out).suffix}")
-            results.append(_finish(here, fit, int(seed) + k, lay, target, start, "amortized"))
+            tuned = {"fine_tune_steps": int(fine_tune), "fine_tune_nfs": history[-1]["nfs"],
+                     "fine_tune_elbo_first": history[0]["elbo"],
+                     "fine_tune_elbo_last": history[-1]["elbo"],
+                     "failed_solves": int(sum(h["failed"] for h in history))}
+        x, log_q = here_post.sample(n, y,
+                                    generator=torch.Generator().manual_seed(int(seed) + k))
+        log_target, pred = in_chunks(posterior.evaluate, x)
+        diagnostics = {**_importance_diagnostics(log_target.numpy(), log_q.numpy()), **tuned}
+        outside = post.outside(y)
+        if outside.size:
+            diagnostics["outside_simulations"] = int(outside.size)
+        fit = _Fit(x.numpy(), log_q.numpy(), log_target.numpy(), np.nanmean(pred.numpy(), 0),
+                   {here.finest: x.mean(0).numpy()}, [], n + tuned.get("fine_tune_nfs", 0),
+                   diagnostics, here_post.model)
+        if correct:
+            fit = _correct_fit(fit, here, int(seed) + k, lay, posterior, progress=progress,
+                               approximation=AtData(here_post, y))
+        target = Path(out) if len(data) == 1 else Path(out).with_name(
+            f"{Path(out).stem}_{k}{Path(out).suffix}")
+        results.append(_finish(here, fit, int(seed) + k, lay, target, start, "amortized"))
     return results
 
 

@@ -279,19 +279,19 @@ def _ascend(evaluate, start, max_iterations):
                                   tolerance_change=1e-15,
                                   history_size=20, line_search_fn="strong_wolfe")
 
-    worst = []          # the largest finite objective so far
+    worst = 0.0         # the largest finite objective so far (the start's is finite)
 
     def closure():
+        nonlocal worst
         value, g = evaluate(z)
         if not torch.isfinite(value):
             # failed solve: repel the line search with a value above every finite one seen.
             # Finite, so that the Wolfe search's cubic interpolation stays finite: +inf made
             # it NaN, and the rest of the ascent evaluated NaN fields.
             z.grad = torch.zeros_like(z)
-            return torch.tensor(worst[0] + 1.0 + abs(worst[0]), dtype=_F64)
+            return torch.tensor(worst + 1.0 + abs(worst), dtype=_F64)
         z.grad = -g
-        objective = -float(value.detach())
-        worst[:] = [max(worst[0], objective)] if worst else [objective]
+        worst = max(worst, -float(value.detach()))
         return -value
 
     optimizer.step(closure)
