@@ -1,6 +1,7 @@
 """The correction's convergence block by block: R-hat, ESS and errors against the solves.
 
-Usage (one problem, five variants of the correction's settings)::
+Usage (one problem, five variants of the correction's settings; several problems give one
+results set with a section each)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/correction_trace.py elliptic-demo
 
@@ -160,7 +161,7 @@ def markdown(problem, runs, args, command):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("problem")
+    p.add_argument("problems", nargs="+", help="suite problems, one trace set each")
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "leapfrog64"),
                    help="comma-separated names of VARIANTS (default all but leapfrog64, a "
                    "cap of 64 leapfrog steps for problems whose quarter period takes more)")
@@ -171,23 +172,26 @@ def main(argv=None):
     p.add_argument("--name", default="correction_trace",
                    help="the results' file name (benchmarks/results/NAME.json and .md)")
     args = p.parse_args(argv)
-    problem = by_name(args.problem)
-    ref = reference(problem)
-    case = problem.case()
-    posterior = case.posterior(case.finest)
-    gen = torch.Generator().manual_seed(args.seed)
-    laplace = fit_laplace(posterior, generator=gen)       # one fit serves every variant
-    state = gen.get_state()
-    runs = {}
-    for name in args.variants.split(","):
-        print(f"{problem.name}: {name}", flush=True)
-        runs[name] = trace(posterior, laplace, state, ref, VARIANTS[name], args)
     command = "benchmarks/suite/correction_trace.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
+    results, texts = [], []
+    for problem in map(by_name, args.problems):
+        ref = reference(problem)
+        case = problem.case()
+        posterior = case.posterior(case.finest)
+        gen = torch.Generator().manual_seed(args.seed)
+        laplace = fit_laplace(posterior, generator=gen)       # one fit serves every variant
+        state = gen.get_state()
+        runs = {}
+        for name in args.variants.split(","):
+            print(f"{problem.name}: {name}", flush=True)
+            runs[name] = trace(posterior, laplace, state, ref, VARIANTS[name], args)
+        results.append({"problem": problem.name, "runs": runs})
+        texts.append(markdown(problem.name, runs, args, command))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        {"problem": problem.name, "command": command, "runs": runs}, indent=1))
-    text = markdown(problem.name, runs, args, command)
+        {"command": command, "problems": results}, indent=1))
+    text = "\n".join(texts)
     (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
     return 0
