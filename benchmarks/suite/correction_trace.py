@@ -15,8 +15,15 @@ and NUTS in place of the fixed-length HMC transitions (``nuts.py``: each traject
 until it turns back, at most 255 leapfrog steps); ``--variants default,leapfrog64`` compares a
 cap of 64 leapfrog steps (the default was 32 before it was raised to 128), and ``refmetric``
 the metric fixed to the reference draws' covariance (the best fixed metric, which the warm-up's
-estimate can at most reach), and ``blockmetric`` the metric re-estimated after every block from
-all the chains' draws so far. After every block of
+estimate can at most reach), ``blockmetric`` the metric re-estimated after every block from
+all the chains' draws so far, ``trajmetric`` the warm-up's metric estimated from every leapfrog
+point of its windows' finite trajectories instead of the transitions' end points alone (the
+Hamiltonian flow keeps the posterior, so each point is nearly a posterior draw: some thirty
+times the points at no more solves), and ``fishermetric`` the affine map that minimises the
+Fisher divergence to N(0, I) of a Gaussian fitted to the windows' draws and gradients (the
+geometric mean of the draws' covariance and the inverse of the gradients' covariance, as
+nutpie adapts its metric; the gradients come free with the draws).
+After every block of
 ``--block`` draws it records the solves so far (the Laplace fit, made once and counted in every
 variant, included), the largest split R-hat and smallest bulk and tail ESS (the package's
 stopping rule wants R-hat <= 1.01 and both ESS >= 400), and the mean and std errors against the
@@ -53,7 +60,87 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 VARIANTS = {"default": {}, "leapfrog16": {"leapfrog": 16}, "leapfrog64": {"leapfrog": 64},
             "chains8": {"chains": 8}, "warmup500": {"warmup": 500}, "nuts": {"nuts": True},
-            "refmetric": {"refmetric": True}, "blockmetric": {"blockmetric": True}}
+            "refmetric": {"refmetric": True}, "blockmetric": {"blockmetric": True},
+            "trajmetric": {"estimate": "trajectory"}, "fishermetric": {"estimate": "fisher"}}
+
+
+def _geometric_mean(a, b):
+    """A # B = A^1/2 (A^-1/2 B A^-1/2)^1/2 A^1/2 of symmetric positive definite matrices."""
+    w, v = torch.linalg.eigh(a)
+    half, inv = (v * w.sqrt()) @ v.T, (v / w.sqrt()) @ v.T
+    w2, v2 = torch.linalg.eigh(inv @ b @ inv)
+    return half @ ((v2 * w2.clamp(min=0).sqrt()) @ v2.T) @ half
+
+
+class _Recorder:
+    """An HMC kernel factory whose kernels record, for every transition, the latent positions
+    z = S u and gradients grad_z of the chains' states and (``trajectory``) of every leapfrog
+    point of the finite trajectories; ``pool`` replaces a window's draws by them."""
+
+    def __init__(self, estimate):
+        self.estimate, self.steps = estimate, []
+
+    def kernel(self, kind, target, x, config):
+        recorder = self
+
+        class Recording(correction.HMCKernel):
+            def step(self, eps, generator):
+                points = []
+                whitened = self.target.whitened
+
+                def spy(u, **kw):
+                    out = whitened(u, **kw)
+                    points.append((u.detach(), out[2], torch.isfinite(out[1])))
+                    return out
+                self.target.whitened = spy
+                try:
+                    prob = super().step(eps, generator)
+                finally:
+                    del self.target.whitened
+                finite = torch.stack([f for _, _, f in points]).all(0)
+                if recorder.estimate == "trajectory":
+                    u = torch.cat([p[finite] for p, _, _ in points])
+                    g = torch.cat([q[finite] for _, q, _ in points])
+                else:
+                    u, g = self.z, self.grad
+                recorder.steps.append((self.target.latent(u), recorder.to_z(self.target, g)))
+                del recorder.steps[:-1000]        # more than any window holds
+                return prob
+
+        return Recording(target, x, n_leapfrog=correction._leapfrog(0.3, config), jitter=0.2)
+
+    @staticmethod
+    def to_z(target, g):
+        """grad_z = S^-T grad_u."""
+        s = target.factor
+        if s is None:
+            return g
+        if s.ndim == 1:
+            return g / s
+        return torch.linalg.solve_triangular(s.T, g.T, upper=True).T
+
+    def pool(self, z, chains):
+        """The metric window's recorded points in place of its ``z.shape[0] / chains`` draws."""
+        n = z.shape[0] // chains
+        zs = torch.cat([a for a, _ in self.steps[-n:]])
+        gs = torch.cat([b for _, b in self.steps[-n:]])
+        return zs, gs
+
+    def metric(self, window):
+        """The factor of the window's metric: the covariance of its points, or (``fisher``)
+        the geometric mean of that covariance and the inverse covariance of the gradients,
+        the affine map that minimises the Fisher divergence to N(0, I) for a Gaussian
+        (the adaptation of nutpie, by Seyboldt, Carlson and Carpenter)."""
+        z, g = window
+        d, n = z.shape[1], z.shape[0]
+        keep = n / (n + correction._SHRINK)
+        eye = torch.eye(d, dtype=torch.float64)
+        a = keep * torch.cov(z.T) + (1 - keep) * 1e-3 * eye
+        if self.estimate == "fisher":
+            b = keep * torch.cov(g.T) + (1 - keep) * 1e-3 * eye
+            a = _geometric_mean(a, torch.linalg.inv(b))
+            a = 0.5 * (a + a.T)
+        return torch.linalg.cholesky(a)
 
 
 def _reference_metric(laplace, ref):
@@ -121,8 +208,28 @@ def trace(posterior, laplace, state, ref, settings, args):
         if settings.get("refmetric") else contextlib.nullcontext()
     capture = mock.patch.object(correction, "_new_state", capturing) \
         if settings.get("blockmetric") else contextlib.nullcontext()
-    with kernel, metric, capture:
-        res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record)
+    pool, estimate = None, contextlib.nullcontext()
+    if settings.get("estimate"):
+        recorder = _Recorder(settings["estimate"])
+        windows = []
+
+        def pool(z):
+            windows.append(recorder.pool(z, chains))
+            return z
+
+        def rescale(state, z, kind):
+            target = state.target
+            latent = target.latent(state.z)
+            target.set_metric(recorder.metric(windows[-1]))
+            state.z = target.coordinates(latent)
+            state.x, state.value, state.grad, state.log_prob = target.whitened(state.z)
+            return "dense"
+        estimate = contextlib.ExitStack()
+        estimate.enter_context(mock.patch.object(correction, "_new_state", recorder.kernel))
+        estimate.enter_context(mock.patch.object(correction, "_rescale", rescale))
+    with kernel, metric, capture, estimate:
+        res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record,
+                      pool=pool)
     record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
     cap = 2 ** 8 - 1 if settings.get("nuts") else config.leapfrog
     return {"chains": chains, "warmup": config.warmup, "leapfrog_cap": cap,
