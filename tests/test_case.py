@@ -306,7 +306,7 @@ def test_default_steps_follow_the_levels_and_the_kind():
     assert load_case(_with(LINEAR, "sampler.steps", 7)).config["sampler"]["steps"] == 7
     assert load_case(_with(LINEAR, "sampler.kind", "iaf")).config["sampler"]["steps"] == 200
     assert load_case(_with(LINEAR, "sampler.kind", "asvgd")).config["sampler"]["steps"] == \
-        [25, 50, 200]
+        [25, 25, 50]
 
 
 def test_correction_section_defaults_shorthand_and_kind_rules():

@@ -211,14 +211,17 @@ def test_resume_start_and_steps_per_level(problem):
 
 
 def test_default_steps_are_sized_to_each_stage():
-    # 200 on the finest level, a quarter per level down, at least 25 (or all of a smaller
-    # number of steps)
-    from geoinvert.inference.config import LEAST_STEPS, STEPS, stage_steps
+    # 200 on the finest level from 16x16 on, a quarter per level down, at least 25 (or all
+    # of a smaller number of steps); a smaller problem trains as a 16x16 one's first stages
+    from geoinvert.inference.config import FULL_LEVEL, LEAST_STEPS, STEPS, stage_steps
     from geoinvert.inference.trainer import _steps_of
-    assert (STEPS, LEAST_STEPS) == (200, 25)
-    assert [stage_steps(level, 3) for level in (1, 2, 3)] == [25, 50, 200]
+    assert (STEPS, LEAST_STEPS, FULL_LEVEL) == (200, 25, 4)
     assert [stage_steps(level, 6) for level in range(1, 7)] == [25, 25, 25, 25, 50, 200]
-    assert [stage_steps(level, 3, steps=800) for level in (1, 2, 3)] == [50, 200, 800]
+    assert [stage_steps(level, 5) for level in range(1, 6)] == [25, 25, 25, 50, 200]
+    assert [stage_steps(level, 3) for level in (1, 2, 3)] == [25, 25, 50]
+    assert [stage_steps(level, 2) for level in (1, 2)] == [25, 25]
+    assert [stage_steps(level, 4, steps=800) for level in range(1, 5)] == [25, 50, 200, 800]
+    assert [stage_steps(level, 3, steps=800) for level in (1, 2, 3)] == [25, 50, 200]
     assert [stage_steps(level, 2, steps=8) for level in (1, 2)] == [8, 8]
     assert [_steps_of(None, level, 4) for level in range(1, 5)] == [25, 25, 50, 200]
     assert _steps_of(7, 2, 4) == 7 and _steps_of([1, 2], 2, 2) == 2 and _steps_of({2: 3}, 2, 2) == 3

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "TrainOptions",
-           "LEAST_STEPS", "stage_steps", "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS", "FlowConfig",
+           "LEAST_STEPS", "FULL_LEVEL", "stage_steps", "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS", "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "AUTOREGRESSIVE_KINDS",
            "AUTOREGRESSIVE_LAPLACE_MAX",
@@ -18,22 +18,31 @@ SCHEDULES = ("cosine", "step", "constant")
 PROPOSALS = ("auto", "surrogate", "defensive", "mixture")
 COARSE_SAMPLERS = ("importance", "smc", "laplace")
 STEPS = 200
-"""Training steps of the finest stage by default (:func:`stage_steps`)."""
+"""Training steps of the finest stage of a 16x16 or larger problem by default
+(:func:`stage_steps`)."""
 LEAST_STEPS = 25
-"""Fewest training steps of a coarser stage by default (:func:`stage_steps`)."""
+"""Fewest training steps of a stage by default (:func:`stage_steps`)."""
+FULL_LEVEL = 4
+"""Level (2^4 x 2^4 = 256 parameters) from which the finest stage trains :data:`STEPS` steps
+by default (:func:`stage_steps`)."""
 
 
 def stage_steps(level, finest, steps=STEPS):
     """Default training steps of stage ``level`` of ``finest``: ``steps`` on the finest level
-    and, on a coarser one, in proportion to its parameters (a quarter per level down), at
-    least :data:`LEAST_STEPS` (a learning-rate ramp and a cosine decay still fit).
+    of a problem of at least :data:`FULL_LEVEL` (16x16, 256 parameters), and on every other
+    stage in proportion to its parameters (a quarter per level down), at least
+    :data:`LEAST_STEPS` (a learning-rate ramp and a cosine decay still fit). A smaller
+    problem's stages train as the stages of its sizes do in a 16x16 problem: an 8x8 problem
+    [25, 25, 50], a 4x4 one [25, 25].
 
     A coarse stage learns a posterior of few parameters, and only as the next stage's
     starting point: the finest stage carries the accuracy and the correction makes the draws
     exact. Equal steps per stage spend as many solves on a 2x2 posterior as on the finest
     one: three quarters of the training of a 16x16 problem went to its three coarser stages.
+    On a problem of 64 or 16 parameters the full steps of the finest stage bought no
+    correction that was cheaper by their solves (``docs/notes/small-elliptic-budget.md``).
     """
-    return max(min(LEAST_STEPS, steps), round(steps * 4.0 ** (level - finest)))
+    return max(min(LEAST_STEPS, steps), round(steps * 4.0 ** (level - max(finest, FULL_LEVEL))))
 
 
 @dataclass

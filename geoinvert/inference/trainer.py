@@ -392,8 +392,9 @@ def train_msign(model, posteriors, *, start=1, steps=None, batch=TrainOptions.ba
             training ends at the highest level given (normally the model's finest).
         start: First stage to train (later stages follow up to L).
         steps: Steps per stage: int, per-level sequence (index level - 1), ``{level: steps}``
-            or None (:func:`~geoinvert.inference.config.stage_steps`: 200 on the finest level,
-            in proportion to the parameters on the coarser ones, at least 25).
+            or None (:func:`~geoinvert.inference.config.stage_steps`: 200 on the finest level
+            of a 16x16 or larger problem, in proportion to the parameters on the other
+            stages, at least 25).
         batch: Samples per step (flow samples; Jeffreys draws as many importance samples).
         recipe: A name of :data:`RECIPES` (``paper`` or ``forward_kl``); the options of
             :data:`RECIPE_KEYS` below that are None take the recipe's values (or their
@@ -617,8 +618,9 @@ def train_asvgd(model, posteriors, **options):
             level given.
         start: First stage to train.
         steps: Steps per stage: int, per-level sequence (index level - 1), ``{level: steps}``
-            or None (:func:`~geoinvert.inference.config.stage_steps`: 200 on the finest level,
-            in proportion to the parameters on the coarser ones, at least 25).
+            or None (:func:`~geoinvert.inference.config.stage_steps`: 200 on the finest level
+            of a 16x16 or larger problem, in proportion to the parameters on the other
+            stages, at least 25).
         batch: Samples (particles) per step, over all ranks.
         lr: Peak Adam learning rate of each stage.
         budget: Total forward solves (nFS) over all stages, or None.
