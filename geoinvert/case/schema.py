@@ -306,8 +306,9 @@ SCHEMA = (
     Key("sampler.steps", "int_or_ints", None, "Training steps per stage: one number, or one per "
         "level from the coarsest (as many as `levels.finest`). Unset: "
         f"{STEPS} on the finest level and, on a coarser one, in proportion to its parameters "
-        f"(a quarter per level down), at least {LEAST_STEPS}; {STEPS} for the one-level kinds "
-        "(iaf, meanfield, composed).", "[300, 1500, 500, 1000]",
+        f"(a quarter per level down), at least {LEAST_STEPS}; a problem below 16x16 trains as "
+        "the stages of its sizes do in a 16x16 one (8x8: [25, 25, 50]); "
+        f"{STEPS} for the one-level kinds (iaf, meanfield, composed).", "[300, 1500, 500, 1000]",
         _each_between(1, 10**7)),
     Key("sampler.batch", "int", TrainOptions.batch, "Samples per training step.", "128",
         _between(2, 10**5)),
