@@ -51,7 +51,8 @@ def case_dict(level, cells, prior, points):
     if points != 9:
         rng = np.random.default_rng(0)
         c["observations"] = {"points": rng.uniform(0.02, 0.98, (points, 2)).round(5).tolist()}
-    c["sampler"].update(steps=2, correction={"kernel": "none"})
+    # the small flow the demo case had when these figures were measured
+    c["sampler"].update(blocks=3, hidden=16, batch=32, steps=2, correction={"kernel": "none"})
     c["output"] = {"samples": 50, "figures": False}
     return c
 

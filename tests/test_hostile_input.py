@@ -37,13 +37,13 @@ HOSTILE = {
         "name: default\n", _bomb() + "name: default\n"), "YAML aliases"),
     "deep nesting": (BASE + "description: " + "[" * 5000 + "]" * 5000 + "\n",
                      "nested more than 32 levels deep"),
-    "10000-digit integer": (BASE.replace("  batch: 32\n", "  batch: 32\n  seed: " + "9" * 10000
+    "10000-digit integer": (BASE.replace("sampler:\n", "sampler:\n  seed: " + "9" * 10000
                                          + "\n"), "a number has too many digits"),
-    "seed too large": (BASE.replace("  batch: 32\n", "  batch: 32\n  seed: "
+    "seed too large": (BASE.replace("sampler:\n", "sampler:\n  seed: "
                                     "1180591620717411303424\n"),
                        "sampler.seed: must be between 0 and 4294967295, got 1180591620717"),
     "not a mapping": ("- just\n- a list\n", "a case file must be a mapping of sections"),
-    "chains for a flow": (BASE.replace("  batch: 32\n", "  batch: 32\n  chains: 8\n"),
+    "chains for a flow": (BASE.replace("sampler:\n", "sampler:\n  chains: 8\n"),
                           "sampler.chains: applies to sampler.kind pcn"),
     "overflowing source": (BASE.replace("source: 1.0", 'source: "exp(1e308)"'),
                            "forward.source: is not finite on the lattice (got inf"),
@@ -64,7 +64,7 @@ HOSTILE = {
     "infinite noise": (BASE.replace("std: 0.005", "std: .inf"), "noise.std: must be finite"),
     "too many levels": (BASE.replace("finest: 3", "finest: 40"),
                         "levels.finest: must be between 2 and 8, got 40"),
-    "misspelt kind": (BASE.replace("  blocks: 3\n", "  kind: msgin\n  blocks: 3\n"),
+    "misspelt kind": (BASE.replace("  kind: msign ", "  kind: msgin "),
                       "(did you mean 'msign'?)"),
     "misspelt key": (BASE.replace("  std: 1.0\n", "  stdd: 1.0\n"),
                      "prior.stdd: unknown key"),
@@ -277,7 +277,7 @@ def test_a_prior_too_wide_for_the_solver_is_reported_not_hidden(tmp_path, capsys
     import numpy as np
     from geoinvert.io import read_result
     content = BASE.replace("  std: 1.0\n", "  std: 100\n").replace(
-        "  steps: 100\n  batch: 32\n", "  steps: 20\n  batch: 16\n").replace(
+        "sampler:\n", "sampler:\n  blocks: 3\n  hidden: 16\n  steps: 20\n  batch: 16\n").replace(
         "  samples: 300\n  figures: true", "  samples: 64\n  figures: false")
     path = _write(tmp_path, "wide", content)
     assert cli.main(["check", str(path)]) == 0
