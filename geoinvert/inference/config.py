@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "TrainOptions",
-           "LEAST_STEPS", "FULL_LEVEL", "stage_steps", "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS", "FlowConfig",
+           "LEAST_STEPS", "FULL_LEVEL", "stage_steps", "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS",
+           "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "AUTOREGRESSIVE_KINDS",
            "AUTOREGRESSIVE_LAPLACE_MAX",
@@ -39,8 +40,8 @@ def stage_steps(level, finest, steps=STEPS):
     starting point: the finest stage carries the accuracy and the correction makes the draws
     exact. Equal steps per stage spend as many solves on a 2x2 posterior as on the finest
     one: three quarters of the training of a 16x16 problem went to its three coarser stages.
-    On a problem of 64 or 16 parameters the full steps of the finest stage bought no
-    correction that was cheaper by their solves (``docs/notes/small-elliptic-budget.md``).
+    On problems of 16 and 64 parameters the finest stage's full steps did not make the
+    correction cheaper by the solves they cost (``docs/notes/small-elliptic-budget.md``).
     """
     return max(min(LEAST_STEPS, steps), round(steps * 4.0 ** (level - max(finest, FULL_LEVEL))))
 
