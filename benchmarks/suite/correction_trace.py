@@ -75,10 +75,11 @@ def _geometric_mean(a, b):
 class _Recorder:
     """An HMC kernel factory whose kernels record, for every transition, the latent positions
     z = S u and gradients grad_z of the chains' states and (``trajectory``) of every leapfrog
-    point of the finite trajectories; ``pool`` replaces a window's draws by them."""
+    point of the finite trajectories; ``pool`` and ``metric`` estimate a window's metric from
+    them."""
 
-    def __init__(self, estimate):
-        self.estimate, self.steps = estimate, []
+    def __init__(self, estimate, chains):
+        self.estimate, self.chains, self.steps, self.window = estimate, chains, [], None
 
     def kernel(self, kind, target, x, config):
         recorder = self
@@ -119,19 +120,21 @@ class _Recorder:
             return g / s
         return torch.linalg.solve_triangular(s.T, g.T, upper=True).T
 
-    def pool(self, z, chains):
-        """The metric window's recorded points in place of its ``z.shape[0] / chains`` draws."""
-        n = z.shape[0] // chains
-        zs = torch.cat([a for a, _ in self.steps[-n:]])
-        gs = torch.cat([b for _, b in self.steps[-n:]])
-        return zs, gs
+    def pool(self, z):
+        """Take the metric window's recorded points in place of its ``z.shape[0] / chains``
+        draws (the correction's ``pool``, called just before the window's metric)."""
+        n = z.shape[0] // self.chains
+        self.window = (torch.cat([a for a, _ in self.steps[-n:]]),
+                       torch.cat([b for _, b in self.steps[-n:]]))
+        return z
 
-    def metric(self, window):
-        """The factor of the window's metric: the covariance of its points, or (``fisher``)
-        the geometric mean of that covariance and the inverse covariance of the gradients,
-        the affine map that minimises the Fisher divergence to N(0, I) for a Gaussian
-        (the adaptation of nutpie, by Seyboldt, Carlson and Carpenter)."""
-        z, g = window
+    def metric(self, z, dense):
+        """In place of the correction's ``_metric``: the factor of the window's metric, dense
+        whatever the window's size: the covariance of its points, or (``fisher``) the
+        geometric mean of that covariance and the inverse covariance of the gradients, the
+        affine map that minimises the Fisher divergence to N(0, I) for a Gaussian (the
+        adaptation of nutpie, by Seyboldt, Carlson and Carpenter)."""
+        z, g = self.window
         d, n = z.shape[1], z.shape[0]
         keep = n / (n + correction._SHRINK)
         eye = torch.eye(d, dtype=torch.float64)
@@ -210,23 +213,11 @@ def trace(posterior, laplace, state, ref, settings, args):
         if settings.get("blockmetric") else contextlib.nullcontext()
     pool, estimate = None, contextlib.nullcontext()
     if settings.get("estimate"):
-        recorder = _Recorder(settings["estimate"])
-        windows = []
-
-        def pool(z):
-            windows.append(recorder.pool(z, chains))
-            return z
-
-        def rescale(state, z, kind):
-            target = state.target
-            latent = target.latent(state.z)
-            target.set_metric(recorder.metric(windows[-1]))
-            state.z = target.coordinates(latent)
-            state.x, state.value, state.grad, state.log_prob = target.whitened(state.z)
-            return "dense"
+        recorder = _Recorder(settings["estimate"], chains)
+        pool = recorder.pool
         estimate = contextlib.ExitStack()
         estimate.enter_context(mock.patch.object(correction, "_new_state", recorder.kernel))
-        estimate.enter_context(mock.patch.object(correction, "_rescale", rescale))
+        estimate.enter_context(mock.patch.object(correction, "_metric", recorder.metric))
     with kernel, metric, capture, estimate:
         res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record,
                       pool=pool)
