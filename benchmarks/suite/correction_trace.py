@@ -83,6 +83,23 @@ def _geometric_mean(a, b):
     return half @ ((v2 * w2.clamp(min=0).sqrt()) @ v2.T) @ half
 
 
+def _traced(kernel, step, eps, generator):
+    """``(acceptance, points)``: ``step(eps, generator)`` of an HMC ``kernel``, with the
+    ``(u, log target, gradient)`` of every leapfrog point its target evaluated."""
+    points, whitened = [], kernel.target.whitened
+
+    def spy(u, **kw):
+        out = whitened(u, **kw)
+        points.append((u.detach(), out[1], out[2]))
+        return out
+    kernel.target.whitened = spy
+    try:
+        prob = step(eps, generator)
+    finally:
+        del kernel.target.whitened
+    return prob, points
+
+
 class _Recorder:
     """An HMC kernel factory whose kernels record, for every transition, the latent positions
     z = S u and gradients grad_z of the chains' states and (``trajectory``) of every leapfrog
@@ -100,22 +117,11 @@ class _Recorder:
 
         class Recording(correction.HMCKernel):
             def step(self, eps, generator):
-                points = []
-                whitened = self.target.whitened
-
-                def spy(u, **kw):
-                    out = whitened(u, **kw)
-                    points.append((u.detach(), out[2], torch.isfinite(out[1])))
-                    return out
-                self.target.whitened = spy
-                try:
-                    prob = super().step(eps, generator)
-                finally:
-                    del self.target.whitened
-                finite = torch.stack([f for _, _, f in points]).all(0)
+                prob, points = _traced(self, super().step, eps, generator)
+                finite = torch.stack([torch.isfinite(v) for _, v, _ in points]).all(0)
                 if recorder.estimate == "trajectory":
                     u = torch.cat([p[finite] for p, _, _ in points])
-                    g = torch.cat([q[finite] for _, q, _ in points])
+                    g = torch.cat([q[finite] for _, _, q in points])
                 else:
                     u, g = self.z, self.grad
                 recorder.steps.append((self.target.latent(u), recorder.to_z(self.target, g)))
@@ -191,17 +197,7 @@ class _WeightedRecording(correction.HMCKernel):
 
     def step(self, eps, generator):
         start, value0, grads0 = self.z, self.value, self.grad
-        points, whitened = [], self.target.whitened
-
-        def spy(u, **kw):
-            out = whitened(u, **kw)
-            points.append((u.detach(), out[1], out[2]))
-            return out
-        self.target.whitened = spy
-        try:
-            prob = super().step(eps, generator)
-        finally:
-            del self.target.whitened
+        prob, points = _traced(self, super().step, eps, generator)
         z = torch.stack([start] + [u for u, _, _ in points])           # (L + 1, chains, d)
         values = torch.stack([value0] + [v for _, v, _ in points])
         grads = torch.stack([grads0] + [g for _, _, g in points])
