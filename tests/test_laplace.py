@@ -367,6 +367,30 @@ def test_laplace_kind_flags_draws_off_their_weighted_estimates(tmp_path):
     assert any("from their weighted mean and std" in line for line in lines) and warnings
 
 
+def test_laplace_kind_at_a_point_where_the_data_have_no_slope_is_the_prior(tmp_path):
+    """y = t^2 observed as 0 with a prior centred at t = 0: the MAP point is the prior mean,
+    where the forward map's Jacobian 2 t phi vanishes, so no Hessian eigenpair passes the
+    cut-off. The Laplace kind then writes the prior's std as its exact moments (it used to
+    fail on the empty low-rank update)."""
+    from geoinvert.app import run
+    from geoinvert.case import load_case
+    config = {"domain": {"bounds": [0, 1, 0, 1], "units": "1"}, "levels": {"finest": 3},
+              "prior": {"kind": "matern", "std": 1.0, "correlation_length": 0.3},
+              "forward": {"kind": "quadratic"},
+              "observations": {"functions": ["sin(pi*x) * sin(2*pi*y)"]},
+              "data": {"values": [0.0]}, "noise": {"std": 0.05},
+              "sampler": {"kind": "laplace"}, "output": {"samples": 40, "figures": False}}
+    case = load_case(config)
+    prior_std = np.sqrt(case.prior().variance(case.finest))
+    result = run(config, out=tmp_path / "flat.nc", progress=False, seed=1)
+    with xr.open_dataset(result.path) as ds:
+        assert ds.attrs["diagnostics_laplace_rank"] == 0
+        np.testing.assert_allclose(ds["std"], prior_std, rtol=1e-12)
+        np.testing.assert_allclose(ds["mean"], ds["map"], atol=1e-12)
+        assert float(np.abs(ds["map"]).max()) < 1e-3 * float(prior_std.min())
+        assert np.isfinite(ds["samples"]).all() and ds.sizes["sample"] == 40
+
+
 def test_gpcn_kind_keeps_the_laplace_draws_beside_its_chains(tmp_path):
     from geoinvert.app import run
     config = {**SMALL, "sampler": {"kind": "gpcn", "chains": 3, "warmup": 20, "draws": 30,

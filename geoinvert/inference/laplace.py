@@ -189,17 +189,20 @@ class LaplaceTransport:
 
             Var x = diag(C C^T) - sum_k lambda_k / (1 + lambda_k) (C v_k)^2,
 
-        the prior's variances less the low-rank update, r + 1 applications of C.
+        the prior's variances less the low-rank update, r + 1 applications of C. With no
+        eigenpair kept (the data leave the MAP point's Hessian below the cut-off, as at a
+        point where the forward map's Jacobian vanishes) the variances are the prior's.
 
         Args:
             prior_variance: ``(ny, nx)`` the prior's marginal variances, diag(C C^T).
         """
-        origin = self.whitening.to_x(torch.zeros(1, self.dim, dtype=_F64))[0]
         mean = self.to_x(torch.zeros(1, self.dim, dtype=_F64))[0][0]
-        directions = self.whitening.to_x(self.eigenvectors.T.contiguous()) - origin   # C v_k
-        weights = self.eigenvalues / (1 + self.eigenvalues)
-        update = torch.einsum("k,kij->ij", weights, directions ** 2)
-        variance = torch.as_tensor(prior_variance, dtype=_F64) - update
+        variance = torch.as_tensor(prior_variance, dtype=_F64)
+        if self.eigenvalues.numel():
+            origin = self.whitening.to_x(torch.zeros(1, self.dim, dtype=_F64))[0]
+            directions = self.whitening.to_x(self.eigenvectors.T.contiguous()) - origin  # C v_k
+            weights = self.eigenvalues / (1 + self.eigenvalues)
+            variance = variance - torch.einsum("k,kij->ij", weights, directions ** 2)
         return mean.numpy(), variance.clamp(min=0).sqrt().numpy()
 
     def sample(self, num, generator=None):
