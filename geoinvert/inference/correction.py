@@ -15,16 +15,11 @@ During warm-up a further linear map z = S u is learnt (Stan's windowed adaptatio
 or dense when the window holds at least ``4 d`` draws), so that the chains stay efficient
 where the flow is poor (an undertrained flow leaves pi_T far from N(0, I)). The step size is
 adapted by dual averaging (pCN: Robbins-Monro on beta) and both are frozen after warm-up.
-With a stopping rule (``extend``), the warm-up ends only when its last metric window's chains
-mixed fast enough for the estimate: when R-hat and ESS over the window's latent coordinates
-extrapolate to more draws than four times the warm-up's iterations (the chains that drew the
-estimate mixed too slowly to determine it), a further window twice as long follows, drawn with
-the new estimate (Stan doubles its windows for the same reason).
 When, after the first block of draws, R-hat and ESS extrapolate to more draws than four times
 the warm-up's iterations (at least ``draws``; at most ``max_draws``), the warm-up had
-too few draws for the metric: the block becomes one more metric window, followed by a step
-phase, and its draws are dropped (at most twice, further warm-up windows included; not under
-a solve budget).
+too few draws for the metric (Stan doubles its windows for the same reason): the block becomes
+one more metric window, followed by a step phase, and its draws are dropped (at most twice;
+not under a solve budget).
 An HMC transition integrates for a quarter period, pi / 2, of the metric-whitened posterior
 (for a unit Gaussian the end point is then independent of the start): pi / (2 eps) leapfrog
 steps, capped by ``leapfrog``, frozen with eps after warm-up. During warm-up the length
@@ -460,19 +455,6 @@ def _metric(z, dense):
     return torch.sqrt(keep * z.var(0) + (1 - keep) * 1e-3)
 
 
-def _window_need(z, n):
-    """Draws per chain the chains of a metric window's latent draws ``z (chains * n, d)``
-    (chain-major, ``n`` per chain) would need for R-hat <= 1.01 and bulk and tail ESS >= 400
-    at the rate they mixed in the window (:func:`~geoinvert.diagnostics.further_draws`, over
-    the latent coordinates; R-hat is left out for one chain)."""
-    from geoinvert.diagnostics import further_draws, mcmc_ess, mcmc_tail_ess, split_rhat
-    series = z.reshape(-1, n, z.shape[1]).numpy()
-    columns = [series[:, :, k] for k in range(series.shape[2])]
-    rhat = max(split_rhat(c) for c in columns) if series.shape[0] > 1 else 1.0
-    ess = min(min(mcmc_ess(c), mcmc_tail_ess(c)) for c in columns)
-    return n + further_draws(n, rhat, ess, most=10 ** 9)
-
-
 def _adapter(kind, step):
     if kind == "pcn":
         return RobbinsMonro(step, _TARGET_ACCEPT[kind], upper=1.0)
@@ -591,47 +573,32 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
         return config.independence_moves(getattr(state, "n_leapfrog", 1), maps)
 
-    most = max(config.max_draws, config.draws)
-    # more draws than this after the first block: the warm-up saw too few for the metric
-    slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
-    # re-adaptation possible at all: with a stopping rule, not under a solve budget
-    readapt = gradient and max_solves is None and extend is not None
-    windows, end, readapted, i = list(windows), config.warmup, 0, 0
-    while i < end:
+    for i in range(config.warmup):
         if kind == "hmc":
             state.n_leapfrog = _warmup_leapfrog(
-                adapter, config, affordable(end - i + config.draws * thin))
+                adapter, config, affordable(config.warmup - i + config.draws * thin))
         accept = float(_iterate(state, adapter.value, generator, config, gradient,
                                 mixture, moves())[0].mean())
         adapter.update(accept)
-        for lo, hi in list(windows):
+        for lo, hi in windows:
             if lo <= i < hi:
                 window.append(target.latent(state.z).clone())
             if i == hi - 1:
-                if ((lo, hi) == windows[-1] and readapt and readapted < _READAPTATIONS
-                        and _window_need(pool(torch.stack(window, 1).flatten(0, 1)),
-                                         hi - lo) > slow):
-                    # the window's chains mix too slowly for its estimate: a further window
-                    # twice as long follows (Stan's doubling), drawn with this estimate
-                    windows.append((hi, hi + 2 * (hi - lo)))
-                    end, total, readapted = end + 2 * (hi - lo), total + 2 * (hi - lo), \
-                        readapted + 1
-                    logger.info("the correction's chains mixed too slowly in the warm-up's "
-                                "last metric window (R-hat and ESS extrapolate to more than "
-                                "%d draws): a further window of %d iterations follows", slow,
-                                2 * (hi - lo))
                 metric = _rescale(state, pool(torch.cat(window)), kind)
                 adapter, window = _adapter(kind, adapter.value), []
         if callback:
             callback(i + 1, total, accept)
-        i += 1
     step = adapter.final()
     if kind == "hmc":
         state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
     blocks, done, size = [], 0, config.draws
     local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
-    warmup, window = end, []
+    most = max(config.max_draws, config.draws)
+    warmup, readapted, window = config.warmup, 0, []
     phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
+    readapt = gradient and max_solves is None            # re-adaptation possible at all
+    # more draws than this after the first block: the warm-up saw too few for the metric
+    slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
     while True:
         size = max(1, min(size, config.draws, most - done))
         x = np.empty((chains, size, *state.x.shape[1:]))
