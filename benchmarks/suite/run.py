@@ -109,7 +109,8 @@ def run_one(problem, ref, method, nfs, outdir):
            "psis_khat": float(a.get("diagnostics_psis_khat", math.nan)),
            "draws": int(a.get("diagnostics_draws", 0)),
            "correction_nfs": int(a.get("diagnostics_correction_nfs", 0)),
-           "leapfrog": float(a.get("diagnostics_leapfrog", math.nan))}
+           "leapfrog": float(a.get("diagnostics_leapfrog", math.nan)),
+           "warmup": int(a.get("diagnostics_warmup", 0))}
     if method == "laplace":
         row["ess_per_1000_nfs"] = 1000 * a["diagnostics_is_ess"] * ds.sizes["sample"] / a["nfs"]
     else:
