@@ -12,8 +12,10 @@ other chains, and one run may re-adapt its metric where another does not. One ro
 not a measure of it. Each run here is the suite's ``msign`` run (``run.py``'s ``run_one``:
 ``geoinvert.run`` with the package defaults, ``output.samples`` 2000) with ``sampler.seed``
 set, scored against the problem's reference. Per problem the table gives the solves'
-quantiles, how many runs met the suite's criteria and the share within the solve budget the
-suite aims at (1e5 solves up to 64 parameters, 2.5e5 above), and any silent failure.
+quantiles, how many runs met the suite's criteria, how many were within the solve budget the
+suite aims at (1e5 solves up to 64 parameters, 2.5e5 above), any silent failure, and how many
+runs re-adapted the correction's metric (their warm-up ran longer than configured); the rows
+follow, one per run.
 
 Writes ``benchmarks/results/seeds.json`` and ``.md``.
 """
