@@ -38,6 +38,8 @@ Writes ``benchmarks/results/suite.json`` and ``suite.md``.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import platform
@@ -196,21 +198,42 @@ def headline(rows):
     return "\n".join(lines)
 
 
-def _store(path, row, chosen, title, command):
-    """Replace ``row``'s (problem, method) in ``path`` (locked: several runs may share it) and
-    rewrite the markdown beside it; the rows after the update, in the order of ``chosen``'s
-    list."""
-    import fcntl
-    with open(Path(tempfile.gettempdir()) / "geoinvert-suite.lock", "w") as lock:
+def machine():
+    """The machine and the threads the runs use, as the results record them."""
+    return f"{platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def head_commit():
+    """The checkout's short commit hash, as the result rows record it."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@contextlib.contextmanager
+def locked_results(path):
+    """The results document ``{"rows": [...], ...}`` stored at ``path``, to be updated in
+    place while an exclusive lock on it is held (several invocations may share one results
+    set), then written back whole."""
+    with open(Path(tempfile.gettempdir()) / f"geoinvert-{path.stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        rows = [r for r in rows if (r["problem"], r["method"]) != (row["problem"], row["method"])]
+        document = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        yield document
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, indent=1))
+        tmp.replace(path)
+
+
+def _store(path, row, chosen, title, command):
+    """Replace ``row``'s (problem, method) in ``path`` and rewrite the markdown beside it; the
+    rows after the update, in the order of ``chosen``'s list."""
+    with locked_results(path) as document:
+        rows = [r for r in document["rows"]
+                if (r["problem"], r["method"]) != (row["problem"], row["method"])]
         rows.append(row)
         order = {q.name: i for i, q in enumerate(chosen)}
         rows.sort(key=lambda r: (order.get(r["problem"], 99), METHODS.index(r["method"])))
-        about = f"{platform.machine()}, {torch.get_num_threads()} threads"
-        path.write_text(json.dumps({"rows": rows, "machine": about}, indent=1))
-        path.with_suffix(".md").write_text(markdown(rows, about, command, title))
+        document.update(rows=rows, machine=machine())
+        path.with_suffix(".md").write_text(markdown(rows, document["machine"], command, title))
     return rows
 
 
@@ -236,8 +259,7 @@ def main(argv=None):
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/run.py" + \
         (" --heldout" if args.heldout else "")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
+    commit = head_commit()
     with tempfile.TemporaryDirectory() as outdir:
         for problem in chosen:
             ref = reference(problem)

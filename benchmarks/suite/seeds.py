@@ -21,23 +21,18 @@ Writes ``benchmarks/results/seeds.json`` and ``.md``.
 """
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from problems import ROOT, by_name, reference  # noqa: E402
-from run import run_one  # noqa: E402
+from run import head_commit, locked_results, machine, run_one  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SMALL, SMALL_BUDGET, LARGE_BUDGET = 64, 100_000, 250_000
@@ -54,19 +49,6 @@ def seeds(text):
         lo, hi = (int(t) for t in text.split("-"))
         return list(range(lo, hi + 1))
     return [int(t) for t in text.split(",")]
-
-
-@contextlib.contextmanager
-def locked(path):
-    """The rows stored at ``path``, to be updated in place while an exclusive lock is held
-    (so that two invocations on the two cores do not lose each other's rows)."""
-    with open(Path(tempfile.gettempdir()) / f"geoinvert-{path.stem}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        yield rows
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows}, indent=1))
-        tmp.replace(path)
 
 
 def summary(rows):
@@ -126,9 +108,7 @@ def main(argv=None):
     command = "benchmarks/suite/seeds.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     path = RESULTS / "seeds.json"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    commit, about = head_commit(), machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     for problem in map(by_name, args.problems):
         ref = reference(problem)
@@ -142,14 +122,15 @@ def main(argv=None):
                 row = run_one(dataclasses.replace(problem, config=config), ref, "msign", None,
                               tmp)
             row.update(seed=seed, parameters=parameters, warmup_config=warmup, command=command,
-                       commit=commit, machine=machine)
+                       commit=commit, machine=about)
             print(json.dumps(row), flush=True)
-            with locked(path) as rows:
-                rows[:] = [r for r in rows
-                           if (r["problem"], r["seed"]) != (row["problem"], seed)] + [row]
-                (RESULTS / "seeds.md").write_text(markdown(rows))
-    with locked(path) as rows:
-        print(markdown(rows))
+            with locked_results(path) as document:
+                document["rows"] = [r for r in document["rows"]
+                                    if (r["problem"], r["seed"]) != (row["problem"], seed)]
+                document["rows"].append(row)
+                text = markdown(document["rows"])
+                path.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 
