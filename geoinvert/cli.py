@@ -33,6 +33,7 @@ def build_parser():
         prog="geoinvert", description="Bayesian inversion of elliptic PDEs with MsIGN.")
     parser.add_argument("--version", action="version", version=f"geoinvert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices       # name -> subparser, for errors in the command's usage
     run = sub.add_parser("run", help="train on a case file and write the result")
     run.add_argument("case", type=Path, help="case file (YAML)")
     run.add_argument("--out", type=Path, help="result netCDF file (default: output.path or "
@@ -577,7 +578,9 @@ def main(argv=None):
     from geoinvert.errors import CaseError
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:     # in the command's usage, not the top level's that names no option
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version and usage errors (status 2 from argparse)
         return int(exc.code or 0)
     handler = _setup_logging(args)

@@ -51,6 +51,15 @@ def test_usage_error_is_status_2(capsys):
     assert cli.main([]) == 2
 
 
+def test_unknown_option_is_named_in_its_commands_usage(capsys):
+    """An option the command does not have is reported with that command's usage, which lists
+    the options it does have (``-o`` for ``--out``), not the top level's."""
+    assert cli.main(["run", "case.yaml", "-o", "out.nc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: geoinvert run ") and "--out OUT" in err
+    assert err.strip().splitlines()[-1] == "geoinvert run: error: unrecognized arguments: -o out.nc"
+
+
 def test_check_summary(case_file, capsys):
     assert cli.main(["check", str(case_file)]) == 0
     out = capsys.readouterr().out
