@@ -305,16 +305,52 @@ class _PCNState(WhitenedState):
         return prob
 
 
-def _independence_move(state, generator, *, gradient):
-    """Propose a fresh flow draw for every chain; accept with min(1, w(x') / w(x))."""
+def _independence_proposals(state, num, generator, *, gradient):
+    """``num`` fresh flow draws for every chain, evaluated in one batch: the :class:`_Proposals`
+    of ``num`` plain independence moves (the flow is the transport; the weight is w)."""
     t = state.target
-    xi = torch.randn(state.z.shape, generator=generator, dtype=_F64)
-    u = t.coordinates(xi)
+    chains, dim = state.z.shape
+    u = t.coordinates(torch.randn((num * chains, dim), generator=generator, dtype=_F64))
     x, value, grad, log_prob = t.whitened(u, grad=gradient)
-    flags, prob = metropolis(t.log_weight(u, value) - t.log_weight(state.z, state.value),
+    return _Proposals(u, None, x, value, grad, log_prob, t.log_weight(u, value), chains)
+
+
+@dataclasses.dataclass
+class _Proposals:
+    """Independence proposals for ``num`` moves of every chain, row ``k * chains + i`` the
+    proposal of move k to chain i: their kernel coordinates, modes (or None), fields, targets,
+    gradients, posteriors and log weights (log pi - log of the proposal's density). An
+    independence proposal does not depend on the state it is proposed from, so the proposals
+    of several moves are drawn and evaluated together (one batch of solves and flow passes, not
+    one per move) and then accepted or rejected move after move: the same Markov chain."""
+
+    u: torch.Tensor
+    modes: torch.Tensor | None
+    x: torch.Tensor
+    value: torch.Tensor
+    grad: torch.Tensor
+    log_prob: torch.Tensor
+    log_weight: torch.Tensor
+    chains: int
+
+    def move(self, k):
+        """The proposals of move ``k``, one per chain (``modes`` None without modes)."""
+        rows = slice(k * self.chains, (k + 1) * self.chains)
+        return (self.u[rows], None if self.modes is None else self.modes[rows], self.x[rows],
+                self.value[rows], self.grad[rows], self.log_prob[rows], self.log_weight[rows])
+
+
+def _independence_accept(state, proposals, k, generator, current):
+    """Accept move ``k`` of ``proposals`` with min(1, w(x') / w(x)); ``current``: the log
+    weight of the chains' states. Returns the acceptance probabilities and the log weights of
+    the new states."""
+    u, modes, x, value, grad, log_prob, log_weight = proposals.move(k)
+    flags, prob = metropolis(torch.where(torch.isfinite(value), log_weight - current, -math.inf),
                              generator)
     state.accept(flags, u, x, value, grad, log_prob)
-    return prob
+    if modes is not None:            # an accepted proposal moves its chain to its region
+        state.target.modes = torch.where(flags, modes, state.target.modes)
+    return prob, torch.where(flags, log_weight, current)
 
 
 class ModeMixture:
@@ -386,23 +422,15 @@ class ModeMixture:
         return u, modes
 
 
-def _mixture_move(state, mixture, generator, *, gradient, current=None):
-    """Propose from ``mixture`` for every chain; accept with min(1, w(x') / w(x)),
-    w = pi / q_mix. ``current``: log q_mix at the chains' states, if known. Returns the
-    acceptance probabilities and log q_mix at the chains' new states."""
+def _mixture_proposals(state, mixture, num, generator, *, gradient):
+    """The :class:`_Proposals` of ``num`` moves from ``mixture`` for every chain, weighted by
+    w = pi / q_mix."""
     t = state.target
-    u, modes = mixture.sample(state.z.shape[0], generator)
+    chains = state.z.shape[0]
+    u, modes = mixture.sample(num * chains, generator)
     x, value, grad, log_prob = t.whitened(u, grad=gradient, modes=modes)
-    q_new = mixture.log_prob(u, value, log_prob, x)
-    q_old = current if current is not None else \
-        mixture.log_prob(state.z, state.value, state.log_prob, state.x)
-    flags, prob = metropolis(torch.where(torch.isfinite(value),
-                                         (log_prob - q_new) - (state.log_prob - q_old),
-                                         -math.inf), generator)
-    state.accept(flags, u, x, value, grad, log_prob)
-    if modes is not None:            # an accepted proposal moves its chain to its region
-        t.modes = torch.where(flags, modes, t.modes)
-    return prob, torch.where(flags, q_new, q_old)
+    q = mixture.log_prob(u, value, log_prob, x)
+    return _Proposals(u, modes, x, value, grad, log_prob, log_prob - q, chains)
 
 
 def _leapfrog(step, config, cap=None):
@@ -657,20 +685,33 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             moves(), wanted if wanted > config.leapfrog else None)
 
 
+#: Independence proposals evaluated together (:class:`_Proposals`): enough for the solver's
+#: and the flow's batches to pay, few enough for the flow's activations on a large lattice.
+_PROPOSAL_BATCH = 64
+
+
 def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
     """One local move and, if configured, ``moves`` independence moves; the local move's
     acceptance and the independence moves' mean acceptance."""
     local = state.step(step, generator)
     if not config.independence:
         return local, torch.full_like(local, math.nan)
-    total, current = torch.zeros_like(local), None
-    for _ in range(moves):          # the mixture density at the states is carried along
+    t, chains = state.target, state.z.shape[0]
+    if mixture is not None:          # log w at the states; the moves carry it along
+        current = state.log_prob - mixture.log_prob(state.z, state.value, state.log_prob,
+                                                    state.x)
+    else:
+        current = t.log_weight(state.z, state.value)
+    total, per = torch.zeros_like(local), max(1, _PROPOSAL_BATCH // chains)
+    for first in range(0, moves, per):
+        num = min(per, moves - first)
         if mixture is not None:
-            prob, current = _mixture_move(state, mixture, generator, gradient=gradient,
-                                          current=current)
+            proposals = _mixture_proposals(state, mixture, num, generator, gradient=gradient)
         else:
-            prob = _independence_move(state, generator, gradient=gradient)
-        total += prob
+            proposals = _independence_proposals(state, num, generator, gradient=gradient)
+        for k in range(num):
+            prob, current = _independence_accept(state, proposals, k, generator, current)
+            total += prob
     return local, total / moves
 
 
