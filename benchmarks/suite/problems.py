@@ -343,6 +343,67 @@ def _heldout_later():
                                                "width": 0.15, "amplitude": 1.5},
                                      "seed": 33}}, 0.005),
                 str(REFERENCES / "heldout-integrals-16.nc")),
+    ] + _heldout_features()
+
+
+def _mirror_pairs(xs, ys, width):
+    """Sensors of a problem symmetric under s2 -> 1 - s2: at each x, a Gaussian at y and its
+    mirror image at 1 - y summed into one observation for every y < 1/2, and one on the axis."""
+    def bump(x, y):
+        return {"shape": "gaussian", "center": [x, y], "width": width}
+    return [f for x in xs for f in ([[bump(x, y), bump(x, round(1 - y, 6))] for y in ys]
+                                    + [[bump(x, 0.5)]])]
+
+
+def _heldout_features():
+    """Held-out problems on what the others leave out: a 64x64 elliptic field (4096
+    parameters), triangles with quadratic elements and almost no data, and a mirror-symmetric
+    elliptic posterior whose two modes are joined by a shallow saddle (2.9 nats below the MAP,
+    `benchmarks/elliptic_modes.py`), where chains may cross between them now and then."""
+    return [
+        Problem("heldout-elliptic-64", "elliptic, 64x64 Matern prior (std 1, correlation "
+                "0.2), u = 1 on the left and 0 on the right, a uniform source, 16 heads on a "
+                "grid, noise 0.01 (4096 parameters)",
+                _base("heldout-elliptic-64", 6,
+                      {"kind": "matern", "std": 1.0, "correlation_length": 0.2},
+                      {"kind": "elliptic", "source": 1.0,
+                       "dirichlet": {"left": 1.0, "right": 0.0}},
+                      {"points": _grid(4)},
+                      {"synthetic": {"truth": "prior", "seed": 5}}, 0.01),
+                str(REFERENCES / "heldout-elliptic-64.nc")),
+        Problem("heldout-triangles-16", "elliptic, 16x16 Matern prior (std 1, correlation "
+                "0.25) on a triangle mesh with quadratic elements, u = 0 on the boundary, a "
+                "uniform source, one head and one integral of u, noise 0.002 (a posterior close "
+                "to the prior)",
+                {**_base("heldout-triangles-16", 4,
+                         {"kind": "matern", "std": 1.0, "correlation_length": 0.25},
+                         {"kind": "elliptic", "degree": 2, "source": 1.0,
+                          "dirichlet": {"all": 0.0}},
+                         {"points": [[0.5, 0.5]],
+                          "functions": [{"shape": "gaussian", "center": [0.3, 0.7],
+                                         "width": 0.15}]},
+                         {"synthetic": {"truth": "prior", "seed": 6}}, 0.002),
+                 "domain": {"bounds": [0, 1, 0, 1], "units": "1", "cell": "triangle"}},
+                str(REFERENCES / "heldout-triangles-16.nc")),
+        Problem("heldout-mirror-16", "elliptic, 16x16 Matern prior (std 1, correlation 1, "
+                "alpha 3), symmetric under s2 -> 1 - s2: u = 0 on the left and right, inflow "
+                "0.5 through the top and bottom, a uniform source, 15 mirrored sensor pairs and "
+                "5 on the axis, an asymmetric truth, noise 1e-4: two modes of equal mass with a "
+                "shallow saddle between them",
+                {**_base("heldout-mirror-16", 4,
+                         {"kind": "matern", "std": 1.0, "correlation_length": 1.0, "alpha": 3},
+                         {"kind": "elliptic", "source": 1.0,
+                          "dirichlet": {"left": 0.0, "right": 0.0},
+                          "neumann": {"top": 0.5, "bottom": 0.5}},
+                         {"functions": _mirror_pairs((0.15, 0.35, 0.5, 0.65, 0.85),
+                                                     (0.1, 0.25, 0.4), 0.05)},
+                         {"synthetic": {"truth": {"shape": "gaussian", "center": [0.5, 0.25],
+                                                  "width": 0.25, "amplitude": 3.0},
+                                        "seed": 3}}, 1e-4,
+                         levels={"refine": 1, "min_cells": 32}),
+                 "output": {"direction": "exp(-((x-0.5)^2 + (y-0.25)^2)/0.045) - "
+                                         "exp(-((x-0.5)^2 + (y-0.75)^2)/0.045)"}},
+                str(REFERENCES / "heldout-mirror-16.nc"), True),
     ]
 
 

@@ -23,8 +23,8 @@ get right is the shape of one mode (see ``benchmarks/reference_elliptic.py`` for
 A reference is accepted when the largest split R-hat (over cells, principal components and the
 log target) is below 1.01 and the smallest bulk ESS above 2000; the script says whether it
 is, and stores the numbers either way. Writes ``benchmarks/suite/references/<name>.nc``
-(4000 thinned draws as float32, the mean, std and Monte-Carlo standard error of the mean of
-every cell from all draws, nFS, R-hat, ESS, acceptance, step, the command) and a line of
+(4000 thinned draws as float32, or ``--keep``; the mean, std and Monte-Carlo standard error of
+the mean of every cell from all draws; nFS, R-hat, ESS, acceptance, step, the command) and a line of
 ``benchmarks/suite/references/README.md``.
 """
 
@@ -69,6 +69,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spread", type=float, default=1.5,
                    help="spread of the starts in Laplace standard deviations")
+    p.add_argument("--keep", type=int, default=4000,
+                   help="draws stored, evenly thinned from all draws (fewer for a large lattice)")
     p.add_argument("--mirror", action="store_true",
                    help="mirror-symmetric bimodal problem: sample one mode, fold, mirror")
     args = p.parse_args(argv)
@@ -114,7 +116,7 @@ def main(argv=None):
         se = (mcse.reshape(shape) + mirror(mcse.reshape(shape))) / 2
         mcse = se.ravel()
     accepted = rhat < RHAT_MAX and ess > ESS_MIN
-    keep = np.unique(np.linspace(0, len(flat) - 1, min(4000, len(flat))).astype(int))
+    keep = np.unique(np.linspace(0, len(flat) - 1, min(args.keep, len(flat))).astype(int))
     shape = x.shape[2:]
     import xarray as xr
     ds = xr.Dataset(
