@@ -612,10 +612,10 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     finally:
         bar.close()
     c = res.chains
-    samples, log_target, flow_lp, accept, imh = (
+    samples, log_target, flow_lp, accept, imh, jumps = (
         ens.gather(torch.from_numpy(np.ascontiguousarray(a))).numpy()
         for a in (c.samples, c.log_prob, res.flow_log_prob, c.acceptance,
-                  res.independence_acceptance))
+                  res.independence_acceptance, res.jump_acceptance))
     nfs, failed, step = ens.sum(c.nfs, res.failed, c.step_size)
     pooled = ChainResult(samples, log_target, accept, int(nfs), step / ens.size, c.wall_time,
                          c.method, c.warmup)
@@ -639,7 +639,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_limit": _correction_limit(config, res, stopped.get("budget", False)),
             "leapfrog_wanted": res.leapfrog_wanted or math.nan,
             "correction_region_exits": int(ens.sum(res.exits)[0]),
-            "independence_moves": res.independence_moves})
+            "independence_moves": res.independence_moves,
+            "mode_jump_acceptance": float(np.nanmean(jumps)) if maps > 1 else math.nan})
     else:
         diagnostics["failed_solves"] = diagnostics.get("failed_solves", 0) + int(failed)
     if len(modes) > 1:
@@ -1241,6 +1242,8 @@ def summary_lines(ds):
         which = f" (flow + Laplace at {int(modes)} mode{'s' if modes != 1 else ''}" \
             f"{f', {per} per local move' if per > 1 else ''})" if modes else ""
         extra = f", independence moves{which} accepted {imh:.2f}" if np.isfinite(imh) else ""
+        jumps = get("mode_jump_acceptance")
+        extra += f", mode jumps accepted {jumps:.2f}" if np.isfinite(jumps) else ""
         lines.append(f"{what}: R-hat {get('rhat'):.3f}, ESS bulk {get('ess'):.0f} / tail "
                      f"{get('ess_tail'):.0f}, MCSE of the mean {get('mcse_mean'):.3f} std, "
                      f"acceptance {get('acceptance'):.2f}{extra}")

@@ -1,5 +1,6 @@
 """The geoinvert command and geoinvert.run: in-process (real trainer, tiny sizes), plus subprocesses."""
 
+import math
 import os
 import subprocess
 import sys
@@ -363,21 +364,23 @@ def test_run_prints_its_verdict(case_file, tmp_path, capsys):
 
 
 def test_summary_names_the_per_mode_coordinates_and_moves():
-    """With several modes the summary says the chains moved in their own modes' coordinates
-    and how many independence moves followed each local move."""
+    """With several modes the summary says the chains moved in their own modes' coordinates,
+    how many independence moves followed each local move and how often they and the mode
+    jumps were accepted."""
     from geoinvert.app import summary_lines
     attrs = {"sampler": "msign", "nfs": 1000, "wall_time": 1.0, "verdict": "ok",
              "diagnostics_correction": "hmc", "diagnostics_metric": "dense",
              "diagnostics_coordinates": "laplace", "diagnostics_correction_nfs": 800,
              "diagnostics_correction_mode_coordinates": 2, "diagnostics_independence_moves": 7,
+             "diagnostics_mode_jump_acceptance": 0.93,
              "diagnostics_modes_found": 2, "diagnostics_independence_acceptance": 0.1,
              "diagnostics_rhat": 1.005, "diagnostics_ess": 900.0, "diagnostics_ess_tail": 800.0,
              "diagnostics_mcse_mean": 0.03, "diagnostics_acceptance": 0.8}
     lines, warnings = summary_lines(xr.Dataset(attrs=attrs))
     assert lines[0].startswith("method: msign + correction (hmc, dense metric, in the Laplace "
                                "coordinates of each chain's mode (of 2))")
-    assert "independence moves (flow + Laplace at 2 modes, 7 per local move) accepted 0.10" \
-        in lines[1]
+    assert "independence moves (flow + Laplace at 2 modes, 7 per local move) accepted 0.10, " \
+        "mode jumps accepted 0.93" in lines[1]
     assert warnings == [] and lines[-1] == "verdict: ok"
     # each mode's share of the draws, with its Monte-Carlo error
     shares = {**attrs, "diagnostics_mode_shares": np.array([0.512, 0.488]),
@@ -387,10 +390,12 @@ def test_summary_names_the_per_mode_coordinates_and_moves():
     assert "modes: the draws' share of each of the 2 modes found 51 +/- 2 %, 49 +/- 2 % " \
         "(effective sample size of the shares 566)" in lines
     one = {**attrs, "diagnostics_correction_mode_coordinates": 1,
-           "diagnostics_independence_moves": 1, "diagnostics_modes_found": 1}
+           "diagnostics_independence_moves": 1, "diagnostics_mode_jump_acceptance": math.nan,
+           "diagnostics_modes_found": 1}
     lines, _ = summary_lines(xr.Dataset(attrs=one))
     assert "(hmc, dense metric, in Laplace coordinates)" in lines[0]
-    assert "(flow + Laplace at 1 mode) accepted" in lines[1]
+    assert "(flow + Laplace at 1 mode) accepted 0.10" in lines[1]
+    assert "jumps" not in lines[1]
 
 
 def test_the_verdict_names_the_limit_that_stopped_the_correction():

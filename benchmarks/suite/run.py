@@ -112,7 +112,9 @@ def run_one(problem, ref, method, nfs, outdir):
            "draws": int(a.get("diagnostics_draws", 0)),
            "correction_nfs": int(a.get("diagnostics_correction_nfs", 0)),
            "leapfrog": float(a.get("diagnostics_leapfrog", math.nan)),
-           "warmup": int(a.get("diagnostics_warmup", 0))}
+           "warmup": int(a.get("diagnostics_warmup", 0)),
+           "modes_found": int(a.get("diagnostics_modes_found", 0)),
+           "mode_jump_acceptance": float(a.get("diagnostics_mode_jump_acceptance", math.nan))}
     if method == "laplace":
         row["ess_per_1000_nfs"] = 1000 * a["diagnostics_is_ess"] * ds.sizes["sample"] / a["nfs"]
     else:

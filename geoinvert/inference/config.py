@@ -281,7 +281,8 @@ class CorrectionConfig:
         True, "After every local move, an independence Metropolis-Hastings move with the "
         "flow as proposal (moves chains between the modes the flow covers); when the mode "
         "search found several modes, as many such moves as the HMC transition's leapfrog "
-        "steps (they alone move chains between the modes).", "false")
+        "steps. (With several modes a mode jump also follows every local move, with or "
+        "without these moves.)", "false")
     modes: bool = _field(
         True, "With independence moves: first search the posterior's modes (L-BFGS from "
         "eight prior draws, repeated from as many again, at least once when there are "
@@ -323,11 +324,19 @@ class CorrectionConfig:
             return 0
         return leapfrog if modes > 1 and self.kernel == "hmc" else 1
 
+    @staticmethod
+    def jumps(modes=1) -> int:
+        """Mode jumps after each local move: one when the chains move in the coordinates of
+        ``modes`` > 1 modes (:class:`~geoinvert.inference.correction.ModeCoordinates`), else
+        none."""
+        return 1 if modes > 1 else 0
+
     def solves_per_iteration(self, leapfrog=None, modes=1) -> int:
         """Forward solves of one iteration of one chain with ``leapfrog`` HMC steps (default
-        the most, ``leapfrog``): the local move and its :meth:`independence_moves`."""
+        the most, ``leapfrog``): the local move, its :meth:`independence_moves` and its
+        :meth:`jumps`."""
         local = (leapfrog or self.leapfrog) if self.kernel == "hmc" else 1
-        return local + self.independence_moves(local, modes)
+        return local + self.independence_moves(local, modes) + self.jumps(modes)
 
     def solves(self, draws=None, leapfrog=None, modes=1) -> int:
         """Forward solves of the correction with ``draws`` draws per chain (default the

@@ -30,15 +30,27 @@ sized to such a transient dip would cost many solves and integrate for no longer
 With several modes (:class:`ModeCoordinates`) each chain moves in the Laplace coordinates of
 the mode whose region it is in, and its local moves are restricted to that region (a move
 leaving it is rejected): each restricted kernel is reversible for the posterior restricted to
-its region, so their combination is reversible for the posterior, and the independence moves
-carry the chains between the regions. They alone do, so they get the solves of the local
-move: as many independence moves follow an HMC transition as it has leapfrog steps (the
-chains' mode fractions, which R-hat compares, converge with the number of switches). One
-affine map cannot whiten two modes at once: in the coordinates of one, a chain in the other
-moves with the wrong metric, and a metric learnt from chains in both spans the distance
-between the modes.
+its region, so their combination is reversible for the posterior. One affine map cannot whiten
+two modes at once: in the coordinates of one, a chain in the other moves with the wrong metric,
+and a metric learnt from chains in both spans the distance between the modes. A chain's state
+is then its coordinates u and its mode k, x = T_k(S u). Two moves carry chains between the
+regions:
+
+- a *mode jump* after each local move proposes the same u in another mode j, drawn uniformly:
+  x' = T_j(S u), the field at the same place relative to mode j as x is to mode k (for Laplace
+  maps, x' = m_j + L_j L_k^-1 (x - m_k)). The proposal is symmetric and (u, k) -> x is
+  one-to-one onto the regions, so the jump is accepted with min(1, pi_u(u, j) / pi_u(u, k)),
+  the pulled-back targets of the two modes (each with its map's log-determinant, -inf outside
+  its region). Where the modes are alike up to their Laplace maps it is nearly always
+  accepted, whatever the dimension, for one solve;
+- the independence moves, which also sample within the modes where the flow and the Laplace
+  fits are good proposals: they get the solves of the local move, as many independence moves
+  following an HMC transition as it has leapfrog steps.
 
 References:
+    Pompe, Holmes, Latuszynski. A framework for adaptive MCMC targeting multimodal
+    distributions. Annals of Statistics 48 (2020): jumps between modes through their local
+    Gaussian approximations, on the state space augmented by the mode.
     Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan. NeuTra-lizing bad geometry in
     Hamiltonian Monte Carlo using neural transport. arXiv:1903.03704 (2019).
     Stan Reference Manual, "HMC algorithm parameters": windowed adaptation of the metric.
@@ -189,8 +201,9 @@ class LatentTarget:
         transport: :class:`FlowTransport` (or any object with ``to_x``, ``to_z`` and ``dim``).
 
     With a :class:`ModeCoordinates` transport, ``modes`` holds each chain's mode (set by
-    :meth:`to_z` from the chains' fields, moved by the independence moves), and the target of
-    chain i is the posterior restricted to the region of mode ``modes[i]``: -inf outside it.
+    :meth:`to_z` from the chains' fields, moved by the mode jumps and independence moves),
+    and the target of chain i is the posterior restricted to the region of mode
+    ``modes[i]``: -inf outside it.
 
     Attributes:
         nfs: forward solves so far (one per evaluated point).
@@ -353,6 +366,22 @@ def _independence_accept(state, proposals, k, generator, current):
     return prob, torch.where(flags, log_weight, current)
 
 
+def _mode_jump(state, generator, *, gradient):
+    """A mode jump of every chain (see the module's docstring): the same kernel coordinates in
+    another mode, drawn uniformly, accepted with the ratio of the two pulled-back targets.
+    Returns the acceptance probabilities."""
+    t = state.target
+    here = t.modes
+    there = (here + torch.randint(1, len(t.transport.modes), here.shape,
+                                  generator=generator)) % len(t.transport.modes)
+    x, value, grad, log_prob = t.whitened(state.z, grad=gradient, modes=there)
+    flags, prob = metropolis(torch.where(torch.isfinite(value), value - state.value, -math.inf),
+                             generator)
+    state.accept(flags, state.z, x, value, grad, log_prob)
+    t.modes = torch.where(flags, there, here)
+    return prob
+
+
 class ModeMixture:
     r"""Independence proposal q_mix = (1 - eps) q + eps sum_k pi_k N_k: the approximation q
     (the trained flow) and the Laplace approximations N_k at the posterior modes found by
@@ -508,6 +537,8 @@ class CorrectionResult:
         exits: local proposals rejected for leaving their chain's mode region (with
             :class:`ModeCoordinates`; else 0).
         independence_moves: independence moves per local move after warm-up.
+        jump_acceptance: ``(chains,)`` mean acceptance of the mode jumps after warm-up (NaN
+            with one mode).
         leapfrog_wanted: HMC leapfrog steps a quarter period takes at the final step, pi / (2
             step), when ``config.leapfrog`` cut the transitions shorter (else None).
     """
@@ -521,6 +552,7 @@ class CorrectionResult:
     exits: int = 0
     independence_moves: int = 1
     leapfrog_wanted: int = None
+    jump_acceptance: np.ndarray = None
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -594,8 +626,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             return None
         left = (max_solves - target.nfs) / (chains * max(iterations, 1))
         if balanced:
-            return max(1, int(left / 2))
-        return max(1, int(left) - int(config.independence))
+            return max(1, int((left - config.jumps(maps)) / 2))
+        return max(1, int(left) - int(config.independence) - config.jumps(maps))
 
     def moves():
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
@@ -620,7 +652,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     if kind == "hmc":
         state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
     blocks, done, size = [], 0, config.draws
-    local, independent = torch.zeros(chains, dtype=_F64), torch.zeros(chains, dtype=_F64)
+    local, independent, jumped = (torch.zeros(chains, dtype=_F64) for _ in range(3))
     most = max(config.max_draws, config.draws)
     warmup, readapted, window = config.warmup, 0, []
     phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
@@ -632,8 +664,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         x = np.empty((chains, size, *state.x.shape[1:]))
         log_prob, flow_log_prob = np.empty((chains, size)), np.empty((chains, size))
         for i in range(size * thin):
-            a, b = _iterate(state, step, generator, config, gradient, mixture, moves())
-            local, independent = local + a, independent + b
+            a, b, c = _iterate(state, step, generator, config, gradient, mixture, moves())
+            local, independent, jumped = local + a, independent + b, jumped + c
             if (i + 1) % thin == 0:
                 j = i // thin
                 x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
@@ -671,18 +703,17 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                         "warm-up iterations (R-hat and ESS extrapolated): their draws so far "
                         "became a further warm-up window", slow, warmup)
             blocks, done, size, window, readapted = [], 0, config.draws, [], readapted + 1
-            local, independent = torch.zeros_like(local), torch.zeros_like(independent)
+            local, independent, jumped = (torch.zeros_like(local) for _ in range(3))
     x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
     iterations = done * thin
     method = f"{getattr(transport, 'method', 'neutra')}-{kind}"
     result = ChainResult(x, log_prob, (local / iterations).numpy(), target.nfs, step,
                          time.perf_counter() - begin, method, warmup)
-    imh = (independent / iterations).numpy() if config.independence else \
-        np.full(chains, np.nan)
     wanted = _quarter_period(step) if kind == "hmc" else 0
-    return CorrectionResult(result, flow_log_prob, imh, target.failed, metric,
-                            state.n_leapfrog if kind == "hmc" else None, target.exits,
-                            moves(), wanted if wanted > config.leapfrog else None)
+    return CorrectionResult(result, flow_log_prob, (independent / iterations).numpy(),
+                            target.failed, metric, state.n_leapfrog if kind == "hmc" else None,
+                            target.exits, moves(), wanted if wanted > config.leapfrog else None,
+                            (jumped / iterations).numpy())
 
 
 #: Independence proposals evaluated together (:class:`_Proposals`): enough for the solver's
@@ -691,11 +722,15 @@ _PROPOSAL_BATCH = 64
 
 
 def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
-    """One local move and, if configured, ``moves`` independence moves; the local move's
-    acceptance and the independence moves' mean acceptance."""
+    """One local move, a mode jump with several modes and, if configured, ``moves``
+    independence moves; the local move's acceptance (probability), the jump's and the
+    independence moves' mean acceptance (NaN for moves not made)."""
     local = state.step(step, generator)
+    none = torch.full_like(local, math.nan)
+    jump = _mode_jump(state, generator, gradient=gradient) if state.target.multimodal \
+        else none
     if not config.independence:
-        return local, torch.full_like(local, math.nan)
+        return local, none, jump
     t, chains = state.target, state.z.shape[0]
     if mixture is not None:          # log w at the states; the moves carry it along
         current = state.log_prob - mixture.log_prob(state.z, state.value, state.log_prob,
@@ -712,7 +747,7 @@ def _iterate(state, step, generator, config, gradient, mixture=None, moves=1):
         for k in range(num):
             prob, current = _independence_accept(state, proposals, k, generator, current)
             total += prob
-    return local, total / moves
+    return local, total / moves, jump
 
 
 def _rescale(state, z, kind):
