@@ -318,9 +318,9 @@ class CorrectionConfig:
 
     def independence_moves(self, leapfrog, modes=1) -> int:
         """Independence moves after each local move: one, or with ``modes`` > 1 (the chains in
-        per-mode coordinates, between which these moves and the :meth:`jumps` carry them) the
-        HMC transition's ``leapfrog`` steps less the jump, at least one, so that the moves
-        between the modes take the solves of the local move; 0 without them."""
+        per-mode coordinates, between which these moves and the :meth:`jumps` carry them) as
+        many as leave the moves between the modes the solves of the local move, the HMC
+        transition's ``leapfrog`` steps less the jump (at least one); 0 without them."""
         if not self.independence:
             return 0
         if modes > 1 and self.kernel == "hmc":
