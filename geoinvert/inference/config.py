@@ -280,9 +280,9 @@ class CorrectionConfig:
     independence: bool = _field(
         True, "After every local move, an independence Metropolis-Hastings move with the "
         "flow as proposal (moves chains between the modes the flow covers); when the mode "
-        "search found several modes, a mode jump (the chain's place relative to its mode, "
-        "in another mode) and as many such moves as the HMC transition's leapfrog steps "
-        "less one (the jump is made without them too).", "false")
+        "search found several modes, as many such moves as the HMC transition's leapfrog "
+        "steps. (With several modes a mode jump also follows every local move, with or "
+        "without these moves.)", "false")
     modes: bool = _field(
         True, "With independence moves: first search the posterior's modes (L-BFGS from "
         "eight prior draws, repeated from as many again, at least once when there are "
@@ -318,14 +318,11 @@ class CorrectionConfig:
 
     def independence_moves(self, leapfrog, modes=1) -> int:
         """Independence moves after each local move: one, or with ``modes`` > 1 (the chains in
-        per-mode coordinates, between which these moves and the :meth:`jumps` carry them) as
-        many as leave the moves between the modes the solves of the local move, the HMC
-        transition's ``leapfrog`` steps less the jump (at least one); 0 without them."""
+        per-mode coordinates, between which these moves alone carry them) as many as the HMC
+        transition's ``leapfrog`` steps, the solves of the local move; 0 without them."""
         if not self.independence:
             return 0
-        if modes > 1 and self.kernel == "hmc":
-            return max(1, leapfrog - self.jumps(modes))
-        return 1
+        return leapfrog if modes > 1 and self.kernel == "hmc" else 1
 
     @staticmethod
     def jumps(modes=1) -> int:

@@ -44,11 +44,8 @@ regions:
   its region). Where the modes are alike up to their Laplace maps it is nearly always
   accepted, whatever the dimension, for one solve;
 - the independence moves, which also sample within the modes where the flow and the Laplace
-  fits are good proposals.
-
-The moves between the modes get the solves of the local move: an HMC transition of L leapfrog
-steps is followed by a jump and L - 1 independence moves (at least one). R-hat compares the
-chains' mode fractions, which converge with the number of switches.
+  fits are good proposals: they get the solves of the local move, as many independence moves
+  following an HMC transition as it has leapfrog steps.
 
 References:
     Pompe, Holmes, Latuszynski. A framework for adaptive MCMC targeting multimodal
@@ -621,8 +618,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     chains = state.z.shape[0]
 
     maps = len(transport.modes) if target.multimodal else 1
-    # with several modes, the moves between them get the solves of the leapfrog steps
-    balanced = maps > 1 and kind == "hmc" and config.independence
+    balanced = config.independence_moves(2, maps) == 2     # as many as the leapfrog steps
 
     def affordable(iterations):
         """Leapfrog steps that keep the rest of ``iterations`` within ``max_solves``."""
@@ -630,7 +626,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             return None
         left = (max_solves - target.nfs) / (chains * max(iterations, 1))
         if balanced:
-            return max(1, int(left / 2))
+            return max(1, int((left - config.jumps(maps)) / 2))
         return max(1, int(left) - int(config.independence) - config.jumps(maps))
 
     def moves():
