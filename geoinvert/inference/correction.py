@@ -618,16 +618,16 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     chains = state.z.shape[0]
 
     maps = len(transport.modes) if target.multimodal else 1
-    balanced = config.independence_moves(2, maps) == 2     # as many as the leapfrog steps
+    # an HMC iteration's solves are linear in its leapfrog steps (config.solves_per_iteration)
+    per_step = max(1, config.solves_per_iteration(2, maps) - config.solves_per_iteration(1, maps))
+    fixed = config.solves_per_iteration(1, maps) - per_step
 
     def affordable(iterations):
         """Leapfrog steps that keep the rest of ``iterations`` within ``max_solves``."""
         if max_solves is None:
             return None
         left = (max_solves - target.nfs) / (chains * max(iterations, 1))
-        if balanced:
-            return max(1, int((left - config.jumps(maps)) / 2))
-        return max(1, int(left) - int(config.independence) - config.jumps(maps))
+        return max(1, int((left - fixed) / per_step))
 
     def moves():
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
