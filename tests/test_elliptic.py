@@ -100,6 +100,52 @@ def test_taylor_test_of_adjoint_gradient(solver):
     assert np.all(np.abs(result.second_rates - 2.0) < 0.1), result.second_rates
 
 
+@pytest.mark.parametrize("cell, degree", [("quadrilateral", 1), ("triangle", 2)])
+def test_second_order_adjoint_is_the_gradient_of_the_jacobian_contraction(cell, degree):
+    """sum_i a_i^T J(m) b_i (J by adjoint solves) against its gradient by second-order
+    adjoints: central differences converge at rate 2 to it, with Dirichlet, Neumann, point and
+    integral observations and several samples in one batch."""
+    model = EllipticForward(SELF, (8, 8), mesh_cells=(16, 16), cell=cell, degree=degree,
+                            **OPTIONS)
+    rng = np.random.default_rng(3)
+    num, r = 3, 5
+    a = rng.normal(size=(num, r, model.n_obs))
+    b = rng.normal(size=(num, r, 8, 8))
+    m, dm = _field(5, num=num).numpy(), rng.normal(size=(num, 8, 8))
+
+    def contraction(m):
+        _, state = model.solve_batch(m)
+        rows = [model.vjp_batch(state, np.eye(model.n_obs)[[k] * num])
+                for k in range(model.n_obs)]
+        jac = np.stack(rows, axis=1).reshape(num, model.n_obs, -1)
+        return np.einsum("nro,nol,nrl->n", a, jac, b.reshape(num, r, -1))
+
+    _, state = model.solve_batch(m)
+    slope = (model.trace_gradient_batch(state, a, b) * dm).sum((1, 2))
+    errors = [np.abs((contraction(m + h * dm) - contraction(m - h * dm)) / (2 * h) - slope)
+              for h in (1e-2, 5e-3)]
+    assert np.all(np.log2(errors[0] / errors[1]) == pytest.approx(2.0, abs=0.15))
+    assert np.all(errors[1] < 1e-3 * np.abs(slope))
+
+
+def test_jacobian_rows_are_the_adjoint_gradients():
+    model = EllipticForward(SELF, (8, 8), mesh_cells=(16, 16), **OPTIONS)
+    m = _field(6, num=3).numpy()
+    _, state = model.solve_batch(m)
+    rows = [model.vjp_batch(state, np.eye(model.n_obs)[[k] * 3]) for k in range(model.n_obs)]
+    np.testing.assert_allclose(model.jacobian_batch(state), np.stack(rows, axis=1),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_second_order_adjoints_need_the_serial_solver():
+    model = EllipticForward(SELF, (4, 4), mesh_cells=(8, 8), solver="lu", **OPTIONS)
+    _, state = model.solve_batch(np.zeros((1, 4, 4)))
+    with pytest.raises(NotImplementedError, match="serial solver"):
+        model.trace_gradient_batch(state, np.ones((1, 1, model.n_obs)), np.ones((1, 1, 4, 4)))
+    with pytest.raises(NotImplementedError, match="serial solver"):
+        model.jacobian_batch(state)
+
+
 def test_gradient_matches_finite_differences_per_cell():
     model = EllipticForward(SELF, (4, 4), mesh_cells=(8, 8), **OPTIONS)
     m = _field(4, shape=(4, 4), num=1)[0].requires_grad_(True)

@@ -554,6 +554,112 @@ class FastSolver:
         dy[~ok] = np.nan
         return dy
 
+    def jacobian_batch(self, state):
+        """dF/dm per sample, ``(num, n_obs, ny, nx)``: one adjoint back-substitution per
+        observation with the kept (or redone) factorisation, contracted for all at once."""
+        k, u_free = state["k"], state["u"]
+        num, n_obs = k.shape[0], self.obs_free.shape[0]
+        ok = np.all(np.isfinite(u_free), axis=1)
+        k_safe = np.where(ok[:, None], k, 1.0)
+        out = np.zeros((num, n_obs, k.shape[1]))
+        obs = self.obs_free.toarray()
+        for chunk, samples, lanes in self._chunks(num):
+            kc = self._lanes(k_safe, samples, lanes)
+            slot = self._factorised(chunk, kc, (state["generation"], chunk))
+            u = np.repeat(self.g[:, None], lanes, axis=1)
+            u[self.free, : samples.size] = np.where(ok[samples, None], u_free[samples], 0.0).T
+            lam = np.zeros((self.g.size, n_obs, lanes))
+            for j in range(n_obs):
+                lam[self.free, j] = self.backend.solve(slot, np.repeat(obs[j][:, None], lanes, 1))
+            with np.errstate(over="ignore", invalid="ignore"):
+                con = self.M_T @ (lam[self.rows] * u[self.indices][:, None]).reshape(
+                    self.rows.size, -1)
+            jac = -(con.reshape(-1, n_obs, lanes) * kc[:, None])      # (n_lat, n_obs, lanes)
+            out[samples] = jac[:, :, : samples.size].transpose(2, 1, 0)
+        out[~ok] = np.nan
+        return out.reshape(num, n_obs, *self.disc.shape)
+
+    def _entries(self, values, vectors):
+        """``A(values[:, b]) @ vectors[:, b]`` per lane, for A's entries ``values (nnz, lanes)``:
+        the entries' products summed into their rows."""
+        if not hasattr(self, "_row_sum"):
+            nnz = self.indices.size
+            self._row_sum = sp.csr_matrix((np.ones(nnz), (self.rows, np.arange(nnz))),
+                                          shape=(self.g.size, nnz))
+        return self._row_sum @ (values * vectors[self.indices])
+
+    def trace_gradient_batch(self, state, weights, directions):
+        r"""The gradient in m of sum_i a_i^T J(m) b_i per sample, with the weights a_i and the
+        directions b_i fixed (J = dF/dm): second-order adjoints.
+
+        Each term is a_i^T O du_i with A u = b and A du_i = -dA[k b_i] u, so it equals
+        -lambda_i^T dA[k b_i] u with A lambda_i = O^T a_i. With A mu = sum_i dA[k b_i] lambda_i and
+        c(x, y)_j = x^T A_j y the contraction with cell j's matrix (A = sum_j k_j A_j,
+        dk_j/dm_j = k_j), the gradient is
+
+            -k (.) sum_i [c(lambda_i, du_i) + b_i (.) c(lambda_i, u)] + k (.) c(mu, u).
+
+        For a matrix V = sum_i a_i b_i^T of rank r this is the gradient of tr(V^T J) (e.g. of
+        1/2 log det(I + J J^T), by r = min(n_obs, parameters) terms). Every solve reuses the
+        batch's factorisation: 2 r + 1 back-substitutions a sample, no new factorisation.
+
+        Args:
+            state: of :meth:`solve_batch`; weights: ``(num, r, n_obs)``;
+            directions: ``(num, r, ny, nx)``.
+
+        Returns:
+            ``(num, ny, nx)``; NaN for failed samples.
+        """
+        k, u_free = state["k"], state["u"]
+        num = k.shape[0]
+        weights = np.asarray(weights, dtype=float)
+        directions = np.asarray(directions, dtype=float).reshape(num, weights.shape[1], -1)
+        ok = np.all(np.isfinite(u_free), axis=1)
+        k_safe = np.where(ok[:, None], k, 1.0)
+        out = np.zeros_like(k)
+        for chunk, samples, lanes in self._chunks(num):
+            kc = self._lanes(k_safe, samples, lanes)
+            slot = self._factorised(chunk, kc, (state["generation"], chunk))
+            u = np.repeat(self.g[:, None], lanes, axis=1)
+            u[self.free, : samples.size] = np.where(ok[samples, None], u_free[samples], 0.0).T
+            grad = np.zeros_like(kc)
+            b_lam = np.zeros((self.g.size, lanes))
+            terms = weights.shape[1]
+            group = max(1, min(terms, int(4e6 // (self.indices.size * lanes))))
+            with np.errstate(over="ignore", invalid="ignore"):
+                for start in range(0, terms, group):
+                    idx = np.arange(start, min(start + group, terms))
+                    g = idx.size                    # the group's terms side by side: (., g * lanes)
+                    a = np.zeros((g, self.obs_free.shape[0], lanes))
+                    a[:, :, : samples.size] = np.where(ok[samples, None, None],
+                                                       weights[samples][:, idx], 0.0).transpose(1, 2, 0)
+                    bk = np.zeros((g, k.shape[1], lanes))
+                    bk[:, :, : samples.size] = np.where(ok[samples, None, None],
+                                                        directions[samples][:, idx],
+                                                        0.0).transpose(1, 2, 0)
+                    lam = np.zeros((g, self.g.size, lanes))
+                    for t in range(g):
+                        lam[t, self.free] = self.backend.solve(slot, self.obs_free.T @ a[t])
+                    values = self.M @ (bk * kc).transpose(1, 0, 2).reshape(k.shape[1], -1)
+                    lam_wide = lam.transpose(1, 0, 2).reshape(self.g.size, -1)
+                    u_wide = np.tile(u, (1, g))
+                    rhs = -self._entries(values, u_wide)[self.free].reshape(-1, g, lanes)
+                    du = np.zeros((g, self.g.size, lanes))
+                    for t in range(g):
+                        du[t, self.free] = self.backend.solve(slot, rhs[:, t])
+                    du_wide = du.transpose(1, 0, 2).reshape(self.g.size, -1)
+                    b_lam += self._entries(values, lam_wide).reshape(-1, g, lanes).sum(1)
+                    both = (self.M_T @ (lam_wide[self.rows] * du_wide[self.indices])
+                            + bk.transpose(1, 0, 2).reshape(k.shape[1], -1)
+                            * (self.M_T @ (lam_wide[self.rows] * u_wide[self.indices])))
+                    grad -= both.reshape(-1, g, lanes).sum(1)
+                mu = np.zeros((self.g.size, lanes))
+                mu[self.free] = self.backend.solve(slot, b_lam[self.free])
+                grad += self.M_T @ (mu[self.rows] * u[self.indices])
+                out[samples] = (kc * grad)[:, : samples.size].T
+        out[~ok] = np.nan
+        return out.reshape(num, *self.disc.shape)
+
 
 class AssemblySolver:
     """Per-sample dolfinx assembly and PETSc solve; works on distributed meshes.
@@ -776,6 +882,22 @@ class EllipticForward:
         """``dF/dm v`` for the batch solved into ``state`` and directions ``v (num, ny, nx)``:
         ``(num, n_obs)``, one tangent-linear solve each."""
         return self.solver.jvp_batch(state, v)
+
+    def jacobian_batch(self, state):
+        """dF/dm ``(num, n_obs, ny, nx)`` for the batch solved into ``state``, by one adjoint
+        solve per observation; serial solver only."""
+        if not hasattr(self.solver, "jacobian_batch"):
+            raise NotImplementedError("the full Jacobian needs the serial solver")
+        return self.solver.jacobian_batch(state)
+
+    def trace_gradient_batch(self, state, weights, directions):
+        """``d/dm sum_i a_i^T (dF/dm) b_i`` (a_i, b_i fixed) for the batch solved into ``state``,
+        weights ``a (num, r, n_obs)`` and directions ``b (num, r, ny, nx)``: ``(num, ny, nx)``
+        by second-order adjoints (:meth:`FastSolver.trace_gradient_batch`); serial solver
+        only."""
+        if not hasattr(self.solver, "trace_gradient_batch"):
+            raise NotImplementedError("second-order adjoints need the serial solver")
+        return self.solver.trace_gradient_batch(state, weights, directions)
 
     def __call__(self, x):
         """Differentiable ``F(x)`` for a tensor ``(num, ny, nx)`` or ``(ny, nx)``."""
