@@ -1,40 +1,20 @@
-"""Constrained HMC on the lifted data manifold: a kernel whose metric follows the ridge.
+"""Constrained HMC on the lifted data manifold, a kernel whose metric follows the ridge, against
+the package's HMC correction.
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/lifted.py elliptic-demo
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/lifted.py elliptic-demo --seeds 1,2,3
 
-In the prior's whitened coordinates z (x = mu + C z, z ~ N(0, I)) with residuals
-r(z) = (F(x) - y) / noise, the posterior is N(z; 0, I) exp(-|r(z)|^2 / 2). Lift it to
-q = (z, eta) in R^(d + m) and restrict N(q; 0, I) to the manifold
-
-    M = {q : c(q) = r(z) + eta = 0},
-
-the graph of -r. By the co-area formula the density of q on M with respect to its surface
-measure, N(q; 0, I) det(G(q))^(-1/2) with G = Dc Dc^T = I + J J^T (J = dr/dz), has the
-posterior as its z-marginal: the surface element det(I + J^T J)^(1/2) dz cancels the factor.
-The metric M induces on z is I + J^T J, the Gauss-Newton Hessian, so Hamiltonian dynamics on M
-follow the ridge's curvature without the metric's derivatives (Au, Graham and Thiery, "Manifold
-lifting: scaling MCMC to the vanishing noise regime", JRSS B 2023; Brubaker, Salzmann and
-Urtasun 2012 for constrained HMC).
-
-The integrator is RATTLE for the potential |q|^2 / 2 + 1/2 log det G(q): a half kick and a
-projection of the momentum onto the tangent space, a position step q' = q + h p - Dc(q)^T lambda
-solved for c(q') = 0 by Newton's method (one forward solve, the Jacobian's rows and the
-log-determinant's gradient per iteration), the momentum (q' - q) / h projected at q', a
-reversibility check (the position step back from q' must return to q: Zappa, Holmes-Cerfon and
-Goodman 2018; Lelievre, Rousset and Stoltz 2019), and a second half kick. The gradient of
-1/2 log det G = tr(W^T J) with W = G^-1 J held fixed comes from second-order adjoints
-(:meth:`~geoinvert.problem.forward.elliptic.EllipticForward.trace_gradient_batch`). Leaving it
-out of the dynamics (``--no-force``; the Metropolis test still counts it, so the chain stays
-exact) costs little where the data are few (nine heads) and ruins the acceptance with many
-(169 heads: the term changes by several nats along a trajectory). A transition integrates for
-a quarter period (pi / 2: the dynamics rotate with period 2 pi where M is flat) with a fresh
-momentum; the step is adapted by dual averaging (target 0.8) in the warm-up. No metric is
-estimated. 4 chains start from Laplace draws, as the correction's do; after every ``--block``
-draws per chain the script records the solves so far (the Laplace fit's included), R-hat,
-bulk and tail ESS (the package's stopping rule wants R-hat <= 1.01 and both ESS >= 400) and
-the errors against the suite reference, and stops once the criteria hold.
+The kernel (:mod:`geoinvert.samplers.lifted`: RATTLE on the manifold {(z, eta): r(z) + eta = 0}
+of the prior-whitened field z and the residuals r in noise units, whose induced metric is the
+Gauss-Newton Hessian) runs 4 chains from the Laplace draws the correction would start from. Its
+warm-up (``--warmup`` iterations) adapts the step alone by dual averaging (target acceptance
+0.8); a transition integrates for a quarter period with a jittered step and a fresh momentum.
+No metric is estimated. After every ``--block`` draws per chain the script records the solves
+so far (the Laplace fit's included), R-hat, bulk and tail ESS (the package's stopping rule
+wants R-hat <= 1.01 and both ESS >= 400) and the errors against the suite reference, and stops
+once the criteria hold. ``--no-force`` leaves the log-determinant's gradient out of the
+dynamics (the Metropolis test still counts it).
 
 Solves are counted as the package counts them: one per forward solve (each factorisation); the
 adjoint, tangent-linear and second-order solves reuse its factorisation and are reported
@@ -50,7 +30,6 @@ Writes ``benchmarks/results/lifted.json`` and ``.md`` (``--name`` for another na
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -67,165 +46,11 @@ from geoinvert.app import _convergence  # noqa: E402
 from geoinvert.inference.config import CorrectionConfig  # noqa: E402
 from geoinvert.inference.laplace import fit_laplace  # noqa: E402
 from geoinvert.samplers.chains import DualAveraging  # noqa: E402
-from geoinvert.samplers.whitening import prior_whitening  # noqa: E402
+from geoinvert.samplers.lifted import LiftedManifold, lifted_transition, quarter_period  # noqa: E402,E501
 
 RESULTS = ROOT / "benchmarks" / "results"
 F64 = torch.float64
 _INITIAL_STEP = 0.1
-_LENGTH = math.pi / 2          # a quarter period: where M is flat the dynamics rotate by 2 pi
-
-
-class Lifted:
-    """The residual map r(z), its Jacobian and the manifold's projections, batched over chains."""
-
-    def __init__(self, posterior):
-        self.post = posterior
-        w = prior_whitening(posterior.prior, posterior.level)
-        d = 4 ** posterior.level
-        with torch.no_grad():
-            self.mu = w.to_x(torch.zeros(1, d, dtype=F64))[0].numpy()
-            self.C = torch.autograd.functional.jacobian(
-                lambda z: w.to_x(z[None])[0].reshape(-1), torch.zeros(d, dtype=F64)).numpy()
-        self.shape, self.d = self.mu.shape, d
-        self.y, self.noise = np.asarray(posterior.data, float), np.asarray(posterior.noise, float)
-        self.m = self.y.size
-        self.forward = posterior.forward
-        self.nfs = self.adjoint = 0
-        self.logdet_force = True
-
-    def residual(self, z):
-        """``(r (c, m), J (c, m, d), force (c, d + m))`` at ``z (c, d)``: the residuals, their
-        Jacobian and the gradient of 1/2 log det G (zero unless ``logdet_force``); rows of
-        non-finite solves are NaN."""
-        c = z.shape[0]
-        x = (self.mu.reshape(-1)[None] + z @ self.C.T).reshape(c, *self.shape)
-        self.nfs += c
-        if hasattr(self.forward, "solve_batch"):
-            pred, state = self.forward.solve_batch(x)
-            jac = self.forward.jacobian_batch(state).reshape(c, self.m, -1) @ self.C
-        else:                                                # a torch model (the linear check)
-            xt = torch.as_tensor(x)
-            pred = self.forward(xt).detach().numpy()
-            jac = np.stack([torch.autograd.functional.jacobian(
-                lambda t: self.forward(t[None])[0], xt[i]).reshape(self.m, -1).numpy() @ self.C
-                for i in range(c)])
-        self.adjoint += c * self.m
-        r = (pred - self.y) / self.noise
-        jac /= self.noise[None, :, None]
-        bad = ~np.all(np.isfinite(r), axis=1) | ~np.all(np.isfinite(jac), axis=(1, 2))
-        r[bad], jac[bad] = np.nan, np.nan
-        force = np.zeros((c, self.d + self.m))
-        if self.logdet_force and hasattr(self.forward, "solve_batch"):
-            # grad_z 1/2 log det G = grad_z tr(W^T J(z)), W = G^-1 J fixed: second-order adjoints
-            # as sum_i a_i^T J_x b_i with the fewer of n_obs or d terms (J_x = dF/dx)
-            w = np.linalg.solve(self.gram(np.nan_to_num(jac)), np.nan_to_num(jac))
-            w /= self.noise[None, :, None]
-            if self.m <= self.d:
-                a = np.repeat(np.eye(self.m)[None], c, axis=0)
-                b = w @ self.C.T
-            else:
-                a = w.transpose(0, 2, 1)
-                b = np.repeat(self.C.T[None], c, axis=0)
-            g = self.forward.trace_gradient_batch(state, a, b.reshape(c, -1, *self.shape))
-            force[:, : self.d] = g.reshape(c, -1) @ self.C
-            self.adjoint += c * (2 * a.shape[1] + 1)
-        force[bad] = np.nan
-        return r, jac, force
-
-    def gram(self, jac):
-        return np.eye(self.m)[None] + jac @ jac.transpose(0, 2, 1)
-
-    def project(self, p, jac):
-        """The momentum ``p (c, d + m)`` projected onto the tangent spaces (Dc = [J, I])."""
-        d = self.d
-        dcp = jac @ p[:, :d, None] + p[:, d:, None]
-        lam = np.linalg.solve(self.gram(jac), dcp)[..., 0]
-        out = p.copy()
-        out[:, :d] -= (jac.transpose(0, 2, 1) @ lam[..., None])[..., 0]
-        out[:, d:] -= lam
-        return out
-
-    def retract(self, q0, jac0, step, tol=1e-9, max_iter=40):
-        """Solve c(q0 + step - Dc(q0)^T lam) = 0 by Newton's method for every chain.
-
-        Returns ``(q (c, d + m), r, J, force, ok (c,))``; ``ok`` is False where it did not converge.
-        """
-        d, c = self.d, q0.shape[0]
-        lam = np.zeros((c, self.m))
-        q = q0 + step
-        r = np.full((c, self.m), np.nan)
-        jac = np.full((c, self.m, d), np.nan)
-        force = np.full((c, d + self.m), np.nan)
-        ok = np.zeros(c, bool)
-        active = np.ones(c, bool)
-        for _ in range(max_iter):
-            idx = np.flatnonzero(active)
-            if idx.size == 0:
-                break
-            rk, jk, fk = self.residual(q[idx, :d])
-            r[idx], jac[idx], force[idx] = rk, jk, fk
-            con = rk + q[idx, d:]
-            finite = np.all(np.isfinite(con), axis=1)
-            done = finite & (np.abs(con).max(1) < tol)
-            ok[idx[done]] = True
-            active[idx[done | ~finite]] = False
-            go = idx[finite & ~done]
-            if go.size == 0:
-                continue
-            # Dc(q_k) Dc(q0)^T = J_k J0^T + I
-            a = np.eye(self.m)[None] + jac[go] @ jac0[go].transpose(0, 2, 1)
-            try:
-                delta = np.linalg.solve(a, con[finite & ~done][..., None])[..., 0]
-            except np.linalg.LinAlgError:
-                active[go] = False
-                continue
-            lam[go] += delta
-            q[go, :d] -= (jac0[go].transpose(0, 2, 1) @ delta[..., None])[..., 0]
-            q[go, d:] -= delta
-            if np.any(np.abs(lam[go]) > 1e8):
-                blow = go[np.abs(lam[go]).max(1) > 1e8]
-                active[blow] = False
-        return q, r, jac, force, ok
-
-    def energy(self, q, p, jac):
-        sign, logdet = np.linalg.slogdet(self.gram(jac))
-        return 0.5 * (q * q).sum(1) + 0.5 * logdet + 0.5 * (p * p).sum(1)
-
-
-def transition(model, state, step, n_steps, gen):
-    """One constrained HMC transition for every chain from ``state = (q, r, J, force)``;
-    returns the new state, the acceptance probabilities and the number of chains whose
-    trajectory failed (a Newton solve that did not converge or the reversibility check)."""
-    q, r, jac, force = state
-    c = q.shape[0]
-    p = model.project(gen.standard_normal(q.shape), jac)
-    h0 = model.energy(q, p, jac)
-    q1, r1, j1, f1, p1 = q.copy(), r.copy(), jac.copy(), force.copy(), p.copy()
-    alive = np.ones(c, bool)
-    for _ in range(n_steps):
-        idx = np.flatnonzero(alive)
-        if idx.size == 0:
-            break
-        qa, ja, pa = q1[idx], j1[idx], p1[idx]
-        pa = model.project(pa - 0.5 * step * (qa + f1[idx]), ja)
-        qn, rn, jn, fn, ok = model.retract(qa, ja, step * pa)
-        jn, fn = np.nan_to_num(jn), np.nan_to_num(fn)
-        pn = model.project(np.where(ok[:, None], (qn - qa) / step, 0.0), jn)
-        # reversibility: the position step back from qn must return to qa
-        qb, _, _, _, okb = model.retract(qn, jn, -step * pn)
-        back = ok & okb & (np.abs(qb - qa).max(1) < 1e-7)
-        pn = model.project(pn - 0.5 * step * (qn + fn), jn)
-        alive[idx[~back]] = False
-        keep = idx[back]
-        q1[keep], r1[keep], j1[keep], f1[keep], p1[keep] = (qn[back], rn[back], jn[back],
-                                                           fn[back], pn[back])
-    h1 = np.where(alive, model.energy(q1, p1, j1), np.inf)
-    accept = np.nan_to_num(np.exp(np.minimum(h0 - h1, 0.0)), nan=0.0)
-    flags = gen.random(c) < accept
-    new = tuple(a.copy() for a in state)
-    for a, b in zip(new, (q1, r1, j1, f1)):
-        a[flags] = b[flags]
-    return new, accept, int((~alive).sum())
 
 
 def _met(row):
@@ -237,22 +62,18 @@ def lifted(posterior, laplace, gen_state, ref, args):
     the package's correction would start from (the generator at ``gen_state``)."""
     gen_t = torch.Generator()
     gen_t.set_state(gen_state)
-    chains, model = args.chains, Lifted(posterior)
-    model.logdet_force = not args.no_force
+    chains, model = args.chains, LiftedManifold(posterior, force=not args.no_force)
     gen = np.random.default_rng(args.seed)
     u = torch.randn((chains, laplace.transport.dim), generator=gen_t, dtype=F64)
-    x0 = laplace.transport.to_x(u)[0].detach().numpy().reshape(chains, -1)
-    z = np.linalg.lstsq(model.C, (x0 - model.mu.reshape(-1)).T, rcond=None)[0].T
-    r, jac, force = model.residual(z)
-    state = (np.concatenate([z, -r], axis=1), r, jac, force)
+    state = model.lift(laplace.transport.to_x(u)[0].detach().numpy())
     adapt = DualAveraging(_INITIAL_STEP, args.target)
     step, begin, rows, draws, logp, failed, accepts = _INITIAL_STEP, time.perf_counter(), \
         [], [], [], 0, []
     warm_nfs = 0
     for it in range(args.warmup + args.max_draws):
         h = step * gen.uniform(0.8, 1.2)                         # a jittered step
-        n = min(max(1, math.ceil(_LENGTH / h)), args.max_leapfrog)
-        state, acc, bad = transition(model, state, h, n, gen)
+        n = quarter_period(h, args.max_leapfrog)
+        state, acc, bad = lifted_transition(model, state, h, n, gen)
         failed += bad
         if it < args.warmup:
             adapt.update(float(acc.mean()))
@@ -261,16 +82,15 @@ def lifted(posterior, laplace, gen_state, ref, args):
             continue
         accepts.append(float(acc.mean()))
         q = state[0]
-        draws.append((model.mu.reshape(-1)[None] + q[:, : model.d] @ model.C.T)
-                     .reshape(chains, *model.shape))
-        logp.append(-0.5 * (q * q).sum(1))         # log posterior up to a constant (eta = -r)
+        draws.append(model.to_x(q[:, : model.d]))
+        logp.append(model.log_posterior(q))
         k = it - args.warmup + 1
         if k % args.block == 0:
             samples = np.stack(draws, 1)
             diag = _convergence(samples, np.stack(logp, 1))
             sc = scores(ref, samples.reshape(-1, *model.shape))
             rows.append({"draws": k, "nfs": int(model.nfs + laplace.nfs),
-                         "back_substitutions": int(model.adjoint),
+                         "back_substitutions": int(model.back_substitutions),
                          "rhat": diag["rhat"], "ess": diag["ess"], "ess_tail": diag["ess_tail"],
                          "mean_error_rms": sc["mean_error_rms"],
                          "std_error_rms": sc["std_error_rms"],
@@ -279,7 +99,7 @@ def lifted(posterior, laplace, gen_state, ref, args):
             if _met(rows[-1]):
                 break
     return {"kernel": "lifted", "warmup": args.warmup, "warmup_nfs": int(warm_nfs + laplace.nfs),
-            "step": step, "leapfrog": min(math.ceil(_LENGTH / step), args.max_leapfrog),
+            "step": step, "leapfrog": quarter_period(step, args.max_leapfrog),
             "acceptance": float(np.mean(accepts)), "failed": failed, "rows": rows}
 
 
