@@ -602,6 +602,13 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         return more
 
     try:
+        if config.kernel == "lifted" and maps == 1:
+            from geoinvert.samplers.lifted import LiftedManifold
+            try:
+                LiftedManifold(posterior)
+            except NotImplementedError as err:
+                raise CaseError("sampler.correction.kernel", f"lifted: {err} (the serial "
+                                "solver: one MPI process per solve group)") from None
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,
@@ -629,7 +636,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     diagnostics = {**fit.diagnostics, **_chain_diagnostics(pooled)}
     if kind is None:
         diagnostics.update({
-            "correction": config.kernel, "metric": res.metric,
+            "correction": c.method.rsplit("-", 1)[-1], "metric": res.metric,
             "coordinates": config.coordinates,
             "leapfrog": res.leapfrog if res.leapfrog is not None else math.nan,
             "independence_acceptance": float(np.nanmean(imh)) if config.independence
@@ -1214,6 +1221,9 @@ def summary_lines(ds):
             f"{int(a['diagnostics_correction_mode_coordinates'])})"
     method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric" \
         f"{where})" if correction else sampler
+    if correction == "lifted":           # its metric is the Gauss-Newton Hessian at each point
+        method = f"{sampler} + correction (lifted: constrained HMC on the manifold of fields " \
+            "and residuals, in the prior's coordinates)"
     share = f" ({int(a['diagnostics_correction_nfs'])} in the correction)" \
         if "diagnostics_correction_nfs" in a else ""
     lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves{share}; "

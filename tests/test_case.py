@@ -343,6 +343,9 @@ def test_correction_section_defaults_shorthand_and_kind_rules():
         load_case({**base, "sampler": {"kind": "mala", "leapfrog": 3}})
     with pytest.raises(CaseError, match="sampler.budget"):
         load_case({**base, "sampler": {"budget": 5000}})
+    with pytest.raises(CaseError, match="sampler.correction.kernel: the lifted kernel does "
+                       "not share a solve budget"):
+        load_case({**base, "sampler": {"budget": 10 ** 6, "correction": {"kernel": "lifted"}}})
 
 
 def test_a_recipe_sets_the_training_keys_the_case_does_not_give():

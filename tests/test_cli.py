@@ -1,5 +1,6 @@
 """The geoinvert command and geoinvert.run: in-process (real trainer, tiny sizes), plus subprocesses."""
 
+import json
 import math
 import os
 import subprocess
@@ -239,6 +240,20 @@ def test_a_corrected_run_summarises_every_draw_of_its_chains(tmp_path, monkeypat
     np.testing.assert_allclose(ds["std"], draws.std(0, ddof=1), rtol=0, atol=1e-12)
 
 
+def test_a_run_corrected_by_the_lifted_kernel_says_so(tmp_path, capsys):
+    """``sampler.correction.kernel: lifted`` end to end: the result names it, its solves are
+    counted and the stored draws' log densities are the posterior's."""
+    case = json.loads(json.dumps(SMALL))
+    case["sampler"]["correction"]["kernel"] = "lifted"
+    out = tmp_path / "lifted.nc"
+    ds = geoinvert.run(case, out=out, progress=False).dataset
+    a = ds.attrs
+    assert a["diagnostics_correction"] == "lifted" and a["diagnostics_metric"] == "unit"
+    assert a["diagnostics_correction_nfs"] > 0 and a["nfs"] > a["diagnostics_correction_nfs"]
+    assert np.isfinite(a["diagnostics_rhat"]) and a["diagnostics_leapfrog"] >= 1
+    assert np.isfinite(ds["samples"]).all()
+
+
 def test_temporaries_left_by_a_killed_run_are_removed(case_file, tmp_path):
     out = tmp_path / "small.nc"
     stale = [tmp_path / "small.nc.tmpabc123", tmp_path / "small.ckpt.tmpxyz"]
@@ -394,6 +409,10 @@ def test_summary_names_the_per_mode_coordinates_and_moves():
            "diagnostics_modes_found": 1}
     lines, _ = summary_lines(xr.Dataset(attrs=one))
     assert "(hmc, dense metric, in Laplace coordinates)" in lines[0]
+    lifted = {**one, "diagnostics_correction": "lifted", "diagnostics_metric": "unit"}
+    lines, _ = summary_lines(xr.Dataset(attrs=lifted))
+    assert lines[0].startswith("method: msign + correction (lifted: constrained HMC on the "
+                               "manifold of fields and residuals, in the prior's coordinates);")
     assert "(flow + Laplace at 1 mode) accepted 0.10" in lines[1]
     assert "jumps" not in lines[1]
 

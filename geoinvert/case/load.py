@@ -276,6 +276,9 @@ def _rule_correction_for_flows(raw, config):
                         "steps")
     if s["kind"] not in TRAINED_KINDS:
         return
+    if s["budget"] and correction_config(config).kernel == "lifted":
+        raise CaseError("sampler.correction.kernel", "the lifted kernel does not share a solve "
+                        "budget: remove sampler.budget or use the kernel hmc")
     reserved = correction_config(config).reserved() + config["output"]["samples"]
     if s["budget"] and s["budget"] <= reserved:
         raise CaseError("sampler.budget", f"{s['budget']} forward solves leave nothing for "

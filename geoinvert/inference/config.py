@@ -219,7 +219,13 @@ class ChainConfig:
 
 # -- the correction ---------------------------------------------------------------------------
 
-CORRECTION_KERNELS = ("hmc", "mala", "pcn", "none")
+CORRECTION_KERNELS = ("hmc", "mala", "pcn", "lifted", "none")
+"""Local kernels of the correction; ``none`` switches the correction off."""
+
+LIFTED_SOLVES_PER_STEP = 8
+"""Forward solves of a step of the lifted kernel, for planning: its two Newton solves (the
+position step and the reversibility check) took about four iterations each on the suite's 8x8
+ridges (``benchmarks/suite/lifted.py``)."""
 
 AUTOREGRESSIVE_KINDS = ("iaf", "composed")
 """Kinds whose approximation is an IAF (its density of a given field: one pass per parameter)."""
@@ -233,7 +239,6 @@ dimension, so that beyond 32x32 the passes cost more than the transitions and th
 latent space is used. Measured on a composed posterior at 8x8 (benchmarks/composed.py's
 Gaussian check): Laplace coordinates converged in 141,231 solves and 574 s (R-hat 1.008),
 the flow's latent space had R-hat 1.032 after 266,959 solves and 1091 s."""
-"""Local kernels of the correction; ``none`` switches the correction off."""
 
 CORRECTION_COORDINATES = ("auto", "laplace", "flow")
 """Coordinates of the correction's local moves: the Laplace approximation at the MAP point (an
@@ -254,7 +259,11 @@ class CorrectionConfig:
 
     kernel: str = _field(
         "hmc", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, "
-        "`pcn`, or `none` (no correction: the result holds the flow's own draws).", "mala")
+        "`pcn`, `lifted` (constrained HMC on the manifold of fields and residuals, whose "
+        "metric is the Gauss-Newton Hessian at every point: for thin curved posteriors of few, "
+        "precise data; it moves in the prior's coordinates, needs the serial elliptic solver "
+        "or a torch model, no `sampler.budget`, and with several modes HMC is used), or `none` "
+        "(no correction: the result holds the flow's own draws).", "mala")
     coordinates: str = _field(
         "auto", "Coordinates of the local moves: `laplace` (those of the Laplace "
         "approximation at the MAP point, an affine map found by L-BFGS and the Gauss-Newton "
@@ -335,8 +344,9 @@ class CorrectionConfig:
         """Forward solves of one iteration of one chain with ``leapfrog`` HMC steps (default
         the most, ``leapfrog``): the local move, its :meth:`independence_moves` and its
         :meth:`jumps`."""
-        local = (leapfrog or self.leapfrog) if self.kernel == "hmc" else 1
-        return local + self.independence_moves(local, modes) + self.jumps(modes)
+        local = (leapfrog or self.leapfrog) if self.kernel in ("hmc", "lifted") else 1
+        moves = self.independence_moves(local, modes) + self.jumps(modes)
+        return local * (LIFTED_SOLVES_PER_STEP if self.kernel == "lifted" else 1) + moves
 
     def solves(self, draws=None, leapfrog=None, modes=1) -> int:
         """Forward solves of the correction with ``draws`` draws per chain (default the
@@ -344,7 +354,7 @@ class CorrectionConfig:
         update and its iterations (0 when switched off)."""
         if not self.enabled:
             return 0
-        updates = len(metric_windows(self.warmup)) if self.kernel != "pcn" else 0
+        updates = len(metric_windows(self.warmup)) if self.kernel in ("hmc", "mala") else 0
         iterations = self.warmup + (self.draws if draws is None else draws)
         return self.chains * (1 + updates + iterations
                               * self.solves_per_iteration(leapfrog, modes))

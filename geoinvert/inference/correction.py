@@ -68,6 +68,7 @@ from geoinvert.inference.config import metric_windows
 from geoinvert.samplers.chains import (ChainResult, DualAveraging, RobbinsMonro, WhitenedState,
                                        metropolis)
 from geoinvert.samplers.hmc import HMCKernel
+from geoinvert.samplers.lifted import LiftedKernel
 from geoinvert.samplers.mala import MALAKernel
 from geoinvert.samplers.whitening import standard_normal_log_prob
 
@@ -78,8 +79,8 @@ logger = logging.getLogger(__name__)
 
 _F64 = torch.float64
 
-_TARGET_ACCEPT = {"hmc": 0.8, "mala": 0.574, "pcn": 0.25}
-_INITIAL_STEP = {"hmc": 0.3, "mala": 0.5, "pcn": 0.5}
+_TARGET_ACCEPT = {"hmc": 0.8, "mala": 0.574, "pcn": 0.25, "lifted": 0.8}
+_INITIAL_STEP = {"hmc": 0.3, "mala": 0.5, "pcn": 0.5, "lifted": 0.1}
 _SHRINK = 5.0          # Stan's regularisation of the estimated metric: n / (n + 5) S + ...
 _DENSE_DRAWS = 4       # dense metric when the window holds at least 4 d draws
 _READAPTATIONS = 2     # most first blocks turned into further warm-up windows
@@ -488,6 +489,8 @@ def _new_state(kind, target, x, config):
                          jitter=0.2)
     if kind == "mala":
         return MALAKernel(target, x)
+    if kind == "lifted":
+        return LiftedKernel(target, x, most=config.leapfrog)
     return _PCNState(target, x)
 
 
@@ -605,12 +608,17 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     begin = time.perf_counter()
     pool = pool or (lambda z: z)
     target = LatentTarget(posterior, transport)
+    if kind == "lifted" and target.multimodal:
+        logger.info("the lifted kernel moves in the prior's coordinates, not per mode: with "
+                    "%d modes the correction runs HMC in per-mode coordinates",
+                    len(transport.modes))
+        kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
     state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
     step = _INITIAL_STEP[kind] if initial_step is None else initial_step
     adapter, metric = _adapter(kind, step), "unit"
-    windows = metric_windows(config.warmup) if kind != "pcn" else ()
+    windows = metric_windows(config.warmup) if kind in ("hmc", "mala") else ()
     total, window = config.warmup + config.draws * thin, []
-    gradient = kind != "pcn"
+    gradient = kind in ("hmc", "mala")
     proposal = ModeMixture(target, modes, approximation)
     # the plain independence move draws from the transport itself; any other proposal mixes
     mixture = proposal if config.independence and (modes or not proposal.latent) else None
@@ -657,6 +665,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     warmup, readapted, window = config.warmup, 0, []
     phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
     readapt = gradient and max_solves is None            # re-adaptation possible at all
+    #                                                      (the lifted kernel has no metric)
     # more draws than this after the first block: the warm-up saw too few for the metric
     slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
     while True:
@@ -711,7 +720,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                          time.perf_counter() - begin, method, warmup)
     wanted = _quarter_period(step) if kind == "hmc" else 0
     return CorrectionResult(result, flow_log_prob, (independent / iterations).numpy(),
-                            target.failed, metric, state.n_leapfrog if kind == "hmc" else None,
+                            target.failed, metric,
+                            state.n_leapfrog if kind in ("hmc", "lifted") else None,
                             target.exits, moves(), wanted if wanted > config.leapfrog else None,
                             (jumped / iterations).numpy())
 

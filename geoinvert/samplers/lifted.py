@@ -26,7 +26,8 @@ torch forward models, from automatic differentiation. The Jacobian, the second-o
 and the projections reuse each point's factorisation: a step costs the forward solves of its
 two Newton solves (about four each on the suite's 8x8 ridges).
 
-Not yet a kernel of the correction; ``benchmarks/suite/lifted.py`` measures it against it.
+The correction runs it as ``sampler.correction.kernel: lifted`` (:class:`LiftedKernel`);
+``benchmarks/suite/lifted.py`` measures it against the correction's HMC.
 """
 
 import math
@@ -34,9 +35,10 @@ import math
 import numpy as np
 import torch
 
+from geoinvert.samplers.chains import WhitenedState
 from geoinvert.samplers.whitening import prior_whitening
 
-__all__ = ["LiftedManifold", "lifted_transition"]
+__all__ = ["LiftedKernel", "LiftedManifold", "lifted_transition", "quarter_period"]
 
 _F64 = torch.float64
 _NEWTON_TOL = 1e-9            # the constraint, in noise units
@@ -58,17 +60,18 @@ class LiftedManifold:
             term changes by nats along a trajectory and the acceptance collapses).
 
     Attributes:
-        nfs: forward solves so far; back_substitutions: adjoint, tangent-linear and
-            second-order solves with kept factorisations (not counted in ``nfs``).
+        nfs: forward solves so far; failed: those that failed; back_substitutions: adjoint,
+            tangent-linear and second-order solves with kept factorisations (not counted in
+            ``nfs``).
     """
 
     def __init__(self, posterior, *, force=True):
         w = prior_whitening(posterior.prior, posterior.level)
         d = 4 ** posterior.level
-        with torch.no_grad():
+        with torch.no_grad():                   # x = mu + C z is affine: C's columns at once
             self.mu = w.to_x(torch.zeros(1, d, dtype=_F64))[0].numpy()
-            self.C = torch.autograd.functional.jacobian(
-                lambda z: w.to_x(z[None])[0].reshape(-1), torch.zeros(d, dtype=_F64)).numpy()
+            self.C = (w.to_x(torch.eye(d, dtype=_F64)).reshape(d, -1).numpy()
+                      - self.mu.reshape(1, -1)).T
         self.shape, self.d = self.mu.shape, d
         self.y = np.asarray(posterior.data, float)
         self.noise = np.broadcast_to(np.asarray(posterior.noise, float), self.y.shape).copy()
@@ -79,7 +82,7 @@ class LiftedManifold:
         if self.outside_torch and not hasattr(solver, "trace_gradient_batch"):
             raise NotImplementedError("the lifted kernel needs the forward model's Jacobian "
                                       "and second-order adjoints")
-        self.nfs = self.back_substitutions = 0
+        self.nfs = self.back_substitutions = self.failed = 0
 
     # -- coordinates ---------------------------------------------------------------------------
     def to_x(self, z):
@@ -115,6 +118,7 @@ class LiftedManifold:
         r = (pred - self.y) / self.noise
         jac = jac / self.noise[None, :, None]
         bad = ~np.all(np.isfinite(r), axis=1) | ~np.all(np.isfinite(jac), axis=(1, 2))
+        self.failed += int(bad.sum())
         if self.force:
             w = np.linalg.solve(self.gram(np.nan_to_num(jac)), np.nan_to_num(jac))
             if self.outside_torch:
@@ -266,3 +270,80 @@ def quarter_period(step, most):
     """Leapfrog steps of ``step`` integrating for pi / 2 (where M is flat the dynamics rotate
     with period 2 pi), at most ``most``."""
     return min(max(1, math.ceil(0.5 * math.pi / step)), most)
+
+
+class LiftedKernel(WhitenedState):
+    """The lifted kernel as a chain state of the correction: it moves on M in the prior's
+    coordinates and keeps the correction's own view of the chains (its coordinates ``z``, the
+    pulled-back target ``value`` and ``log_prob``) in step, for the independence moves and the
+    flow's density at the draws.
+
+    Args:
+        target: :class:`~geoinvert.inference.correction.LatentTarget` of one mode (its
+            transport maps the correction's coordinates to fields; no solve is needed to place
+            a field there).
+        x: starting fields ``(chains, ny, nx)``.
+        most: most leapfrog steps a transition takes (it integrates for a quarter period).
+        jitter: relative step jitter per transition, in [0, 1).
+
+    A chain moved by another move (:meth:`accept`, e.g. an independence move) is lifted again,
+    one forward solve, before its next transition. Every solve is counted in ``target.nfs``,
+    and failed ones in ``target.failed``.
+    """
+
+    def __init__(self, target, x, *, most, jitter=0.2):
+        if target.multimodal:
+            raise ValueError("the lifted kernel moves in the prior's coordinates, not per mode")
+        super().__init__(target, x)
+        self.manifold = LiftedManifold(target.posterior)
+        self.most, self.jitter, self.n_leapfrog = most, jitter, 1
+        self.lifted = self.manifold.lift(self.x.numpy())
+        self.stale = np.zeros(self.z.shape[0], bool)
+        self._counted = (0, 0)
+        self._count()
+
+    def _count(self):
+        nfs, failed = self.manifold.nfs, self.manifold.failed
+        self.target.nfs += nfs - self._counted[0]
+        self.target.failed += failed - self._counted[1]
+        self._counted = (nfs, failed)
+
+    def accept(self, flags, z, x, value, grad, log_prob):
+        super().accept(flags, z, x, value, grad, log_prob)
+        self.stale |= flags.numpy()
+
+    def step(self, eps, generator):
+        if self.stale.any():
+            rows = np.flatnonzero(self.stale)
+            for a, b in zip(self.lifted, self.manifold.lift(self.x.numpy()[rows])):
+                a[rows] = b
+            self.stale[:] = False
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        rng = np.random.default_rng(seed)
+        h = eps * (1 + self.jitter * rng.uniform(-1.0, 1.0))
+        self.n_leapfrog = quarter_period(h, self.most)
+        before = self.lifted[0].copy()
+        self.lifted, accept, _ = lifted_transition(self.manifold, self.lifted, h,
+                                                   self.n_leapfrog, rng)
+        self._count()
+        moved = np.flatnonzero(np.any(self.lifted[0] != before, axis=1))
+        if moved.size:
+            self._place(moved)
+        return torch.from_numpy(accept)
+
+    def _place(self, rows):
+        """The correction's view of chains ``rows`` at their new fields (coordinates, pulled-back
+        target, log posterior), from the lifted state without a solve: y + noise r are the
+        predictions."""
+        t, post, m = self.target, self.target.posterior, self.manifold
+        q, r = self.lifted[0][rows], self.lifted[1][rows]
+        x = torch.from_numpy(m.to_x(q[:, : m.d]))
+        pred = torch.from_numpy(m.y + m.noise * r)
+        log_post = (post.prior.log_prob(x, post.level).to(_F64)
+                    + post.likelihood.of_predictions(pred))
+        u = t.coordinates(t.transport.to_z(x)).detach().to(_F64)
+        logdet = t.transport.to_x(t.latent(u))[1].detach().to(_F64)
+        index = torch.from_numpy(rows)
+        self.z[index], self.x[index] = u, x
+        self.value[index] = log_post + logdet + t.logdet
+        self.log_prob[index] = log_post
