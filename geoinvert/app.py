@@ -575,7 +575,8 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
     starts = _chain_starts(fit.x, fit.log_target, config.chains,
                            flow=kind is None)[ens.part(config.chains)]
     _check_starts(LatentTarget(posterior, transport or FlowTransport(fit.model)), starts, ens)
-    bar = _ChainProgress(config.warmup + config.draws * thin, progress, kind or "correction")
+    bar = _ChainProgress(config.warmup_iterations() + config.draws * thin, progress,
+                         kind or "correction")
     budget = case.config["sampler"]["budget"] if kind is None else 0
     maps = len(transport.modes) if isinstance(transport, ModeCoordinates) else 1
     outputs = case.config["output"]["samples"]

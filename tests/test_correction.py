@@ -391,6 +391,9 @@ def test_lifted_kernel_in_the_correction_recovers_the_exact_linear_posterior(lin
     res = correct(posterior, FlowTransport(model), starts, config, generator=gen(6))
     c = res.chains
     assert c.method.endswith("-lifted") and res.metric == "unit"
+    # no metric windows: the warm-up keeps its step-only phases (75 of 250 at the default)
+    assert c.warmup == config.warmup_iterations() == 12
+    assert CorrectionConfig(kernel="lifted").warmup_iterations() == 75
     assert res.leapfrog == min(16, math.ceil(math.pi / 2 / c.step_size))
     cells = c.samples.reshape(*c.samples.shape[:2], -1)
     for z in (z_scores(cells, exact.mean), z_scores((cells - exact.mean) ** 2,

@@ -281,11 +281,12 @@ class CorrectionConfig:
                         "ESS extrapolate to need, at most this many at a time.", "500")
     max_draws: int = _field(2000, "Most draws per chain (at least `draws`).", "4000")
     warmup: int = _field(
-        250, "Warm-up iterations per chain (step size and metric adaptation), discarded.",
-        "500")
-    leapfrog: int = _field(128, "Most HMC leapfrog steps per transition: a transition "
-                           "integrates for pi / 2 (a quarter period of the metric-whitened "
-                           "posterior), pi / (2 step) steps, at most this many.", "256")
+        250, "Warm-up iterations per chain (step size and metric adaptation), discarded; "
+        "the kernel `lifted`, which has no metric, makes only the step-only 30 %.", "500")
+    leapfrog: int = _field(128, "Most HMC (and `lifted`) leapfrog steps per transition: a "
+                           "transition integrates for pi / 2 (a quarter period of the "
+                           "metric-whitened posterior), pi / (2 step) steps, at most this "
+                           "many.", "256")
     independence: bool = _field(
         True, "After every local move, an independence Metropolis-Hastings move with the "
         "flow as proposal (moves chains between the modes the flow covers); when the mode "
@@ -325,6 +326,14 @@ class CorrectionConfig:
         """False for kernel ``none``."""
         return self.kernel != "none"
 
+    def warmup_iterations(self) -> int:
+        """Warm-up iterations the kernel makes: ``warmup``, but the lifted kernel, which has
+        no metric to estimate, skips the metric windows (:func:`metric_windows`) and keeps the
+        step-only phases, 30 % (75 iterations at the default)."""
+        if self.kernel != "lifted":
+            return self.warmup
+        return self.warmup - sum(hi - lo for lo, hi in metric_windows(self.warmup))
+
     def independence_moves(self, leapfrog, modes=1) -> int:
         """Independence moves after each local move: one, or with ``modes`` > 1 (the chains in
         per-mode coordinates, between which these moves alone carry them) as many as the HMC
@@ -355,7 +364,7 @@ class CorrectionConfig:
         if not self.enabled:
             return 0
         updates = len(metric_windows(self.warmup)) if self.kernel in ("hmc", "mala") else 0
-        iterations = self.warmup + (self.draws if draws is None else draws)
+        iterations = self.warmup_iterations() + (self.draws if draws is None else draws)
         return self.chains * (1 + updates + iterations
                               * self.solves_per_iteration(leapfrog, modes))
 

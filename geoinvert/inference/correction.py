@@ -617,7 +617,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     step = _INITIAL_STEP[kind] if initial_step is None else initial_step
     adapter, metric = _adapter(kind, step), "unit"
     windows = metric_windows(config.warmup) if kind in ("hmc", "mala") else ()
-    total, window = config.warmup + config.draws * thin, []
+    iterations = config.warmup_iterations()
+    total, window = iterations + config.draws * thin, []
     gradient = kind in ("hmc", "mala")
     proposal = ModeMixture(target, modes, approximation)
     # the plain independence move draws from the transport itself; any other proposal mixes
@@ -641,10 +642,10 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
         return config.independence_moves(getattr(state, "n_leapfrog", 1), maps)
 
-    for i in range(config.warmup):
+    for i in range(iterations):
         if kind == "hmc":
             state.n_leapfrog = _warmup_leapfrog(
-                adapter, config, affordable(config.warmup - i + config.draws * thin))
+                adapter, config, affordable(iterations - i + config.draws * thin))
         accept = float(_iterate(state, adapter.value, generator, config, gradient,
                                 mixture, moves())[0].mean())
         adapter.update(accept)
@@ -662,7 +663,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     blocks, done, size = [], 0, config.draws
     local, independent, jumped = (torch.zeros(chains, dtype=_F64) for _ in range(3))
     most = max(config.max_draws, config.draws)
-    warmup, readapted, window = config.warmup, 0, []
+    warmup, readapted, window = iterations, 0, []
     phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
     readapt = gradient and max_solves is None            # re-adaptation possible at all
     #                                                      (the lifted kernel has no metric)
