@@ -266,6 +266,9 @@ def trace(posterior, laplace, state, ref, settings, args):
                      "mean_error_rms": s["mean_error_rms"], "std_error_rms": s["std_error_rms"],
                      "wall_s": time.perf_counter() - begin})
         print(json.dumps(rows[-1]), flush=True)
+        if settings.get("until_met") and d["rhat"] <= 1.01 and min(d["ess"],
+                                                                   d["ess_tail"]) >= 400:
+            return 0                 # the stopping rule's criteria hold: no further block
         if settings.get("blockmetric") and captured:
             u = laplace.transport.to_z(torch.as_tensor(
                 samples.reshape(-1, *samples.shape[2:]), dtype=torch.float64))
@@ -298,7 +301,8 @@ def trace(posterior, laplace, state, ref, settings, args):
     with kernel, metric, capture, estimate, windows:
         res = correct(posterior, laplace.transport, starts, config, generator=gen, extend=record,
                       pool=pool)
-    record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
+    if len(rows) == 0 or rows[-1]["draws"] != res.chains.samples.shape[1]:
+        record(res.chains.samples, res.chains.log_prob, res.chains.nfs)     # the last block
     cap = 2 ** 8 - 1 if settings.get("nuts") else config.leapfrog
     return {"chains": chains, "warmup": config.warmup, "leapfrog_cap": cap,
             "kernel": "nuts" if settings.get("nuts") else "hmc",

@@ -212,7 +212,8 @@ def main(argv=None):
                 print(f"{name}, seed {seed}: HMC correction", flush=True)
                 base = argparse.Namespace(warmup=CorrectionConfig.warmup, block=args.block,
                                           max_draws=args.baseline_max_draws)
-                res["hmc"] = correction_trace.trace(posterior, laplace, state, ref, {}, base)
+                res["hmc"] = correction_trace.trace(posterior, laplace, state, ref,
+                                                    {"until_met": True}, base)
             results.append(res)
     return _write(results, args, command)
 
