@@ -35,6 +35,7 @@ Writes ``benchmarks/results/lifted.json`` and ``.md`` (``--name`` for another na
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -181,14 +182,17 @@ def main(argv=None):
                    "msign row) with sampler.correction.kernel lifted and hmc, sampler.seed "
                    "from --seeds")
     p.add_argument("--merge", action="store_true",
-                   help="PROBLEMS are results files of this script (runs split over processes): "
-                   "write them as one set")
+                   help="PROBLEMS are results files of this script (runs split over processes, "
+                   "all of one mode): write them as one set")
     args = p.parse_args(argv)
     command = "benchmarks/suite/lifted.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.problems]
-        command = " and ".join(part["command"] for part in parts)
+        # the parts' own file names do not matter to their numbers
+        command = " and ".join(re.sub(r" --name \S+", "", part["command"]) for part in parts)
+        if "rows" in parts[0]:                                   # --full runs
+            return _write_full([r for part in parts for r in part["rows"]], args, command)
         results = [r for part in parts for r in part["results"]]
         args.warmup, args.block = parts[0]["warmup"], parts[0]["block"]
         return _write(results, args, command)
@@ -238,6 +242,10 @@ def _full(args, command):
                                       None, out)
                 rows.append({**row, "seed": seed, "kernel": kernel})
                 print(json.dumps(rows[-1]), flush=True)
+    return _write_full(rows, args, command)
+
+
+def _write_full(rows, args, command):
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "rows": rows},
                                                           indent=1))
