@@ -604,9 +604,9 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
 
     try:
         if config.kernel == "lifted" and maps == 1:
-            from geoinvert.samplers.lifted import LiftedManifold
+            from geoinvert.samplers.lifted import check_forward
             try:
-                LiftedManifold(posterior)
+                check_forward(posterior.forward)
             except NotImplementedError as err:
                 raise CaseError("sampler.correction.kernel", f"lifted: {err} (the serial "
                                 "solver: one MPI process per solve group)") from None

@@ -38,7 +38,8 @@ import torch
 from geoinvert.samplers.chains import WhitenedState
 from geoinvert.samplers.whitening import prior_whitening
 
-__all__ = ["LiftedKernel", "LiftedManifold", "lifted_transition", "quarter_period"]
+__all__ = ["LiftedKernel", "LiftedManifold", "check_forward", "lifted_transition",
+           "quarter_period"]
 
 _F64 = torch.float64
 _NEWTON_TOL = 1e-9            # the constraint, in noise units
@@ -78,10 +79,7 @@ class LiftedManifold:
         self.m = self.y.size
         self.forward, self.force = posterior.forward, force
         self.outside_torch = hasattr(self.forward, "solve_batch")
-        solver = getattr(self.forward, "solver", self.forward)     # EllipticForward's own
-        if self.outside_torch and not hasattr(solver, "trace_gradient_batch"):
-            raise NotImplementedError("the lifted kernel needs the forward model's Jacobian "
-                                      "and second-order adjoints")
+        check_forward(self.forward)
         self.nfs = self.back_substitutions = self.failed = 0
 
     # -- coordinates ---------------------------------------------------------------------------
@@ -101,10 +99,11 @@ class LiftedManifold:
         return np.concatenate([z, -r], axis=1), r, jac, force
 
     # -- the residual map ----------------------------------------------------------------------
-    def evaluate(self, z):
+    def evaluate(self, z, wanted=None):
         """``(r (c, m), J (c, m, d), force (c, d + m))`` at ``z (c, d)``: the residuals in noise
-        units, their Jacobian and the gradient of 1/2 log det G (zero without ``force``); NaN
-        rows where the solve failed."""
+        units, their Jacobian and the gradient of 1/2 log det G (zero without ``force``, and in
+        the rows outside ``wanted(r) -> (c,) bool``, default all: its second-order adjoints are
+        the costliest part); NaN rows where the solve failed."""
         c = z.shape[0]
         x = self.to_x(z)
         self.nfs += c
@@ -119,8 +118,10 @@ class LiftedManifold:
         jac = jac / self.noise[None, :, None]
         bad = ~np.all(np.isfinite(r), axis=1) | ~np.all(np.isfinite(jac), axis=(1, 2))
         self.failed += int(bad.sum())
-        if self.force:
+        rows = np.ones(c, bool) if wanted is None else wanted(r)
+        if self.force and rows.any():
             w = np.linalg.solve(self.gram(np.nan_to_num(jac)), np.nan_to_num(jac))
+            w[~rows] = 0.0                   # rows are independent: the others' are unchanged
             if self.outside_torch:
                 force[:, : self.d] = self._trace_gradient(state, w / self.noise[None, :, None])
             else:
@@ -175,8 +176,10 @@ class LiftedManifold:
         out[:, d:] -= lam
         return out
 
-    def retract(self, q0, jac0, step):
+    def retract(self, q0, jac0, step, *, with_force=True):
         """Solve c(q0 + step - Dc(q0)^T lambda) = 0 for lambda by Newton's method, per chain.
+        The force is evaluated at the converged points only, and not at all without ``with_force``
+        (the reversibility check needs none).
 
         Returns:
             ``(q, r, J, force, ok)``; ``ok (c,)`` is False where it did not converge.
@@ -190,8 +193,10 @@ class LiftedManifold:
             idx = np.flatnonzero(active)
             if idx.size == 0:
                 break
-            r[idx], jac[idx], force[idx] = self.evaluate(q[idx, :d])
-            con = r[idx] + q[idx, d:]
+            at = q[idx, d:]
+            r[idx], jac[idx], force[idx] = self.evaluate(
+                q[idx, :d], wanted=lambda r: with_force & (np.abs(r + at).max(1) < _NEWTON_TOL))
+            con = r[idx] + at
             finite = np.all(np.isfinite(con), axis=1)
             done = finite & (np.abs(con).max(1) < _NEWTON_TOL)
             ok[idx[done]] = True
@@ -219,6 +224,15 @@ class LiftedManifold:
     def log_posterior(self, q):
         """The posterior's log density at the states, up to its constant: -|q|^2 / 2."""
         return -0.5 * (q * q).sum(1)
+
+
+def check_forward(forward):
+    """Raise ``NotImplementedError`` unless ``forward`` is a torch model or solves outside torch
+    with the Jacobian and second-order adjoints (the serial elliptic solver)."""
+    solver = getattr(forward, "solver", forward)          # EllipticForward's own
+    if hasattr(forward, "solve_batch") and not hasattr(solver, "trace_gradient_batch"):
+        raise NotImplementedError("the lifted kernel needs the forward model's Jacobian and "
+                                  "second-order adjoints")
 
 
 def lifted_transition(manifold, state, step, n_steps, rng):
@@ -250,7 +264,7 @@ def lifted_transition(manifold, state, step, n_steps, rng):
         qn, rn, jn, fn, ok = manifold.retract(qa, ja, step * pa)
         jn, fn = np.nan_to_num(jn), np.nan_to_num(fn)
         pn = manifold.project(np.where(ok[:, None], (qn - qa) / step, 0.0), jn)
-        qb, _, _, _, okb = manifold.retract(qn, jn, -step * pn)
+        qb, _, _, _, okb = manifold.retract(qn, jn, -step * pn, with_force=False)
         back = ok & okb & (np.abs(qb - qa).max(1) < _REVERSIBLE)
         pn = manifold.project(pn - 0.5 * step * (qn + fn), jn)
         alive[idx[~back]] = False
