@@ -646,6 +646,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_mode_coordinates": maps,
             "correction_limit": _correction_limit(config, res, stopped.get("budget", False)),
             "leapfrog_wanted": res.leapfrog_wanted or math.nan,
+            "correction_pilot_leapfrog": res.pilot_leapfrog or math.nan,
             "correction_region_exits": int(ens.sum(res.exits)[0]),
             "independence_moves": res.independence_moves,
             "mode_jump_acceptance": float(np.nanmean(jumps)) if maps > 1 else math.nan})
@@ -1222,9 +1223,12 @@ def summary_lines(ds):
             f"{int(a['diagnostics_correction_mode_coordinates'])})"
     method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric" \
         f"{where})" if correction else sampler
+    pilot = get("correction_pilot_leapfrog")
     if correction == "lifted":           # its metric is the Gauss-Newton Hessian at each point
+        chosen = f"; chosen: HMC's quarter period took {pilot:.0f} leapfrog steps" \
+            if np.isfinite(pilot) else ""
         method = f"{sampler} + correction (lifted: constrained HMC on the manifold of fields " \
-            "and residuals, in the prior's coordinates)"
+            f"and residuals, in the prior's coordinates{chosen})"
     share = f" ({int(a['diagnostics_correction_nfs'])} in the correction)" \
         if "diagnostics_correction_nfs" in a else ""
     lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves{share}; "

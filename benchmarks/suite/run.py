@@ -112,6 +112,8 @@ def run_one(problem, ref, method, nfs, outdir):
            "draws": int(a.get("diagnostics_draws", 0)),
            "correction_nfs": int(a.get("diagnostics_correction_nfs", 0)),
            "leapfrog": float(a.get("diagnostics_leapfrog", math.nan)),
+           "correction": a.get("diagnostics_correction", ""),
+           "pilot_leapfrog": float(a.get("diagnostics_correction_pilot_leapfrog", math.nan)),
            "warmup": int(a.get("diagnostics_warmup", 0)),
            "modes_found": int(a.get("diagnostics_modes_found", 0)),
            "mode_jump_acceptance": float(a.get("diagnostics_mode_jump_acceptance", math.nan))}

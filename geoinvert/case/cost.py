@@ -277,7 +277,7 @@ def summary_lines(case):
     corrected = s["kind"] in TRAINED_KINDS and correction.enabled
     fewest = (f", if the correction's chains converge in their first {correction.draws} "
               f"draws with short trajectories (at most {TYPICAL_LEAPFROG} leapfrog steps)"
-              if corrected and correction.kernel == "hmc" else "")
+              if corrected and correction.planned == "hmc" else "")
     lines.append(f"estimated cost: {solves} forward solves (~{equiv:.0f} finest-level "
                  f"equivalents), roughly {_duration(seconds)} on one core{fewest}")
     if corrected:

@@ -8,8 +8,8 @@ __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "
            "LEAST_STEPS", "FULL_LEVEL", "stage_steps", "RECIPES", "UPSAMPLINGS", "FLOW_BLOCKS",
            "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
-           "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "AUTOREGRESSIVE_KINDS",
-           "AUTOREGRESSIVE_LAPLACE_MAX",
+           "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "LIFTED_BREAKEVEN",
+           "AUTOREGRESSIVE_KINDS", "AUTOREGRESSIVE_LAPLACE_MAX",
            "CorrectionConfig", "metric_windows", "made_width"]
 
 # -- training -----------------------------------------------------------------------------------
@@ -219,13 +219,24 @@ class ChainConfig:
 
 # -- the correction ---------------------------------------------------------------------------
 
-CORRECTION_KERNELS = ("hmc", "mala", "pcn", "lifted", "none")
-"""Local kernels of the correction; ``none`` switches the correction off."""
+CORRECTION_KERNELS = ("auto", "hmc", "mala", "pcn", "lifted", "none")
+"""Local kernels of the correction; ``auto`` is HMC that may switch to ``lifted``
+(:data:`LIFTED_BREAKEVEN`); ``none`` switches the correction off."""
 
 LIFTED_SOLVES_PER_STEP = 8
 """Forward solves of a step of the lifted kernel, for planning: its two Newton solves (the
 position step and the reversibility check) took about four iterations each on the suite's 8x8
 ridges (``benchmarks/suite/lifted.py``)."""
+
+LIFTED_BREAKEVEN = 16
+"""HMC leapfrog steps per transition beyond which the ``auto`` kernel switches to ``lifted``.
+
+An HMC transition costs one solve per leapfrog step; a lifted one about four steps of
+:data:`LIFTED_SOLVES_PER_STEP` solves, 32, whatever the posterior's curvature (its metric
+follows the ridge), and it gives about twice the bulk ESS per transition of a quarter-period
+HMC transition: 11 to 18 bulk ESS per 1000 solves on ten problems, where HMC gives about
+250 / L with L leapfrog steps (``benchmarks/results/lifted.md``). They break even near
+32 / 2 = 16 steps."""
 
 AUTOREGRESSIVE_KINDS = ("iaf", "composed")
 """Kinds whose approximation is an IAF (its density of a given field: one pass per parameter)."""
@@ -258,12 +269,16 @@ class CorrectionConfig:
     """
 
     kernel: str = _field(
-        "hmc", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, "
+        "auto", "Local MCMC move (in the coordinates `coordinates` names): `hmc`, `mala`, "
         "`pcn`, `lifted` (constrained HMC on the manifold of fields and residuals, whose "
         "metric is the Gauss-Newton Hessian at every point: for thin curved posteriors of few, "
         "precise data; it moves in the prior's coordinates, needs the serial elliptic solver "
-        "or a torch model, no `sampler.budget`, and with several modes HMC is used), or `none` "
-        "(no correction: the result holds the flow's own draws).", "mala")
+        "or a torch model, no `sampler.budget`, and with several modes HMC is used), `none` "
+        "(no correction: the result holds the flow's own draws), or `auto`: HMC, which "
+        "switches to `lifted` at the end of the warm-up's first step-only phase when a "
+        "quarter period there takes more than 16 leapfrog steps (the two kernels' break-even "
+        "cost) and `lifted` can run (one mode, at most as many observations as parameters, "
+        "no `sampler.budget`).", "hmc")
     coordinates: str = _field(
         "auto", "Coordinates of the local moves: `laplace` (those of the Laplace "
         "approximation at the MAP point, an affine map found by L-BFGS and the Gauss-Newton "
@@ -334,13 +349,18 @@ class CorrectionConfig:
             return self.warmup
         return self.warmup - sum(hi - lo for lo, hi in metric_windows(self.warmup))
 
+    @property
+    def planned(self) -> str:
+        """The kernel the plan counts on: ``auto`` starts as (and is planned as) HMC."""
+        return "hmc" if self.kernel == "auto" else self.kernel
+
     def independence_moves(self, leapfrog, modes=1) -> int:
         """Independence moves after each local move: one, or with ``modes`` > 1 (the chains in
         per-mode coordinates, between which these moves alone carry them) as many as the HMC
         transition's ``leapfrog`` steps, the solves of the local move; 0 without them."""
         if not self.independence:
             return 0
-        return leapfrog if modes > 1 and self.kernel == "hmc" else 1
+        return leapfrog if modes > 1 and self.planned == "hmc" else 1
 
     @staticmethod
     def jumps(modes=1) -> int:
@@ -353,7 +373,7 @@ class CorrectionConfig:
         """Forward solves of one iteration of one chain with ``leapfrog`` HMC steps (default
         the most, ``leapfrog``): the local move, its :meth:`independence_moves` and its
         :meth:`jumps`."""
-        local = (leapfrog or self.leapfrog) if self.kernel in ("hmc", "lifted") else 1
+        local = (leapfrog or self.leapfrog) if self.planned in ("hmc", "lifted") else 1
         moves = self.independence_moves(local, modes) + self.jumps(modes)
         return local * (LIFTED_SOLVES_PER_STEP if self.kernel == "lifted" else 1) + moves
 
@@ -363,7 +383,7 @@ class CorrectionConfig:
         update and its iterations (0 when switched off)."""
         if not self.enabled:
             return 0
-        updates = len(metric_windows(self.warmup)) if self.kernel in ("hmc", "mala") else 0
+        updates = len(metric_windows(self.warmup)) if self.planned in ("hmc", "mala") else 0
         iterations = self.warmup_iterations() + (self.draws if draws is None else draws)
         return self.chains * (1 + updates + iterations
                               * self.solves_per_iteration(leapfrog, modes))

@@ -64,11 +64,11 @@ import time
 import numpy as np
 import torch
 
-from geoinvert.inference.config import metric_windows
+from geoinvert.inference.config import LIFTED_BREAKEVEN, metric_windows
 from geoinvert.samplers.chains import (ChainResult, DualAveraging, RobbinsMonro, WhitenedState,
                                        metropolis)
 from geoinvert.samplers.hmc import HMCKernel
-from geoinvert.samplers.lifted import LiftedKernel
+from geoinvert.samplers.lifted import LiftedKernel, check_forward
 from geoinvert.samplers.mala import MALAKernel
 from geoinvert.samplers.whitening import standard_normal_log_prob
 
@@ -544,6 +544,9 @@ class CorrectionResult:
             with one mode).
         leapfrog_wanted: HMC leapfrog steps a quarter period takes at the final step, pi / (2
             step), when ``config.leapfrog`` cut the transitions shorter (else None).
+        pilot_leapfrog: with kernel ``auto``, HMC's quarter period in leapfrog steps at the
+            end of its first step-only phase, by which the kernel was chosen (None: no choice
+            was made, the lifted kernel could not run).
     """
 
     chains: ChainResult
@@ -556,6 +559,7 @@ class CorrectionResult:
     independence_moves: int = 1
     leapfrog_wanted: int = None
     jump_acceptance: np.ndarray = None
+    pilot_leapfrog: int = None
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -613,6 +617,13 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                     "%d modes the correction runs HMC in per-mode coordinates",
                     len(transport.modes))
         kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
+    # auto: HMC, and at the end of its first step-only phase the lifted kernel if it can run
+    # and HMC's trajectories cost more than its transitions (LIFTED_BREAKEVEN)
+    pilot = int(_STEP_PHASE * config.warmup) if kind == "auto" and max_solves is None \
+        and _lifted_possible(target) else 0
+    if kind == "auto":
+        kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
+    pilot_leapfrog = None
     state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
     step = _INITIAL_STEP[kind] if initial_step is None else initial_step
     adapter, metric = _adapter(kind, step), "unit"
@@ -642,7 +653,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
         return config.independence_moves(getattr(state, "n_leapfrog", 1), maps)
 
-    for i in range(iterations):
+    i = 0
+    while i < iterations:
         if kind == "hmc":
             state.n_leapfrog = _warmup_leapfrog(
                 adapter, config, affordable(iterations - i + config.draws * thin))
@@ -655,8 +667,25 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             if i == hi - 1:
                 metric = _rescale(state, pool(torch.cat(window)), kind)
                 adapter, window = _adapter(kind, adapter.value), []
+        i += 1
+        if i == pilot:
+            # every process decides alike: the mean of their quarter periods
+            pilot_leapfrog = int(round(float(pool(torch.tensor(
+                [[float(_quarter_period(adapter.final()))]], dtype=_F64)).mean())))
+            if pilot_leapfrog > LIFTED_BREAKEVEN:
+                logger.info("HMC's quarter period takes %d leapfrog steps after its first "
+                            "step-only phase, more than the %d at which the lifted kernel "
+                            "costs as much per effective draw: the correction goes on with "
+                            "the lifted kernel", pilot_leapfrog, LIFTED_BREAKEVEN)
+                kind, config = "lifted", dataclasses.replace(config, kernel="lifted")
+                state = _new_state(kind, target, state.x, config)
+                adapter, windows, window, gradient = _adapter(kind, _INITIAL_STEP[kind]), \
+                    (), [], False
+                # the HMC phase stands for the lifted warm-up's first step-only phase
+                iterations = max(config.warmup_iterations(), i + 1)
+                total = iterations + config.draws * thin
         if callback:
-            callback(i + 1, total, accept)
+            callback(i, total, accept)
     step = adapter.final()
     if kind == "hmc":
         state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
@@ -724,7 +753,21 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             target.failed, metric,
                             state.n_leapfrog if kind in ("hmc", "lifted") else None,
                             target.exits, moves(), wanted if wanted > config.leapfrog else None,
-                            (jumped / iterations).numpy())
+                            (jumped / iterations).numpy(), pilot_leapfrog)
+
+
+def _lifted_possible(target):
+    """Whether the lifted kernel can run the chains of ``target``: one mode, at most as many
+    observations as parameters (beyond, its Gram matrix and second-order adjoints, one per
+    observation and step, cost more than HMC's solves, and the data constrain every direction
+    anyway), and a forward model with the Jacobian and second-order adjoints."""
+    if target.multimodal or target.posterior.n_obs > target.transport.dim:
+        return False
+    try:
+        check_forward(target.posterior.forward)
+    except NotImplementedError:
+        return False
+    return True
 
 
 #: Independence proposals evaluated together (:class:`_Proposals`): enough for the solver's
