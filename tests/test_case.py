@@ -1,6 +1,7 @@
 """Case files: schema, defaults, data sources, and a corpus of malformed cases through the CLI."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,11 @@ def test_correction_section_defaults_shorthand_and_kind_rules():
     from geoinvert.errors import CaseError
     base = yaml.safe_load((ROOT / "cases" / "linear.yaml").read_text())
     config = load_case(base).config
-    assert correction_config(config).kernel == "hmc" and correction_config(config).enabled
+    correction = correction_config(config)
+    assert correction.kernel == "auto" and correction.planned == "hmc" and correction.enabled
+    # auto is planned as HMC: the same solves
+    hmc = dataclasses.replace(correction, kernel="hmc")
+    assert correction.solves() == hmc.solves() and correction.reserved() == hmc.reserved()
     off = load_case({**base, "sampler": {**base["sampler"], "correction": "none"}}).config
     assert not correction_config(off).enabled
     assert reserved_solves(off) == off["output"]["samples"]

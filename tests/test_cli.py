@@ -415,6 +415,10 @@ def test_summary_names_the_per_mode_coordinates_and_moves():
                                "manifold of fields and residuals, in the prior's coordinates);")
     assert "(flow + Laplace at 1 mode) accepted 0.10" in lines[1]
     assert "jumps" not in lines[1]
+    chosen = {**lifted, "diagnostics_correction_pilot_leapfrog": 27.0}
+    lines, _ = summary_lines(xr.Dataset(attrs=chosen))
+    assert "in the prior's coordinates; chosen: HMC's quarter period took 27 leapfrog " \
+        "steps);" in lines[0]
 
 
 def test_the_verdict_names_the_limit_that_stopped_the_correction():

@@ -408,6 +408,73 @@ def test_lifted_kernel_in_the_correction_recovers_the_exact_linear_posterior(lin
     assert np.isfinite(res.independence_acceptance).all()
 
 
+def test_auto_kernel_switches_to_lifted_where_hmc_trajectories_are_long(linear):
+    """``auto`` in the latent space of a poor flow (near the prior) of a posterior with three
+    precise data: HMC's quarter period after the first step-only phase is far beyond the
+    break-even, so the chains go on with the lifted kernel, and its draws are exact (as the
+    lifted kernel's above); the HMC phase counts towards the lifted warm-up."""
+    from geoinvert.inference.config import LIFTED_BREAKEVEN
+    posterior, exact = linear
+    starts = exact.sample(4, gen(5)).reshape(4, 8, 8)
+    config = CorrectionConfig(kernel="auto", chains=4, warmup=40, draws=200, leapfrog=16)
+    res = correct(posterior, FlowTransport(perturbed_flow(posterior.prior)), starts, config,
+                  generator=gen(6))
+    c = res.chains
+    assert res.pilot_leapfrog > LIFTED_BREAKEVEN
+    assert c.method.endswith("-lifted") and res.metric == "unit"
+    # 6 HMC iterations (15 % of 40), then the rest of the lifted kernel's 12
+    assert c.warmup == CorrectionConfig(kernel="lifted", warmup=40).warmup_iterations() == 12
+    cells = c.samples.reshape(*c.samples.shape[:2], -1)
+    for z in (z_scores(cells, exact.mean), z_scores((cells - exact.mean) ** 2,
+                                                    np.diag(exact.cov))):
+        assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
+    g = posterior.forward.matrix
+    assert np.abs(z_scores(cells @ g.T, g @ exact.mean)).max() < 4.5
+
+
+def test_auto_kernel_is_hmc_where_its_trajectories_are_short(linear):
+    """In the Laplace coordinates of a linear posterior (exact whitening) a quarter period
+    takes a few leapfrog steps: ``auto`` keeps HMC, and its chains are those of ``hmc``, bit
+    for bit (the choice draws nothing and solves nothing)."""
+    from geoinvert.inference.laplace import fit_laplace
+    posterior, exact = linear
+    laplace = fit_laplace(posterior, generator=gen(1))
+    starts = exact.sample(4, gen(5)).reshape(4, 8, 8)
+    runs = {kernel: correct(posterior, laplace.transport, starts,
+                            CorrectionConfig(kernel=kernel, warmup=40, draws=20),
+                            generator=gen(6))
+            for kernel in ("auto", "hmc")}
+    assert runs["auto"].pilot_leapfrog <= 16 and runs["hmc"].pilot_leapfrog is None
+    assert runs["auto"].chains.method == runs["hmc"].chains.method == "laplace-hmc"
+    np.testing.assert_array_equal(runs["auto"].chains.samples, runs["hmc"].chains.samples)
+    assert runs["auto"].chains.nfs == runs["hmc"].chains.nfs
+
+
+def test_auto_kernel_keeps_hmc_where_the_lifted_kernel_cannot_run(linear):
+    """No choice is made (HMC throughout, no pilot) with several modes, more observations
+    than parameters, a forward model without second-order adjoints, or a solve budget."""
+    from types import SimpleNamespace
+    from geoinvert.inference.correction import _lifted_possible
+    from geoinvert.problem.forward.elliptic import EllipticForward
+    from mpi4py import MPI
+    posterior, exact = linear
+    assert _lifted_possible(LatentTarget(posterior, SimpleNamespace(dim=64)))
+    assert not _lifted_possible(LatentTarget(posterior, SimpleNamespace(dim=2)))
+    two = ModeCoordinates([SimpleNamespace(dim=64, log_mass=0.0)] * 2)
+    assert not _lifted_possible(LatentTarget(posterior, two))
+    forward = EllipticForward(MPI.COMM_SELF, (4, 4), mesh_cells=(8, 8), solver="lu",
+                              points=[[0.3, 0.3]], dirichlet={"left": 0.0, "right": 1.0},
+                              source=1.0)
+    lu = Posterior(MaternPrior(2, correlation_length=0.3), forward, np.array([0.2]),
+                   np.array([0.01]), 2)
+    assert not _lifted_possible(LatentTarget(lu, SimpleNamespace(dim=16)))
+    starts = exact.sample(4, gen(5)).reshape(4, 8, 8)
+    res = correct(posterior, FlowTransport(perturbed_flow(posterior.prior)), starts,
+                  CorrectionConfig(kernel="auto", warmup=40, draws=4), generator=gen(6),
+                  max_solves=10 ** 6)
+    assert res.pilot_leapfrog is None and res.chains.method.endswith("-hmc")
+
+
 def test_lifted_kernel_relifts_chains_other_moves_moved(linear):
     """After an accepted independence move the chain's lifted state is stale: the next
     transition lifts it again (one solve) from its new field."""
