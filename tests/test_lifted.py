@@ -22,8 +22,43 @@ def _elliptic_posterior(solver="auto"):
     return Posterior(prior, forward, np.array([0.2, 0.4, 0.1]), np.array([0.01, 0.01, 0.02]), 2)
 
 
-@pytest.mark.parametrize("make", [_elliptic_posterior, lambda: bimodal_quadratic(2)[0]],
-                         ids=["elliptic", "torch-quadratic"])
+def _hard_data_posterior():
+    """The elliptic posterior above with the field measured at one cell (hard data)."""
+    from geoinvert.problem.forward.hard import SolvedWithHardData, with_hard_data
+    post = _elliptic_posterior()
+    forward = with_hard_data(post.forward, [[0.6, 0.2]], (0, 1, 0, 1))
+    assert isinstance(forward, SolvedWithHardData)
+    return Posterior(post.prior, forward, np.append(post.data, 0.3),
+                     np.append(post.noise, 0.05), 2)
+
+
+def test_hard_data_solved_outside_torch_match_the_torch_model():
+    """The stacked model's batch solve and Jacobian against its torch form (autograd), and
+    its second-order adjoints against central differences of its Jacobian."""
+    forward = _hard_data_posterior().forward
+    rng = np.random.default_rng(3)
+    x = 0.4 * rng.standard_normal((2, 4, 4))
+    pred, state = forward.solve_batch(x)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    np.testing.assert_allclose(pred, forward(xt).detach().numpy(), rtol=1e-12)
+    jac = forward.jacobian_batch(state)
+    auto = torch.autograd.functional.jacobian(lambda v: forward(v), xt)
+    auto = torch.stack([auto[i, :, i] for i in range(2)]).numpy()
+    np.testing.assert_allclose(jac, auto, rtol=1e-8, atol=1e-12)
+    a, b = rng.standard_normal((2, 1, forward.n_obs)), rng.standard_normal((2, 1, 4, 4))
+    grad = forward.trace_gradient_batch(state, a, b)
+    dx, h = rng.standard_normal(x.shape), 1e-5
+
+    def contracted(x):
+        j = forward.jacobian_batch(forward.solve_batch(x)[1])
+        return np.einsum("sri,sipq,srpq->s", a, j, b)
+    fd = (contracted(x + h * dx) - contracted(x - h * dx)) / (2 * h)
+    np.testing.assert_allclose((grad * dx).sum((1, 2)), fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [_elliptic_posterior, _hard_data_posterior,
+                                  lambda: bimodal_quadratic(2)[0]],
+                         ids=["elliptic", "elliptic-hard-data", "torch-quadratic"])
 def test_log_determinant_force_is_its_gradient(make):
     """The force (second-order adjoints, or autograd for a torch model) against central
     differences of 1/2 log det(I + J J^T), J by adjoint solves: second-order convergence."""

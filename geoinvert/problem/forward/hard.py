@@ -11,7 +11,7 @@ import torch
 
 from geoinvert.problem.forward.testbeds import LinearForward
 
-__all__ = ["cell_indices", "WithHardData", "with_hard_data"]
+__all__ = ["cell_indices", "WithHardData", "SolvedWithHardData", "with_hard_data"]
 
 
 def cell_indices(points, shape, bounds):
@@ -51,6 +51,41 @@ class WithHardData:
         return torch.cat([pred, values], dim=1)
 
 
+class SolvedWithHardData(WithHardData):
+    """:class:`WithHardData` over a model that solves outside torch (the elliptic one): its
+    batch solve, full Jacobian and second-order adjoints with the hard data's rows appended,
+    for the samplers that need them (the lifted kernel). The hard data are linear in the field:
+    their Jacobian rows select the cells and add nothing to a second derivative.
+
+    ``solver`` is the inner model's, whose abilities (the serial solver's Jacobian and
+    second-order adjoints) these methods have.
+    """
+
+    solver = property(lambda self: getattr(self.inner, "solver", self.inner))
+
+    def solve_batch(self, m):
+        """``(predictions (num, n_obs), state)`` of fields ``m (num, ny, nx)``."""
+        m = np.asarray(m, dtype=float)
+        pred, state = self.inner.solve_batch(m)
+        values = m.reshape(m.shape[0], -1)[:, self.cells.numpy()]
+        return np.concatenate([pred, values], axis=1), state
+
+    def jacobian_batch(self, state):
+        """dF/dm ``(num, n_obs, ny, nx)``: the inner model's, then one selection row per
+        hard datum."""
+        inner = self.inner.jacobian_batch(state)
+        num = inner.shape[0]
+        rows = np.zeros((num, len(self.cells), inner[0, 0].size))
+        rows[:, np.arange(len(self.cells)), self.cells.numpy()] = 1.0
+        return np.concatenate([inner, rows.reshape(num, -1, *inner.shape[2:])], axis=1)
+
+    def trace_gradient_batch(self, state, weights, directions):
+        """``d/dm sum_i a_i^T (dF/dm) b_i``: the hard data's rows are constant, so only the
+        inner model's weights count."""
+        return self.inner.trace_gradient_batch(state, weights[:, :, : self.inner.n_obs],
+                                               directions)
+
+
 def with_hard_data(forward, points, bounds):
     """``forward`` with the field's values at the cells holding ``points`` appended (the same
     object when there are none); a linear model stays a :class:`LinearForward`."""
@@ -62,4 +97,6 @@ def with_hard_data(forward, points, bounds):
         rows[np.arange(len(cells)), cells] = 1.0
         return LinearForward.from_matrix(np.vstack([forward.matrix, rows]), forward.shape,
                                          bounds=bounds)
+    if hasattr(forward, "solve_batch"):
+        return SolvedWithHardData(forward, cells)
     return WithHardData(forward, cells)
