@@ -379,6 +379,17 @@ def test_per_mode_coordinates_keep_the_exact_linear_posterior(linear, independen
     assert np.abs(z_scores(regions[:, :, None].astype(float), [truth])).max() < 4.5
 
 
+def _assert_exact_linear(chains, posterior, exact):
+    """The chains' mean and variance per cell and their mean along the data directions match
+    the exact linear posterior (ESS-based z-scores)."""
+    cells = chains.samples.reshape(*chains.samples.shape[:2], -1)
+    for z in (z_scores(cells, exact.mean), z_scores((cells - exact.mean) ** 2,
+                                                    np.diag(exact.cov))):
+        assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
+    g = posterior.forward.matrix
+    assert np.abs(z_scores(cells @ g.T, g @ exact.mean)).max() < 4.5
+
+
 def test_lifted_kernel_in_the_correction_recovers_the_exact_linear_posterior(linear):
     """The lifted kernel as the correction's local move, with the flow's independence moves
     (a poor flow near the prior): exact mean and variance per cell and along the data
@@ -395,12 +406,7 @@ def test_lifted_kernel_in_the_correction_recovers_the_exact_linear_posterior(lin
     assert c.warmup == config.warmup_iterations() == 12
     assert CorrectionConfig(kernel="lifted").warmup_iterations() == 75
     assert res.leapfrog == min(16, math.ceil(math.pi / 2 / c.step_size))
-    cells = c.samples.reshape(*c.samples.shape[:2], -1)
-    for z in (z_scores(cells, exact.mean), z_scores((cells - exact.mean) ** 2,
-                                                    np.diag(exact.cov))):
-        assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
-    g = posterior.forward.matrix
-    assert np.abs(z_scores(cells @ g.T, g @ exact.mean)).max() < 4.5
+    _assert_exact_linear(c, posterior, exact)
     np.testing.assert_allclose(c.log_prob.reshape(-1)[:5],
                                posterior.log_prob(torch.from_numpy(c.flat()[:5])).numpy())
     # starts (4), their lift (4) and at least two forward solves a leapfrog step
@@ -424,12 +430,7 @@ def test_auto_kernel_switches_to_lifted_where_hmc_trajectories_are_long(linear):
     assert c.method.endswith("-lifted") and res.metric == "unit"
     # 6 HMC iterations (15 % of 40), then the rest of the lifted kernel's 12
     assert c.warmup == CorrectionConfig(kernel="lifted", warmup=40).warmup_iterations() == 12
-    cells = c.samples.reshape(*c.samples.shape[:2], -1)
-    for z in (z_scores(cells, exact.mean), z_scores((cells - exact.mean) ** 2,
-                                                    np.diag(exact.cov))):
-        assert np.abs(z).max() < 4.5 and np.sqrt(np.mean(z ** 2)) < 2.0, z
-    g = posterior.forward.matrix
-    assert np.abs(z_scores(cells @ g.T, g @ exact.mean)).max() < 4.5
+    _assert_exact_linear(c, posterior, exact)
 
 
 def test_auto_kernel_is_hmc_where_its_trajectories_are_short(linear):
