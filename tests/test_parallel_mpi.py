@@ -126,6 +126,38 @@ def test_metric_windows_pool_the_chains_of_every_group():
     assert correction["chains"] == 4 and ds.attrs["diagnostics_metric"] == "dense"
 
 
+def test_the_auto_kernel_decides_alike_on_every_group():
+    """Each solve group runs its own chains with its own generator; the choice of the
+    ``auto`` kernel comes from the mean of their quarter periods, so that every group switches
+    (or not) at once and the later collective steps match. A flow near the prior of three
+    precise linear data: HMC's trajectories are long, every group goes on with the lifted
+    kernel."""
+    from geoinvert.flows.msign import MsIGN
+    from geoinvert.inference.config import CorrectionConfig
+    from geoinvert.inference.correction import FlowTransport, correct
+    from geoinvert.parallel import Ensemble
+    from geoinvert.priors import MaternPrior
+    from geoinvert.problem.forward.testbeds import (ExactLinearPosterior, LinearForward,
+                                                    paper_phi)
+    from geoinvert.problem.posterior import Posterior
+    prior = MaternPrior(3, correlation_length=0.3, std=1.0)
+    forward = LinearForward([paper_phi, lambda x, y: x + y ** 2], (8, 8))
+    data, noise = np.array([0.1, 0.8]), np.array([0.01, 0.02])
+    posterior = Posterior(prior, forward, data, noise, 3)
+    exact = ExactLinearPosterior(prior.mean(3).ravel(), prior.covariance(3), forward.matrix,
+                                 data, noise, shape=(8, 8))
+    torch.manual_seed(0)
+    model = MsIGN(prior, blocks_per_level=2, hidden=8).to(torch.float64)
+    ens = Ensemble(WORLD)
+    starts = exact.sample(2, gen(5 + WORLD.rank)).reshape(2, 8, 8)
+    res = correct(posterior, FlowTransport(model), starts,
+                  CorrectionConfig(kernel="auto", warmup=40, draws=8, leapfrog=16),
+                  generator=gen(6 + WORLD.rank), pool=ens.gather)
+    every = WORLD.allgather((res.chains.method, res.pilot_leapfrog))
+    assert all(e == every[0] for e in every), every
+    assert every[0][0].endswith("-lifted") and every[0][1] > 16
+
+
 def test_layout_groups():
     if WORLD.size == 1:
         assert layout(WORLD, 1) == layout(None, 1) and layout(WORLD).root
