@@ -453,7 +453,8 @@ def test_auto_kernel_is_hmc_where_its_trajectories_are_short(linear):
 
 def test_auto_kernel_keeps_hmc_where_the_lifted_kernel_cannot_run(linear):
     """No choice is made (HMC throughout, no pilot) with several modes, more observations
-    than parameters, a forward model without second-order adjoints, or a solve budget."""
+    than parameters, more than 32x32 parameters, a forward model without second-order
+    adjoints, or a solve budget."""
     from types import SimpleNamespace
     from geoinvert.inference.correction import _lifted_possible
     from geoinvert.problem.forward.elliptic import EllipticForward
@@ -461,6 +462,7 @@ def test_auto_kernel_keeps_hmc_where_the_lifted_kernel_cannot_run(linear):
     posterior, exact = linear
     assert _lifted_possible(LatentTarget(posterior, SimpleNamespace(dim=64)))
     assert not _lifted_possible(LatentTarget(posterior, SimpleNamespace(dim=2)))
+    assert not _lifted_possible(LatentTarget(posterior, SimpleNamespace(dim=64 * 64)))
     two = ModeCoordinates([SimpleNamespace(dim=64, log_mass=0.0)] * 2)
     assert not _lifted_possible(LatentTarget(posterior, two))
     forward = EllipticForward(MPI.COMM_SELF, (4, 4), mesh_cells=(8, 8), solver="lu",

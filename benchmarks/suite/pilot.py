@@ -11,7 +11,8 @@ of every warm-up transition are recorded: those of the last transition of the fi
 phase (iteration 37; ``auto`` compares the quarter period at the smoothed step there, about
 these, with ``LIFTED_BREAKEVEN``) and after the warm-up (the draws' trajectories). Also the
 parameters and observations, which with the forward model decide whether the lifted kernel can
-run at all.
+run at all, and the wall time of a step's work at the starts for either kernel (the reason
+for ``LIFTED_MAX_PARAMETERS``).
 
 Writes ``benchmarks/results/pilot.json`` and ``.md``.
 """
@@ -19,9 +20,11 @@ Writes ``benchmarks/results/pilot.json`` and ``.md``.
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +34,7 @@ from problems import ROOT, by_name  # noqa: E402
 from geoinvert.inference import correction  # noqa: E402
 from geoinvert.inference.config import LIFTED_BREAKEVEN, CorrectionConfig  # noqa: E402
 from geoinvert.inference.laplace import fit_laplace  # noqa: E402
+from geoinvert.samplers.lifted import LiftedManifold  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -54,7 +58,34 @@ def measure(name, seed):
     phase = int(0.15 * config.warmup)
     return {"problem": name, "parameters": laplace.transport.dim, "observations":
             int(posterior.n_obs), "step_phase": steps[phase - 1], "warmed_up": res.leapfrog,
-            "nfs": int(res.chains.nfs + laplace.nfs)}
+            "nfs": int(res.chains.nfs + laplace.nfs), **point_costs(posterior, starts)}
+
+
+def point_costs(posterior, x, repeats=3):
+    """Wall time (ms) of what a step of each kernel does at the four fields ``x``: HMC's
+    log posterior and its gradient (one solve and one adjoint each), and a Newton point of
+    the lifted kernel (solves, the Jacobian in whitened coordinates; without and with the
+    Gram determinant's force); None where the lifted kernel cannot run."""
+    def timed(fn):
+        fn()                                          # warm caches and imports
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1000 * (time.perf_counter() - begin) / repeats
+
+    def hmc():
+        xt = x.detach().clone().requires_grad_(True)
+        posterior.log_prob(xt).sum().backward()
+    out = {"hmc_point_ms": timed(hmc), "lifted_point_ms": None, "lifted_force_ms": None}
+    try:
+        manifold = LiftedManifold(posterior)
+    except NotImplementedError:
+        return out
+    z = manifold.to_z(x.detach().numpy())
+    out["lifted_point_ms"] = timed(lambda: manifold.evaluate(
+        z, wanted=lambda r: np.zeros(len(r), bool)))
+    out["lifted_force_ms"] = timed(lambda: manifold.evaluate(z))
+    return out
 
 
 def main(argv=None):
@@ -78,11 +109,20 @@ def main(argv=None):
              "first step-only phase (iteration 37) and after the warm-up. The `auto` kernel "
              f"switches to `lifted` there when a quarter period takes more than "
              f"{LIFTED_BREAKEVEN} steps and the lifted kernel can run (one mode, observations "
-             "<= parameters, the serial solver or a torch model, no budget).", "",
+             "<= parameters, at most 32x32 parameters, the serial solver or a torch model, no "
+             "budget). The last columns: wall time of what a step does at the four starts, "
+             "HMC's log posterior with its gradient, and a Newton point of the lifted kernel "
+             "(solves and the Jacobian in whitened coordinates, then with the Gram "
+             "determinant's force); '-' where it cannot run.", "",
              "| problem | parameters | observations | steps, end of first step phase | "
-             "steps after warm-up | solves |", "| --- | --- | --- | --- | --- | --- |"]
+             "steps after warm-up | solves | HMC point ms | lifted point ms | with force ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ms(v):
+        return "-" if v is None else f"{v:.1f}"
     lines += [f"| {r['problem']} | {r['parameters']} | {r['observations']} | {r['step_phase']}"
-              f" | {r['warmed_up']} | {r['nfs']:,} |" for r in rows]
+              f" | {r['warmed_up']} | {r['nfs']:,} | {ms(r['hmc_point_ms'])} | "
+              f"{ms(r['lifted_point_ms'])} | {ms(r['lifted_force_ms'])} |" for r in rows]
     (RESULTS / "pilot.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

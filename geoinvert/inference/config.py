@@ -9,7 +9,7 @@ __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "
            "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "LIFTED_BREAKEVEN",
-           "AUTOREGRESSIVE_KINDS", "AUTOREGRESSIVE_LAPLACE_MAX",
+           "LIFTED_MAX_PARAMETERS", "AUTOREGRESSIVE_KINDS", "AUTOREGRESSIVE_LAPLACE_MAX",
            "CorrectionConfig", "metric_windows", "made_width"]
 
 # -- training -----------------------------------------------------------------------------------
@@ -238,6 +238,14 @@ HMC transition: 11 to 18 bulk ESS per 1000 solves on ten problems, where HMC giv
 250 / L with L leapfrog steps (``benchmarks/results/lifted.md``). They break even near
 32 / 2 = 16 steps."""
 
+LIFTED_MAX_PARAMETERS = 1024
+"""Most parameters (a 32x32 lattice) for which the ``auto`` kernel considers the lifted
+kernel. It keeps the prior's whitening as a dense d x d matrix, and a Newton point costs
+m d^2 operations for the Jacobian in whitened coordinates (m observations): for four chains
+13 ms at 1024 parameters and 9 heads, 164 ms at 4096 and 16 heads, where a forward solve
+of the four takes a few ms (``benchmarks/suite/pilot.py``, its last columns), so that
+beyond 32x32 the dense algebra, not the solves, would set the run's wall time."""
+
 AUTOREGRESSIVE_KINDS = ("iaf", "composed")
 """Kinds whose approximation is an IAF (its density of a given field: one pass per parameter)."""
 
@@ -278,7 +286,7 @@ class CorrectionConfig:
         "switches to `lifted` at the end of the warm-up's first step-only phase when a "
         "quarter period there takes more than 16 leapfrog steps (the two kernels' break-even "
         "cost) and `lifted` can run (one mode, at most as many observations as parameters, "
-        "no `sampler.budget`).", "hmc")
+        "at most 32x32 parameters, no `sampler.budget`).", "hmc")
     coordinates: str = _field(
         "auto", "Coordinates of the local moves: `laplace` (those of the Laplace "
         "approximation at the MAP point, an affine map found by L-BFGS and the Gauss-Newton "

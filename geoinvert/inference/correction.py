@@ -64,7 +64,8 @@ import time
 import numpy as np
 import torch
 
-from geoinvert.inference.config import LIFTED_BREAKEVEN, metric_windows
+from geoinvert.inference.config import (LIFTED_BREAKEVEN, LIFTED_MAX_PARAMETERS,
+                                        metric_windows)
 from geoinvert.samplers.chains import (ChainResult, DualAveraging, RobbinsMonro, WhitenedState,
                                        metropolis)
 from geoinvert.samplers.hmc import HMCKernel
@@ -760,8 +761,10 @@ def _lifted_possible(target):
     """Whether the lifted kernel can run the chains of ``target``: one mode, at most as many
     observations as parameters (beyond, its Gram matrix and second-order adjoints, one per
     observation and step, cost more than HMC's solves, and the data constrain every direction
-    anyway), and a forward model with the Jacobian and second-order adjoints."""
-    if target.multimodal or target.posterior.n_obs > target.transport.dim:
+    anyway), at most :data:`LIFTED_MAX_PARAMETERS` parameters (its dense whitening), and a
+    forward model with the Jacobian and second-order adjoints."""
+    dim = target.transport.dim
+    if target.multimodal or target.posterior.n_obs > dim or dim > LIFTED_MAX_PARAMETERS:
         return False
     try:
         check_forward(target.posterior.forward)
