@@ -608,8 +608,9 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             try:
                 check_forward(posterior.forward)
             except NotImplementedError as err:
-                raise CaseError("sampler.correction.kernel", f"lifted: {err} (the serial "
-                                "solver: one MPI process per solve group)") from None
+                hint = " (the serial solver: one MPI process per solve group)" \
+                    if hasattr(posterior.forward, "solve_batch") else ""
+                raise CaseError("sampler.correction.kernel", f"lifted: {err}{hint}") from None
         res = correct(posterior, transport or FlowTransport(fit.model), starts, config,
                       generator=torch.Generator().manual_seed(seed + 7919 * ens.rank + 104729),
                       callback=bar, thin=thin, initial_step=initial_step, modes=modes,

@@ -71,6 +71,7 @@ class FlakyForward:
     def __init__(self, inner):
         self.inner, self.shape, self.n_obs = inner, inner.shape, inner.n_obs
         self.n_solves, self.last_failures = 0, []
+        self.twice_differentiable = getattr(inner, "twice_differentiable", False)
 
     def __call__(self, x):
         y = self.inner(x)

@@ -81,6 +81,24 @@ def test_the_kernel_needs_second_order_adjoints():
         LiftedManifold(_elliptic_posterior(solver="lu"))
 
 
+def test_a_torch_model_must_declare_its_second_derivatives():
+    """The test beds (all torch) and hard data over them declare them; a torch module around
+    the elliptic solver (a learned prior's latent model), whose adjoint has no derivative of
+    its own, and an undeclared torch callable do not, and are refused."""
+    from types import SimpleNamespace
+    from geoinvert.priors.learned import LatentForward
+    from geoinvert.problem.forward.hard import with_hard_data
+    from geoinvert.samplers.lifted import check_forward
+    quadratic = bimodal_quadratic(2)[0].forward
+    check_forward(quadratic)
+    check_forward(with_hard_data(quadratic, [[0.5, 0.5]], (0, 1, 0, 1)))
+    elliptic = _elliptic_posterior().forward
+    for model in (LatentForward(elliptic, None), lambda x: x.sum((1, 2))[:, None],
+                  SimpleNamespace(shape=(4, 4), n_obs=1)):
+        with pytest.raises(NotImplementedError, match="second derivatives"):
+            check_forward(model)
+
+
 def test_states_stay_on_the_manifold_and_the_momenta_tangent():
     manifold = LiftedManifold(_elliptic_posterior())
     rng = np.random.default_rng(1)

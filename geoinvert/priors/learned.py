@@ -212,6 +212,9 @@ class LatentForward:
 
     n_solves = property(lambda self: self.inner.n_solves)
     last_failures = property(lambda self: self.inner.last_failures)
+    # the prior's map is a torch flow: second derivatives are the inner model's
+    twice_differentiable = property(
+        lambda self: getattr(self.inner, "twice_differentiable", False))
 
     def fields(self, z):
         """``(x, log|det dG/dz|)`` of latent fields ``z (num, n, n)``, float64."""

@@ -227,12 +227,19 @@ class LiftedManifold:
 
 
 def check_forward(forward):
-    """Raise ``NotImplementedError`` unless ``forward`` is a torch model or solves outside torch
-    with the Jacobian and second-order adjoints (the serial elliptic solver)."""
+    """Raise ``NotImplementedError`` unless ``forward`` solves outside torch with the Jacobian
+    and second-order adjoints (the serial elliptic solver), or is a torch model that declares
+    ``twice_differentiable`` (its graph has second derivatives: the test beds; a torch module
+    around a solver whose adjoint has no derivative of its own would give the Gram
+    determinant's force as zero)."""
     solver = getattr(forward, "solver", forward)          # EllipticForward's own
-    if hasattr(forward, "solve_batch") and not hasattr(solver, "trace_gradient_batch"):
-        raise NotImplementedError("the lifted kernel needs the forward model's Jacobian and "
-                                  "second-order adjoints")
+    if hasattr(forward, "solve_batch"):
+        if not hasattr(solver, "trace_gradient_batch"):
+            raise NotImplementedError("the lifted kernel needs the forward model's Jacobian "
+                                      "and second-order adjoints")
+    elif not getattr(forward, "twice_differentiable", False):
+        raise NotImplementedError("the lifted kernel needs the forward model's second "
+                                  "derivatives, which this torch model does not declare")
 
 
 def lifted_transition(manifold, state, step, n_steps, rng):

@@ -44,6 +44,9 @@ class WithHardData:
 
     n_solves = property(lambda self: self.inner.n_solves)
     last_failures = property(lambda self: self.inner.last_failures)
+    # the hard data are linear: second derivatives are the inner model's
+    twice_differentiable = property(
+        lambda self: getattr(self.inner, "twice_differentiable", False))
 
     def __call__(self, x):
         pred = self.inner(x)

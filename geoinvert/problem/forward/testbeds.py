@@ -66,6 +66,8 @@ def _sum_children(G, shape, new_shape):
 class _LatticeFunctionals:
     """Cell integrals ``G[k, cell] = int_cell phi_k`` of measurement functions on a lattice."""
 
+    twice_differentiable = True       # all in torch: second derivatives by autograd
+
     def __init__(self, G, shape, bounds, functions, order):
         self.shape = tuple(int(s) for s in shape)
         self.bounds = tuple(float(b) for b in bounds)
