@@ -242,9 +242,10 @@ LIFTED_MAX_PARAMETERS = 1024
 """Most parameters (a 32x32 lattice) for which the ``auto`` kernel considers the lifted
 kernel. It keeps the prior's whitening as a dense d x d matrix, and a Newton point costs
 m d^2 operations for the Jacobian in whitened coordinates (m observations): for four chains
-13 ms at 1024 parameters and 9 heads, 164 ms at 4096 and 16 heads, where a forward solve
-of the four takes a few ms (``benchmarks/suite/pilot.py``, its last columns), so that
-beyond 32x32 the dense algebra, not the solves, would set the run's wall time."""
+11.5 ms at 1024 parameters and 9 heads against 5.2 ms for HMC's log posterior and gradient,
+259 ms at 4096 parameters and 16 heads against 11.9 ms (``benchmarks/results/pilot.md``, its
+last columns), so that beyond 32x32 the dense algebra, not the solves, would set the wall
+time."""
 
 AUTOREGRESSIVE_KINDS = ("iaf", "composed")
 """Kinds whose approximation is an IAF (its density of a given field: one pass per parameter)."""
