@@ -55,7 +55,7 @@ def measure(name, seed):
     config = CorrectionConfig(kernel="hmc", draws=4, max_draws=4, independence=False)
     with mock.patch.object(correction, "_warmup_leapfrog", recording):
         res = correction.correct(posterior, laplace.transport, starts, config, generator=gen)
-    phase = int(0.15 * config.warmup)
+    phase = int(correction._STEP_PHASE * config.warmup)      # where auto chooses
     return {"problem": name, "parameters": laplace.transport.dim, "observations":
             int(posterior.n_obs), "step_phase": steps[phase - 1], "warmed_up": res.leapfrog,
             "nfs": int(res.chains.nfs + laplace.nfs), **point_costs(posterior, starts)}

@@ -618,13 +618,13 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                     "%d modes the correction runs HMC in per-mode coordinates",
                     len(transport.modes))
         kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
-    # auto: HMC, and at the end of its first step-only phase the lifted kernel if it can run
-    # and HMC's trajectories cost more than its transitions (LIFTED_BREAKEVEN)
-    pilot = int(_STEP_PHASE * config.warmup) if kind == "auto" and max_solves is None \
-        and _lifted_possible(target) else 0
+    pilot, pilot_leapfrog = 0, None      # the iteration after which auto chooses, its measure
     if kind == "auto":
+        # HMC, and at the end of its first step-only phase the lifted kernel if it can run and
+        # HMC's trajectories cost more than its transitions (LIFTED_BREAKEVEN)
+        if max_solves is None and _lifted_possible(target):
+            pilot = int(_STEP_PHASE * config.warmup)
         kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
-    pilot_leapfrog = None
     state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
     step = _INITIAL_STEP[kind] if initial_step is None else initial_step
     adapter, metric = _adapter(kind, step), "unit"
