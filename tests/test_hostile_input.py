@@ -144,7 +144,7 @@ MAX_PYTHON_BYTES = 300e6
 """Bound on the Python and numpy allocations of a refusal (tracemalloc's peak)."""
 
 
-def _refused(capsys, args, expected):
+def assert_refused(capsys, args, expected):
     """``geoinvert ARGS`` exits with status 2 and one error line containing ``expected``,
     within :data:`MAX_SECONDS` and :data:`MAX_PYTHON_BYTES`."""
     import tracemalloc
@@ -168,9 +168,9 @@ def test_a_hostile_case_is_refused_in_one_line(name, tmp_path, capsys):
     content, expected = HOSTILE[name]
     path = _write(tmp_path, name, content)
     _files(tmp_path)
-    _refused(capsys, ["check", str(path)], expected)
+    assert_refused(capsys, ["check", str(path)], expected)
     out = tmp_path / "out" / "r.nc"
-    _refused(capsys, ["run", str(path), "--out", str(out), "-q"], expected)
+    assert_refused(capsys, ["run", str(path), "--out", str(out), "-q"], expected)
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
@@ -182,12 +182,12 @@ def test_a_hostile_case_is_refused_in_one_line(name, tmp_path, capsys):
 ])
 def test_a_case_file_that_is_not_small_utf8_text_is_refused(name, content, expected, tmp_path,
                                                             capsys):
-    _refused(capsys, ["check", str(_write(tmp_path, name, content))], expected)
+    assert_refused(capsys, ["check", str(_write(tmp_path, name, content))], expected)
 
 
 def test_a_seed_beyond_the_limit_on_the_command_line_is_refused(tmp_path, capsys):
     path = _write(tmp_path, "case", BASE)
-    _refused(capsys, ["run", str(path), "--seed", "99999999999999999999999", "--out",
+    assert_refused(capsys, ["run", str(path), "--seed", "99999999999999999999999", "--out",
                       str(tmp_path / "r.nc"), "-q"], "--seed: must be at most 4294967295")
 
 
@@ -202,7 +202,7 @@ def test_a_seed_beyond_the_limit_on_the_command_line_is_refused(tmp_path, capsys
 def test_plot_of_a_file_that_is_not_a_result_is_refused(name, make, expected, tmp_path, capsys):
     path = tmp_path / "r.nc"
     make(path)
-    _refused(capsys, ["plot", str(path)], expected)
+    assert_refused(capsys, ["plot", str(path)], expected)
     assert not (tmp_path / "r_figures").exists()
 
 
@@ -220,7 +220,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lock_taken_over(
     out = tmp_path / "res" / "small.nc"
     out.parent.mkdir()
     lock_path(out).write_text(f"{os.getpid()} {__import__('socket').gethostname()} other\n")
-    _refused(capsys, ["run", str(case), "--out", str(out), "-q"],
+    assert_refused(capsys, ["run", str(case), "--out", str(out), "-q"],
              f"another run (PID {os.getpid()} on")
     assert not out.exists() and lock_path(out).exists()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -234,7 +234,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     from geoinvert.testing import small_case
     case = tmp_path / "small.yaml"
     case.write_text(__import__("yaml").safe_dump(small_case()))
-    elapsed = _refused(capsys, ["run", str(case), "--out", "/proc/geoinvert-test.nc", "-q"],
+    elapsed = assert_refused(capsys, ["run", str(case), "--out", "/proc/geoinvert-test.nc", "-q"],
                        "/proc/geoinvert-test.nc: ")
     assert elapsed < 30
 
@@ -261,9 +261,9 @@ def test_a_case_beyond_the_machine_is_refused_unless_forced(name, edit, machine,
     else:
         content = edit(BASE)
     path = _write(tmp_path, name, content)
-    _refused(capsys, ["check", str(path)], expected)
+    assert_refused(capsys, ["check", str(path)], expected)
     out = tmp_path / "out" / "r.nc"
-    _refused(capsys, ["run", str(path), "--out", str(out), "-q"], "use --force")
+    assert_refused(capsys, ["run", str(path), "--out", str(out), "-q"], "use --force")
     assert not out.parent.exists()
     assert cli.main(["check", str(path), "--force"]) == 0
     assert "estimated memory" in capsys.readouterr().out
