@@ -603,7 +603,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
         return more
 
     try:
-        if config.kernel == "lifted" and maps == 1:
+        if config.kernel == "lifted":
             from geoinvert.samplers.lifted import check_forward
             try:
                 check_forward(posterior.forward)

@@ -613,11 +613,6 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     begin = time.perf_counter()
     pool = pool or (lambda z: z)
     target = LatentTarget(posterior, transport)
-    if kind == "lifted" and target.multimodal:
-        logger.info("the lifted kernel moves in the prior's coordinates, not per mode: with "
-                    "%d modes the correction runs HMC in per-mode coordinates",
-                    len(transport.modes))
-        kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
     pilot, pilot_leapfrog = 0, None      # the iteration after which auto chooses, its measure
     if kind == "auto":
         # HMC, and at the end of its first step-only phase the lifted kernel if it can run and
@@ -758,13 +753,13 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
 
 
 def _lifted_possible(target):
-    """Whether the lifted kernel can run the chains of ``target``: one mode, at most as many
+    """Whether the lifted kernel can run the chains of ``target``: at most as many
     observations as parameters (beyond, its Gram matrix and second-order adjoints, one per
     observation and step, cost more than HMC's solves, and the data constrain every direction
     anyway), at most :data:`LIFTED_MAX_PARAMETERS` parameters (its dense whitening), and a
     forward model with the Jacobian and second-order adjoints."""
     dim = target.transport.dim
-    if target.multimodal or target.posterior.n_obs > dim or dim > LIFTED_MAX_PARAMETERS:
+    if target.posterior.n_obs > dim or dim > LIFTED_MAX_PARAMETERS:
         return False
     try:
         check_forward(target.posterior.forward)

@@ -300,9 +300,13 @@ class LiftedKernel(WhitenedState):
     flow's density at the draws.
 
     Args:
-        target: :class:`~geoinvert.inference.correction.LatentTarget` of one mode (its
-            transport maps the correction's coordinates to fields; no solve is needed to place
-            a field there).
+        target: :class:`~geoinvert.inference.correction.LatentTarget` (its transport maps the
+            correction's coordinates to fields; no solve is needed to place a field there).
+            With several modes (:class:`~geoinvert.inference.correction.ModeCoordinates`)
+            the kernel's moves are not restricted to a chain's mode region: the lifted
+            kernel is reversible for the whole posterior on its own, and a chain that
+            crosses into another mode's region is placed in that mode's coordinates, where
+            the mode jumps and independence moves take it from.
         x: starting fields ``(chains, ny, nx)``.
         most: most leapfrog steps a transition takes (it integrates for a quarter period).
         jitter: relative step jitter per transition, in [0, 1).
@@ -313,8 +317,6 @@ class LiftedKernel(WhitenedState):
     """
 
     def __init__(self, target, x, *, most, jitter=0.2):
-        if target.multimodal:
-            raise ValueError("the lifted kernel moves in the prior's coordinates, not per mode")
         super().__init__(target, x)
         self.manifold = LiftedManifold(target.posterior)
         self.most, self.jitter, self.n_leapfrog = most, jitter, 1
@@ -362,9 +364,15 @@ class LiftedKernel(WhitenedState):
         pred = torch.from_numpy(m.y + m.noise * r)
         log_post = (post.prior.log_prob(x, post.level).to(_F64)
                     + post.likelihood.of_predictions(pred))
-        u = t.coordinates(t.transport.to_z(x)).detach().to(_F64)
-        logdet = t.transport.to_x(t.latent(u))[1].detach().to(_F64)
         index = torch.from_numpy(rows)
+        u, modes = t.placed(x)
+        u = u.detach().to(_F64)
+        if modes is None:
+            logdet = t.transport.to_x(t.latent(u))[1].detach().to(_F64)
+        else:       # the chain may have crossed into another mode's region: it is placed there
+            t.modes = t.modes.clone()
+            t.modes[index] = modes
+            logdet = t.transport.to_x(t.latent(u), modes)[1].detach().to(_F64)
         self.z[index], self.x[index] = u, x
         self.value[index] = log_post + logdet + t.logdet
         self.log_prob[index] = log_post
