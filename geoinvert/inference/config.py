@@ -282,11 +282,11 @@ class CorrectionConfig:
         "`pcn`, `lifted` (constrained HMC on the manifold of fields and residuals, whose "
         "metric is the Gauss-Newton Hessian at every point: for thin curved posteriors of few, "
         "precise data; it moves in the prior's coordinates, needs the serial elliptic solver "
-        "or a torch model, no `sampler.budget`, and with several modes HMC is used), `none` "
+        "or a torch model and no `sampler.budget`), `none` "
         "(no correction: the result holds the flow's own draws), or `auto`: HMC, which "
         "switches to `lifted` at the end of the warm-up's first step-only phase when a "
         "quarter period there takes more than 16 leapfrog steps (the two kernels' break-even "
-        "cost) and `lifted` can run (one mode, at most as many observations as parameters, "
+        "cost) and `lifted` can run (at most as many observations as parameters, "
         "at most 32x32 parameters, no `sampler.budget`).", "hmc")
     coordinates: str = _field(
         "auto", "Coordinates of the local moves: `laplace` (those of the Laplace "

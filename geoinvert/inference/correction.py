@@ -47,6 +47,12 @@ regions:
   fits are good proposals: they get the solves of the local move, as many independence moves
   following an HMC transition as it has leapfrog steps.
 
+The lifted kernel (:class:`~geoinvert.samplers.lifted.LiftedKernel`) moves in the prior's
+coordinates and is reversible for the whole posterior by itself, so its moves are not held to
+a region: a chain it carries into another mode's region is placed there (its mode becomes
+that region's, u its coordinates in that mode), which keeps k the region of x, all the jump
+needs.
+
 References:
     Pompe, Holmes, Latuszynski. A framework for adaptive MCMC targeting multimodal
     distributions. Annals of Statistics 48 (2020): jumps between modes through their local
