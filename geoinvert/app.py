@@ -648,6 +648,7 @@ def _corrected(fit, case, seed, lay, posterior, config, *, progress, transport=N
             "correction_limit": _correction_limit(config, res, stopped.get("budget", False)),
             "leapfrog_wanted": res.leapfrog_wanted or math.nan,
             "correction_pilot_leapfrog": res.pilot_leapfrog or math.nan,
+            "correction_hmc_solves_per_ess": res.hmc_solves_per_ess or math.nan,
             "correction_region_exits": int(ens.sum(res.exits)[0]),
             "independence_moves": res.independence_moves,
             "mode_jump_acceptance": float(np.nanmean(jumps)) if maps > 1 else math.nan})
@@ -1224,12 +1225,18 @@ def summary_lines(ds):
             f"{int(a['diagnostics_correction_mode_coordinates'])})"
     method = f"{sampler} + correction ({correction}, {a.get('diagnostics_metric', '')} metric" \
         f"{where})" if correction else sampler
-    pilot = get("correction_pilot_leapfrog")
+    pilot, block = get("correction_pilot_leapfrog"), get("correction_hmc_solves_per_ess")
     if correction == "lifted":           # its metric is the Gauss-Newton Hessian at each point
-        chosen = f"; chosen: HMC's quarter period took {pilot:.0f} leapfrog steps" \
-            if np.isfinite(pilot) else ""
+        chosen = ""
+        if np.isfinite(block):
+            chosen = f"; chosen after HMC's first block of draws, which cost {block:.0f} " \
+                "solves per effective draw"
+        elif np.isfinite(pilot):
+            chosen = f"; chosen: HMC's quarter period took {pilot:.0f} leapfrog steps"
+        maps = int(a.get("diagnostics_correction_mode_coordinates", 1))
+        jumps = f", jumping between the Laplace coordinates of {maps} modes" if maps > 1 else ""
         method = f"{sampler} + correction (lifted: constrained HMC on the manifold of fields " \
-            f"and residuals, in the prior's coordinates{chosen})"
+            f"and residuals, in the prior's coordinates{jumps}{chosen})"
     share = f" ({int(a['diagnostics_correction_nfs'])} in the correction)" \
         if "diagnostics_correction_nfs" in a else ""
     lines = [f"method: {method}; {int(a.get('nfs', 0))} forward solves{share}; "

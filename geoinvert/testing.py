@@ -166,6 +166,18 @@ def z_scores(chains, reference):
     return np.asarray(out)
 
 
+def assert_sides_match(t, t_exact, *, centre, width):
+    """The 1-D marginal of draws ``t`` along a data direction against exact draws ``t_exact``:
+    on each side of t = 0 the centre within ``centre`` (absolute) and the width within the
+    fraction ``width`` of the exact ones (per-cell moments can hide a mode of the wrong
+    shape)."""
+    t, t_exact = np.asarray(t), np.asarray(t_exact)
+    for sign in (1, -1):
+        side, ref = t[sign * t > 0], t_exact[sign * t_exact > 0]
+        assert abs(side.mean() - ref.mean()) <= centre, (sign, side.mean(), ref.mean())
+        assert abs(side.std() - ref.std()) <= width * ref.std(), (sign, side.std(), ref.std())
+
+
 def gaussian_kl(m0, S0, m1, S1):
     """Closed-form KL(N(m0, S0) || N(m1, S1))."""
     inv = np.linalg.inv(S1)

@@ -419,6 +419,15 @@ def test_summary_names_the_per_mode_coordinates_and_moves():
     lines, _ = summary_lines(xr.Dataset(attrs=chosen))
     assert "in the prior's coordinates; chosen: HMC's quarter period took 27 leapfrog " \
         "steps);" in lines[0]
+    again = {**lifted, "diagnostics_correction_pilot_leapfrog": 12.0,
+             "diagnostics_correction_hmc_solves_per_ess": 412.3}
+    lines, _ = summary_lines(xr.Dataset(attrs=again))
+    assert "in the prior's coordinates; chosen after HMC's first block of draws, which cost " \
+        "412 solves per effective draw);" in lines[0]
+    modes = {**attrs, "diagnostics_correction": "lifted", "diagnostics_metric": "unit"}
+    lines, _ = summary_lines(xr.Dataset(attrs=modes))
+    assert "in the prior's coordinates, jumping between the Laplace coordinates of 2 modes)" \
+        in lines[0]
 
 
 def test_the_verdict_names_the_limit_that_stopped_the_correction():

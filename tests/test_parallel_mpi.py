@@ -158,6 +158,32 @@ def test_the_auto_kernel_decides_alike_on_every_group():
     assert every[0][0].endswith("-lifted") and every[0][1] > 16
 
 
+
+@pytest.mark.mpi
+def test_auto_kernels_second_choice_is_made_alike_on_every_group(monkeypatch):
+    """After HMC's first block each solve group weighs the cost of all groups' draws (their
+    ESS and solves, pooled): every group takes the same decision from the same figure."""
+    import geoinvert.inference.correction as correction
+    from geoinvert.inference.config import CorrectionConfig
+    from geoinvert.inference.correction import correct
+    from geoinvert.inference.laplace import fit_laplace
+    from geoinvert.parallel import Ensemble
+    from geoinvert.testing import linear_gaussian
+    _, posteriors, exact = linear_gaussian()
+    posterior = posteriors[3]
+    laplace = fit_laplace(posterior, generator=gen(1))
+    monkeypatch.setattr(correction, "LIFTED_SOLVES_PER_ESS", 0.1)
+    starts = exact.sample(2, gen(5 + WORLD.rank)).reshape(2, 8, 8)
+    res = correct(posterior, laplace.transport, starts,
+                  CorrectionConfig(kernel="auto", warmup=40, draws=100, max_draws=400,
+                                   leapfrog=16),
+                  generator=gen(6 + WORLD.rank), pool=Ensemble(WORLD).gather,
+                  extend=lambda samples, log_prob, nfs: 300 if samples.shape[1] == 100 else 0)
+    every = WORLD.allgather((res.chains.method, res.hmc_solves_per_ess))
+    assert all(e == every[0] for e in every), every
+    assert every[0][0] == "laplace-lifted" and every[0][1] > 0
+
+
 def test_layout_groups():
     if WORLD.size == 1:
         assert layout(WORLD, 1) == layout(None, 1) and layout(WORLD).root

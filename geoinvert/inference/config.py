@@ -9,6 +9,7 @@ __all__ = ["OBJECTIVES", "SCHEDULES", "PROPOSALS", "COARSE_SAMPLERS", "STEPS", "
            "FlowConfig",
            "RECIPE_KEYS", "recipe_options", "CHAIN_KINDS", "ChainConfig",
            "CORRECTION_COORDINATES", "CORRECTION_KERNELS", "LIFTED_BREAKEVEN",
+           "LIFTED_SOLVES_PER_ESS",
            "LIFTED_MAX_PARAMETERS", "AUTOREGRESSIVE_KINDS", "AUTOREGRESSIVE_LAPLACE_MAX",
            "CorrectionConfig", "metric_windows", "made_width"]
 
@@ -237,6 +238,12 @@ follows the ridge), and it gives about twice the bulk ESS per transition of a qu
 HMC transition: 11 to 18 bulk ESS per 1000 solves on ten problems, where HMC gives about
 250 / L with L leapfrog steps (``benchmarks/results/lifted.md``). They break even near
 32 / 2 = 16 steps."""
+
+LIFTED_SOLVES_PER_ESS = 90
+"""Forward solves per effective draw of the lifted kernel's chains, for the ``auto`` kernel's
+second choice (after HMC's first block of draws, where HMC's own cost per effective draw is
+measured): 56 to 91 (11.0 to 17.9 bulk ESS per 1000 solves) on the nine elliptic problems of
+``benchmarks/results/lifted.md``, taken at the dearest."""
 
 LIFTED_MAX_PARAMETERS = 1024
 """Most parameters (a 32x32 lattice) for which the ``auto`` kernel considers the lifted

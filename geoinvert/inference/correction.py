@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from geoinvert.inference.config import (LIFTED_BREAKEVEN, LIFTED_MAX_PARAMETERS,
-                                        metric_windows)
+                                        LIFTED_SOLVES_PER_ESS, metric_windows)
 from geoinvert.samplers.chains import (ChainResult, DualAveraging, RobbinsMonro, WhitenedState,
                                        metropolis)
 from geoinvert.samplers.hmc import HMCKernel
@@ -554,6 +554,9 @@ class CorrectionResult:
         pilot_leapfrog: with kernel ``auto``, HMC's quarter period in leapfrog steps at the
             end of its first step-only phase, by which the kernel was chosen (None: no choice
             was made, the lifted kernel could not run).
+        hmc_solves_per_ess: with kernel ``auto``, when HMC's first block of draws cost so
+            many solves per effective draw that the lifted kernel took over after it (the
+            second choice, :func:`_lifted_pays`); else None.
     """
 
     chains: ChainResult
@@ -567,6 +570,7 @@ class CorrectionResult:
     leapfrog_wanted: int = None
     jump_acceptance: np.ndarray = None
     pilot_leapfrog: int = None
+    hmc_solves_per_ess: float = None
 
 
 def correct(posterior, transport, starts, config, *, generator=None, callback=None, thin=1,
@@ -700,6 +704,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     #                                                      (the lifted kernel has no metric)
     # more draws than this after the first block: the warm-up saw too few for the metric
     slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
+    choosing = pilot > 0 and kind == "hmc"     # auto kept HMC: it may still choose lifted
+    first, solves_per_ess = target.nfs, None
     while True:
         size = max(1, min(size, config.draws, most - done))
         x = np.empty((chains, size, *state.x.shape[1:]))
@@ -725,7 +731,30 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs))
         if size <= 0:
             break
-        if len(blocks) == 1 and done + size > slow and window:
+        redo = len(blocks) == 1 and done + size > slow and bool(window)
+        if len(blocks) == 1 and choosing:
+            choosing = False
+            solves_per_ess = _lifted_pays(blocks[0], target.nfs - first, size, redo, config,
+                                          pool)
+            if solves_per_ess is not None:
+                logger.info("HMC's first block of draws cost %.0f solves per effective draw, "
+                            "so many that the lifted kernel (about %d) would finish sooner: "
+                            "the correction goes on with the lifted kernel", solves_per_ess,
+                            LIFTED_SOLVES_PER_ESS)
+                kind, config = "lifted", dataclasses.replace(config, kernel="lifted")
+                state = _new_state(kind, target, state.x, config)
+                adapter, gradient, readapt, window = _adapter(kind, _INITIAL_STEP[kind]), \
+                    False, False, []
+                steps = config.warmup_iterations()
+                for _ in range(steps):      # its own warm-up: step-only phases
+                    adapter.update(float(_iterate(state, adapter.value, generator, config,
+                                                  gradient, mixture, moves())[0].mean()))
+                step = adapter.final()
+                warmup += done * thin + steps
+                blocks, done, size = [], 0, config.draws
+                local, independent, jumped = (torch.zeros_like(local) for _ in range(3))
+                continue
+        if redo:
             # at this rate the chains would need many times the warm-up's iterations: the
             # adaptation had too few draws (Stan's windows double for the same reason). The
             # block becomes a further warm-up window; its draws are dropped.
@@ -755,7 +784,41 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             target.failed, metric,
                             state.n_leapfrog if kind in ("hmc", "lifted") else None,
                             target.exits, moves(), wanted if wanted > config.leapfrog else None,
-                            (jumped / iterations).numpy(), pilot_leapfrog)
+                            (jumped / iterations).numpy(), pilot_leapfrog, solves_per_ess)
+
+
+def _lifted_pays(block, solves, more, redo, config, pool):
+    """The ``auto`` kernel's second choice, after HMC's first block of draws: HMC's solves
+    per effective draw in that block when the lifted kernel, from a warm-up of its own, would
+    reach the stopping rule's effective draws in fewer solves than HMC needs for the ``more``
+    draws per chain the rule asks for (with ``redo``, the block is dropped for a further
+    warm-up window and all of them); else None.
+
+    The block's draws ``block = (x, log_prob, ...)`` and ``solves`` (this process's) are
+    joined with those of the other processes through ``pool``, so every process decides
+    alike. The effective draws the rule will want are the block's bulk ESS scaled by the
+    draws it asks for in all; the lifted kernel's cost is its warm-up at
+    ``2 * LIFTED_BREAKEVEN`` solves a transition and :data:`LIFTED_SOLVES_PER_ESS` solves per
+    effective draw. A choice from measured costs: HMC's quarter period at the first choice
+    cannot see that its transitions mix poorly for their length, where the metric adapted to
+    one place does not fit the posterior's curvature elsewhere.
+    """
+    x, log_prob = block[0], block[1]
+    chains, done = x.shape[:2]
+    xs = pool(torch.from_numpy(x.reshape(chains * done, -1))).numpy()
+    lps = pool(torch.from_numpy(log_prob.reshape(chains * done, 1))).numpy()
+    every = xs.shape[0] // done
+    per_draw = float(pool(torch.tensor([[solves / (chains * done)]], dtype=_F64)).mean())
+    ess = ChainResult(xs.reshape(every, done, *x.shape[2:]), lps.reshape(every, done),
+                      np.ones(every), 0, 0.0, 0.0, "", 0).ess()
+    if not ess > 0:
+        return None
+    wanted = ess * (done + more) / done
+    hmc = (done + more if redo else more) * every * per_draw
+    warm = dataclasses.replace(config, kernel="lifted").warmup_iterations()
+    lifted = (warm * every * 2 * LIFTED_BREAKEVEN
+              + wanted * LIFTED_SOLVES_PER_ESS)
+    return per_draw * every * done / ess if lifted < hmc else None
 
 
 def _lifted_possible(target):
