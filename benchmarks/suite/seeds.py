@@ -64,8 +64,15 @@ def summary(rows):
                     "within": int((nfs <= limit).sum()),
                     "meets": int(sum(r["meets"] for r in mine)),
                     "silent": int(sum(r["silent_failure"] for r in mine)),
-                    "readapted": int(sum(r["warmup"] > r["warmup_config"] for r in mine))})
+                    "readapted": int(sum(_kernel(r) == "hmc" and r["warmup"] > r["warmup_config"]
+                                         for r in mine)),
+                    "lifted": int(sum(_kernel(r) == "lifted" for r in mine))})
     return out
+
+
+def _kernel(row):
+    """The correction's kernel of a run (rows from before ``kernel: auto`` ran HMC)."""
+    return row.get("correction") or "hmc"
 
 
 def markdown(rows):
@@ -78,22 +85,23 @@ def markdown(rows):
              "The default `msign` run of each problem (as in `run.py`, `output.samples` 2000) "
              "with `sampler.seed` set. *Within budget*: runs with at most the solves the suite "
              "aims at (1e5 up to 64 parameters, 2.5e5 above); *meet*: runs within the suite's "
-             "accuracy and R-hat criteria; *re-adapted*: runs whose correction turned its first "
-             "block into a further metric window.", "",
+             "accuracy and R-hat criteria; *re-adapted*: runs whose HMC correction turned its "
+             "first block into a further metric window; *lifted*: runs whose correction went "
+             "on with the lifted kernel (`kernel: auto`).", "",
              "| problem | parameters | runs | nFS min / median / mean / max | within budget | "
-             "meet | silent failures | re-adapted |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "meet | silent failures | re-adapted | lifted |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary(rows):
         lines.append(f"| {s['problem']} | {s['parameters']} | {s['runs']} | {s['min']:,} / "
                      f"{s['median']:,.0f} / {s['mean']:,.0f} / {s['max']:,} | {s['within']} of "
                      f"{s['runs']} (<= {s['budget']:,}) | {s['meets']} | {s['silent']} | "
-                     f"{s['readapted']} |")
-    lines += ["", "| problem | seed | nFS | correction nFS | draws / chain | warm-up | "
+                     f"{s['readapted']} | {s['lifted']} |")
+    lines += ["", "| problem | seed | nFS | correction nFS | kernel | draws / chain | warm-up | "
               "leapfrog | mean err | std err | R-hat | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["problem"], r["seed"])):
         lines.append(f"| {r['problem']} | {r['seed']} | {r['nfs']:,} | {r['correction_nfs']:,} | "
-                     f"{r['draws']} | {r['warmup']} | {r['leapfrog']:.0f} | "
+                     f"{_kernel(r)} | {r['draws']} | {r['warmup']} | {r['leapfrog']:.0f} | "
                      f"{r['mean_error_rms']:.3f} | {r['std_error_rms']:.3f} | {r['rhat']:.4f} | "
                      f"{r['verdict']} |")
     return "\n".join(lines) + "\n"

@@ -293,7 +293,9 @@ class CorrectionConfig:
         "(no correction: the result holds the flow's own draws), or `auto`: HMC, which "
         "switches to `lifted` at the end of the warm-up's first step-only phase when a "
         "quarter period there takes more than 16 leapfrog steps (the two kernels' break-even "
-        "cost) and `lifted` can run (at most as many observations as parameters, "
+        "cost), or after its first block of draws when they cost so many solves per effective "
+        "draw that `lifted` would finish sooner, and `lifted` can run (at most as many "
+        "observations as parameters, "
         "at most 32x32 parameters, no `sampler.budget`).", "hmc")
     coordinates: str = _field(
         "auto", "Coordinates of the local moves: `laplace` (those of the Laplace "
