@@ -683,10 +683,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             "step-only phase, more than the %d at which the lifted kernel "
                             "costs as much per effective draw: the correction goes on with "
                             "the lifted kernel", pilot_leapfrog, LIFTED_BREAKEVEN)
-                kind, config = "lifted", dataclasses.replace(config, kernel="lifted")
-                state = _new_state(kind, target, state.x, config)
-                adapter, windows, window, gradient = _adapter(kind, _INITIAL_STEP[kind]), \
-                    (), [], False
+                kind, config, state, adapter = _lifted_takes_over(target, state, config)
+                windows, window, gradient = (), [], False
                 # the HMC phase stands for the lifted warm-up's first step-only phase
                 iterations = max(config.warmup_iterations(), i + 1)
                 total = iterations + config.draws * thin
@@ -741,10 +739,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             "so many that the lifted kernel (about %d) would finish sooner: "
                             "the correction goes on with the lifted kernel", solves_per_ess,
                             LIFTED_SOLVES_PER_ESS)
-                kind, config = "lifted", dataclasses.replace(config, kernel="lifted")
-                state = _new_state(kind, target, state.x, config)
-                adapter, gradient, readapt, window = _adapter(kind, _INITIAL_STEP[kind]), \
-                    False, False, []
+                kind, config, state, adapter = _lifted_takes_over(target, state, config)
+                gradient, readapt, window = False, False, []
                 steps = config.warmup_iterations()
                 for _ in range(steps):      # its own warm-up: step-only phases
                     adapter.update(float(_iterate(state, adapter.value, generator, config,
@@ -785,6 +781,14 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             state.n_leapfrog if kind in ("hmc", "lifted") else None,
                             target.exits, moves(), wanted if wanted > config.leapfrog else None,
                             (jumped / iterations).numpy(), pilot_leapfrog, solves_per_ess)
+
+
+def _lifted_takes_over(target, state, config):
+    """``(kind, config, state, adapter)`` of the lifted kernel continuing the chains of
+    ``state`` from their fields, with a fresh step adaptation (its warm-up is the caller's)."""
+    config = dataclasses.replace(config, kernel="lifted")
+    return ("lifted", config, _new_state("lifted", target, state.x, config),
+            _adapter("lifted", _INITIAL_STEP["lifted"]))
 
 
 def _lifted_pays(block, solves, more, redo, config, pool):
