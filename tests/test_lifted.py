@@ -76,6 +76,25 @@ def test_log_determinant_force_is_its_gradient(make):
     assert np.all(errors[1] < 1e-4 * (1 + np.abs(slope)))
 
 
+def test_a_failed_solve_is_a_counted_nan_row_without_numpy_warnings():
+    """Fields whose solve fails (or whose Jacobian overflows) give NaN rows, counted in
+    ``failed``, and no floating-point warning reaches the user; the other rows of the batch
+    are those of their own evaluation."""
+    import warnings
+    manifold = LiftedManifold(_elliptic_posterior())
+    z = np.zeros((3, manifold.d))
+    z[0], z[2] = -200.0, 400.0
+    z[1] = 0.1 * np.random.default_rng(0).standard_normal(manifold.d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        r, jac, force = manifold.evaluate(z)
+    assert manifold.failed == 2
+    assert np.isnan(r[[0, 2]]).all() and np.isnan(force[[0, 2]]).all()
+    alone = manifold.evaluate(z[1:2])
+    for got, want in zip((r, jac, force), alone):
+        np.testing.assert_allclose(got[1], want[0], rtol=1e-10, atol=1e-12)
+
+
 def test_the_kernel_needs_second_order_adjoints():
     with pytest.raises(NotImplementedError, match="second-order adjoints"):
         LiftedManifold(_elliptic_posterior(solver="lu"))

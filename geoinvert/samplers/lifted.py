@@ -110,7 +110,8 @@ class LiftedManifold:
         force = np.zeros((c, self.d + self.m))
         if self.outside_torch:
             pred, state = self.forward.solve_batch(x)
-            jac = self.forward.jacobian_batch(state).reshape(c, self.m, -1) @ self.C
+            with np.errstate(invalid="ignore", over="ignore"):  # failed rows: counted below
+                jac = self.forward.jacobian_batch(state).reshape(c, self.m, -1) @ self.C
         else:
             pred, jac, grad = self._torch(z)
         self.back_substitutions += c * self.m
@@ -118,9 +119,10 @@ class LiftedManifold:
         jac = jac / self.noise[None, :, None]
         bad = ~np.all(np.isfinite(r), axis=1) | ~np.all(np.isfinite(jac), axis=(1, 2))
         self.failed += int(bad.sum())
-        rows = np.ones(c, bool) if wanted is None else wanted(r)
+        rows = (np.ones(c, bool) if wanted is None else wanted(r)) & ~bad
         if self.force and rows.any():
-            w = np.linalg.solve(self.gram(np.nan_to_num(jac)), np.nan_to_num(jac))
+            finite = np.where(bad[:, None, None], 0.0, jac)     # a failed row's force is NaN
+            w = np.linalg.solve(self.gram(finite), finite)
             w[~rows] = 0.0                   # rows are independent: the others' are unchanged
             if self.outside_torch:
                 force[:, : self.d] = self._trace_gradient(state, w / self.noise[None, :, None])
