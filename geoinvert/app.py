@@ -432,7 +432,7 @@ def _convergence(samples, log_target):
     summaries of chains ``samples (m, n, ...)`` with their log targets."""
     from geoinvert.diagnostics import mcmc_ess, mcmc_tail_ess, split_rhat
     from geoinvert.samplers import ChainResult
-    chains = ChainResult(samples, log_target, np.ones(samples.shape[0]), 0, 0.0, 0.0, "", 0)
+    chains = ChainResult.of_draws(samples, log_target)
     summaries = chains.summaries()      # once: it takes an SVD of the draws on large lattices
     columns = [summaries[:, :, k] for k in range(summaries.shape[2])]
     multi = samples.shape[0] > 1

@@ -504,7 +504,7 @@ def test_the_second_choice_weighs_hmcs_measured_cost_against_the_lifted_kernels(
     for i in range(1, 200):
         ar[:, i] = 0.99 * ar[:, i - 1] + math.sqrt(1 - 0.99 ** 2) * noise[:, i]
     slow = (ar[..., :4].reshape(4, 200, 2, 2), ar[..., 4])
-    ess = ChainResult(*slow, np.ones(4), 0, 0.0, 0.0, "", 0).ess()
+    ess = ChainResult.of_draws(*slow).ess()
     assert ess < 100
     got = _lifted_pays(slow, 4 * 200 * 100, 200, False, config, lambda a: a)
     assert got == pytest.approx(4 * 200 * 100 / ess)

@@ -659,6 +659,17 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
         return config.independence_moves(getattr(state, "n_leapfrog", 1), maps)
 
+    def step_phase(adapter, n):
+        """``n`` step-only adaptation iterations after the draws began (a re-adaptation's, or
+        the lifted kernel's warm-up when it takes over); HMC's trajectories follow the step
+        as in warm-up. Returns the step to freeze."""
+        for _ in range(n):
+            if kind == "hmc":
+                state.n_leapfrog = _warmup_leapfrog(adapter, config)
+            adapter.update(float(_iterate(state, adapter.value, generator, config, gradient,
+                                          mixture, moves())[0].mean()))
+        return adapter.final()
+
     i = 0
     while i < iterations:
         if kind == "hmc":
@@ -741,11 +752,8 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
                             LIFTED_SOLVES_PER_ESS)
                 kind, config, state, adapter = _lifted_takes_over(target, state, config)
                 gradient, readapt, window = False, False, []
-                steps = config.warmup_iterations()
-                for _ in range(steps):      # its own warm-up: step-only phases
-                    adapter.update(float(_iterate(state, adapter.value, generator, config,
-                                                  gradient, mixture, moves())[0].mean()))
-                step = adapter.final()
+                steps = config.warmup_iterations()      # its own: step-only phases
+                step = step_phase(adapter, steps)
                 warmup += done * thin + steps
                 blocks, done, size = [], 0, config.draws
                 local, independent, jumped = (torch.zeros_like(local) for _ in range(3))
@@ -755,13 +763,7 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
             # adaptation had too few draws (Stan's windows double for the same reason). The
             # block becomes a further warm-up window; its draws are dropped.
             metric = _rescale(state, pool(torch.cat(window)), kind)
-            adapter = _adapter(kind, step)
-            for _ in range(phase):        # the trajectory follows the step, as in warm-up
-                if kind == "hmc":
-                    state.n_leapfrog = _warmup_leapfrog(adapter, config)
-                adapter.update(float(_iterate(state, adapter.value, generator, config,
-                                              gradient, mixture, moves())[0].mean()))
-            step = adapter.final()
+            step = step_phase(_adapter(kind, step), phase)
             if kind == "hmc":
                 state.n_leapfrog = _leapfrog(step, config)
             warmup += done * thin + phase
@@ -813,8 +815,8 @@ def _lifted_pays(block, solves, more, redo, config, pool):
     lps = pool(torch.from_numpy(log_prob.reshape(chains * done, 1))).numpy()
     every = xs.shape[0] // done
     per_draw = float(pool(torch.tensor([[solves / (chains * done)]], dtype=_F64)).mean())
-    ess = ChainResult(xs.reshape(every, done, *x.shape[2:]), lps.reshape(every, done),
-                      np.ones(every), 0, 0.0, 0.0, "", 0).ess()
+    ess = ChainResult.of_draws(xs.reshape(every, done, *x.shape[2:]),
+                               lps.reshape(every, done)).ess()
     if not ess > 0:
         return None
     wanted = ess * (done + more) / done

@@ -49,6 +49,12 @@ class ChainResult:
     warmup: int
     failed: int = 0
 
+    @classmethod
+    def of_draws(cls, samples, log_prob):
+        """Draws ``(chains, draws, ...)`` and their log targets alone, for their diagnostics
+        (:meth:`summaries`, :meth:`rhat`, :meth:`ess`)."""
+        return cls(samples, log_prob, np.ones(samples.shape[0]), 0, 0.0, 0.0, "", 0)
+
     @property
     def beta(self):
         """pCN name of :attr:`step_size`."""
