@@ -617,172 +617,256 @@ def correct(posterior, transport, starts, config, *, generator=None, callback=No
     Raises:
         ValueError: some start has a non-finite target.
     """
-    kind = config.kernel
     if not config.enabled:
         raise ValueError("the correction is switched off (kernel 'none')")
-    begin = time.perf_counter()
-    pool = pool or (lambda z: z)
-    target = LatentTarget(posterior, transport)
-    pilot, pilot_leapfrog = 0, None      # the iteration after which auto chooses, its measure
-    if kind == "auto":
-        # HMC, and at the end of its first step-only phase the lifted kernel if it can run and
-        # HMC's trajectories cost more than its transitions (LIFTED_BREAKEVEN)
-        if max_solves is None and _lifted_possible(target):
-            pilot = int(_STEP_PHASE * config.warmup)
-        kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
-    state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
-    step = _INITIAL_STEP[kind] if initial_step is None else initial_step
-    adapter, metric = _adapter(kind, step), "unit"
-    windows = metric_windows(config.warmup) if kind in ("hmc", "mala") else ()
-    iterations = config.warmup_iterations()
-    total, window = iterations + config.draws * thin, []
-    gradient = kind in ("hmc", "mala")
-    proposal = ModeMixture(target, modes, approximation)
-    # the plain independence move draws from the transport itself; any other proposal mixes
-    mixture = proposal if config.independence and (modes or not proposal.latent) else None
-    density = proposal.approximation_log_prob       # the flow's density at the stored draws
-    chains = state.z.shape[0]
+    run = _Run(posterior, transport, starts, config, generator=generator, callback=callback,
+               thin=thin, initial_step=initial_step, modes=modes, max_solves=max_solves,
+               approximation=approximation, pool=pool)
+    run.warm_up()
+    return run.sample(extend)
 
-    maps = len(transport.modes) if target.multimodal else 1
-    # an HMC iteration's solves are linear in its leapfrog steps (config.solves_per_iteration)
-    per_step = max(1, config.solves_per_iteration(2, maps) - config.solves_per_iteration(1, maps))
-    fixed = config.solves_per_iteration(1, maps) - per_step
 
-    def affordable(iterations):
+class _Run:
+    """The state of one :func:`correct` call: the chains, their kernel and its adaptation.
+
+    Its phases are :meth:`warm_up` (step and metric adaptation; with kernel ``auto``, the
+    first choice between HMC and the lifted kernel) and :meth:`sample` (blocks of draws until
+    ``extend`` stops them; after the first block, the second choice and the re-adaptation).
+    The order of every random draw and solve is part of the result: a run is reproducible
+    bit for bit, so phases must not be reordered.
+    """
+
+    def __init__(self, posterior, transport, starts, config, *, generator, callback, thin,
+                 initial_step, modes, max_solves, approximation, pool):
+        self.begin = time.perf_counter()
+        self.generator, self.callback, self.thin = generator, callback, thin
+        self.max_solves, self.pool = max_solves, pool or (lambda z: z)
+        self.target = target = LatentTarget(posterior, transport)
+        self.transport = transport
+        kind = config.kernel
+        # auto: HMC, and at the end of its first step-only phase the lifted kernel if it can
+        # run and HMC's trajectories cost more than its transitions (LIFTED_BREAKEVEN)
+        self.pilot, self.pilot_leapfrog = 0, None     # the iteration auto chooses at, its measure
+        if kind == "auto":
+            if max_solves is None and _lifted_possible(target):
+                self.pilot = int(_STEP_PHASE * config.warmup)
+            kind, config = "hmc", dataclasses.replace(config, kernel="hmc")
+        self.kind, self.config = kind, config
+        self.state = _new_state(kind, target, torch.as_tensor(starts, dtype=_F64), config)
+        self.step = _INITIAL_STEP[kind] if initial_step is None else initial_step
+        self.adapter, self.metric = _adapter(kind, self.step), "unit"
+        self.gradient = kind in ("hmc", "mala")
+        proposal = ModeMixture(target, modes, approximation)
+        # the plain independence move draws from the transport itself; any other proposal mixes
+        self.mixture = proposal if config.independence and (modes or not proposal.latent) \
+            else None
+        self.density = proposal.approximation_log_prob   # the flow's density at stored draws
+        self.chains = self.state.z.shape[0]
+        self.maps = len(transport.modes) if target.multimodal else 1
+        # an HMC iteration's solves are linear in its leapfrog steps
+        # (config.solves_per_iteration)
+        one = config.solves_per_iteration(1, self.maps)
+        self.per_step = max(1, config.solves_per_iteration(2, self.maps) - one)
+        self.fixed = one - self.per_step
+        self.warmup = 0                     # iterations before the kept draws
+        self.solves_per_ess = None          # the second choice's measure, when it switched
+        # acceptance summed over the kept draws: local moves, independence moves, mode jumps
+        self.accepted = [torch.zeros(self.chains, dtype=_F64) for _ in range(3)]
+
+    # -- one iteration -------------------------------------------------------------------------
+    def affordable(self, iterations):
         """Leapfrog steps that keep the rest of ``iterations`` within ``max_solves``."""
-        if max_solves is None:
+        if self.max_solves is None:
             return None
-        left = (max_solves - target.nfs) / (chains * max(iterations, 1))
-        return max(1, int((left - fixed) / per_step))
+        left = (self.max_solves - self.target.nfs) / (self.chains * max(iterations, 1))
+        return max(1, int((left - self.fixed) / self.per_step))
 
-    def moves():
+    def moves(self):
         """Independence moves per local move (:meth:`CorrectionConfig.independence_moves`)."""
-        return config.independence_moves(getattr(state, "n_leapfrog", 1), maps)
+        return self.config.independence_moves(getattr(self.state, "n_leapfrog", 1), self.maps)
 
-    def step_phase(adapter, n):
+    def iterate(self, step):
+        """One iteration of every chain (:func:`_iterate`) at ``step``."""
+        return _iterate(self.state, step, self.generator, self.config, self.gradient,
+                        self.mixture, self.moves())
+
+    def step_phase(self, adapter, n):
         """``n`` step-only adaptation iterations after the draws began (a re-adaptation's, or
         the lifted kernel's warm-up when it takes over); HMC's trajectories follow the step
         as in warm-up. Returns the step to freeze."""
         for _ in range(n):
-            if kind == "hmc":
-                state.n_leapfrog = _warmup_leapfrog(adapter, config)
-            adapter.update(float(_iterate(state, adapter.value, generator, config, gradient,
-                                          mixture, moves())[0].mean()))
+            if self.kind == "hmc":
+                self.state.n_leapfrog = _warmup_leapfrog(adapter, self.config)
+            adapter.update(float(self.iterate(adapter.value)[0].mean()))
         return adapter.final()
 
-    i = 0
-    while i < iterations:
-        if kind == "hmc":
-            state.n_leapfrog = _warmup_leapfrog(
-                adapter, config, affordable(iterations - i + config.draws * thin))
-        accept = float(_iterate(state, adapter.value, generator, config, gradient,
-                                mixture, moves())[0].mean())
-        adapter.update(accept)
-        for lo, hi in windows:
-            if lo <= i < hi:
-                window.append(target.latent(state.z).clone())
-            if i == hi - 1:
-                metric = _rescale(state, pool(torch.cat(window)), kind)
-                adapter, window = _adapter(kind, adapter.value), []
-        i += 1
-        if i == pilot:
-            # every process decides alike: the mean of their quarter periods
-            pilot_leapfrog = int(round(float(pool(torch.tensor(
-                [[float(_quarter_period(adapter.final()))]], dtype=_F64)).mean())))
-            if pilot_leapfrog > LIFTED_BREAKEVEN:
-                logger.info("HMC's quarter period takes %d leapfrog steps after its first "
-                            "step-only phase, more than the %d at which the lifted kernel "
-                            "costs as much per effective draw: the correction goes on with "
-                            "the lifted kernel", pilot_leapfrog, LIFTED_BREAKEVEN)
-                kind, config, state, adapter = _lifted_takes_over(target, state, config)
-                windows, window, gradient = (), [], False
+    def take_over(self):
+        """The lifted kernel continues the chains from their fields, with a fresh step
+        adaptation (its warm-up is the caller's)."""
+        self.kind, self.config, self.state, self.adapter = _lifted_takes_over(
+            self.target, self.state, self.config)
+        self.gradient = False
+
+    # -- warm-up -------------------------------------------------------------------------------
+    def warm_up(self):
+        """Step and metric adaptation (Stan's windows for HMC and MALA); with kernel ``auto``,
+        the first choice at the end of the first step-only phase."""
+        config, target = self.config, self.target
+        windows = metric_windows(config.warmup) if self.kind in ("hmc", "mala") else ()
+        iterations, window = config.warmup_iterations(), []
+        total = iterations + config.draws * self.thin
+        i = 0
+        while i < iterations:
+            if self.kind == "hmc":
+                self.state.n_leapfrog = _warmup_leapfrog(
+                    self.adapter, config,
+                    self.affordable(iterations - i + config.draws * self.thin))
+            accept = float(self.iterate(self.adapter.value)[0].mean())
+            self.adapter.update(accept)
+            for lo, hi in windows:
+                if lo <= i < hi:
+                    window.append(target.latent(self.state.z).clone())
+                if i == hi - 1:
+                    self.metric = _rescale(self.state, self.pool(torch.cat(window)), self.kind)
+                    self.adapter, window = _adapter(self.kind, self.adapter.value), []
+            i += 1
+            if i == self.pilot and self._first_choice():
+                windows, window = (), []
                 # the HMC phase stands for the lifted warm-up's first step-only phase
+                config = self.config
                 iterations = max(config.warmup_iterations(), i + 1)
-                total = iterations + config.draws * thin
-        if callback:
-            callback(i, total, accept)
-    step = adapter.final()
-    if kind == "hmc":
-        state.n_leapfrog = _leapfrog(step, config, affordable(config.draws * thin))
-    blocks, done, size = [], 0, config.draws
-    local, independent, jumped = (torch.zeros(chains, dtype=_F64) for _ in range(3))
-    most = max(config.max_draws, config.draws)
-    warmup, readapted, window = iterations, 0, []
-    phase = max(1, int(_STEP_PHASE * config.warmup))     # a re-adaptation's step phase
-    readapt = gradient and max_solves is None            # re-adaptation possible at all
-    #                                                      (the lifted kernel has no metric)
-    # more draws than this after the first block: the warm-up saw too few for the metric
-    slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
-    choosing = pilot > 0 and kind == "hmc"     # auto kept HMC: it may still choose lifted
-    first, solves_per_ess = target.nfs, None
-    while True:
-        size = max(1, min(size, config.draws, most - done))
-        x = np.empty((chains, size, *state.x.shape[1:]))
-        log_prob, flow_log_prob = np.empty((chains, size)), np.empty((chains, size))
+                total = iterations + config.draws * self.thin
+            if self.callback:
+                self.callback(i, total, accept)
+        self.warmup = iterations
+        self.step = self.adapter.final()
+        if self.kind == "hmc":
+            self.state.n_leapfrog = _leapfrog(self.step, self.config,
+                                              self.affordable(self.config.draws * self.thin))
+
+    def _first_choice(self):
+        """Whether the lifted kernel takes over after HMC's first step-only phase: HMC's
+        quarter period (every process decides alike, from the mean of theirs) takes more
+        than :data:`LIFTED_BREAKEVEN` leapfrog steps."""
+        self.pilot_leapfrog = int(round(float(self.pool(torch.tensor(
+            [[float(_quarter_period(self.adapter.final()))]], dtype=_F64)).mean())))
+        if self.pilot_leapfrog <= LIFTED_BREAKEVEN:
+            return False
+        logger.info("HMC's quarter period takes %d leapfrog steps after its first step-only "
+                    "phase, more than the %d at which the lifted kernel costs as much per "
+                    "effective draw: the correction goes on with the lifted kernel",
+                    self.pilot_leapfrog, LIFTED_BREAKEVEN)
+        self.take_over()
+        return True
+
+    # -- draws ---------------------------------------------------------------------------------
+    def sample(self, extend):
+        """Blocks of draws until ``extend`` answers 0 (see :func:`correct`); the result."""
+        config, thin = self.config, self.thin
+        most = max(config.max_draws, config.draws)
+        phase = max(1, int(_STEP_PHASE * config.warmup))    # a re-adaptation's step phase
+        # re-adaptation at all (the lifted kernel has no metric), at most _READAPTATIONS times,
+        # when after the first block the chains need more than this: the warm-up saw too few
+        # draws for the metric
+        readapt, readapted = self.gradient and self.max_solves is None, 0
+        slow = min(most, max(config.draws, _READAPT_WARMUPS * config.warmup))
+        choosing = self.pilot > 0 and self.kind == "hmc"     # auto kept HMC: it may still
+        first = self.target.nfs                                # choose the lifted kernel
+        blocks, done, size, window = [], 0, config.draws, []
+        while True:
+            size = max(1, min(size, config.draws, most - done))
+            collect = window if done == 0 and readapt and readapted < _READAPTATIONS else None
+            blocks.append(self._block(size, done, collect))
+            done += size
+            if done >= most or extend is None:
+                break
+            samples = np.concatenate([b[0] for b in blocks], axis=1)
+            size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1),
+                              self.target.nfs))
+            if size <= 0:
+                break
+            redo = len(blocks) == 1 and done + size > slow and bool(window)
+            if len(blocks) == 1 and choosing:
+                choosing = False
+                if self._second_choice(blocks[0], self.target.nfs - first, size, redo):
+                    config, readapt, window = self.config, False, []
+                    steps = config.warmup_iterations()     # its own: step-only phases
+                    self.step = self.step_phase(self.adapter, steps)
+                    self.warmup += done * thin + steps
+                    blocks, done, size = [], 0, config.draws
+                    self.accepted = [torch.zeros_like(a) for a in self.accepted]
+                    continue
+            if redo:
+                self._readapt(window, phase)
+                self.warmup += done * thin + phase
+                logger.info("the correction's chains would need more than %d draws after %d "
+                            "warm-up iterations (R-hat and ESS extrapolated): their draws so "
+                            "far became a further warm-up window", slow, self.warmup)
+                blocks, done, size, window = [], 0, config.draws, []
+                readapted += 1
+                self.accepted = [torch.zeros_like(a) for a in self.accepted]
+        return self._result(blocks, done)
+
+    def _block(self, size, done, window=None):
+        """``size`` kept draws per chain: ``(x, log_prob, flow_log_prob)``; the latent states
+        are appended to ``window`` (a possible further metric window) if given."""
+        state, thin = self.state, self.thin
+        x = np.empty((self.chains, size, *state.x.shape[1:]))
+        log_prob, flow_log_prob = np.empty((self.chains, size)), np.empty((self.chains, size))
         for i in range(size * thin):
-            a, b, c = _iterate(state, step, generator, config, gradient, mixture, moves())
-            local, independent, jumped = local + a, independent + b, jumped + c
+            moved = self.iterate(self.step)
+            self.accepted = [a + b for a, b in zip(self.accepted, moved)]
+            state = self.state
             if (i + 1) % thin == 0:
                 j = i // thin
                 x[:, j], log_prob[:, j] = state.x.numpy(), state.log_prob.numpy()
-                flow_log_prob[:, j] = density(state.z, state.value, state.log_prob,
-                                              state.x).numpy()
-            if done == 0 and readapt and readapted < _READAPTATIONS:
-                window.append(target.latent(state.z).clone())
-            if callback:
-                callback(warmup + done * thin + i + 1,
-                         warmup + (done + size) * thin, float(a.mean()))
-        blocks.append((x, log_prob, flow_log_prob))
-        done += size
-        if done >= most or extend is None:
-            break
-        samples = np.concatenate([b[0] for b in blocks], axis=1)
-        size = int(extend(samples, np.concatenate([b[1] for b in blocks], axis=1), target.nfs))
-        if size <= 0:
-            break
-        redo = len(blocks) == 1 and done + size > slow and bool(window)
-        if len(blocks) == 1 and choosing:
-            choosing = False
-            solves_per_ess = _lifted_pays(blocks[0], target.nfs - first, size, redo, config,
-                                          pool)
-            if solves_per_ess is not None:
-                logger.info("HMC's first block of draws cost %.0f solves per effective draw, "
-                            "so many that the lifted kernel (about %d) would finish sooner: "
-                            "the correction goes on with the lifted kernel", solves_per_ess,
-                            LIFTED_SOLVES_PER_ESS)
-                kind, config, state, adapter = _lifted_takes_over(target, state, config)
-                gradient, readapt, window = False, False, []
-                steps = config.warmup_iterations()      # its own: step-only phases
-                step = step_phase(adapter, steps)
-                warmup += done * thin + steps
-                blocks, done, size = [], 0, config.draws
-                local, independent, jumped = (torch.zeros_like(local) for _ in range(3))
-                continue
-        if redo:
-            # at this rate the chains would need many times the warm-up's iterations: the
-            # adaptation had too few draws (Stan's windows double for the same reason). The
-            # block becomes a further warm-up window; its draws are dropped.
-            metric = _rescale(state, pool(torch.cat(window)), kind)
-            step = step_phase(_adapter(kind, step), phase)
-            if kind == "hmc":
-                state.n_leapfrog = _leapfrog(step, config)
-            warmup += done * thin + phase
-            logger.info("the correction's chains would need more than %d draws after %d "
-                        "warm-up iterations (R-hat and ESS extrapolated): their draws so far "
-                        "became a further warm-up window", slow, warmup)
-            blocks, done, size, window, readapted = [], 0, config.draws, [], readapted + 1
-            local, independent, jumped = (torch.zeros_like(local) for _ in range(3))
-    x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
-    iterations = done * thin
-    method = f"{getattr(transport, 'method', 'neutra')}-{kind}"
-    result = ChainResult(x, log_prob, (local / iterations).numpy(), target.nfs, step,
-                         time.perf_counter() - begin, method, warmup)
-    wanted = _quarter_period(step) if kind == "hmc" else 0
-    return CorrectionResult(result, flow_log_prob, (independent / iterations).numpy(),
-                            target.failed, metric,
-                            state.n_leapfrog if kind in ("hmc", "lifted") else None,
-                            target.exits, moves(), wanted if wanted > config.leapfrog else None,
-                            (jumped / iterations).numpy(), pilot_leapfrog, solves_per_ess)
+                flow_log_prob[:, j] = self.density(state.z, state.value, state.log_prob,
+                                                   state.x).numpy()
+            if window is not None:
+                window.append(self.target.latent(state.z).clone())
+            if self.callback:
+                self.callback(self.warmup + done * thin + i + 1,
+                              self.warmup + (done + size) * thin, float(moved[0].mean()))
+        return x, log_prob, flow_log_prob
+
+    def _second_choice(self, block, solves, more, redo):
+        """Whether the lifted kernel takes over after HMC's first block (:func:`_lifted_pays`);
+        the block is then dropped and the lifted kernel warms up."""
+        self.solves_per_ess = _lifted_pays(block, solves, more, redo, self.config, self.pool)
+        if self.solves_per_ess is None:
+            return False
+        logger.info("HMC's first block of draws cost %.0f solves per effective draw, so many "
+                    "that the lifted kernel (about %d) would finish sooner: the correction "
+                    "goes on with the lifted kernel", self.solves_per_ess,
+                    LIFTED_SOLVES_PER_ESS)
+        self.take_over()
+        return True
+
+    def _readapt(self, window, phase):
+        """The first block becomes a further warm-up window: at its rate the chains would need
+        many times the warm-up's iterations, so the adaptation had too few draws (Stan's
+        windows double for the same reason). A new metric, then a step-only phase."""
+        self.metric = _rescale(self.state, self.pool(torch.cat(window)), self.kind)
+        self.step = self.step_phase(_adapter(self.kind, self.step), phase)
+        if self.kind == "hmc":
+            self.state.n_leapfrog = _leapfrog(self.step, self.config)
+
+    def _result(self, blocks, done):
+        x, log_prob, flow_log_prob = (np.concatenate(parts, axis=1) for parts in zip(*blocks))
+        iterations = done * self.thin
+        local, independent, jumped = (a / iterations for a in self.accepted)
+        kind, config, state = self.kind, self.config, self.state
+        method = f"{getattr(self.transport, 'method', 'neutra')}-{kind}"
+        chains = ChainResult(x, log_prob, local.numpy(), self.target.nfs, self.step,
+                             time.perf_counter() - self.begin, method, self.warmup)
+        wanted = _quarter_period(self.step) if kind == "hmc" else 0
+        return CorrectionResult(
+            chains, flow_log_prob, independent.numpy(), self.target.failed, self.metric,
+            leapfrog=state.n_leapfrog if kind in ("hmc", "lifted") else None,
+            exits=self.target.exits, independence_moves=self.moves(),
+            leapfrog_wanted=wanted if wanted > config.leapfrog else None,
+            jump_acceptance=jumped.numpy(), pilot_leapfrog=self.pilot_leapfrog,
+            hmc_solves_per_ess=self.solves_per_ess)
 
 
 def _lifted_takes_over(target, state, config):
