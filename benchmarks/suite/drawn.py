@@ -1,0 +1,186 @@
+"""The defaults on problems drawn at random: a check of generalisation that no one chose.
+
+Usage (problem seeds; rows of ``drawn.json`` for the same seed are replaced, the others
+kept)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/drawn.py --seeds 0-11
+
+The suite and the held-out set are problems someone wrote down, and a setting can end up
+fitting them. Here a seed draws a problem from a broad family with an exact posterior, so
+that nothing but the draw decides it and no reference run is needed:
+
+- the lattice: 8x8, 16x16 or 32x32 (probabilities 0.3, 0.5, 0.2);
+- the prior: Matern (std 0.5 to 2, correlation length 0.1 to 0.5) or iid (std 0.5 to 2),
+  with probability 0.3 each a prior mean that is a smooth field of amplitude up to 0.5;
+- linear-Gaussian (a third of the draws): 1 to 24 Gaussian measurement kernels at random
+  centres (width 0.05 to 0.3), data from a prior draw, noise 0.003 to 0.3 (log-uniform)
+  times each observation's prior std;
+- quadratic (the rest): one measurement function, a Gaussian kernel at a random place
+  or sin(k pi x) sin(l pi y) (k, l from 1 to 3), data (c s_t)^2 with s_t the prior std of
+  t = <phi, x> and c from 1.5 to 3, noise 0.03 to 1 (log-uniform) times the data: two modes
+  from separated to merged, of unequal masses where the prior mean is shifted along phi.
+
+Each problem runs as the suite's ``msign`` rows do (``run.py``'s ``run_one``: the package
+defaults, ``output.samples`` 2000) and is scored against its exact posterior with the suite's
+criteria (mean and std error <= 0.1, mode mass within 0.05, R-hat <= 1.01). Per row: the
+problem, its solves against the budget the suite aims at (1e5 up to 64 parameters, 2.5e5
+beyond), the scores, the verdict, and whether it is a silent failure (criteria missed,
+verdict ok).
+
+Writes ``benchmarks/results/drawn.json`` and ``.md``.
+"""
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from problems import ROOT, Problem, _base, _bumps, reference  # noqa: E402
+from run import _fmt, _modes, head_commit, locked_results, machine, run_one  # noqa: E402
+from seeds import budget, seeds  # noqa: E402
+
+import geoinvert  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _log_uniform(rng, lo, hi):
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def _prior(rng):
+    std = round(float(rng.uniform(0.5, 2.0)), 2)
+    if rng.uniform() < 0.5:
+        prior = {"kind": "matern", "std": std,
+                 "correlation_length": round(float(rng.uniform(0.1, 0.5)), 2)}
+    else:
+        prior = {"kind": "iid", "std": std}
+    return prior
+
+
+def _kernel(rng, lo=0.05, hi=0.3):
+    return {"shape": "gaussian",
+            "center": [round(float(c), 3) for c in rng.uniform(0.1, 0.9, 2)],
+            "width": round(float(rng.uniform(lo, hi)), 3)}
+
+
+def _observation_std(config, finest):
+    """Prior std of each observation's linear functional."""
+    case = geoinvert.load_case(config, folder=ROOT)
+    w = np.atleast_2d(case.forward(finest).matrix)
+    cov = case.prior().covariance(finest)
+    return np.sqrt(np.einsum("ki,ij,kj->k", w, cov, w))
+
+
+def drawn(seed):
+    """The problem of ``seed``."""
+    rng = np.random.default_rng(10_000 + seed)
+    finest = int(rng.choice([3, 4, 5], p=[0.3, 0.5, 0.2]))
+    prior = _prior(rng)
+    name = f"drawn-{seed}"
+    if rng.uniform() < 1 / 3:
+        kernels = [_kernel(rng) for _ in range(int(rng.integers(1, 25)))]
+        if rng.uniform() < 0.3:
+            k, l = rng.integers(1, 4, 2)
+            prior["mean"] = (f"{rng.uniform(-0.5, 0.5):.2f} * cos({k}*pi*x) "
+                             f"* cos({l}*pi*y)")
+        config = _base(name, finest, prior, {"kind": "linear"}, {"functions": kernels},
+                       {"synthetic": {"truth": "prior", "seed": seed}}, 1.0)
+        ratio = _log_uniform(rng, 0.003, 0.3)
+        config["noise"] = {"std": [float(ratio * s) for s in _observation_std(config, finest)]}
+        about = (f"linear, {2 ** finest}x{2 ** finest} {prior['kind']} prior, "
+                 f"{len(kernels)} kernel{'s' if len(kernels) > 1 else ''}, noise {ratio:.3g} x their prior std")
+        return Problem(name, about, config, "exact")
+    if rng.uniform() < 0.5:
+        phi = _kernel(rng, 0.1, 0.3)
+        shape = f"a bump at ({phi['center'][0]}, {phi['center'][1]})"
+    else:
+        k, l = (int(v) for v in rng.integers(1, 4, 2))
+        phi = f"sin({k}*pi*x) * sin({l}*pi*y)"
+        shape = phi
+    config = _base(name, finest, prior, {"kind": "quadratic"}, {"functions": [phi]},
+                   {"values": [1.0]}, 1.0)
+    s_t = float(_observation_std(config, finest)[0])
+    c, ratio = float(rng.uniform(1.5, 3.0)), _log_uniform(rng, 0.03, 1.0)
+    y = (c * s_t) ** 2
+    config["data"], config["noise"] = {"values": [y]}, {"std": ratio * y}
+    shift = ""
+    if rng.uniform() < 0.3:             # unequal modes: the prior mean moved along phi
+        a = float(rng.uniform(-0.3, 0.3))
+        mean = dict(phi, amplitude=a) if isinstance(phi, dict) else f"{a:.3f} * {phi}"
+        config["prior"] = dict(prior, mean=mean)
+        shift = f", prior mean {a:.2f} phi"
+    about = (f"quadratic, {2 ** finest}x{2 ** finest} {prior['kind']} prior, phi {shape}, "
+             f"data ({c:.2f} s_t)^2, noise {ratio:.3g} y{shift}")
+    return Problem(name, about, config, "exact", True)
+
+
+def markdown(rows, about, command):
+    lines = ["# The default run on problems drawn at random", "",
+             f"Command: `{command}`", "", f"Machine: {about}", "",
+             "Each seed draws a problem with an exact posterior (`benchmarks/suite/drawn.py`: "
+             "its family); the default run is scored as in `suite.md` (errors in posterior-std "
+             "units, RMS over cells; *meets*: mean and std error <= 0.1, mode mass within 0.05, "
+             "R-hat <= 1.01; *silent*: misses that while the verdict says ok; budget: 1e5 "
+             "solves up to 64 parameters, 2.5e5 beyond).", "",
+             "| seed | problem | parameters | nFS | within budget | mean err | std err | "
+             "mass t > 0 (exact) | R-hat | kernel | flow's D_J | verdict | meets |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        meets = "yes" if r["meets"] else ("**SILENT**" if r["silent_failure"] else "no")
+        verdict = "ok" if r["verdict"] == "ok" else "warns"
+        lines.append(f"| {r['seed']} | {r['about']} | {r['parameters']} | {r['nfs']:,} | "
+                     f"{'yes' if r['within_budget'] else 'no'} | {r['mean_error_rms']:.3f} | "
+                     f"{r['std_error_rms']:.3f} | {_modes(r, ' %')} | "
+                     f"{_fmt(r['rhat'], '.3f')} | {r.get('correction') or '-'} | "
+                     f"{r['jeffreys']:.3g} +/- {r['jeffreys_se']:.2g} | {verdict} | {meets} |")
+    n = len(rows)
+    lines += ["", f"Meet the criteria: {sum(r['meets'] for r in rows)} of {n}; warn: "
+              f"{sum(r['verdict'] != 'ok' for r in rows)}; silent failures: "
+              f"{sum(r['silent_failure'] for r in rows)}; within the solve budget: "
+              f"{sum(r['within_budget'] for r in rows)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0-11", help='"0-11" or "0,3,5"')
+    args = p.parse_args(argv)
+    path = RESULTS / "drawn.json"
+    for seed in seeds(args.seeds):
+        problem = drawn(seed)
+        print(f"seed {seed}: {problem.about}", flush=True)
+        ref = reference(problem)
+        with tempfile.TemporaryDirectory() as out:
+            row = run_one(problem, ref, "msign", None, out)
+        parameters = ref.mean.size
+        row.update(seed=seed, about=problem.about, parameters=parameters,
+                   within_budget=bool(row["nfs"] <= budget(parameters)), commit=head_commit())
+        print(f"  nFS {row['nfs']}, mean error {row['mean_error_rms']:.3f}, std error "
+              f"{row['std_error_rms']:.3f}, modes {_modes(row, ' %')}, R-hat "
+              f"{row['rhat']:.4f}, verdict {row['verdict']!r}, meets {row['meets']}",
+              flush=True)
+        with locked_results(path) as document:
+            rows = [r for r in document["rows"] if r["seed"] != seed] + [row]
+            rows.sort(key=lambda r: r["seed"])
+            document.update(rows=rows, machine=machine())
+            path.with_suffix(".md").write_text(markdown(rows, document["machine"],
+                                                        _command(rows)))
+
+
+def _command(rows):
+    """The command that makes ``rows``: their seeds as a range where they are one."""
+    got = sorted(r["seed"] for r in rows)
+    listed = f"{got[0]}-{got[-1]}" if got == list(range(got[0], got[-1] + 1)) \
+        else ",".join(map(str, got))
+    return f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/suite/drawn.py --seeds {listed}"
+
+
+if __name__ == "__main__":
+    main()
