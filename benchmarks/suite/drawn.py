@@ -10,15 +10,16 @@ fitting them. Here a seed draws a problem from a broad family with an exact post
 that nothing but the draw decides it and no reference run is needed:
 
 - the lattice: 8x8, 16x16 or 32x32 (probabilities 0.3, 0.5, 0.2);
-- the prior: Matern (std 0.5 to 2, correlation length 0.1 to 0.5) or iid (std 0.5 to 2),
-  with probability 0.3 each a prior mean that is a smooth field of amplitude up to 0.5;
+- the prior: Matern (std 0.5 to 2, correlation length 0.1 to 0.5) or iid (std 0.5 to 2);
 - linear-Gaussian (a third of the draws): 1 to 24 Gaussian measurement kernels at random
   centres (width 0.05 to 0.3), data from a prior draw, noise 0.003 to 0.3 (log-uniform)
-  times each observation's prior std;
+  times each observation's prior std, and with probability 0.3 a prior mean
+  a cos(k pi x) cos(l pi y) (|a| <= 0.5, k, l from 1 to 3);
 - quadratic (the rest): one measurement function, a Gaussian kernel at a random place
   or sin(k pi x) sin(l pi y) (k, l from 1 to 3), data (c s_t)^2 with s_t the prior std of
   t = <phi, x> and c from 1.5 to 3, noise 0.03 to 1 (log-uniform) times the data: two modes
-  from separated to merged, of unequal masses where the prior mean is shifted along phi.
+  from separated to merged; with probability 0.3 the prior mean a phi (|a| <= 0.3), which
+  makes their masses unequal.
 
 Each problem runs as the suite's ``msign`` rows do (``run.py``'s ``run_one``: the package
 defaults, ``output.samples`` 2000) and is scored against its exact posterior with the suite's
@@ -57,11 +58,9 @@ def _log_uniform(rng, lo, hi):
 def _prior(rng):
     std = round(float(rng.uniform(0.5, 2.0)), 2)
     if rng.uniform() < 0.5:
-        prior = {"kind": "matern", "std": std,
-                 "correlation_length": round(float(rng.uniform(0.1, 0.5)), 2)}
-    else:
-        prior = {"kind": "iid", "std": std}
-    return prior
+        return {"kind": "matern", "std": std,
+                "correlation_length": round(float(rng.uniform(0.1, 0.5)), 2)}
+    return {"kind": "iid", "std": std}
 
 
 def _kernel(rng, lo=0.05, hi=0.3):
