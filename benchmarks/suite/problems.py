@@ -408,6 +408,11 @@ def _heldout_features():
 
 
 def by_name(name):
+    if name.startswith("drawn-"):           # a problem drawn at random (drawn.py)
+        from drawn import by_seed_name
+        found = by_seed_name(name)
+        if found is not None:
+            return found
     for p in problems() + heldout():
         if p.name == name:
             return p
