@@ -70,12 +70,14 @@ def _log_uniform(rng, lo, hi):
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def _prior(rng):
-    std = round(float(rng.uniform(0.5, 2.0)), 2)
+def _prior(rng, std=(0.5, 2.0), correlation_length=(0.1, 0.5)):
+    """A Matern or an iid prior (equally likely), its std and correlation length uniform in
+    the ranges given."""
+    value = round(float(rng.uniform(*std)), 2)
     if rng.uniform() < 0.5:
-        return {"kind": "matern", "std": std,
-                "correlation_length": round(float(rng.uniform(0.1, 0.5)), 2)}
-    return {"kind": "iid", "std": std}
+        return {"kind": "matern", "std": value,
+                "correlation_length": round(float(rng.uniform(*correlation_length)), 2)}
+    return {"kind": "iid", "std": value}
 
 
 def _kernel(rng, lo=0.05, hi=0.3):
@@ -140,12 +142,7 @@ def drawn_elliptic(seed):
     """The elliptic problem of ``seed``."""
     rng = np.random.default_rng(20_000 + seed)
     finest = int(rng.choice([3, 4], p=[0.6, 0.4]))
-    std = round(float(rng.uniform(0.5, 1.5)), 2)
-    if rng.uniform() < 0.5:
-        prior = {"kind": "matern", "std": std,
-                 "correlation_length": round(float(rng.uniform(0.15, 0.5)), 2)}
-    else:
-        prior = {"kind": "iid", "std": std}
+    prior = _prior(rng, std=(0.5, 1.5), correlation_length=(0.15, 0.5))
     setting = int(rng.integers(4))
     forward = [
         {"kind": "elliptic", "source": 0.0, "dirichlet": {"left": 1.0, "right": 0.0}},
@@ -168,7 +165,8 @@ def drawn_elliptic(seed):
     flows = ["u = 1 left, 0 right", "u = 0 around, source 1", "inflow at the bottom, u = 0 on top",
              "u = 1 left, 0 right, a Gaussian source"][setting]
     integrals = len(observations.get("functions", []))
-    about = (f"elliptic, {2 ** finest}x{2 ** finest} {prior['kind']} prior (std {std}), "
+    about = (f"elliptic, {2 ** finest}x{2 ** finest} {prior['kind']} prior "
+             f"(std {prior['std']}), "
              f"{flows}, {len(heads)} heads" + (f" and {integrals} integral"
                                               f"{'s' if integrals > 1 else ''}" if integrals
                                               else "") + f", noise {noise:.3g}")
