@@ -47,7 +47,6 @@ Writes ``benchmarks/results/drawn.json`` and ``.md`` (``--elliptic``: ``drawn_el
 """
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -58,7 +57,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from problems import REFERENCES, ROOT, Problem, _base, reference  # noqa: E402
-from run import _fmt, _modes, head_commit, locked_results, machine, run_one  # noqa: E402
+from run import (_fmt, _modes, head_commit, locked_results, machine, run_case,  # noqa: E402
+                 run_one)
 from seeds import budget, seeds  # noqa: E402
 
 import geoinvert  # noqa: E402
@@ -282,10 +282,7 @@ def main(argv=None):
 def _unscored(problem, outdir):
     """The default run of a problem without a reference, as ``run_one`` makes it: its cost,
     R-hat, kernel and verdict."""
-    config = json.loads(json.dumps(problem.config))
-    config["output"] = {**config.get("output", {}), "samples": 2000, "figures": False}
-    a = geoinvert.run(config, out=Path(outdir) / f"{problem.name}.nc",
-                      progress=False).dataset.attrs
+    a = run_case(problem, "msign", None, outdir)[0].dataset.attrs
     return {"problem": problem.name, "method": "msign", "nfs": int(a["nfs"]),
             "verdict": a["verdict"], "rhat": float(a.get("diagnostics_rhat", math.nan)),
             "correction": a.get("diagnostics_correction", ""),

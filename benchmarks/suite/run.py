@@ -91,7 +91,10 @@ def _flow_divergence(result, ref):
     return d.value, d.stderr
 
 
-def run_one(problem, ref, method, nfs, outdir):
+def run_case(problem, method, nfs, outdir):
+    """``(result, wall seconds)`` of ``method`` on ``problem``'s case as the suite runs it:
+    the package defaults (``msign``) or a baseline at about ``nfs`` solves, 2000 stored
+    draws, no figures."""
     config = json.loads(json.dumps(problem.config))
     config["output"] = {**config.get("output", {}), "samples": 2000, "figures": False}
     if method == "laplace":
@@ -101,7 +104,11 @@ def run_one(problem, ref, method, nfs, outdir):
     start = time.perf_counter()
     result = geoinvert.run(config, out=Path(outdir) / f"{problem.name}-{method}.nc",
                            progress=False)
-    wall = time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def run_one(problem, ref, method, nfs, outdir):
+    result, wall = run_case(problem, method, nfs, outdir)
     ds = result.dataset
     a = ds.attrs
     row = {"problem": problem.name, "method": method, "nfs": int(a["nfs"]), "wall_s": wall,
